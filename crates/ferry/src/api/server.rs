@@ -1,0 +1,123 @@
+//! API server (axum on a tokio runtime of its own, beside the vCPU threads).
+use anyhow::{bail, Context, Result};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use ferry_vmm::{Vm, VmError};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A bound, not yet served, API socket.
+pub struct Bound {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+/// Binds `path`. A live socket there (another VMM) is an error; a stale one is replaced.
+pub fn bind(path: &Path) -> Result<Bound> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!(
+                "API socket {}: the path exists and is not a socket",
+                path.display()
+            );
+        }
+        if UnixStream::connect(path).is_ok() {
+            bail!("API socket {} is in use by another process", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale API socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind API socket {}", path.display()))?;
+    Ok(Bound {
+        listener,
+        path: path.to_path_buf(),
+    })
+}
+
+/// A running API server; dropping it stops serving and removes the socket.
+pub struct Server {
+    _rt: tokio::runtime::Runtime,
+    path: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+pub fn spawn(bound: Bound, vm: Arc<Vm>) -> Result<Server> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("api")
+        .enable_all()
+        .build()
+        .context("starting the API runtime")?;
+    bound.listener.set_nonblocking(true).context("API socket")?;
+    let listener = {
+        let _g = rt.enter();
+        tokio::net::UnixListener::from_std(bound.listener).context("API socket")?
+    };
+    let app = Router::new()
+        .route("/vm", get(info))
+        .route("/vm/pause", put(pause))
+        .route("/vm/resume", put(resume))
+        .route("/vm/shutdown", put(shutdown))
+        .with_state(vm);
+    rt.spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("API server stopped: {e}");
+        }
+    });
+    Ok(Server {
+        _rt: rt,
+        path: bound.path,
+    })
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<VmError> for ApiError {
+    fn from(e: VmError) -> Self {
+        let code = match e {
+            VmError::State { .. } => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+async fn info(State(vm): State<Arc<Vm>>) -> Json<ferry_vmm::VmInfo> {
+    Json(vm.info())
+}
+
+async fn blocking(vm: Arc<Vm>, f: fn(&Vm) -> Result<(), VmError>) -> Result<StatusCode, ApiError> {
+    tokio::task::spawn_blocking(move || f(&vm))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn pause(State(vm): State<Arc<Vm>>) -> Result<StatusCode, ApiError> {
+    blocking(vm, Vm::pause).await
+}
+
+async fn resume(State(vm): State<Arc<Vm>>) -> Result<StatusCode, ApiError> {
+    blocking(vm, Vm::resume).await
+}
+
+async fn shutdown(State(vm): State<Arc<Vm>>) -> Result<StatusCode, ApiError> {
+    blocking(vm, Vm::shutdown).await
+}

@@ -1,0 +1,91 @@
+//! Command-line definitions.
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry: a KVM hypervisor built for moving running VMs between hosts"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run one VM in the foreground until it powers off.
+    ///
+    /// Exit status: 0 the guest powered off with code 0 (or the VM was shut down through the
+    /// API); 1 Ferry failed (bad input, KVM error); 2 bad command line; 3 the guest powered
+    /// off with a non-zero code; 4 the guest reset; 5 the guest crashed (triple fault, KVM
+    /// emulation failure).
+    Run(RunArgs),
+    /// Control a running VM through its API socket.
+    Vm(VmArgs),
+    /// Boot the test guest and show its heartbeat (the live-migration demo comes later).
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Number of vCPUs (1..=32), one host thread each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub cpus: u8,
+    /// Guest RAM, e.g. 512M, 4G (16M..=512G). Reserved sparse: host memory grows only with
+    /// what the guest touches.
+    #[arg(long, default_value = "512M")]
+    pub memory: String,
+    /// Boot Ferry's test guest with this workload, e.g. 'heartbeat period=1000 count=10'
+    /// (docs/test-guest.md).
+    #[arg(long, conflicts_with = "kernel", required_unless_present = "kernel")]
+    pub guest: Option<String>,
+    /// Kernel to boot: Linux bzImage or ELF vmlinux (64-bit boot protocol), or a multiboot ELF.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk for a Linux kernel.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, requires = "kernel", default_value = "console=ttyS0")]
+    pub cmdline: String,
+    /// Write the serial console here instead of stdout.
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// Serve the control API (HTTP/JSON) on this Unix socket.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct VmArgs {
+    /// What to do.
+    #[arg(value_enum)]
+    pub action: VmAction,
+    /// API socket of the VM (its `ferry run --api-socket`).
+    #[arg(long)]
+    pub api_socket: PathBuf,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum VmAction {
+    /// Print the VM's configuration and state as JSON.
+    Info,
+    /// Stop every vCPU.
+    Pause,
+    /// Continue a paused VM.
+    Resume,
+    /// Stop the VM (its `ferry run` exits).
+    Shutdown,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Heartbeats to show before the demo VM powers off.
+    #[arg(long, default_value_t = 20)]
+    pub beats: u32,
+    /// Heartbeat period in microseconds.
+    #[arg(long, default_value_t = 100_000)]
+    pub period_us: u64,
+}

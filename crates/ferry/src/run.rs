@@ -1,0 +1,73 @@
+//! `ferry run`: build a VM from the command line, serve its API, run it to the end.
+use crate::cli::RunArgs;
+use anyhow::{Context, Result};
+use ferry_vmm::{BootSource, GuestExit, Vm, VmConfig};
+use std::sync::Arc;
+
+pub const EXIT_ERROR: i32 = 1;
+pub const EXIT_GUEST_ERROR: i32 = 3;
+pub const EXIT_RESET: i32 = 4;
+pub const EXIT_CRASH: i32 = 5;
+
+pub fn config_from(args: &RunArgs) -> Result<VmConfig> {
+    let memory = ferry_vmm::parse_size(&args.memory).context("--memory")?;
+    let boot = match (&args.guest, &args.kernel) {
+        (Some(g), _) => BootSource::TestGuest { args: g.clone() },
+        (None, Some(k)) => BootSource::Kernel {
+            path: k.clone(),
+            initrd: args.initrd.clone(),
+            cmdline: args.cmdline.clone(),
+        },
+        (None, None) => anyhow::bail!("one of --guest or --kernel is required"),
+    };
+    Ok(VmConfig {
+        cpus: args.cpus,
+        memory,
+        boot,
+    })
+}
+
+fn console(args: &RunArgs) -> Result<Box<dyn std::io::Write + Send>> {
+    Ok(match &args.console_log {
+        Some(p) => Box::new(
+            std::fs::File::create(p).with_context(|| format!("--console-log {}", p.display()))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    })
+}
+
+pub fn main(args: RunArgs) -> Result<i32> {
+    let config = config_from(&args)?;
+    // Claim the API socket before building the VM so a busy path fails fast.
+    let listener = match &args.api_socket {
+        Some(p) => Some(crate::api::server::bind(p)?),
+        None => None,
+    };
+    let vm = Arc::new(Vm::new(config, console(&args)?)?);
+    let server = listener
+        .map(|l| crate::api::server::spawn(l, vm.clone()))
+        .transpose()?;
+    vm.start()?;
+    let exit = vm.wait();
+    drop(server);
+    Ok(report(&exit))
+}
+
+/// Prints how the guest ended (stderr) and maps it to the exit status.
+pub fn report(exit: &GuestExit) -> i32 {
+    match exit {
+        GuestExit::PowerOff { code: 0 } | GuestExit::Stopped => 0,
+        GuestExit::PowerOff { code } => {
+            eprintln!("ferry: guest powered off with code {code}");
+            EXIT_GUEST_ERROR
+        }
+        GuestExit::Reset => {
+            eprintln!("ferry: guest requested a reset; VM stopped");
+            EXIT_RESET
+        }
+        GuestExit::Crashed { reason } => {
+            eprintln!("ferry: guest crashed: {reason}");
+            EXIT_CRASH
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Workload command line: `WORKLOAD [key=value]... [; WORKLOAD ...]`.
+//! vCPU i runs segment i, or the last segment when there are fewer segments than vCPUs.
+//! Tokens before the first workload name are skipped (QEMU puts the kernel path first).
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum Kind {
+    Idle,
+    Heartbeat,
+    Dirty,
+    Verify,
+}
+
+#[derive(Clone, Copy)]
+pub struct Spec {
+    pub kind: Kind,
+    /// Heartbeat period in µs (heartbeat: the line period; dirty/verify: `hb=`, 0 = none).
+    pub period_us: u64,
+    /// Lines (heartbeat), passes (dirty), checks (verify); 0 = forever.
+    pub count: u64,
+    /// Region size in bytes (dirty, verify).
+    pub size: u64,
+    /// Write rate in bytes/s (dirty); 0 = as fast as possible.
+    pub rate: u64,
+    /// Seconds to run (idle); 0 = forever.
+    pub seconds: u64,
+}
+
+fn kind_of(word: &str) -> Option<Kind> {
+    match word {
+        "idle" => Some(Kind::Idle),
+        "heartbeat" => Some(Kind::Heartbeat),
+        "dirty" => Some(Kind::Dirty),
+        "verify" => Some(Kind::Verify),
+        _ => None,
+    }
+}
+
+/// Number with an optional K/M/G suffix (powers of 1024).
+fn number(v: &str) -> Result<u64, &'static str> {
+    let b = v.as_bytes();
+    if b.is_empty() {
+        return Err("empty number");
+    }
+    let (digits, mult) = match b[b.len() - 1] {
+        b'k' | b'K' => (&b[..b.len() - 1], 1u64 << 10),
+        b'm' | b'M' => (&b[..b.len() - 1], 1 << 20),
+        b'g' | b'G' => (&b[..b.len() - 1], 1 << 30),
+        _ => (b, 1),
+    };
+    if digits.is_empty() {
+        return Err("bad number");
+    }
+    let mut n: u64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return Err("bad number");
+        }
+        n = n
+            .checked_mul(10)
+            .and_then(|n| n.checked_add((d - b'0') as u64))
+            .ok_or("number too large")?;
+    }
+    n.checked_mul(mult).ok_or("number too large")
+}
+
+fn parse_segment(seg: &str) -> Result<Spec, &'static str> {
+    let mut words = seg.split_ascii_whitespace();
+    let kind = words.next().and_then(kind_of).ok_or("unknown workload")?;
+    let mut spec = Spec {
+        kind,
+        period_us: if kind == Kind::Heartbeat { 1000 } else { 0 },
+        count: 0,
+        size: 64 << 20,
+        rate: 0,
+        seconds: 0,
+    };
+    for w in words {
+        let (k, v) = w.split_once('=').ok_or("expected key=value")?;
+        let n = number(v)?;
+        match (kind, k) {
+            (Kind::Heartbeat, "period") | (Kind::Dirty | Kind::Verify, "hb") => spec.period_us = n,
+            (Kind::Heartbeat, "count") | (Kind::Dirty, "passes") | (Kind::Verify, "count") => {
+                spec.count = n
+            }
+            (Kind::Dirty | Kind::Verify, "size") => spec.size = n,
+            (Kind::Dirty, "rate") => spec.rate = n,
+            (Kind::Idle, "seconds") => spec.seconds = n,
+            _ => return Err("unknown argument"),
+        }
+    }
+    if kind == Kind::Heartbeat && spec.period_us == 0 {
+        return Err("period must be > 0");
+    }
+    if matches!(kind, Kind::Dirty | Kind::Verify) && spec.size < 4096 {
+        return Err("size must be >= 4K");
+    }
+    Ok(spec)
+}
+
+/// The workload text: from the first known workload name on.
+fn workload_text(cmdline: &str) -> &str {
+    let mut rest = cmdline;
+    loop {
+        let t = rest.trim_start();
+        let end = t.find(|c: char| c.is_ascii_whitespace() || c == ';').unwrap_or(t.len());
+        if end == 0 || kind_of(&t[..end]).is_some() {
+            return t;
+        }
+        rest = &t[end..];
+    }
+}
+
+pub fn spec_for_cpu(cmdline: &str, cpu: u64) -> Result<Spec, &'static str> {
+    let text = workload_text(cmdline);
+    if text.trim().is_empty() {
+        return parse_segment("idle");
+    }
+    let n = text.split(';').count() as u64;
+    let idx = cpu.min(n - 1) as usize;
+    let seg = text.split(';').nth(idx).ok_or("no workload")?;
+    parse_segment(seg)
+}
+
+/// Bytes of memory the workload of this spec needs.
+pub fn region_size(spec: &Spec) -> u64 {
+    let page = crate::pattern::PAGE_SIZE;
+    match spec.kind {
+        Kind::Dirty => (spec.size.div_ceil(page) + 1) * page,
+        Kind::Verify => spec.size.div_ceil(page) * page,
+        Kind::Idle | Kind::Heartbeat => 0,
+    }
+}

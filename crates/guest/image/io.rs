@@ -1,0 +1,135 @@
+//! Port I/O from CPL 3: serial console (COM1), PIT calibration, power-off port.
+use core::arch::asm;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+const COM1: u16 = 0x3f8;
+/// isa-debug-exit compatible power-off port (QEMU: `-device isa-debug-exit,iobase=0xf4`).
+const EXIT_PORT: u16 = 0xf4;
+
+#[inline(always)]
+pub fn outb(port: u16, v: u8) {
+    // SAFETY: port I/O is allowed at CPL 3 by IOPL 3 and the TSS I/O bitmap.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack)) }
+}
+
+#[inline(always)]
+pub fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: as for outb.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack)) }
+    v
+}
+
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    // SAFETY: rdtsc is allowed at CPL 3 (CR4.TSD clear).
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+pub fn serial_init() {
+    outb(COM1 + 1, 0x00); // no interrupts
+    outb(COM1 + 3, 0x80); // DLAB
+    outb(COM1, 0x01); // 115200 baud
+    outb(COM1 + 1, 0x00);
+    outb(COM1 + 3, 0x03); // 8N1
+}
+
+/// Measures the TSC against 20 ms of PIT channel 2 (gate via port 0x61).
+pub fn calibrate_tsc_khz() -> u64 {
+    const TICKS: u64 = 23864; // 1.193182 MHz * 20 ms
+    let gate = inb(0x61);
+    outb(0x61, (gate & !0x02) | 0x01);
+    outb(0x43, 0xB0); // channel 2, lo/hi, mode 0
+    outb(0x42, (TICKS & 0xff) as u8);
+    outb(0x42, (TICKS >> 8) as u8);
+    let t0 = rdtsc();
+    while inb(0x61) & 0x20 == 0 {
+        core::hint::spin_loop();
+    }
+    let t1 = rdtsc();
+    outb(0x61, gate);
+    let khz = (t1 - t0) / 20;
+    if khz == 0 {
+        1
+    } else {
+        khz
+    }
+}
+
+pub fn power_off(code: u8) -> ! {
+    let mut l = Line::new();
+    l.s("X ").u(code as u64);
+    l.send();
+    outb(EXIT_PORT, code);
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+static SERIAL_LOCK: AtomicBool = AtomicBool::new(false);
+
+/// One output line, built in a buffer and sent whole under a lock so vCPUs never interleave.
+pub struct Line {
+    buf: [u8; 160],
+    len: usize,
+}
+
+impl Line {
+    pub fn new() -> Self {
+        Line { buf: [0; 160], len: 0 }
+    }
+    pub fn s(&mut self, s: &str) -> &mut Self {
+        for &b in s.as_bytes() {
+            self.byte(b);
+        }
+        self
+    }
+    fn byte(&mut self, b: u8) {
+        if self.len < self.buf.len() - 1 {
+            self.buf[self.len] = b;
+            self.len += 1;
+        }
+    }
+    pub fn u(&mut self, mut v: u64) -> &mut Self {
+        let mut d = [0u8; 20];
+        let mut n = 0;
+        loop {
+            d[n] = b'0' + (v % 10) as u8;
+            n += 1;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        while n > 0 {
+            n -= 1;
+            self.byte(d[n]);
+        }
+        self
+    }
+    pub fn x(&mut self, v: u64) -> &mut Self {
+        let mut started = false;
+        for i in (0..16).rev() {
+            let nib = ((v >> (i * 4)) & 0xf) as u8;
+            if nib != 0 || started || i == 0 {
+                started = true;
+                self.byte(if nib < 10 { b'0' + nib } else { b'a' + nib - 10 });
+            }
+        }
+        self
+    }
+    pub fn send(&mut self) {
+        self.byte(b'\n');
+        while SERIAL_LOCK
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+        for &b in &self.buf[..self.len] {
+            outb(COM1, b);
+        }
+        SERIAL_LOCK.store(false, Ordering::Release);
+        self.len = 0;
+    }
+}

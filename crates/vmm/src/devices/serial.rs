@@ -1,0 +1,77 @@
+//! COM1: a 16550A UART (vm-superio) whose output goes to a line-buffered sink, and whose
+//! interrupt line is an irqfd on GSI 4.
+use std::io::Write;
+use vm_superio::serial::NoEvents;
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
+
+/// First port of COM1.
+pub const COM1_BASE: u16 = 0x3f8;
+
+/// Raises IRQ 4 through KVM's irqfd.
+pub struct IrqLine(pub EventFd);
+
+impl Trigger for IrqLine {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Line-buffered console sink: the guest writes one byte per port exit; the host sees whole
+/// lines in one write each (so readers timestamp lines, not bytes).
+pub struct ConsoleOut {
+    out: Box<dyn Write + Send>,
+    line: Vec<u8>,
+}
+
+impl ConsoleOut {
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        ConsoleOut {
+            out,
+            line: Vec::with_capacity(256),
+        }
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        if buf.contains(&b'\n') || self.line.len() >= 4096 {
+            self.flush()?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.line.is_empty() {
+            // A console that went away (closed pipe) must not stop the guest.
+            let _ = self.out.write_all(&self.line);
+            let _ = self.out.flush();
+            self.line.clear();
+        }
+        Ok(())
+    }
+}
+
+/// COM1 device.
+pub struct Serial {
+    uart: vm_superio::Serial<IrqLine, NoEvents, ConsoleOut>,
+}
+
+impl Serial {
+    pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
+        Serial {
+            uart: vm_superio::Serial::new(IrqLine(irq), out),
+        }
+    }
+    pub fn write(&mut self, offset: u8, v: u8) {
+        // Errors here are the console sink's or the irqfd's; the guest cannot act on them.
+        let _ = self.uart.write(offset, v);
+    }
+    pub fn read(&mut self, offset: u8) -> u8 {
+        self.uart.read(offset)
+    }
+    pub fn flush(&mut self) {
+        let _ = self.uart.writer_mut().flush();
+    }
+}

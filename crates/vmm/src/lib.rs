@@ -1,0 +1,15 @@
+//! ferry-vmm: a virtual machine on KVM — guest memory, vCPU threads, devices, boot loaders,
+//! pause/resume and dirty-page tracking.
+pub mod boot;
+pub mod cpuid;
+pub mod devices;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use memory::{parse_size, DirtyBitmap, GuestMem, RamRange};
+pub use vcpu::GuestExit;
+pub use vm::{BootSource, RunState, Vm, VmConfig, VmError, VmInfo, MAX_CPUS};
+
+/// Ferry's test guest image (multiboot ELF), embedded at build time.
+pub const TEST_GUEST_IMAGE: &[u8] = ferry_guest::IMAGE;

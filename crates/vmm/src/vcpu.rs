@@ -1,0 +1,176 @@
+//! vCPU threads: the KVM_RUN loop, exit handling, and pause/resume at instruction boundaries.
+//!
+//! Pause: the controller sets `want = Pause` and interrupts KVM_RUN with a signal (repeated
+//! until every vCPU has parked, so a signal that lands just before KVM_RUN is not lost). A
+//! parking vCPU first completes any port I/O in flight with a KVM_RUN under immediate_exit, so
+//! its registers are exactly at an instruction boundary while paused.
+use crate::devices::{IoAction, IoBus};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// How the guest (or the VMM) ended the VM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum GuestExit {
+    /// The guest wrote `code` to the power-off port.
+    PowerOff { code: u8 },
+    /// The guest asked for a reset (i8042 0xFE); Ferry stops the VM.
+    Reset,
+    /// Triple fault, failed entry or a KVM internal error.
+    Crashed { reason: String },
+    /// Stopped from the host (API shutdown).
+    Stopped,
+}
+
+pub(crate) const WANT_RUN: u8 = 0;
+pub(crate) const WANT_PAUSE: u8 = 1;
+pub(crate) const WANT_STOP: u8 = 2;
+
+/// State shared by the controller and the vCPU threads.
+pub(crate) struct Control {
+    pub want: AtomicU8,
+    pub m: Mutex<Shared>,
+    pub cv: Condvar,
+}
+
+#[derive(Default)]
+pub(crate) struct Shared {
+    /// vCPU threads still running their loop.
+    pub alive: usize,
+    /// vCPU threads parked for a pause.
+    pub parked: usize,
+    pub exit: Option<GuestExit>,
+    /// pthread ids of the vCPU threads, to interrupt KVM_RUN.
+    pub threads: Vec<libc::pthread_t>,
+}
+
+impl Control {
+    pub fn new() -> Self {
+        Control {
+            want: AtomicU8::new(WANT_RUN),
+            m: Mutex::new(Shared::default()),
+            cv: Condvar::new(),
+        }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the first exit reason and asks every vCPU to stop.
+    pub fn stop(&self, exit: GuestExit) {
+        let mut s = self.lock();
+        if s.exit.is_none() {
+            s.exit = Some(exit);
+        }
+        self.want.store(WANT_STOP, Ordering::SeqCst);
+        self.cv.notify_all();
+        kick(&s.threads);
+    }
+}
+
+/// Signal used to interrupt KVM_RUN.
+pub(crate) fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+pub(crate) fn kick(threads: &[libc::pthread_t]) {
+    for &t in threads {
+        // SAFETY: t is the id of a vCPU thread that is joined only after `alive` drops to 0;
+        // pthread_kill on it with a handled signal has no other effect than interrupting.
+        unsafe { libc::pthread_kill(t, kick_signal()) };
+    }
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler for the kick signal, once per process.
+pub(crate) fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno())
+    })
+    .map_err(vmm_sys_util::errno::Error::new)
+}
+
+/// The run loop of one vCPU thread.
+pub(crate) fn run_loop(mut vcpu: VcpuFd, index: u8, bus: Arc<IoBus>, ctl: Arc<Control>) -> VcpuFd {
+    loop {
+        match ctl.want.load(Ordering::SeqCst) {
+            WANT_STOP => break,
+            WANT_PAUSE => {
+                park(&mut vcpu, &ctl);
+                continue;
+            }
+            _ => {}
+        }
+        let outcome: Result<Option<GuestExit>, String> = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => Ok(match bus.write(port, data) {
+                IoAction::None => None,
+                IoAction::PowerOff(code) => Some(GuestExit::PowerOff { code }),
+                IoAction::Reset => Some(GuestExit::Reset),
+            }),
+            Ok(VcpuExit::IoIn(port, data)) => {
+                bus.read(port, data);
+                Ok(None)
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0xff);
+                Ok(None)
+            }
+            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) => {
+                Ok(None)
+            }
+            Ok(VcpuExit::Shutdown) => Err("triple fault".into()),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Err(format!(
+                "KVM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+            )),
+            Ok(VcpuExit::InternalError) => {
+                Err("KVM internal error (instruction not emulated)".into())
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => Ok(Some(match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => GuestExit::Reset,
+                _ => GuestExit::PowerOff { code: 0 },
+            })),
+            Ok(other) => Err(format!("unhandled exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(None),
+            Err(e) => Err(format!("KVM_RUN failed: {e}")),
+        };
+        let exit = outcome.unwrap_or_else(|what| Some(crashed(&vcpu, index, &what)));
+        if let Some(exit) = exit {
+            ctl.stop(exit);
+            break;
+        }
+    }
+    let mut s = ctl.lock();
+    s.alive -= 1;
+    ctl.cv.notify_all();
+    drop(s);
+    vcpu
+}
+
+fn crashed(vcpu: &VcpuFd, index: u8, what: &str) -> GuestExit {
+    let rip = vcpu
+        .get_regs()
+        .map(|r| format!(" at rip {:#x}", r.rip))
+        .unwrap_or_default();
+    GuestExit::Crashed {
+        reason: format!("vCPU {index}: {what}{rip}"),
+    }
+}
+
+/// Completes in-flight I/O, then waits until the controller no longer wants a pause.
+fn park(vcpu: &mut VcpuFd, ctl: &Control) {
+    vcpu.set_kvm_immediate_exit(1);
+    let _ = vcpu.run(); // returns EINTR at once, after finishing a pending IN/OUT
+    vcpu.set_kvm_immediate_exit(0);
+    let mut s = ctl.lock();
+    s.parked += 1;
+    ctl.cv.notify_all();
+    while ctl.want.load(Ordering::SeqCst) == WANT_PAUSE {
+        s = ctl.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+    }
+    s.parked -= 1;
+    ctl.cv.notify_all();
+}
