@@ -1,5 +1,6 @@
 //! Ferry's test guest: the image (built from `image/` by build.rs) and host-side helpers that
 //! read what it prints and verify its memory. Line format: docs/test-guest.md.
+pub mod console;
 pub mod heartbeat;
 pub mod pattern;
 pub mod verify;

@@ -1,1 +1,213 @@
+//! Verifying a guest memory image against the test guest's own records.
+//!
+//! The dirty workload keeps a status page at the start of its region (see `pattern::status`)
+//! holding its exact position, updated with one store after each page; so for any paused or
+//! migrated memory image the expected content of every page is known: pages `0..next` hold
+//! `pass`, pages `next..` hold `pass - 1`.
+use crate::pattern::{dirty_word, status, DIRTY_MAGIC, PAGE_SIZE, WORDS_PER_PAGE};
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VerifyError {
+    #[error("reading guest memory at {gpa:#x} failed: {msg}")]
+    Read { gpa: u64, msg: String },
+    #[error("no dirty-workload status page at {base:#x} (magic {found:#x})")]
+    NoStatus { base: u64, found: u64 },
+    #[error("status page at {base:#x} is inconsistent: {what}")]
+    BadStatus { base: u64, what: String },
+    #[error("page {page} (gpa {gpa:#x}) word {word}: expected pass {expected_pass} ({expected:#x}), found {found:#x}{hint}")]
+    Mismatch {
+        page: u64,
+        gpa: u64,
+        word: u64,
+        expected_pass: u64,
+        expected: u64,
+        found: u64,
+        hint: String,
+    },
+}
+
+/// The position recorded in a dirty region's status page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirtyPosition {
+    pub cpu: u64,
+    pub pages: u64,
+    pub pass: u64,
+    pub next: u64,
+    pub completed: u64,
+}
+
+/// Reads `buf.len()` bytes of guest memory at `gpa`.
+pub trait MemoryReader {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
+}
+
+impl<F: Fn(u64, &mut [u8]) -> Result<(), String>> MemoryReader for F {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        self(gpa, buf)
+    }
+}
+
+fn words(buf: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    buf.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+}
+
+fn read_page(mem: &impl MemoryReader, gpa: u64, buf: &mut [u8]) -> Result<(), VerifyError> {
+    mem.read(gpa, buf)
+        .map_err(|msg| VerifyError::Read { gpa, msg })
+}
+
+/// Reads the status page of the dirty region at `base`.
+pub fn dirty_position(mem: &impl MemoryReader, base: u64) -> Result<DirtyPosition, VerifyError> {
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    read_page(mem, base, &mut buf)?;
+    let w: Vec<u64> = words(&buf).collect();
+    if w[status::MAGIC] != DIRTY_MAGIC {
+        return Err(VerifyError::NoStatus {
+            base,
+            found: w[status::MAGIC],
+        });
+    }
+    let pos = w[status::POSITION];
+    let p = DirtyPosition {
+        cpu: w[status::CPU],
+        pages: w[status::PAGES],
+        pass: pos >> 32,
+        next: pos & 0xffff_ffff,
+        completed: w[status::COMPLETED],
+    };
+    if p.pass == 0 || p.next > p.pages || p.completed + 1 < p.pass || p.completed > p.pass {
+        return Err(VerifyError::BadStatus {
+            base,
+            what: format!("{p:?}"),
+        });
+    }
+    Ok(p)
+}
+
+/// Checks every page of the dirty region at `base` against the position in its status page.
+/// Returns that position.
+pub fn verify_dirty_region(
+    mem: &impl MemoryReader,
+    base: u64,
+) -> Result<DirtyPosition, VerifyError> {
+    let p = dirty_position(mem, base)?;
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    for page in 0..p.pages {
+        let gpa = base + (page + 1) * PAGE_SIZE;
+        read_page(mem, gpa, &mut buf)?;
+        let expected_pass = if page < p.next { p.pass } else { p.pass - 1 };
+        for (word, found) in words(&buf).enumerate() {
+            let word = word as u64;
+            let expected = dirty_word(page, expected_pass, word);
+            if found != expected {
+                return Err(VerifyError::Mismatch {
+                    page,
+                    gpa,
+                    word,
+                    expected_pass,
+                    expected,
+                    found,
+                    hint: diagnose(page, p.pass, word, found),
+                });
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// Says what a wrong word looks like: an older pass of the same page, or another page.
+fn diagnose(page: u64, pass: u64, word: u64, found: u64) -> String {
+    if found == 0 {
+        return " (page never written: zero)".into();
+    }
+    for q in (0..=pass + 1).rev() {
+        if dirty_word(page, q, word) == found {
+            return format!(" (stale: holds pass {q})");
+        }
+    }
+    " (misplaced or corrupt)".into()
+}
+
+/// Words per page, re-exported for readers sizing buffers.
+pub const PAGE_WORDS: u64 = WORDS_PER_PAGE;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    /// A fake region: status page + `pages` pages written as the guest would.
+    fn region(pages: u64, pass: u64, next: u64) -> RefCell<Vec<u8>> {
+        let mut m = vec![0u8; ((pages + 1) * PAGE_SIZE) as usize];
+        let mut put = |off: u64, v: u64| {
+            m[off as usize..off as usize + 8].copy_from_slice(&v.to_le_bytes());
+        };
+        put(0, DIRTY_MAGIC);
+        put(8 * status::PAGES as u64, pages);
+        put(8 * status::POSITION as u64, pass << 32 | next);
+        put(8 * status::COMPLETED as u64, pass - 1);
+        for page in 0..pages {
+            let q = if page < next { pass } else { pass - 1 };
+            for w in 0..WORDS_PER_PAGE {
+                put((page + 1) * PAGE_SIZE + w * 8, dirty_word(page, q, w));
+            }
+        }
+        RefCell::new(m)
+    }
+
+    fn reader(m: &RefCell<Vec<u8>>) -> impl Fn(u64, &mut [u8]) -> Result<(), String> + '_ {
+        move |gpa, buf| {
+            let m = m.borrow();
+            let s = m
+                .get(gpa as usize..gpa as usize + buf.len())
+                .ok_or("out of range")?;
+            buf.copy_from_slice(s);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn exact_region_passes() {
+        let m = region(8, 3, 5);
+        let p = verify_dirty_region(&reader(&m), 0).unwrap();
+        assert_eq!((p.pass, p.next, p.pages), (3, 5, 8));
+        let first = region(8, 1, 2); // pages 2.. never written
+        verify_dirty_region(&reader(&first), 0).unwrap();
+    }
+
+    #[test]
+    fn stale_and_misplaced_pages_are_caught() {
+        let m = region(8, 3, 5);
+        // Page 1 rolled back to pass 2: stale.
+        let off = (2 * PAGE_SIZE) as usize;
+        let stale: Vec<u8> = (0..WORDS_PER_PAGE)
+            .flat_map(|w| dirty_word(1, 2, w).to_le_bytes())
+            .collect();
+        m.borrow_mut()[off..off + PAGE_SIZE as usize].copy_from_slice(&stale);
+        let e = verify_dirty_region(&reader(&m), 0).unwrap_err();
+        assert!(matches!(e, VerifyError::Mismatch { page: 1, .. }), "{e}");
+        assert!(e.to_string().contains("stale: holds pass 2"), "{e}");
+
+        let m = region(8, 3, 5);
+        // Page 6 holds page 7's content: misplaced.
+        let (a, b) = ((7 * PAGE_SIZE) as usize, (8 * PAGE_SIZE) as usize);
+        let copy = m.borrow()[b..b + PAGE_SIZE as usize].to_vec();
+        m.borrow_mut()[a..a + PAGE_SIZE as usize].copy_from_slice(&copy);
+        let e = verify_dirty_region(&reader(&m), 0).unwrap_err();
+        assert!(e.to_string().contains("misplaced"), "{e}");
+
+        let m = region(8, 3, 5);
+        m.borrow_mut()[(5 * PAGE_SIZE + 100) as usize] ^= 1; // one flipped bit
+        assert!(verify_dirty_region(&reader(&m), 0).is_err());
+    }
+
+    #[test]
+    fn missing_status_is_reported() {
+        let m = RefCell::new(vec![0u8; 2 * PAGE_SIZE as usize]);
+        assert!(matches!(
+            verify_dirty_region(&reader(&m), 0),
+            Err(VerifyError::NoStatus { .. })
+        ));
+    }
+}
