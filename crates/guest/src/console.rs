@@ -11,7 +11,10 @@ pub fn read_lines<R: Read + Send + 'static>(r: R) -> Receiver<TimedLine> {
     let (tx, rx) = channel();
     std::thread::spawn(move || {
         for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { break };
+            let Ok(mut line) = line else { break };
+            if line.ends_with('\r') {
+                line.pop();
+            }
             if tx.send((Instant::now(), line)).is_err() {
                 break;
             }
@@ -44,6 +47,9 @@ impl Write for LineSink {
         let now = Instant::now();
         for &b in buf {
             if b == b'\n' {
+                if self.partial.last() == Some(&b'\r') {
+                    self.partial.pop();
+                }
                 let line = String::from_utf8_lossy(&self.partial).into_owned();
                 self.partial.clear();
                 let _ = self.tx.send((now, line));
