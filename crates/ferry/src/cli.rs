@@ -26,6 +26,14 @@ pub enum Command {
     Vm(VmArgs),
     /// Boot the test guest and show its heartbeat (the live-migration demo comes later).
     Demo(DemoArgs),
+    /// Write Ferry's test guest image (a multiboot ELF) to a file, e.g. to boot it in QEMU:
+    /// qemu-system-x86_64 -enable-kvm -kernel FILE -append 'heartbeat count=10'
+    ///   -device isa-debug-exit,iobase=0xf4,iosize=4 -serial stdio -display none
+    GuestImage {
+        /// Where to write the image.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -39,17 +47,17 @@ pub struct RunArgs {
     pub memory: String,
     /// Boot Ferry's test guest with this workload, e.g. 'heartbeat period=1000 count=10'
     /// (docs/test-guest.md).
-    #[arg(long, conflicts_with = "kernel", required_unless_present = "kernel")]
+    #[arg(long, conflicts_with = "kernel")]
     pub guest: Option<String>,
     /// Kernel to boot: Linux bzImage or ELF vmlinux (64-bit boot protocol), or a multiboot ELF.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk for a Linux kernel.
-    #[arg(long, requires = "kernel")]
+    #[arg(long)]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, requires = "kernel", default_value = "console=ttyS0")]
-    pub cmdline: String,
+    /// Kernel command line (with --kernel; default "console=ttyS0").
+    #[arg(long)]
+    pub cmdline: Option<String>,
     /// Write the serial console here instead of stdout.
     #[arg(long)]
     pub console_log: Option<PathBuf>,

@@ -4,10 +4,31 @@ mod cli;
 mod demo;
 mod run;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 fn main() {
     let cli = cli::Cli::parse();
+    if let cli::Command::Run(a) = &cli.command {
+        let problem = if a.guest.is_none() && a.kernel.is_none() {
+            Some("one of --guest or --kernel is required")
+        } else if a.kernel.is_none() && a.initrd.is_some() {
+            Some("--initrd requires --kernel")
+        } else if a.kernel.is_none() && a.cmdline.is_some() {
+            Some("--cmdline requires --kernel (the test guest takes its workload in --guest)")
+        } else {
+            None
+        };
+        if let Some(msg) = problem {
+            let mut cmd = cli::Cli::command();
+            let run = cmd
+                .find_subcommand_mut("run")
+                .map(|c| c.clone())
+                .unwrap_or_default();
+            run.clone()
+                .error(clap::error::ErrorKind::MissingRequiredArgument, msg)
+                .exit();
+        }
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -19,6 +40,9 @@ fn main() {
         cli::Command::Run(args) => run::main(args),
         cli::Command::Vm(args) => api::client::main(args).map(|()| 0),
         cli::Command::Demo(args) => demo::main(args).map(|()| 0),
+        cli::Command::GuestImage { output } => std::fs::write(&output, ferry_guest::IMAGE)
+            .map(|()| 0)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", output.display())),
     };
     match code {
         Ok(c) => std::process::exit(c),

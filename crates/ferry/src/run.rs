@@ -16,7 +16,10 @@ pub fn config_from(args: &RunArgs) -> Result<VmConfig> {
         (None, Some(k)) => BootSource::Kernel {
             path: k.clone(),
             initrd: args.initrd.clone(),
-            cmdline: args.cmdline.clone(),
+            cmdline: args
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| "console=ttyS0".into()),
         },
         (None, None) => anyhow::bail!("one of --guest or --kernel is required"),
     };

@@ -149,3 +149,34 @@ fn loader_writes_are_tracked_as_dirty() {
     let d = vm.fetch_dirty().unwrap();
     assert_eq!(d.pages().collect::<Vec<_>>(), vec![0x20000]);
 }
+
+/// The bzImage path end to end: 64-bit entry into the decompressor, which then starts the
+/// kernel. Slow here (the decompressor runs emulated at CPL 0: ~2 minutes measured), so the
+/// bound is generous.
+#[test]
+fn bzimage_boots_through_its_decompressor_to_the_banner() {
+    let dir = kernel_dir();
+    let cmdline = format!(
+        "console=ttyS0 earlyprintk=serial,ttyS0,115200 ferry.bz={}",
+        std::process::id()
+    );
+    let (sink, rx) = LineSink::new();
+    let cfg = VmConfig {
+        cpus: 1,
+        memory: 512 << 20,
+        boot: BootSource::Kernel {
+            path: dir.join("vmlinuz"),
+            initrd: None,
+            cmdline: cmdline.clone(),
+        },
+    };
+    let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
+    vm.start().unwrap();
+    let mut seen = Vec::new();
+    let t = Duration::from_secs(420);
+    wait_for(&rx, &mut seen, t, |l| l.contains("Linux version")).unwrap();
+    let cl = wait_for(&rx, &mut seen, t, |l| l.contains("Command line:")).unwrap();
+    assert!(cl.1.ends_with(&cmdline), "{}", cl.1);
+    vm.shutdown().unwrap();
+    assert_eq!(vm.wait(), GuestExit::Stopped);
+}

@@ -1,0 +1,118 @@
+//! Helpers for tests that run the `ferry` binary.
+#![allow(dead_code)]
+use ferry_guest::console::{read_lines, TimedLine};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+pub fn ferry(args: &[&str]) -> Output {
+    Command::new(FERRY)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ferry")
+}
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("ferry-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `ferry run` in the background with its console read line by line.
+pub struct Running {
+    pub child: Child,
+    pub lines: Receiver<TimedLine>,
+    pub seen: Vec<TimedLine>,
+}
+
+impl Running {
+    pub fn start(args: &[&str]) -> Running {
+        let mut child = Command::new(FERRY)
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry run");
+        let lines = read_lines(child.stdout.take().unwrap());
+        Running {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    pub fn wait_line(&mut self, pred: impl Fn(&str) -> bool) -> TimedLine {
+        ferry_guest::console::wait_for(&self.lines, &mut self.seen, Duration::from_secs(30), pred)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Waits for exit (bounded); returns the status code and stderr.
+    pub fn finish(mut self) -> (i32, String, Vec<TimedLine>) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("ferry run did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut err = String::new();
+        use std::io::Read;
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        // The reader thread ends at EOF; collect what is left.
+        std::thread::sleep(Duration::from_millis(20));
+        self.seen.extend(self.lines.try_iter());
+        (
+            status.code().unwrap_or(-1),
+            err,
+            std::mem::take(&mut self.seen),
+        )
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident memory of a process in bytes.
+pub fn rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}

@@ -1,0 +1,79 @@
+//! The test guest under QEMU (Debian's qemu-system-x86, KVM) prints what it prints under
+//! Ferry: same lines, same sequence numbers, same memory checksums (only TSC values differ).
+mod common;
+use common::*;
+use ferry_guest::heartbeat::{parse_line, GuestLine};
+use std::process::{Command, Stdio};
+
+fn normalize(out: &[u8]) -> Vec<GuestLine> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .map(parse_line)
+        .filter(|l| !matches!(l, GuestLine::Other(_)))
+        .map(|l| match l {
+            GuestLine::Heartbeat { cpu, seq, .. } => GuestLine::Heartbeat { cpu, seq, tsc: 0 },
+            l => l,
+        })
+        .collect()
+}
+
+fn qemu(image: &str, args: &str) -> Vec<GuestLine> {
+    let out = Command::new("qemu-system-x86_64")
+        .args([
+            "-enable-kvm",
+            "-m",
+            "256",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args([
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-serial",
+            "stdio",
+        ])
+        .args(["-kernel", image, "-append", args])
+        .stdin(Stdio::null())
+        .output()
+        .expect("qemu-system-x86_64 must be installed (the README's setup installs it)");
+    // isa-debug-exit: status = (code << 1) | 1.
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "QEMU: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    normalize(&out.stdout)
+}
+
+fn ferry_lines(args: &str) -> Vec<GuestLine> {
+    let out = ferry(&["run", "--memory", "256M", "--guest", args]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    normalize(&out.stdout)
+}
+
+#[test]
+fn test_guest_prints_the_same_under_qemu_and_ferry() {
+    let s = Scratch::new("qemu");
+    let image = s.path("ferry-guest.elf");
+    let out = ferry(&["guest-image", "--output", image.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    for args in [
+        "heartbeat period=1000 count=20",
+        "dirty size=8M passes=3",
+        "verify size=8M count=2",
+        "idle seconds=1",
+    ] {
+        let q = qemu(image.to_str().unwrap(), args);
+        let f = ferry_lines(args);
+        assert!(q.len() >= 4, "{args}: QEMU printed too little: {q:?}");
+        assert_eq!(q, f, "{args}: QEMU and Ferry differ");
+    }
+}
