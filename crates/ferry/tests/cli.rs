@@ -308,3 +308,25 @@ fn help_tells_the_truth() {
         assert!(h.contains(word));
     }
 }
+
+#[test]
+fn demo_shows_the_heartbeat_and_a_pause() {
+    let out = ferry(&["demo", "--beats", "6", "--period-us", "10000"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("heartbeat   6"), "{text}");
+    assert!(text.contains("none lost or repeated"), "{text}");
+    // The 100 ms pause is what the guest sees.
+    let gap: f64 = text
+        .split("guest-observed pause (largest heartbeat gap, before beat 4): ")
+        .nth(1)
+        .and_then(|t| t.split(" ms").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no gap line: {text}"));
+    assert!((95.0..1000.0).contains(&gap), "{gap}");
+}

@@ -68,7 +68,7 @@ pub fn ram_layout(size: u64) -> Result<Vec<RamRange>, MemoryError> {
     if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) {
         return Err(MemoryError::OutOfRange { got: size });
     }
-    if size % PAGE_SIZE != 0 {
+    if !size.is_multiple_of(PAGE_SIZE) {
         return Err(MemoryError::Unaligned(size));
     }
     let low = size.min(LOW_RAM_END);

@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Time from process start to the test guest's first heartbeat: Ferry vs QEMU, same image,
+same run. Prints a Markdown table (median / min / max over N runs).
+
+usage: scripts/bench_boot.py [--runs N] [--ferry PATH]
+"""
+import argparse, os, statistics, subprocess, sys, tempfile, time
+
+WORKLOAD = "heartbeat period=1000 count=3"
+
+
+def first_heartbeat(cmd):
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        for raw in p.stdout:
+            if raw.startswith(b"H0 1 "):
+                return time.monotonic() - t0
+        raise RuntimeError(f"no heartbeat from {cmd[0]}")
+    finally:
+        p.kill()
+        p.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=10)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--ferry", default=os.path.join(root, "target", "release", "ferry"))
+    a = ap.parse_args()
+    if not os.path.exists(a.ferry):
+        sys.exit(f"{a.ferry} not found: run 'cargo build --release' first")
+    with tempfile.TemporaryDirectory() as d:
+        image = os.path.join(d, "ferry-guest.elf")
+        subprocess.run([a.ferry, "guest-image", "--output", image], check=True)
+        cmds = {
+            "Ferry": [a.ferry, "run", "--memory", "256M", "--guest", WORKLOAD],
+            "QEMU": ["qemu-system-x86_64", "-enable-kvm", "-m", "256", "-nodefaults", "-display", "none",
+                     "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-serial", "stdio",
+                     "-kernel", image, "-append", WORKLOAD],
+        }
+        res = {k: [] for k in cmds}
+        for _ in range(a.runs):  # interleaved, so drift in machine load hits both alike
+            for k, c in cmds.items():
+                res[k].append(first_heartbeat(c) * 1e3)
+    qv = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    print(f"Time from process start to first heartbeat, test guest, 256 MiB, {a.runs} runs each ({qv}).\n")
+    print("| VMM | median ms | min ms | max ms |")
+    print("|---|---:|---:|---:|")
+    for k, v in res.items():
+        print(f"| {k} | {statistics.median(v):.1f} | {min(v):.1f} | {max(v):.1f} |")
+    f, q = statistics.median(res["Ferry"]), statistics.median(res["QEMU"])
+    print(f"\nFerry/QEMU median ratio: {f / q:.3f}")
+
+
+if __name__ == "__main__":
+    main()

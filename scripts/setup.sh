@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what Ferry's build, tests and benchmarks need, skipping what is already there.
+# Idempotent; run as root (or with sudo available) on Debian 12.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+sudo=""
+[ "$(id -u)" = 0 ] || sudo="sudo"
+
+# Debian packages: QEMU (side-by-side runs), tools to unpack the Linux test kernel, iperf3.
+need=()
+for p in qemu-system-x86 lz4 zstd xz-utils python3 iperf3; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || { echo "setup: cargo not found: install Rust (rustup) first" >&2; exit 1; }
+for c in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >/dev/null 2>&1 || true
+done
+
+# The Debian cloud kernel for the Linux boot tests (cached in .ferry-cache/).
+"$root/scripts/fetch-linux-kernel.sh" "$root/.ferry-cache" >/dev/null
+
+if [ ! -c /dev/kvm ]; then
+  echo "setup: warning: /dev/kvm is missing: Ferry needs KVM to run VMs" >&2
+fi
