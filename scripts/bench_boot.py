@@ -4,7 +4,7 @@ same run. Prints a Markdown table (median / min / max over N runs).
 
 usage: scripts/bench_boot.py [--runs N] [--ferry PATH]
 """
-import argparse, os, statistics, subprocess, sys, tempfile, time
+import argparse, os, re, statistics, subprocess, sys, tempfile, time
 
 WORKLOAD = "heartbeat period=1000 count=3"
 
@@ -51,6 +51,16 @@ def main():
         print(f"| {k} | {statistics.median(v):.1f} | {min(v):.1f} | {max(v):.1f} |")
     f, q = statistics.median(res["Ferry"]), statistics.median(res["QEMU"])
     print(f"\nFerry/QEMU median ratio: {f / q:.3f}")
+
+    # Pause latency: time for Vm::pause to stop every vCPU (ferry demo reports it).
+    lat = []
+    for _ in range(a.runs):
+        out = subprocess.run([a.ferry, "demo", "--beats", "6", "--period-us", "5000"],
+                             capture_output=True, text=True, check=True).stdout
+        m = re.search(r"all vCPUs stopped in ([0-9.]+) ms", out)
+        lat.append(float(m.group(1)))
+    print(f"\nFerry pause latency (1 vCPU running the heartbeat, `ferry demo`), {a.runs} runs: "
+          f"median {statistics.median(lat):.3f} ms, max {max(lat):.3f} ms")
 
 
 if __name__ == "__main__":

@@ -45,8 +45,14 @@ pub fn main(args: DemoArgs) -> Result<()> {
                     Some(d) => println!("  heartbeat {seq:>3}   +{:.1} ms", ms(d)),
                 }
                 if seq == pause_at {
-                    println!("  -- pausing the VM for {} ms --", pause_for.as_millis());
+                    let t = Instant::now();
                     vm.pause()?;
+                    let took = t.elapsed();
+                    println!(
+                        "  -- VM paused (all vCPUs stopped in {:.3} ms); resuming in {} ms --",
+                        took.as_secs_f64() * 1e3,
+                        pause_for.as_millis()
+                    );
                     std::thread::sleep(pause_for);
                     vm.resume()?;
                 }

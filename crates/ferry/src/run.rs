@@ -52,7 +52,9 @@ pub fn main(args: RunArgs) -> Result<i32> {
         .transpose()?;
     vm.start()?;
     let exit = vm.wait();
-    drop(server);
+    if let Some(server) = server {
+        server.stop();
+    }
     Ok(report(&exit))
 }
 

@@ -42,8 +42,25 @@ pub fn bind(path: &Path) -> Result<Bound> {
 
 /// A running API server; dropping it stops serving and removes the socket.
 pub struct Server {
-    _rt: tokio::runtime::Runtime,
+    rt: tokio::runtime::Runtime,
     path: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Stops accepting, lets requests in flight (e.g. the shutdown that ended the VM) send
+    /// their answers, bounded by a second, then removes the socket.
+    pub fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let wait =
+                async { tokio::time::timeout(std::time::Duration::from_secs(1), task).await };
+            let _ = self.rt.block_on(wait);
+        }
+    }
 }
 
 impl Drop for Server {
@@ -70,14 +87,20 @@ pub fn spawn(bound: Bound, vm: Arc<Vm>) -> Result<Server> {
         .route("/vm/resume", put(resume))
         .route("/vm/shutdown", put(shutdown))
         .with_state(vm);
-    rt.spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = rt.spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+            let _ = stopped.await;
+        });
+        if let Err(e) = serve.await {
             tracing::error!("API server stopped: {e}");
         }
     });
     Ok(Server {
-        _rt: rt,
+        rt,
         path: bound.path,
+        stop: Some(stop),
+        task: Some(task),
     })
 }
 
