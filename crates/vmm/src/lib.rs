@@ -5,11 +5,13 @@ pub mod cpuid;
 pub mod devices;
 pub mod memory;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
+pub mod vm_state;
 
 pub use memory::{parse_size, DirtyBitmap, GuestMem, RamRange};
 pub use vcpu::GuestExit;
-pub use vm::{BootSource, RunState, Vm, VmConfig, VmError, VmInfo, MAX_CPUS};
+pub use vm::{BootSource, RunState, Vm, VmConfig, VmError, VmInfo, VmState, MAX_CPUS};
 
 /// Ferry's test guest image (multiboot ELF), embedded at build time.
 pub const TEST_GUEST_IMAGE: &[u8] = ferry_guest::IMAGE;

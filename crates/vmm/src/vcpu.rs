@@ -94,17 +94,26 @@ pub(crate) fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     .map_err(vmm_sys_util::errno::Error::new)
 }
 
+/// A vCPU shared between its thread (which holds the lock only while in KVM_RUN and handling
+/// the exit) and the controller (which reads and writes state while the vCPU is parked).
+pub type SharedVcpu = Arc<Mutex<VcpuFd>>;
+
+pub(crate) fn lock_vcpu(v: &SharedVcpu) -> std::sync::MutexGuard<'_, VcpuFd> {
+    v.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The run loop of one vCPU thread.
-pub(crate) fn run_loop(mut vcpu: VcpuFd, index: u8, bus: Arc<IoBus>, ctl: Arc<Control>) -> VcpuFd {
+pub(crate) fn run_loop(shared: SharedVcpu, index: u8, bus: Arc<IoBus>, ctl: Arc<Control>) {
     loop {
         match ctl.want.load(Ordering::SeqCst) {
             WANT_STOP => break,
             WANT_PAUSE => {
-                park(&mut vcpu, &ctl);
+                park(&shared, &ctl);
                 continue;
             }
             _ => {}
         }
+        let mut vcpu = lock_vcpu(&shared);
         let outcome: Result<Option<GuestExit>, String> = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => Ok(match bus.write(port, data) {
                 IoAction::None => None,
@@ -146,8 +155,6 @@ pub(crate) fn run_loop(mut vcpu: VcpuFd, index: u8, bus: Arc<IoBus>, ctl: Arc<Co
     let mut s = ctl.lock();
     s.alive -= 1;
     ctl.cv.notify_all();
-    drop(s);
-    vcpu
 }
 
 fn crashed(vcpu: &VcpuFd, index: u8, what: &str) -> GuestExit {
@@ -161,10 +168,13 @@ fn crashed(vcpu: &VcpuFd, index: u8, what: &str) -> GuestExit {
 }
 
 /// Completes in-flight I/O, then waits until the controller no longer wants a pause.
-fn park(vcpu: &mut VcpuFd, ctl: &Control) {
-    vcpu.set_kvm_immediate_exit(1);
-    let _ = vcpu.run(); // returns EINTR at once, after finishing a pending IN/OUT
-    vcpu.set_kvm_immediate_exit(0);
+fn park(shared: &SharedVcpu, ctl: &Control) {
+    {
+        let mut vcpu = lock_vcpu(shared);
+        vcpu.set_kvm_immediate_exit(1);
+        let _ = vcpu.run(); // returns EINTR at once, after finishing a pending IN/OUT
+        vcpu.set_kvm_immediate_exit(0);
+    }
     let mut s = ctl.lock();
     s.parked += 1;
     ctl.cv.notify_all();

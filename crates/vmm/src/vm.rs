@@ -1,8 +1,11 @@
 //! A KVM virtual machine: creation, boot, vCPU threads, pause/resume/shutdown, dirty logging.
 use crate::boot::{self, cpu, linux, multiboot, BootError, Entry, ImageKind};
+use crate::devices::DevicesState;
 use crate::devices::{ConsoleOut, IoBus, Serial};
 use crate::memory::{self, DirtyBitmap, GuestMem, MemoryError, RamRange, RangeBitmap, PAGE_SIZE};
-use crate::vcpu::{self, Control, GuestExit, WANT_PAUSE, WANT_RUN};
+use crate::vcpu::{self, Control, GuestExit, SharedVcpu, WANT_PAUSE, WANT_RUN};
+use crate::vcpu_state::{self, Capabilities, StateError, VcpuState};
+use crate::vm_state::{self, KvmVmState};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -88,6 +91,10 @@ pub enum VmError {
     PauseTimeout(Duration),
     #[error("cannot create vCPU thread or event: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Saved(#[from] StateError),
+    #[error("device state: {0}")]
+    Devices(#[from] crate::devices::SerialStateError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -106,15 +113,43 @@ pub struct VmInfo {
 struct Lifecycle {
     state: RunState,
     started: Option<Instant>,
-    handles: Vec<std::thread::JoinHandle<VcpuFd>>,
-    idle_vcpus: Vec<VcpuFd>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Everything that makes up a VM's state (version 1): configuration, memory layout, KVM's
+/// VM-wide devices, every vCPU, every VMM device. Guest RAM is saved beside it by the caller
+/// (snapshot file, migration stream). The struct names every component, so a component
+/// cannot be left out without a compile error.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    pub version: u32,
+    pub config: VmConfig,
+    pub layout: Vec<RamRange>,
+    pub kvm: KvmVmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DevicesState,
+}
+
+/// Version of [`VmState`].
+pub const VM_STATE_VERSION: u32 = 1;
+
+/// The parts every VM has, before its vCPUs exist.
+struct Base {
+    kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMem,
+    layout: Vec<RamRange>,
+    serial_irq: vmm_sys_util::eventfd::EventFd,
+    caps: Capabilities,
 }
 
 /// A virtual machine on KVM.
 pub struct Vm {
     config: VmConfig,
     _kvm: Kvm,
+    caps: Capabilities,
     vm: VmFd,
+    vcpus: Vec<SharedVcpu>,
     mem: GuestMem,
     layout: Vec<RamRange>,
     bus: Arc<IoBus>,
@@ -131,58 +166,131 @@ impl Vm {
             return Err(VmError::Cpus(config.cpus as u32));
         }
         let layout = memory::ram_layout(config.memory)?;
-        let path = std::env::var("FERRY_KVM_DEVICE").unwrap_or_else(|_| KVM_DEVICE.to_string());
-        let cpath = std::ffi::CString::new(path.clone()).unwrap_or_default();
-        let kvm = Kvm::new_with_path(&cpath).map_err(|source| VmError::KvmOpen { path, source })?;
-        let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
-        vm.set_tss_address(0xfffb_d000)
-            .map_err(kvm_err("set TSS address"))?;
-        vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
-
-        let mem = memory::allocate(&layout)?;
-        for (slot, region) in mem.iter().enumerate() {
-            set_slot(&vm, slot as u32, region, false)?;
-        }
-
-        let irq =
-            vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Thread)?;
-        vm.register_irqfd(&irq, 4)
-            .map_err(kvm_err("register serial irqfd"))?;
-        let bus = Arc::new(IoBus::new(Serial::new(irq, ConsoleOut::new(console))));
-
-        let entry = load_boot(&mem, &layout, &config.boot)?;
-        let supported = kvm
+        let base = Base::create(layout)?;
+        let bus = IoBus::new(Serial::new(
+            base.serial_irq.try_clone().map_err(VmError::Thread)?,
+            ConsoleOut::new(console),
+        ));
+        let entry = load_boot(&base.mem, &base.layout, &config.boot)?;
+        let supported = base
+            .kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("get supported CPUID"))?;
         let mut vcpus = Vec::new();
         for i in 0..config.cpus {
-            let v = vm.create_vcpu(i as u64).map_err(kvm_err("create vCPU"))?;
+            let v = base
+                .vm
+                .create_vcpu(i as u64)
+                .map_err(kvm_err("create vCPU"))?;
             setup_vcpu(&v, i, config.cpus, entry, &supported)?;
             vcpus.push(v);
         }
-        memory::reset_vmm_dirty(&mem);
+        memory::reset_vmm_dirty(&base.mem);
+        Vm::assemble(config, base, vcpus, bus)
+    }
+
+    /// Rebuilds a VM from saved state. `load_memory` fills guest RAM (it runs before any vCPU
+    /// exists). The VM is left `created`: `start` resumes the guest where it was saved.
+    pub fn restore(
+        state: &VmState,
+        console: Box<dyn Write + Send>,
+        load_memory: impl FnOnce(&GuestMem) -> Result<(), VmError>,
+    ) -> Result<Vm, VmError> {
+        if state.version != VM_STATE_VERSION {
+            return Err(StateError::Invalid(format!(
+                "VM state version {} is not supported",
+                state.version
+            ))
+            .into());
+        }
+        let config = state.config.clone();
+        if state.vcpus.len() != config.cpus as usize || config.cpus == 0 || config.cpus > MAX_CPUS {
+            return Err(StateError::Invalid(format!(
+                "state has {} vCPUs for a {}-vCPU configuration",
+                state.vcpus.len(),
+                config.cpus
+            ))
+            .into());
+        }
+        if memory::ram_layout(config.memory)? != state.layout {
+            return Err(StateError::Invalid(
+                "memory layout does not match the configuration".into(),
+            )
+            .into());
+        }
+        let base = Base::create(state.layout.clone())?;
+        load_memory(&base.mem)?;
+        let bus = IoBus::from_state(
+            &state.devices,
+            base.serial_irq.try_clone().map_err(VmError::Thread)?,
+            ConsoleOut::new(console),
+        )?;
+        vm_state::restore(&base.vm, &state.kvm)?;
+        let mut vcpus = Vec::new();
+        for (i, s) in state.vcpus.iter().enumerate() {
+            let v = base
+                .vm
+                .create_vcpu(i as u64)
+                .map_err(kvm_err("create vCPU"))?;
+            vcpu_state::restore(&v, s, &base.caps)?;
+            vcpus.push(v);
+        }
+        memory::reset_vmm_dirty(&base.mem);
+        Vm::assemble(config, base, vcpus, bus)
+    }
+
+    fn assemble(
+        config: VmConfig,
+        base: Base,
+        vcpus: Vec<VcpuFd>,
+        bus: IoBus,
+    ) -> Result<Vm, VmError> {
         vcpu::install_kick_handler().map_err(kvm_err("install signal handler"))?;
         Ok(Vm {
             config,
-            _kvm: kvm,
-            vm,
-            mem,
-            layout,
-            bus,
+            _kvm: base.kvm,
+            caps: base.caps,
+            vm: base.vm,
+            vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
+            mem: base.mem,
+            layout: base.layout,
+            bus: Arc::new(bus),
             ctl: Arc::new(Control::new()),
             life: Mutex::new(Lifecycle {
                 state: RunState::Created,
                 started: None,
                 handles: Vec::new(),
-                idle_vcpus: vcpus,
             }),
             logging: AtomicBool::new(false),
         })
+    }
+
+    /// Saves every component's state. The VM must be paused (or not yet started).
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let state = self.state();
+        if !matches!(state, RunState::Paused | RunState::Created) {
+            return Err(VmError::State {
+                op: "save state",
+                state,
+            });
+        }
+        let mut vcpus = Vec::new();
+        for (i, v) in self.vcpus.iter().enumerate() {
+            vcpus.push(vcpu_state::save(&vcpu::lock_vcpu(v), i as u8, &self.caps)?);
+        }
+        Ok(VmState {
+            version: VM_STATE_VERSION,
+            config: self.config.clone(),
+            layout: self.layout.clone(),
+            kvm: vm_state::save(&self.vm)?,
+            vcpus,
+            devices: self.bus.save(),
+        })
+    }
+
+    /// Optional KVM state this host cannot save or load.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
     }
 
     fn life(&self) -> std::sync::MutexGuard<'_, Lifecycle> {
@@ -229,9 +337,8 @@ impl Vm {
                 state: life.state,
             });
         }
-        let vcpus = std::mem::take(&mut life.idle_vcpus);
-        self.ctl.lock().alive = vcpus.len();
-        for (i, v) in vcpus.into_iter().enumerate() {
+        self.ctl.lock().alive = self.vcpus.len();
+        for (i, v) in self.vcpus.iter().cloned().enumerate() {
             let (bus, ctl) = (self.bus.clone(), self.ctl.clone());
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
@@ -382,6 +489,40 @@ impl Vm {
         let r = self.mem.find_region(GuestAddress(gpa))?;
         r.get_host_address(MemoryRegionAddress(gpa - r.start_addr().0))
             .ok()
+    }
+}
+
+impl Base {
+    fn create(layout: Vec<RamRange>) -> Result<Base, VmError> {
+        let path = std::env::var("FERRY_KVM_DEVICE").unwrap_or_else(|_| KVM_DEVICE.to_string());
+        let cpath = std::ffi::CString::new(path.clone()).unwrap_or_default();
+        let kvm = Kvm::new_with_path(&cpath).map_err(|source| VmError::KvmOpen { path, source })?;
+        let caps = Capabilities::probe(&kvm)?;
+        let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(kvm_err("set TSS address"))?;
+        vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+        let mem = memory::allocate(&layout)?;
+        for (slot, region) in mem.iter().enumerate() {
+            set_slot(&vm, slot as u32, region, false)?;
+        }
+        let serial_irq =
+            vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Thread)?;
+        vm.register_irqfd(&serial_irq, 4)
+            .map_err(kvm_err("register serial irqfd"))?;
+        Ok(Base {
+            kvm,
+            vm,
+            mem,
+            layout,
+            serial_irq,
+            caps,
+        })
     }
 }
 

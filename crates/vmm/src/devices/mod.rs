@@ -5,7 +5,7 @@
 //! `-device isa-debug-exit,iobase=0xf4`), the i8042 reset line, and empty PCI config space.
 mod serial;
 
-pub use serial::{ConsoleOut, Serial, COM1_BASE};
+pub use serial::{ConsoleOut, Serial, SerialState, SerialStateError, COM1_BASE};
 
 use std::sync::Mutex;
 
@@ -28,11 +28,46 @@ pub struct IoBus {
     serial: Mutex<Serial>,
 }
 
+/// State of every VMM-emulated device (version 1). `IoBus::save` destructures the bus
+/// exhaustively: a device added to the bus without a state here does not compile.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DevicesState {
+    pub version: u32,
+    pub serial: SerialState,
+}
+
+/// Version of [`DevicesState`].
+pub const DEVICES_STATE_VERSION: u32 = 1;
+
 impl IoBus {
     pub fn new(serial: Serial) -> Self {
         IoBus {
             serial: Mutex::new(serial),
         }
+    }
+
+    pub fn save(&self) -> DevicesState {
+        let IoBus { serial } = self;
+        let serial = serial.lock().unwrap_or_else(|e| e.into_inner()).save();
+        DevicesState {
+            version: DEVICES_STATE_VERSION,
+            serial,
+        }
+    }
+
+    /// Builds the bus and its devices from saved state.
+    pub fn from_state(
+        s: &DevicesState,
+        serial_irq: vmm_sys_util::eventfd::EventFd,
+        console: ConsoleOut,
+    ) -> Result<Self, SerialStateError> {
+        if s.version != DEVICES_STATE_VERSION {
+            return Err(SerialStateError::Version(s.version));
+        }
+        let DevicesState { version: _, serial } = s;
+        Ok(IoBus {
+            serial: Mutex::new(Serial::from_state(serial, serial_irq, console)?),
+        })
     }
 
     fn serial(&self) -> std::sync::MutexGuard<'_, Serial> {

@@ -53,6 +53,33 @@ impl Write for ConsoleOut {
     }
 }
 
+/// Saved state of COM1 (version 1): the 16550 registers and the receive FIFO.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    pub version: u32,
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+/// Version of [`SerialState`] this code writes and reads.
+pub const SERIAL_STATE_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SerialStateError {
+    #[error("serial state version {0} is not supported (this Ferry reads {SERIAL_STATE_VERSION})")]
+    Version(u32),
+    #[error("serial state is invalid: {0}")]
+    Invalid(String),
+}
+
 /// COM1 device.
 pub struct Serial {
     uart: vm_superio::Serial<IrqLine, NoEvents, ConsoleOut>,
@@ -73,5 +100,59 @@ impl Serial {
     }
     pub fn flush(&mut self) {
         let _ = self.uart.writer_mut().flush();
+    }
+
+    pub fn save(&self) -> SerialState {
+        let vm_superio::serial::SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer,
+        } = self.uart.state();
+        SerialState {
+            version: SERIAL_STATE_VERSION,
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer,
+        }
+    }
+
+    /// Builds COM1 from saved state.
+    pub fn from_state(
+        s: &SerialState,
+        irq: EventFd,
+        out: ConsoleOut,
+    ) -> Result<Self, SerialStateError> {
+        if s.version != SERIAL_STATE_VERSION {
+            return Err(SerialStateError::Version(s.version));
+        }
+        let st = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let uart = vm_superio::Serial::from_state(&st, IrqLine(irq), NoEvents, out)
+            .map_err(|e| SerialStateError::Invalid(format!("{e:?}")))?;
+        Ok(Serial { uart })
     }
 }
