@@ -117,8 +117,8 @@ fn restored_four_vcpu_vm_keeps_every_dirty_region_exact() {
         .collect();
     copy.start().unwrap();
     let mut after = Vec::new();
-    for c in 0..4 {
-        let want = before[c].completed + 2;
+    for (c, p0) in before.iter().enumerate() {
+        let want = p0.completed + 2;
         wait_for(&rx2, &mut after, T, |l| {
             l.starts_with(&format!("D{c} {want}"))
         })
