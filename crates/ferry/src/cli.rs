@@ -26,6 +26,15 @@ pub enum Command {
     Vm(VmArgs),
     /// Boot the test guest and show its heartbeat (the live-migration demo comes later).
     Demo(DemoArgs),
+    /// Save a VM (state and memory) to a directory through its API socket.
+    Snapshot(SnapshotArgs),
+    /// Run a VM from a snapshot directory (follows the chain of --diff snapshots).
+    ///
+    /// Exit status as for `ferry run`.
+    Restore(RestoreArgs),
+    /// Move a VM to another host. `--quick`: pause, save to storage both hosts see, stop;
+    /// then `ferry restore --from DIR` on the other host continues it.
+    Migrate(MigrateArgs),
     /// Write Ferry's test guest image (a multiboot ELF) to a file, e.g. to boot it in QEMU:
     /// qemu-system-x86_64 -enable-kvm -kernel FILE -append 'heartbeat count=10'
     ///   -device isa-debug-exit,iobase=0xf4,iosize=4 -serial stdio -display none
@@ -64,6 +73,63 @@ pub struct RunArgs {
     /// Serve the control API (HTTP/JSON) on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Then {
+    /// Let the VM run on (the default).
+    Resume,
+    /// Leave it paused.
+    Pause,
+    /// Stop it once the snapshot is durable and verified.
+    Stop,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    /// API socket of the VM.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+    /// Directory to write (created if missing; a snapshot already there is replaced).
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Store only pages changed since this VM's previous snapshot (taken or restored from).
+    #[arg(long)]
+    pub diff: bool,
+    /// What the VM does afterwards.
+    #[arg(long, value_enum, default_value_t = Then::Resume)]
+    pub then: Then,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// Snapshot directory.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Write the serial console here instead of stdout.
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// Serve the control API on this Unix socket.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// Start before checking the memory files' CRCs and check them in the background (a bad
+    /// one stops the VM). Default: check everything before starting.
+    #[arg(long)]
+    pub lazy_check: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// API socket of the VM to move.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+    /// Quick migration through shared storage (live migration over TCP is not there yet).
+    #[arg(long, required = true)]
+    pub quick: bool,
+    /// Directory on storage the destination host can read.
+    #[arg(long)]
+    pub via: PathBuf,
 }
 
 #[derive(Args, Debug)]

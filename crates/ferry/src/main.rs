@@ -40,6 +40,9 @@ fn main() {
         cli::Command::Run(args) => run::main(args),
         cli::Command::Vm(args) => api::client::main(args).map(|()| 0),
         cli::Command::Demo(args) => demo::main(args).map(|()| 0),
+        cli::Command::Snapshot(args) => api::client::snapshot(args).map(|()| 0),
+        cli::Command::Migrate(args) => api::client::migrate(args).map(|()| 0),
+        cli::Command::Restore(args) => run::restore(args),
         cli::Command::GuestImage { output } => std::fs::write(&output, ferry_guest::IMAGE)
             .map(|()| 0)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", output.display())),

@@ -1,6 +1,7 @@
 //! `ferry run`: build a VM from the command line, serve its API, run it to the end.
-use crate::cli::RunArgs;
+use crate::cli::{RestoreArgs, RunArgs};
 use anyhow::{Context, Result};
+use ferry_vmm::snapshot::MemoryCheck;
 use ferry_vmm::{BootSource, GuestExit, Vm, VmConfig};
 use std::sync::Arc;
 
@@ -30,8 +31,8 @@ pub fn config_from(args: &RunArgs) -> Result<VmConfig> {
     })
 }
 
-fn console(args: &RunArgs) -> Result<Box<dyn std::io::Write + Send>> {
-    Ok(match &args.console_log {
+fn console(log: &Option<std::path::PathBuf>) -> Result<Box<dyn std::io::Write + Send>> {
+    Ok(match log {
         Some(p) => Box::new(
             std::fs::File::create(p).with_context(|| format!("--console-log {}", p.display()))?,
         ),
@@ -42,11 +43,17 @@ fn console(args: &RunArgs) -> Result<Box<dyn std::io::Write + Send>> {
 pub fn main(args: RunArgs) -> Result<i32> {
     let config = config_from(&args)?;
     // Claim the API socket before building the VM so a busy path fails fast.
-    let listener = match &args.api_socket {
-        Some(p) => Some(crate::api::server::bind(p)?),
-        None => None,
-    };
-    let vm = Arc::new(Vm::new(config, console(&args)?)?);
+    let listener = bind(&args.api_socket)?;
+    let vm = Vm::new(config, console(&args.console_log)?)?;
+    serve_and_wait(Arc::new(vm), listener)
+}
+
+fn bind(p: &Option<std::path::PathBuf>) -> Result<Option<crate::api::server::Bound>> {
+    p.as_deref().map(crate::api::server::bind).transpose()
+}
+
+/// Serves the API (if any), runs the VM to its end, reports how it ended.
+fn serve_and_wait(vm: Arc<Vm>, listener: Option<crate::api::server::Bound>) -> Result<i32> {
     let server = listener
         .map(|l| crate::api::server::spawn(l, vm.clone()))
         .transpose()?;
@@ -56,6 +63,32 @@ pub fn main(args: RunArgs) -> Result<i32> {
         server.stop();
     }
     Ok(report(&exit))
+}
+
+/// `ferry restore`.
+pub fn restore(args: RestoreArgs) -> Result<i32> {
+    let listener = bind(&args.api_socket)?;
+    let check = if args.lazy_check {
+        MemoryCheck::Background
+    } else {
+        MemoryCheck::BeforeStart
+    };
+    let t0 = std::time::Instant::now();
+    let (vm, rep) = ferry_vmm::snapshot::restore(&args.from, console(&args.console_log)?, check)
+        .with_context(|| format!("restoring from {}", args.from.display()))?;
+    eprintln!(
+        "ferry: restored {} (chain of {}, {} MiB mapped, memory {}) ready in {:.1} ms",
+        args.from.display(),
+        rep.chain,
+        rep.bytes_mapped >> 20,
+        if rep.memory_verified_before_start {
+            "verified"
+        } else {
+            "checked in the background"
+        },
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    serve_and_wait(Arc::new(vm), listener)
 }
 
 /// Prints how the guest ended (stderr) and maps it to the exit status.

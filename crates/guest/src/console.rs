@@ -89,3 +89,22 @@ pub fn wait_for(
         }
     }
 }
+
+/// Waits up to `timeout` until every line in `want` has been seen (in any order; lines
+/// already in `seen` count).
+pub fn wait_all(
+    rx: &Receiver<TimedLine>,
+    seen: &mut Vec<TimedLine>,
+    timeout: Duration,
+    want: &[String],
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    for w in want {
+        if seen.iter().any(|l| &l.1 == w) {
+            continue;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        wait_for(rx, seen, left, |l| l == w).map_err(|e| format!("waiting for {w:?}: {e}"))?;
+    }
+    Ok(())
+}

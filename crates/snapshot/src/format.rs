@@ -264,7 +264,7 @@ impl Snapshot {
             what,
         };
         for r in &self.runs {
-            if r.gpa % PAGE != 0 || r.pages == 0 || r.pages > MAX_RUN_PAGES {
+            if !r.gpa.is_multiple_of(PAGE) || r.pages == 0 || r.pages > MAX_RUN_PAGES {
                 return Err(bad(format!("bad memory run {r:?}")));
             }
             let len = r.pages as u64 * PAGE;
@@ -272,7 +272,7 @@ impl Snapshot {
                 .checked_add(len)
                 .ok_or_else(|| bad(format!("memory run {r:?} overflows")))?;
             if let RunData::File { offset, .. } = r.data {
-                if offset % PAGE != 0 {
+                if !offset.is_multiple_of(PAGE) {
                     return Err(bad(format!("memory run {r:?} is not page aligned")));
                 }
                 if offset.checked_add(len).is_none_or(|end| end > size) {

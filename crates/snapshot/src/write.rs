@@ -63,7 +63,7 @@ impl Writer {
     pub fn add_pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), FormatError> {
         let pages = (data.len() as u64 / PAGE) as u32;
         assert!(
-            data.len() as u64 % PAGE == 0 && pages > 0 && pages <= MAX_RUN_PAGES,
+            (data.len() as u64).is_multiple_of(PAGE) && pages > 0 && pages <= MAX_RUN_PAGES,
             "whole pages, one run"
         );
         let p = tmp(&self.dir, MEMORY_FILE);

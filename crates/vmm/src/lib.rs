@@ -4,6 +4,7 @@ pub mod boot;
 pub mod cpuid;
 pub mod devices;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;

@@ -22,9 +22,10 @@ pub const MAX_CPUS: u8 = 32;
 /// Default KVM device; `FERRY_KVM_DEVICE` overrides it (used by tests).
 pub const KVM_DEVICE: &str = "/dev/kvm";
 
-/// What to boot.
+/// What to boot. (Externally tagged: the state format, postcard, cannot read internally
+/// tagged enums.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum BootSource {
     /// Ferry's test guest (embedded image) with this workload command line.
     TestGuest { args: String },
@@ -156,6 +157,17 @@ pub struct Vm {
     ctl: Arc<Control>,
     life: Mutex<Lifecycle>,
     logging: AtomicBool,
+    snap: Mutex<crate::snapshot::SnapshotTrack>,
+}
+
+/// Stops a VM from another thread with a given reason (e.g. a background check failed).
+#[derive(Clone)]
+pub struct AbortHandle(Arc<Control>);
+
+impl AbortHandle {
+    pub fn abort(&self, exit: GuestExit) {
+        self.0.stop(exit);
+    }
 }
 
 impl Vm {
@@ -262,6 +274,7 @@ impl Vm {
                 handles: Vec::new(),
             }),
             logging: AtomicBool::new(false),
+            snap: Mutex::new(Default::default()),
         })
     }
 
@@ -286,6 +299,17 @@ impl Vm {
             vcpus,
             devices: self.bus.save(),
         })
+    }
+
+    pub(crate) fn snapshot_track(
+        &self,
+    ) -> std::sync::MutexGuard<'_, crate::snapshot::SnapshotTrack> {
+        self.snap.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A handle that stops this VM from another thread.
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle(self.ctl.clone())
     }
 
     /// Optional KVM state this host cannot save or load.
@@ -414,6 +438,13 @@ impl Vm {
         }
         self.ctl.stop(GuestExit::Stopped);
         Ok(())
+    }
+
+    /// Stops a VM whose state has been handed to another host (quick or live migration): an
+    /// unfinished console line is not printed here, since the other host prints it whole.
+    pub fn shutdown_after_handoff(&self) -> Result<(), VmError> {
+        self.bus.discard_console_partial();
+        self.shutdown()
     }
 
     /// Blocks until every vCPU has stopped; returns how the VM ended.

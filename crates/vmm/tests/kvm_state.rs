@@ -1,6 +1,6 @@
 //! Saving and restoring a whole VM in-process on real KVM: the guest continues exactly where
 //! it was (heartbeat numbering, dirty pattern), including with several vCPUs.
-use ferry_guest::console::{wait_for, LineSink, TimedLine};
+use ferry_guest::console::{wait_all, wait_for, LineSink, TimedLine};
 use ferry_guest::heartbeat::{parse_line, GuestLine};
 use ferry_guest::verify::verify_dirty_region;
 use ferry_vmm::{BootSource, GuestExit, Vm, VmConfig, VmError};
@@ -91,9 +91,8 @@ fn restored_vm_continues_the_heartbeat_with_the_next_number() {
 fn restored_four_vcpu_vm_keeps_every_dirty_region_exact() {
     let (vm, rx) = boot(4, 512 << 20, "dirty size=8M hb=2000");
     let mut seen = Vec::new();
-    for c in 0..4 {
-        wait_for(&rx, &mut seen, T, |l| l.starts_with(&format!("D{c} 1"))).unwrap();
-    }
+    let want: Vec<String> = (0..4).map(|c| format!("D{c} 1")).collect();
+    wait_all(&rx, &mut seen, T, &want).unwrap();
     vm.pause().unwrap();
     let bases: Vec<u64> = seen
         .iter()
@@ -117,13 +116,11 @@ fn restored_four_vcpu_vm_keeps_every_dirty_region_exact() {
         .collect();
     copy.start().unwrap();
     let mut after = Vec::new();
-    for (c, p0) in before.iter().enumerate() {
-        let want = p0.completed + 2;
-        wait_for(&rx2, &mut after, T, |l| {
-            l.starts_with(&format!("D{c} {want}"))
-        })
-        .unwrap();
-    }
+    let want: Vec<String> = before
+        .iter()
+        .map(|p0| format!("D{} {}", p0.cpu, p0.completed + 2))
+        .collect();
+    wait_all(&rx2, &mut after, T, &want).unwrap();
     copy.pause().unwrap();
     for (b, p0) in bases.iter().zip(&before) {
         let p = verify_dirty_region(&read, *b).unwrap();

@@ -1,14 +1,19 @@
-//! `ferry vm ...`: a small HTTP/1.1 client over the API's Unix socket (hyper).
-use crate::cli::{VmAction, VmArgs};
+//! `ferry vm|snapshot|migrate`: a small HTTP/1.1 client over the API's Unix socket (hyper).
+use crate::cli::{MigrateArgs, SnapshotArgs, Then, VmAction, VmArgs};
 use anyhow::{bail, Context, Result};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use std::path::Path;
 
 /// Sends one request; returns the status code and body.
-pub async fn request(socket: &Path, method: Method, uri: &str) -> Result<(u16, String)> {
+pub async fn request(
+    socket: &Path,
+    method: Method,
+    uri: &str,
+    body: Option<String>,
+) -> Result<(u16, String)> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .with_context(|| format!("cannot connect to API socket {}", socket.display()))?;
@@ -20,7 +25,11 @@ pub async fn request(socket: &Path, method: Method, uri: &str) -> Result<(u16, S
         .method(method)
         .uri(uri)
         .header("host", "localhost")
-        .body(Empty::<Bytes>::new())
+        .header("content-type", "application/json")
+        .body(match body {
+            Some(b) => Full::new(Bytes::from(b)).boxed(),
+            None => Empty::<Bytes>::new().boxed(),
+        })
         .context("building request")?;
     let resp = sender.send_request(req).await.context("API request")?;
     let status = resp.status().as_u16();
@@ -33,27 +42,87 @@ pub async fn request(socket: &Path, method: Method, uri: &str) -> Result<(u16, S
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-pub fn main(args: VmArgs) -> Result<()> {
+/// Sends one request and returns the answer's JSON; a non-2xx answer becomes its error text.
+fn call(
+    socket: &Path,
+    method: Method,
+    uri: &str,
+    body: Option<String>,
+) -> Result<Option<serde_json::Value>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let (status, text) = rt.block_on(request(socket, method, uri, body))?;
+    if !(200..300).contains(&status) {
+        let msg = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or(text);
+        bail!("{msg}");
+    }
+    if text.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(serde_json::from_str(&text).context("API answer")?))
+}
+
+pub fn main(args: VmArgs) -> Result<()> {
     let (method, uri) = match args.action {
         VmAction::Info => (Method::GET, "/vm"),
         VmAction::Pause => (Method::PUT, "/vm/pause"),
         VmAction::Resume => (Method::PUT, "/vm/resume"),
         VmAction::Shutdown => (Method::PUT, "/vm/shutdown"),
     };
-    let (status, body) = rt.block_on(request(&args.api_socket, method, uri))?;
-    if !(200..300).contains(&status) {
-        let msg = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or(body);
-        bail!("{msg}");
-    }
-    if !body.is_empty() {
-        let v: serde_json::Value = serde_json::from_str(&body).context("API answer")?;
+    if let Some(v) = call(&args.api_socket, method, uri, None)? {
         println!("{}", serde_json::to_string_pretty(&v)?);
     }
+    Ok(())
+}
+
+fn snapshot_call(socket: &Path, to: &Path, diff: bool, then: Then) -> Result<serde_json::Value> {
+    let to = std::path::absolute(to).with_context(|| format!("{}", to.display()))?;
+    let body = serde_json::json!({ "to": to, "diff": diff, "then": then }).to_string();
+    call(socket, Method::PUT, "/vm/snapshot", Some(body))?.context("empty snapshot answer")
+}
+
+fn describe(v: &serde_json::Value) -> String {
+    let mib = v["bytes_stored"].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64;
+    let zeroed = match v["zero_pages"].as_u64() {
+        Some(z) if z > 0 => format!(", {z} zeroed"),
+        _ => String::new(),
+    };
+    format!(
+        "{} snapshot {:#x}: {mib:.1} MiB of memory ({} pages{zeroed}), written, fsynced and \
+         verified in {:.1} ms; guest stopped {:.1} ms",
+        if v["diff"].as_bool() == Some(true) {
+            "diff"
+        } else {
+            "full"
+        },
+        v["id"].as_u64().unwrap_or(0),
+        v["pages_stored"],
+        v["elapsed_ms"].as_f64().unwrap_or(0.0),
+        v["paused_ms"].as_f64().unwrap_or(0.0),
+    )
+}
+
+/// `ferry snapshot`.
+pub fn snapshot(args: SnapshotArgs) -> Result<()> {
+    let v = snapshot_call(&args.api_socket, &args.to, args.diff, args.then)?;
+    println!("{} -> {}", describe(&v), args.to.display());
+    Ok(())
+}
+
+/// `ferry migrate --quick`.
+pub fn migrate(args: MigrateArgs) -> Result<()> {
+    let v = snapshot_call(&args.api_socket, &args.via, false, Then::Stop)?;
+    let via = std::path::absolute(&args.via).unwrap_or(args.via.clone());
+    println!("{}", describe(&v));
+    println!(
+        "VM saved to {} and stopped here. Continue it on the destination host with:\n  \
+         ferry restore --from {}",
+        via.display(),
+        via.display()
+    );
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! API server (axum on a tokio runtime of its own, beside the vCPU threads).
+use crate::cli::Then;
 use anyhow::{bail, Context, Result};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
+use ferry_vmm::snapshot::{SnapshotError, SnapshotReport};
 use ferry_vmm::{Vm, VmError};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -86,6 +88,7 @@ pub fn spawn(bound: Bound, vm: Arc<Vm>) -> Result<Server> {
         .route("/vm/pause", put(pause))
         .route("/vm/resume", put(resume))
         .route("/vm/shutdown", put(shutdown))
+        .route("/vm/snapshot", put(snapshot))
         .with_state(vm);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = rt.spawn(async move {
@@ -139,6 +142,78 @@ async fn pause(State(vm): State<Arc<Vm>>) -> Result<StatusCode, ApiError> {
 
 async fn resume(State(vm): State<Arc<Vm>>) -> Result<StatusCode, ApiError> {
     blocking(vm, Vm::resume).await
+}
+
+/// `PUT /vm/snapshot` body.
+#[derive(serde::Deserialize)]
+struct SnapshotRequest {
+    to: PathBuf,
+    #[serde(default)]
+    diff: bool,
+    #[serde(default = "then_default")]
+    then: Then,
+}
+
+fn then_default() -> Then {
+    Then::Resume
+}
+
+/// `PUT /vm/snapshot` answer: the snapshot report and how long the guest was stopped.
+#[derive(serde::Serialize)]
+struct SnapshotAnswer {
+    #[serde(flatten)]
+    report: SnapshotReport,
+    paused_ms: f64,
+    then: Then,
+}
+
+fn snapshot_error(e: SnapshotError) -> ApiError {
+    let code = match e {
+        SnapshotError::NotPaused(_) | SnapshotError::NoParent | SnapshotError::SameDir(_) => {
+            StatusCode::CONFLICT
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(code, e.to_string())
+}
+
+/// Pauses a running VM, snapshots it, then resumes, leaves it paused or stops it. On any
+/// failure a VM that was running is resumed: a failed snapshot never costs the VM.
+fn take_snapshot(vm: &Vm, req: SnapshotRequest) -> Result<SnapshotAnswer, ApiError> {
+    let was_running = vm.state() == ferry_vmm::RunState::Running;
+    let t = std::time::Instant::now();
+    if was_running {
+        vm.pause()?;
+    }
+    let report = match vm.snapshot(&req.to, req.diff) {
+        Ok(r) => r,
+        Err(e) => {
+            if was_running {
+                vm.resume()?;
+            }
+            return Err(snapshot_error(e));
+        }
+    };
+    match req.then {
+        Then::Resume if was_running => vm.resume()?,
+        Then::Resume | Then::Pause => {}
+        Then::Stop => vm.shutdown_after_handoff()?,
+    }
+    Ok(SnapshotAnswer {
+        report,
+        paused_ms: t.elapsed().as_secs_f64() * 1e3,
+        then: req.then,
+    })
+}
+
+async fn snapshot(
+    State(vm): State<Arc<Vm>>,
+    Json(req): Json<SnapshotRequest>,
+) -> Result<Json<SnapshotAnswer>, ApiError> {
+    let ans = tokio::task::spawn_blocking(move || take_snapshot(&vm, req))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(ans))
 }
 
 async fn shutdown(State(vm): State<Arc<Vm>>) -> Result<StatusCode, ApiError> {

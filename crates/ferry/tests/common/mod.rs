@@ -46,8 +46,12 @@ pub struct Running {
 
 impl Running {
     pub fn start(args: &[&str]) -> Running {
+        Self::start_cmd("run", args)
+    }
+
+    pub fn start_cmd(cmd: &str, args: &[&str]) -> Running {
         let mut child = Command::new(FERRY)
-            .arg("run")
+            .arg(cmd)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -106,6 +106,11 @@ impl IoBus {
         }
     }
 
+    /// Drops an unfinished console line (the VM continues elsewhere and prints it there).
+    pub fn discard_console_partial(&self) {
+        self.serial().discard_partial();
+    }
+
     /// Writes any partial console line out (on VM exit).
     pub fn flush_console(&self) {
         self.serial().flush();

@@ -32,24 +32,37 @@ impl ConsoleOut {
             line: Vec::with_capacity(256),
         }
     }
+
+    /// Drops the unfinished line (it continues on the VM's new host).
+    pub fn discard_partial(&mut self) {
+        self.line.clear();
+    }
 }
 
 impl Write for ConsoleOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.line.extend_from_slice(buf);
         if buf.contains(&b'\n') || self.line.len() >= 4096 {
-            self.flush()?;
+            self.write_out();
         }
         Ok(buf.len())
     }
+    /// vm-superio flushes after every byte; lines go out whole, so this does nothing. The
+    /// unfinished line is written by [`ConsoleOut::write_out`] when the VM ends.
     fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ConsoleOut {
+    /// Writes what is buffered, finished line or not.
+    pub fn write_out(&mut self) {
         if !self.line.is_empty() {
             // A console that went away (closed pipe) must not stop the guest.
             let _ = self.out.write_all(&self.line);
             let _ = self.out.flush();
             self.line.clear();
         }
-        Ok(())
     }
 }
 
@@ -67,6 +80,9 @@ pub struct SerialState {
     pub modem_status: u8,
     pub scratch: u8,
     pub in_buffer: Vec<u8>,
+    /// Output of an unfinished line, so a line the guest is in the middle of when it is saved
+    /// comes out whole wherever it is restored.
+    pub pending_output: Vec<u8>,
 }
 
 /// Version of [`SerialState`] this code writes and reads.
@@ -99,10 +115,10 @@ impl Serial {
         self.uart.read(offset)
     }
     pub fn flush(&mut self) {
-        let _ = self.uart.writer_mut().flush();
+        self.uart.writer_mut().write_out();
     }
 
-    pub fn save(&self) -> SerialState {
+    pub fn save(&mut self) -> SerialState {
         let vm_superio::serial::SerialState {
             baud_divisor_low,
             baud_divisor_high,
@@ -127,15 +143,26 @@ impl Serial {
             modem_status,
             scratch,
             in_buffer,
+            pending_output: self.uart.writer_mut().line.clone(),
         }
+    }
+
+    pub fn discard_partial(&mut self) {
+        self.uart.writer_mut().discard_partial();
     }
 
     /// Builds COM1 from saved state.
     pub fn from_state(
         s: &SerialState,
         irq: EventFd,
-        out: ConsoleOut,
+        mut out: ConsoleOut,
     ) -> Result<Self, SerialStateError> {
+        if s.pending_output.len() > 4096 {
+            return Err(SerialStateError::Invalid(
+                "pending console output over 4 KiB".into(),
+            ));
+        }
+        out.line = s.pending_output.clone();
         if s.version != SERIAL_STATE_VERSION {
             return Err(SerialStateError::Version(s.version));
         }

@@ -1,0 +1,198 @@
+//! Quick migration and snapshots through the CLI: `ferry snapshot`, `ferry migrate --quick`,
+//! `ferry restore`, with the guest's heartbeat checked across hosts and bad snapshot
+//! directories refused before anything starts.
+mod common;
+use common::*;
+use ferry_guest::heartbeat::{parse_line, GuestLine, HeartbeatLog};
+
+fn beats(log: &mut HeartbeatLog, lines: &[ferry_guest::console::TimedLine]) {
+    for (at, l) in lines {
+        if let GuestLine::Heartbeat { cpu: 0, seq, tsc } = parse_line(l) {
+            log.push(*at, seq, tsc);
+        }
+    }
+}
+
+#[test]
+fn quick_migration_continues_the_guest_on_the_other_host() {
+    let s = Scratch::new("quick");
+    let (a, b) = (s.path("a.sock"), s.path("b.sock"));
+    let via = s.path("shared/vm1");
+    let mut src = Running::start(&[
+        "--memory",
+        "512M",
+        "--api-socket",
+        a.to_str().unwrap(),
+        "--guest",
+        "dirty size=32M rate=20M hb=2000",
+    ]);
+    src.wait_line(|l| l == "D0 1");
+    // A diff needs a parent: refused, and the VM keeps running.
+    let out = ferry(&[
+        "snapshot",
+        "--api-socket",
+        a.to_str().unwrap(),
+        "--to",
+        s.path("x").to_str().unwrap(),
+        "--diff",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a previous snapshot"));
+    let info = ferry(&["vm", "info", "--api-socket", a.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&info.stdout).contains("\"running\""));
+
+    let out = ferry(&[
+        "migrate",
+        "--quick",
+        "--via",
+        via.to_str().unwrap(),
+        "--api-socket",
+        a.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ferry restore --from"));
+    let (code, _, src_lines) = src.finish();
+    assert_eq!(code, 0, "the source stops cleanly after the hand-off");
+
+    let mut dst = Running::start_cmd(
+        "restore",
+        &[
+            "--from",
+            via.to_str().unwrap(),
+            "--api-socket",
+            b.to_str().unwrap(),
+        ],
+    );
+    let last = src_lines.iter().rev().find_map(|l| match parse_line(&l.1) {
+        GuestLine::Heartbeat { seq, .. } => Some(seq),
+        _ => None,
+    });
+    let want = format!("H0 {} ", last.unwrap() + 50);
+    dst.wait_line(|l| l.starts_with(&want));
+    dst.wait_line(|l| l.starts_with("D0 "));
+    assert_eq!(
+        ferry(&["vm", "shutdown", "--api-socket", b.to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    let (code, err, dst_lines) = dst.finish();
+    assert_eq!(code, 0);
+    assert!(err.contains("ready in"), "{err}");
+    let mut log = HeartbeatLog::default();
+    beats(&mut log, &src_lines);
+    beats(&mut log, &dst_lines);
+    log.check_continuous()
+        .expect("no heartbeat lost or repeated across the move");
+    // No torn console line on either side.
+    for (_, l) in src_lines.iter().chain(&dst_lines) {
+        assert!(
+            !matches!(parse_line(l), GuestLine::Other(_)),
+            "torn line {l:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_snapshot_directories_start_nothing() {
+    let s = Scratch::new("badsnap");
+    let dir = s.path("snap");
+    std::fs::create_dir_all(&dir).unwrap();
+    let check = |expect: &str| {
+        let out = ferry(&["restore", "--from", dir.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            out.stdout.is_empty(),
+            "nothing may run: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(expect), "{err:?} lacks {expect:?}");
+    };
+    check("snapshot.fsnap: No such file");
+    std::fs::write(dir.join("snapshot.fsnap"), vec![7u8; 200]).unwrap();
+    check("not a Ferry snapshot (bad magic)");
+    // A real snapshot, then damaged in several ways.
+    let sock = s.path("a.sock");
+    let mut vm = Running::start(&[
+        "--memory",
+        "128M",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--guest",
+        "verify size=8M",
+    ]);
+    vm.wait_line(|l| l.starts_with("V0 0 ok"));
+    let out = ferry(&[
+        "snapshot",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--to",
+        dir.to_str().unwrap(),
+        "--then",
+        "stop",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(vm.finish().0, 0);
+    let state = std::fs::read(dir.join("snapshot.fsnap")).unwrap();
+    let mem = std::fs::read(dir.join("memory.bin")).unwrap();
+    let mut v = state.clone();
+    v[8] = 9;
+    std::fs::write(dir.join("snapshot.fsnap"), &v).unwrap();
+    check("format version 9 is not supported");
+    let mut v = state.clone();
+    let n = v.len();
+    v[n - 10] ^= 0xff;
+    std::fs::write(dir.join("snapshot.fsnap"), &v).unwrap();
+    check("CRC mismatch in section");
+    std::fs::write(dir.join("snapshot.fsnap"), &state[..state.len() - 40]).unwrap();
+    check("truncated");
+    let mut v = state.clone();
+    v[72..80].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(dir.join("snapshot.fsnap"), &v).unwrap();
+    check("more than the");
+    std::fs::write(dir.join("snapshot.fsnap"), &state).unwrap();
+    let mut m = mem.clone();
+    m[5000] ^= 1;
+    std::fs::write(dir.join("memory.bin"), &m).unwrap();
+    check("CRC mismatch in memory run");
+    std::fs::write(dir.join("memory.bin"), &mem[..mem.len() / 2]).unwrap();
+    check("truncated: run at gpa");
+    // Intact again: it restores and the guest's own check passes.
+    std::fs::write(dir.join("memory.bin"), &mem).unwrap();
+    let mut r = Running::start_cmd(
+        "restore",
+        &[
+            "--from",
+            dir.to_str().unwrap(),
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
+    r.wait_line(|l| l.starts_with("V0 2 ok"));
+    assert_eq!(
+        ferry(&["vm", "shutdown", "--api-socket", sock.to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    assert_eq!(r.finish().0, 0);
+}
+
+#[test]
+fn migrate_needs_quick_for_now() {
+    let out = ferry(&["migrate", "--via", "/tmp/x", "--api-socket", "/tmp/y"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--quick"));
+}

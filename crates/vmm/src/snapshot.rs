@@ -1,0 +1,386 @@
+//! Snapshots of a VM to a directory (format: ferry-snapshot, docs/snapshot-format.md) and
+//! restore from one, mapping memory files privately so time-to-running does not grow with
+//! memory size.
+use crate::memory::{DirtyBitmap, RangeBitmap, PAGE_SIZE};
+use crate::vm::{RunState, Vm, VmError, VmState};
+use crate::GuestExit;
+use ferry_snapshot::{FormatError, ParentRef, RunData, Snapshot, Writer, MAX_RUN_PAGES};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("cannot snapshot: the VM is {0} (pause it first)")]
+    NotPaused(RunState),
+    #[error("--diff needs a previous snapshot of this VM (taken or restored by this process)")]
+    NoParent,
+    #[error("a diff snapshot cannot replace its parent in {0}")]
+    SameDir(PathBuf),
+    #[error("state in {dir}: {what}")]
+    State { dir: PathBuf, what: String },
+    #[error("mapping guest memory from {path}: {source}")]
+    Map {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What a snapshot wrote.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    pub dir: PathBuf,
+    pub id: u64,
+    pub diff: bool,
+    pub pages_stored: u64,
+    pub zero_pages: u64,
+    pub bytes_stored: u64,
+    pub state_bytes: u64,
+    pub elapsed_ms: f64,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreReport {
+    pub chain: usize,
+    pub runs_mapped: u64,
+    pub bytes_mapped: u64,
+    pub memory_verified_before_start: bool,
+    /// From the start of the restore to a VM ready to run (memory mapped, state loaded).
+    pub ready_ms: f64,
+}
+
+/// How a VM relates to snapshots: the last one taken or restored (the parent of a `--diff`),
+/// and the guest ranges backed by snapshot files (mincore cannot see those pages).
+#[derive(Debug, Default)]
+pub struct SnapshotTrack {
+    pub last: Option<(u64, PathBuf)>,
+    pub file_backed: Vec<(u64, u64)>,
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The parent reference as stored: relative ("../name") when parent and child are siblings,
+/// so a directory of snapshots can move between hosts as a whole.
+fn parent_ref(child: &Path, parent: &Path, id: u64) -> ParentRef {
+    let (c, p) = (absolute(child), absolute(parent));
+    let dir = match (c.parent(), p.parent(), p.file_name()) {
+        (Some(a), Some(b), Some(name)) if a == b => Path::new("..").join(name),
+        _ => p,
+    };
+    ParentRef { dir, id }
+}
+
+/// Pages resident in the VM's anonymous memory (mincore), plus file-backed ranges.
+fn populated(vm: &Vm) -> Result<DirtyBitmap, SnapshotError> {
+    let mut out = DirtyBitmap::default();
+    let track = vm.snapshot_track();
+    for region in vm.memory().iter() {
+        let start = region.start_addr().0;
+        let pages = region.len() / PAGE_SIZE;
+        let mut bits = vec![0u64; pages.div_ceil(64) as usize];
+        let host = vm
+            .host_address(start)
+            .ok_or_else(|| std::io::Error::other("region without mapping"))?;
+        const CHUNK: u64 = 1 << 18; // pages per mincore call (1 GiB)
+        let mut vec = vec![0u8; CHUNK as usize];
+        let mut first = 0;
+        while first < pages {
+            let n = (pages - first).min(CHUNK);
+            // SAFETY: host + first*4K .. + n*4K lies inside this region's mapping; `vec` has
+            // room for one byte per page.
+            let r = unsafe {
+                libc::mincore(
+                    host.add((first * PAGE_SIZE) as usize).cast(),
+                    (n * PAGE_SIZE) as usize,
+                    vec.as_mut_ptr(),
+                )
+            };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            for (i, &b) in vec[..n as usize].iter().enumerate() {
+                if b & 1 != 0 {
+                    let p = first + i as u64;
+                    bits[(p / 64) as usize] |= 1 << (p % 64);
+                }
+            }
+            first += n;
+        }
+        for &(gpa, count) in &track.file_backed {
+            for p in (gpa..gpa + count * PAGE_SIZE).step_by(PAGE_SIZE as usize) {
+                if p >= start && p < start + region.len() {
+                    let i = (p - start) / PAGE_SIZE;
+                    bits[(i / 64) as usize] |= 1 << (i % 64);
+                }
+            }
+        }
+        out.ranges.push(RangeBitmap { start, pages, bits });
+    }
+    Ok(out)
+}
+
+/// Host view of one guest page.
+fn page(vm: &Vm, gpa: u64) -> Result<&[u8], SnapshotError> {
+    let p = vm
+        .host_address(gpa)
+        .ok_or_else(|| std::io::Error::other(format!("gpa {gpa:#x} not in guest memory")))?;
+    // SAFETY: the page lies inside a guest memory mapping owned by `vm`, and the VM is paused
+    // (no vCPU writes while the slice lives).
+    Ok(unsafe { std::slice::from_raw_parts(p, PAGE_SIZE as usize) })
+}
+
+impl Vm {
+    /// Writes a snapshot of this (paused) VM to `dir`. With `diff`, only pages dirtied since
+    /// the previous snapshot (taken or restored here) are stored.
+    pub fn snapshot(&self, dir: &Path, diff: bool) -> Result<SnapshotReport, SnapshotError> {
+        let t0 = Instant::now();
+        let st = self.state();
+        if !matches!(st, RunState::Paused | RunState::Created) {
+            return Err(SnapshotError::NotPaused(st));
+        }
+        let last = self.snapshot_track().last.clone();
+        let parent = match (diff, &last) {
+            (false, _) => None,
+            (true, None) => return Err(SnapshotError::NoParent),
+            (true, Some((id, pdir))) => {
+                if absolute(dir) == absolute(pdir) {
+                    return Err(SnapshotError::SameDir(dir.to_path_buf()));
+                }
+                Some(parent_ref(dir, pdir, *id))
+            }
+        };
+        if diff && !self.dirty_logging() {
+            return Err(SnapshotError::NoParent);
+        }
+        let state = postcard::to_stdvec(&self.save_state()?).map_err(|e| SnapshotError::State {
+            dir: dir.into(),
+            what: e.to_string(),
+        })?;
+        // Clears the log either way, so the next diff starts here.
+        let dirty = if self.dirty_logging() {
+            Some(self.fetch_dirty()?)
+        } else {
+            None
+        };
+        let pages = match (diff, dirty) {
+            (true, Some(d)) => d,
+            _ => populated(self)?,
+        };
+        let mut w = Writer::create(dir)?;
+        let (mut stored, mut zeros) = (0u64, 0u64);
+        let mut run: Vec<u8> = Vec::with_capacity((MAX_RUN_PAGES as u64 * PAGE_SIZE) as usize);
+        let mut run_start = 0u64;
+        let mut zero_run: Option<(u64, u32)> = None;
+        let mut next_expected = u64::MAX;
+        for gpa in pages.pages() {
+            let data = page(self, gpa)?;
+            let is_zero = data.iter().all(|&b| b == 0);
+            // Close runs that cannot continue with this page.
+            if !run.is_empty()
+                && (is_zero
+                    || gpa != next_expected
+                    || run.len() as u64 >= MAX_RUN_PAGES as u64 * PAGE_SIZE)
+            {
+                w.add_pages(run_start, &run)?;
+                run.clear();
+            }
+            if let Some((zs, zn)) = zero_run {
+                if !is_zero || gpa != zs + zn as u64 * PAGE_SIZE || zn >= MAX_RUN_PAGES {
+                    w.add_zero(zs, zn);
+                    zero_run = None;
+                }
+            }
+            if is_zero {
+                if diff {
+                    zeros += 1;
+                    zero_run = Some(match zero_run {
+                        Some((zs, zn)) => (zs, zn + 1),
+                        None => (gpa, 1),
+                    });
+                }
+            } else {
+                if run.is_empty() {
+                    run_start = gpa;
+                }
+                run.extend_from_slice(data);
+                stored += 1;
+            }
+            next_expected = gpa + PAGE_SIZE;
+        }
+        if !run.is_empty() {
+            w.add_pages(run_start, &run)?;
+        }
+        if let Some((zs, zn)) = zero_run {
+            w.add_zero(zs, zn);
+        }
+        let meta = w.finish(parent, &state)?;
+        if !self.dirty_logging() {
+            self.start_dirty_log()?;
+        }
+        self.snapshot_track().last = Some((meta.id, absolute(dir)));
+        Ok(SnapshotReport {
+            dir: dir.to_path_buf(),
+            id: meta.id,
+            diff,
+            pages_stored: stored,
+            zero_pages: zeros,
+            bytes_stored: stored * PAGE_SIZE,
+            state_bytes: state.len() as u64,
+            elapsed_ms: t0.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}
+
+/// Maps every run of a snapshot chain over guest memory (base first; later diffs win).
+fn map_chain(
+    mem: &crate::GuestMem,
+    chain: &[Snapshot],
+    mapped: &mut Vec<(u64, u64)>,
+) -> Result<(), SnapshotError> {
+    for snap in chain {
+        let path = snap.memory_path();
+        let file = std::fs::File::open(&path).map_err(|source| SnapshotError::Map {
+            path: path.clone(),
+            source,
+        })?;
+        for r in &snap.runs {
+            let len = r.pages as u64 * PAGE_SIZE;
+            let region = mem
+                .find_region(GuestAddress(r.gpa))
+                .filter(|reg| r.gpa + len <= reg.start_addr().0 + reg.len())
+                .ok_or_else(|| SnapshotError::State {
+                    dir: snap.dir.clone(),
+                    what: format!("memory run at {:#x} lies outside guest memory", r.gpa),
+                })?;
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(
+                    r.gpa - region.start_addr().0,
+                ))
+                .map_err(|e| SnapshotError::State {
+                    dir: snap.dir.clone(),
+                    what: e.to_string(),
+                })?;
+            let prot = libc::PROT_READ | libc::PROT_WRITE;
+            // SAFETY: [host, host+len) lies inside a guest memory mapping owned by the VM
+            // being built (checked above); MAP_FIXED replaces those pages with a private
+            // (copy-on-write) view of the file, or fresh zero pages. No vCPU runs yet.
+            let p = unsafe {
+                match r.data {
+                    RunData::File { offset, .. } => libc::mmap(
+                        host.cast(),
+                        len as usize,
+                        prot,
+                        libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                        file.as_raw_fd(),
+                        offset as libc::off_t,
+                    ),
+                    RunData::Zero => libc::mmap(
+                        host.cast(),
+                        len as usize,
+                        prot,
+                        libc::MAP_PRIVATE
+                            | libc::MAP_FIXED
+                            | libc::MAP_ANONYMOUS
+                            | libc::MAP_NORESERVE,
+                        -1,
+                        0,
+                    ),
+                }
+            };
+            if p == libc::MAP_FAILED {
+                return Err(SnapshotError::Map {
+                    path: path.clone(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            mapped.push((r.gpa, r.pages as u64));
+        }
+    }
+    Ok(())
+}
+
+/// How restore checks memory data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryCheck {
+    /// Every run's CRC before anything starts (default).
+    BeforeStart,
+    /// After start, in the background; a bad run stops the VM with an error.
+    Background,
+}
+
+/// Rebuilds a VM from the snapshot (chain) in `dir`. The VM is `created`; `start` runs it.
+pub fn restore(
+    dir: &Path,
+    console: Box<dyn Write + Send>,
+    check: MemoryCheck,
+) -> Result<(Vm, RestoreReport), SnapshotError> {
+    let t0 = Instant::now();
+    let chain = Snapshot::chain(dir)?;
+    if check == MemoryCheck::BeforeStart {
+        for s in &chain {
+            s.verify_memory()?;
+        }
+    }
+    let leaf = chain.last().ok_or_else(|| SnapshotError::State {
+        dir: dir.into(),
+        what: "empty chain".into(),
+    })?;
+    let state: VmState = postcard::from_bytes(&leaf.state).map_err(|e| SnapshotError::State {
+        dir: dir.into(),
+        what: format!("STATE does not decode: {e}"),
+    })?;
+    let mut mapped = Vec::new();
+    let mut map_err = None;
+    let vm = Vm::restore(&state, console, |mem| {
+        map_chain(mem, &chain, &mut mapped).map_err(|e| {
+            let msg = e.to_string();
+            map_err = Some(e);
+            VmError::Thread(std::io::Error::other(msg))
+        })
+    });
+    let vm = match (vm, map_err) {
+        (_, Some(e)) => return Err(e),
+        (r, None) => r?,
+    };
+    {
+        let mut t = vm.snapshot_track();
+        t.last = Some((leaf.meta.id, absolute(dir)));
+        t.file_backed = mapped.clone();
+    }
+    vm.start_dirty_log()?;
+    let report = RestoreReport {
+        chain: chain.len(),
+        runs_mapped: mapped.len() as u64,
+        bytes_mapped: mapped.iter().map(|r| r.1 * PAGE_SIZE).sum(),
+        memory_verified_before_start: check == MemoryCheck::BeforeStart,
+        ready_ms: t0.elapsed().as_secs_f64() * 1e3,
+    };
+    if check == MemoryCheck::Background {
+        let abort = vm.abort_handle();
+        std::thread::Builder::new()
+            .name("snapshot-verify".into())
+            .spawn(move || {
+                for s in &chain {
+                    if let Err(e) = s.verify_memory() {
+                        abort.abort(GuestExit::Crashed {
+                            reason: format!("snapshot memory is corrupt: {e}"),
+                        });
+                        return;
+                    }
+                }
+            })?;
+    }
+    Ok((vm, report))
+}

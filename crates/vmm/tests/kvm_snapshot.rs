@@ -1,0 +1,268 @@
+//! Snapshot to a directory and restore from it, on real KVM with the test guest.
+use ferry_guest::console::{wait_all, wait_for, LineSink, TimedLine};
+use ferry_guest::heartbeat::{parse_line, GuestLine};
+use ferry_guest::verify::{verify_dirty_region, DirtyPosition};
+use ferry_vmm::snapshot::{restore, MemoryCheck};
+use ferry_vmm::{BootSource, GuestExit, Vm, VmConfig};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+use vm_memory::{Bytes, GuestAddress};
+
+const T: Duration = Duration::from_secs(60);
+
+struct Dir(PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+fn scratch(tag: &str) -> Dir {
+    let p = std::env::temp_dir().join(format!("ferry-snap-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    Dir(p)
+}
+
+fn boot(cpus: u8, memory: u64, args: &str) -> (Vm, Receiver<TimedLine>) {
+    let (sink, rx) = LineSink::new();
+    let cfg = VmConfig {
+        cpus,
+        memory,
+        boot: BootSource::TestGuest { args: args.into() },
+    };
+    let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
+    vm.start().expect("start VM");
+    (vm, rx)
+}
+
+fn restored(dir: &Path) -> (Vm, Receiver<TimedLine>) {
+    let (sink, rx) = LineSink::new();
+    let (vm, report) = restore(dir, Box::new(sink), MemoryCheck::BeforeStart).expect("restore");
+    assert!(report.memory_verified_before_start);
+    (vm, rx)
+}
+
+fn reader(vm: &Vm) -> impl Fn(u64, &mut [u8]) -> Result<(), String> + '_ {
+    |gpa, buf| {
+        vm.memory()
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn bases(seen: &[TimedLine]) -> Vec<u64> {
+    seen.iter()
+        .filter_map(|l| match parse_line(&l.1) {
+            GuestLine::Start { base: Some(b), .. } => Some(b),
+            _ => None,
+        })
+        .collect()
+}
+
+fn last_beat(seen: &[TimedLine]) -> u64 {
+    seen.iter()
+        .filter_map(|l| match parse_line(&l.1) {
+            GuestLine::Heartbeat { cpu: 0, seq, .. } => Some(seq),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn heartbeat_continues_with_the_next_number_after_restore() {
+    let d = scratch("hb");
+    let (vm, rx) = boot(1, 256 << 20, "heartbeat period=1000");
+    let mut seen = Vec::new();
+    wait_for(&rx, &mut seen, T, |l| l.starts_with("H0 25 ")).unwrap();
+    vm.pause().unwrap();
+    let rep = vm.snapshot(&d.0, false).unwrap();
+    assert!(!rep.diff && rep.pages_stored > 0);
+    vm.shutdown().unwrap();
+    vm.wait();
+    std::thread::sleep(Duration::from_millis(20));
+    seen.extend(rx.try_iter());
+    let last = last_beat(&seen);
+    let (vm2, rx2) = restored(&d.0);
+    vm2.start().unwrap();
+    let mut after = Vec::new();
+    let first = wait_for(&rx2, &mut after, T, |l| l.starts_with("H0 ")).unwrap();
+    assert!(
+        first.1.starts_with(&format!("H0 {} ", last + 1)),
+        "{} after {last}",
+        first.1
+    );
+    wait_for(&rx2, &mut after, T, |l| {
+        l.starts_with(&format!("H0 {} ", last + 30))
+    })
+    .unwrap();
+    vm2.shutdown().unwrap();
+    assert_eq!(vm2.wait(), GuestExit::Stopped);
+}
+
+/// Pauses, snapshots (full or diff), checks the guest's memory in the source, resumes.
+fn snap(vm: &Vm, dir: &Path, diff: bool, base: u64) -> DirtyPosition {
+    vm.pause().unwrap();
+    let p = verify_dirty_region(&reader(vm), base).unwrap();
+    let r = vm.snapshot(dir, diff).unwrap();
+    assert_eq!(r.diff, diff);
+    vm.resume().unwrap();
+    p
+}
+
+#[test]
+fn dirty_memory_is_page_exact_through_a_chain_of_diff_snapshots() {
+    let d = scratch("chain");
+    let (vm, rx) = boot(1, 512 << 20, "dirty size=64M rate=40M hb=5000");
+    let mut seen = Vec::new();
+    wait_for(&rx, &mut seen, T, |l| l.starts_with("S0 dirty")).unwrap();
+    let base = bases(&seen)[0];
+    wait_for(&rx, &mut seen, T, |l| l == "D0 1").unwrap();
+    let mut positions = Vec::new();
+    let names = ["full", "d1", "d2", "d3"];
+    for (i, name) in names.iter().enumerate() {
+        std::thread::sleep(Duration::from_millis(300));
+        positions.push(snap(&vm, &d.0.join(name), i > 0, base));
+    }
+    vm.shutdown().unwrap();
+    vm.wait();
+    // Diffs are smaller than the full snapshot: only what changed.
+    let size = |n: &str| {
+        std::fs::metadata(d.0.join(n).join("memory.bin"))
+            .unwrap()
+            .len()
+    };
+    assert!(
+        size("d1") < size("full"),
+        "{} vs {}",
+        size("d1"),
+        size("full")
+    );
+    for (i, name) in names.iter().enumerate() {
+        let (vm2, rx2) = restored(&d.0.join(name));
+        let p = verify_dirty_region(&reader(&vm2), base).expect("restored memory is exact");
+        assert_eq!(
+            (p.pass, p.next),
+            (positions[i].pass, positions[i].next),
+            "{name}"
+        );
+        vm2.start().unwrap();
+        let mut after = Vec::new();
+        let want = format!("D0 {}", p.pass);
+        wait_for(&rx2, &mut after, T, |l| l == want).unwrap();
+        vm2.pause().unwrap();
+        verify_dirty_region(&reader(&vm2), base).expect("exact after running on");
+        vm2.shutdown().unwrap();
+        vm2.wait();
+    }
+}
+
+#[test]
+fn a_restored_four_vcpu_vm_can_be_snapshotted_again() {
+    let d = scratch("again");
+    let (vm, rx) = boot(4, 512 << 20, "dirty size=8M rate=20M hb=3000");
+    let mut seen = Vec::new();
+    // vCPUs print in any order: wait until each has finished a pass.
+    let want: Vec<String> = (0..4).map(|c| format!("D{c} 1")).collect();
+    wait_all(&rx, &mut seen, T, &want).unwrap();
+    let bs = bases(&seen);
+    assert_eq!(bs.len(), 4);
+    vm.pause().unwrap();
+    vm.snapshot(&d.0.join("a"), false).unwrap();
+    vm.shutdown().unwrap();
+    vm.wait();
+    let (vm2, rx2) = restored(&d.0.join("a"));
+    vm2.start().unwrap();
+    let mut after = Vec::new();
+    wait_for(&rx2, &mut after, T, |l| {
+        l.starts_with("D") && l.ends_with(" 2")
+    })
+    .unwrap();
+    vm2.pause().unwrap();
+    let before: Vec<_> = bs
+        .iter()
+        .map(|&b| verify_dirty_region(&reader(&vm2), b).unwrap())
+        .collect();
+    vm2.snapshot(&d.0.join("b"), true).unwrap(); // diff against the snapshot it came from
+    vm2.snapshot(&d.0.join("c"), false).unwrap(); // and a full one
+    vm2.shutdown().unwrap();
+    vm2.wait();
+    for name in ["b", "c"] {
+        let (vm3, _rx3) = restored(&d.0.join(name));
+        for (b, p0) in bs.iter().zip(&before) {
+            let p = verify_dirty_region(&reader(&vm3), *b).unwrap();
+            assert_eq!((p.pass, p.next), (p0.pass, p0.next), "{name}");
+        }
+        vm3.start().unwrap();
+        vm3.shutdown().unwrap();
+        vm3.wait();
+    }
+}
+
+#[test]
+fn a_64_gib_vm_with_256_mib_touched_makes_a_small_snapshot() {
+    let d = scratch("big");
+    let (vm, rx) = boot(1, 64 << 30, "dirty size=256M");
+    let mut seen = Vec::new();
+    wait_for(&rx, &mut seen, T, |l| l == "D0 1").unwrap();
+    vm.pause().unwrap();
+    let rep = vm.snapshot(&d.0, false).unwrap();
+    let total: u64 = std::fs::read_dir(&d.0)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(total < 300 << 20, "snapshot is {} MiB", total >> 20);
+    assert!(rep.bytes_stored >= 256 << 20);
+}
+
+#[test]
+fn corrupt_memory_is_refused_before_start_or_stops_the_vm() {
+    let d = scratch("corrupt");
+    let (vm, rx) = boot(1, 128 << 20, "dirty size=4M");
+    wait_for(&rx, &mut Vec::new(), T, |l| l == "D0 1").unwrap();
+    vm.pause().unwrap();
+    vm.snapshot(&d.0, false).unwrap();
+    let mem = d.0.join("memory.bin");
+    let mut b = std::fs::read(&mem).unwrap();
+    let n = b.len();
+    b[n - 100] ^= 0x10;
+    std::fs::write(&mem, b).unwrap();
+    let e = restore(&d.0, Box::new(std::io::sink()), MemoryCheck::BeforeStart)
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("CRC mismatch in memory run"), "{e}");
+    let (vm2, _) = restore(&d.0, Box::new(std::io::sink()), MemoryCheck::Background).unwrap();
+    vm2.start().unwrap();
+    match vm2.wait() {
+        GuestExit::Crashed { reason } => {
+            assert!(reason.contains("snapshot memory is corrupt"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn diff_needs_a_parent_and_a_paused_vm() {
+    let d = scratch("rules");
+    let (vm, _rx) = boot(1, 64 << 20, "idle");
+    assert!(vm
+        .snapshot(&d.0, false)
+        .unwrap_err()
+        .to_string()
+        .contains("pause it first"));
+    vm.pause().unwrap();
+    assert!(vm
+        .snapshot(&d.0, true)
+        .unwrap_err()
+        .to_string()
+        .contains("needs a previous snapshot"));
+    vm.snapshot(&d.0, false).unwrap();
+    assert!(vm
+        .snapshot(&d.0, true)
+        .unwrap_err()
+        .to_string()
+        .contains("cannot replace its parent"));
+    vm.shutdown().unwrap();
+    vm.wait();
+}
