@@ -13,4 +13,4 @@ mod format;
 mod write;
 
 pub use format::*;
-pub use write::Writer;
+pub use write::{Writer, Written};

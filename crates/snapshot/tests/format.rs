@@ -23,7 +23,7 @@ fn write(d: &Path, parent: Option<ParentRef>) -> Meta {
     w.add_pages(0x1000, &[page(1), page(2)].concat()).unwrap();
     w.add_zero(0x5000, 3);
     w.add_pages(1 << 32, &page(9)).unwrap();
-    w.finish(parent, b"state bytes").unwrap()
+    w.finish(parent, b"state bytes").unwrap().meta
 }
 
 fn err(d: &Path) -> String {

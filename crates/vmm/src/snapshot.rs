@@ -46,6 +46,12 @@ pub struct SnapshotReport {
     pub bytes_stored: u64,
     pub state_bytes: u64,
     pub elapsed_ms: f64,
+    /// Finding the pages and writing them (to the page cache).
+    pub scan_write_ms: f64,
+    /// fsync of the memory file.
+    pub sync_ms: f64,
+    /// Reading the memory file back and checking its CRCs.
+    pub verify_ms: f64,
 }
 
 /// What a restore did.
@@ -133,12 +139,30 @@ fn populated(vm: &Vm) -> Result<DirtyBitmap, SnapshotError> {
 
 /// Host view of one guest page.
 fn page(vm: &Vm, gpa: u64) -> Result<&[u8], SnapshotError> {
-    let p = vm
-        .host_address(gpa)
-        .ok_or_else(|| std::io::Error::other(format!("gpa {gpa:#x} not in guest memory")))?;
-    // SAFETY: the page lies inside a guest memory mapping owned by `vm`, and the VM is paused
-    // (no vCPU writes while the slice lives).
-    Ok(unsafe { std::slice::from_raw_parts(p, PAGE_SIZE as usize) })
+    pages_at(vm, gpa, 1)
+}
+
+/// Host view of `n` consecutive guest pages of one RAM range.
+fn pages_at(vm: &Vm, gpa: u64, n: u32) -> Result<&[u8], SnapshotError> {
+    let len = n as u64 * PAGE_SIZE;
+    let region = vm
+        .memory()
+        .find_region(GuestAddress(gpa))
+        .filter(|r| gpa + len <= r.start_addr().0 + r.len())
+        .ok_or_else(|| {
+            std::io::Error::other(format!("{len} bytes at {gpa:#x} not in guest memory"))
+        })?;
+    let p = region
+        .get_host_address(vm_memory::MemoryRegionAddress(gpa - region.start_addr().0))
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    // SAFETY: the range lies inside one guest memory mapping owned by `vm` (checked above),
+    // and the VM is paused (no vCPU writes while the slice lives).
+    Ok(unsafe { std::slice::from_raw_parts(p, len as usize) })
+}
+
+fn is_zero_page(p: &[u8]) -> bool {
+    p.chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
 }
 
 impl Vm {
@@ -178,54 +202,51 @@ impl Vm {
             (true, Some(d)) => d,
             _ => populated(self)?,
         };
+        let t_scan = Instant::now();
         let mut w = Writer::create(dir)?;
         let (mut stored, mut zeros) = (0u64, 0u64);
-        let mut run: Vec<u8> = Vec::with_capacity((MAX_RUN_PAGES as u64 * PAGE_SIZE) as usize);
-        let mut run_start = 0u64;
+        // Runs of consecutive pages: data runs are written straight from guest memory (one
+        // region is one contiguous mapping); zero runs are recorded only in diffs.
+        let mut data_run: Option<(u64, u32)> = None;
         let mut zero_run: Option<(u64, u32)> = None;
-        let mut next_expected = u64::MAX;
         for gpa in pages.pages() {
-            let data = page(self, gpa)?;
-            let is_zero = data.iter().all(|&b| b == 0);
-            // Close runs that cannot continue with this page.
-            if !run.is_empty()
-                && (is_zero
-                    || gpa != next_expected
-                    || run.len() as u64 >= MAX_RUN_PAGES as u64 * PAGE_SIZE)
-            {
-                w.add_pages(run_start, &run)?;
-                run.clear();
+            let is_zero = is_zero_page(page(self, gpa)?);
+            if let Some((s, n)) = data_run {
+                if is_zero || gpa != s + n as u64 * PAGE_SIZE || n >= MAX_RUN_PAGES {
+                    w.add_pages(s, pages_at(self, s, n)?)?;
+                    data_run = None;
+                }
             }
-            if let Some((zs, zn)) = zero_run {
-                if !is_zero || gpa != zs + zn as u64 * PAGE_SIZE || zn >= MAX_RUN_PAGES {
-                    w.add_zero(zs, zn);
+            if let Some((s, n)) = zero_run {
+                if !is_zero || gpa != s + n as u64 * PAGE_SIZE || n >= MAX_RUN_PAGES {
+                    w.add_zero(s, n);
                     zero_run = None;
                 }
             }
+            let run = match (is_zero, diff) {
+                (false, _) => &mut data_run,
+                (true, true) => &mut zero_run,
+                (true, false) => continue,
+            };
+            *run = Some(match *run {
+                Some((s, n)) => (s, n + 1),
+                None => (gpa, 1),
+            });
             if is_zero {
-                if diff {
-                    zeros += 1;
-                    zero_run = Some(match zero_run {
-                        Some((zs, zn)) => (zs, zn + 1),
-                        None => (gpa, 1),
-                    });
-                }
+                zeros += 1;
             } else {
-                if run.is_empty() {
-                    run_start = gpa;
-                }
-                run.extend_from_slice(data);
                 stored += 1;
             }
-            next_expected = gpa + PAGE_SIZE;
         }
-        if !run.is_empty() {
-            w.add_pages(run_start, &run)?;
+        if let Some((s, n)) = data_run {
+            w.add_pages(s, pages_at(self, s, n)?)?;
         }
-        if let Some((zs, zn)) = zero_run {
-            w.add_zero(zs, zn);
+        if let Some((s, n)) = zero_run {
+            w.add_zero(s, n);
         }
-        let meta = w.finish(parent, &state)?;
+        let scan_ms = t_scan.elapsed().as_secs_f64() * 1e3;
+        let written = w.finish(parent, &state)?;
+        let meta = written.meta;
         if !self.dirty_logging() {
             self.start_dirty_log()?;
         }
@@ -239,6 +260,9 @@ impl Vm {
             bytes_stored: stored * PAGE_SIZE,
             state_bytes: state.len() as u64,
             elapsed_ms: t0.elapsed().as_secs_f64() * 1e3,
+            scan_write_ms: scan_ms,
+            sync_ms: written.sync_ms,
+            verify_ms: written.verify_ms,
         })
     }
 }
@@ -328,10 +352,12 @@ pub fn restore(
 ) -> Result<(Vm, RestoreReport), SnapshotError> {
     let t0 = Instant::now();
     let chain = Snapshot::chain(dir)?;
+    tracing::debug!("restore: chain read in {:?}", t0.elapsed());
     if check == MemoryCheck::BeforeStart {
         for s in &chain {
             s.verify_memory()?;
         }
+        tracing::debug!("restore: memory verified at {:?}", t0.elapsed());
     }
     let leaf = chain.last().ok_or_else(|| SnapshotError::State {
         dir: dir.into(),
@@ -354,12 +380,14 @@ pub fn restore(
         (_, Some(e)) => return Err(e),
         (r, None) => r?,
     };
+    tracing::debug!("restore: VM rebuilt at {:?}", t0.elapsed());
     {
         let mut t = vm.snapshot_track();
         t.last = Some((leaf.meta.id, absolute(dir)));
         t.file_backed = mapped.clone();
     }
     vm.start_dirty_log()?;
+    tracing::debug!("restore: dirty log on at {:?}", t0.elapsed());
     let report = RestoreReport {
         chain: chain.len(),
         runs_mapped: mapped.len() as u64,

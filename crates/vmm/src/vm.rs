@@ -230,8 +230,11 @@ impl Vm {
             )
             .into());
         }
+        let t0 = Instant::now();
         let base = Base::create(state.layout.clone())?;
+        tracing::debug!("restore: KVM VM created in {:?}", t0.elapsed());
         load_memory(&base.mem)?;
+        tracing::debug!("restore: memory loaded at {:?}", t0.elapsed());
         let bus = IoBus::from_state(
             &state.devices,
             base.serial_irq.try_clone().map_err(VmError::Thread)?,

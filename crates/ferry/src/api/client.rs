@@ -93,7 +93,7 @@ fn describe(v: &serde_json::Value) -> String {
     };
     format!(
         "{} snapshot {:#x}: {mib:.1} MiB of memory ({} pages{zeroed}), written, fsynced and \
-         verified in {:.1} ms; guest stopped {:.1} ms",
+         verified in {:.1} ms (scan+write {:.0}, fsync {:.0}, verify {:.0}); guest stopped {:.1} ms",
         if v["diff"].as_bool() == Some(true) {
             "diff"
         } else {
@@ -102,6 +102,9 @@ fn describe(v: &serde_json::Value) -> String {
         v["id"].as_u64().unwrap_or(0),
         v["pages_stored"],
         v["elapsed_ms"].as_f64().unwrap_or(0.0),
+        v["scan_write_ms"].as_f64().unwrap_or(0.0),
+        v["sync_ms"].as_f64().unwrap_or(0.0),
+        v["verify_ms"].as_f64().unwrap_or(0.0),
         v["paused_ms"].as_f64().unwrap_or(0.0),
     )
 }
