@@ -171,11 +171,7 @@ pub fn save(v: &VcpuFd, index: u8, caps: &Capabilities) -> Result<VcpuState, Sta
             None
         },
         msrs: read_msrs(v, &caps.msr_list)?,
-        tsc_khz: if caps.tsc_control {
-            v.get_tsc_khz().ok()
-        } else {
-            None
-        },
+        tsc_khz: v.get_tsc_khz().ok(),
     })
 }
 
@@ -200,7 +196,15 @@ pub fn restore(v: &VcpuFd, s: &VcpuState, caps: &Capabilities) -> Result<(), Sta
         CpuId::from_entries(&s.cpuid).map_err(|e| StateError::Invalid(format!("CPUID: {e:?}")))?;
     kvm("set CPUID", v.set_cpuid2(&cpuid))?;
     if let Some(khz) = s.tsc_khz {
-        if caps.tsc_control && v.get_tsc_khz().ok() != Some(khz) {
+        let here = v.get_tsc_khz().ok();
+        if here != Some(khz) {
+            if !caps.tsc_control {
+                return Err(StateError::Invalid(format!(
+                    "the guest's TSC runs at {khz} kHz, this host's at {} kHz, and this host's \
+                     KVM cannot scale it (no TSC frequency control)",
+                    here.map(|k| k.to_string()).unwrap_or_else(|| "unknown".into())
+                )));
+            }
             kvm("set TSC frequency", v.set_tsc_khz(khz))?;
         }
     }

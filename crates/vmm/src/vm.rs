@@ -109,6 +109,8 @@ pub struct VmInfo {
     pub config: VmConfig,
     pub uptime_ms: u64,
     pub exit: Option<GuestExit>,
+    /// Optional KVM state this host cannot save (it would be lost by a snapshot or migration).
+    pub host_lacks: Vec<String>,
 }
 
 struct Lifecycle {
@@ -352,6 +354,7 @@ impl Vm {
                 .map(|t| t.elapsed().as_millis() as u64)
                 .unwrap_or(0),
             exit: self.ctl.lock().exit.clone(),
+            host_lacks: self.caps.lacking().iter().map(|s| s.to_string()).collect(),
         }
     }
 
