@@ -15,7 +15,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Run one VM in the foreground until it powers off.
+    /// Run one VM in the foreground until it powers off. With --api-socket and neither
+    /// --guest nor --kernel: an empty VMM that waits for a VM (`ferry vm restore`).
     ///
     /// Exit status: 0 the guest powered off with code 0 (or the VM was shut down through the
     /// API); 1 Ferry failed (bad input, KVM error); 2 bad command line; 3 the guest powered
@@ -140,6 +141,12 @@ pub struct VmArgs {
     /// API socket of the VM (its `ferry run --api-socket`).
     #[arg(long)]
     pub api_socket: PathBuf,
+    /// Snapshot directory (restore only).
+    #[arg(long, required_if_eq("action", "restore"))]
+    pub from: Option<PathBuf>,
+    /// Check the memory files' CRCs in the background after starting (restore only).
+    #[arg(long)]
+    pub lazy_check: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -152,6 +159,8 @@ pub enum VmAction {
     Resume,
     /// Stop the VM (its `ferry run` exits).
     Shutdown,
+    /// Restore a snapshot (--from DIR) into an empty VMM and start it.
+    Restore,
 }
 
 #[derive(Args, Debug)]

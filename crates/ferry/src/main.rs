@@ -9,8 +9,8 @@ use clap::{CommandFactory, Parser};
 fn main() {
     let cli = cli::Cli::parse();
     if let cli::Command::Run(a) = &cli.command {
-        let problem = if a.guest.is_none() && a.kernel.is_none() {
-            Some("one of --guest or --kernel is required")
+        let problem = if a.guest.is_none() && a.kernel.is_none() && a.api_socket.is_none() {
+            Some("one of --guest or --kernel is required (or --api-socket alone: an empty VMM that waits for PUT /vm/restore)")
         } else if a.kernel.is_none() && a.initrd.is_some() {
             Some("--initrd requires --kernel")
         } else if a.kernel.is_none() && a.cmdline.is_some() {

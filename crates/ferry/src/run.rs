@@ -1,4 +1,5 @@
 //! `ferry run`: build a VM from the command line, serve its API, run it to the end.
+use crate::api::host::Host;
 use crate::cli::{RestoreArgs, RunArgs};
 use anyhow::{Context, Result};
 use ferry_vmm::snapshot::MemoryCheck;
@@ -31,7 +32,7 @@ pub fn config_from(args: &RunArgs) -> Result<VmConfig> {
     })
 }
 
-fn console(log: &Option<std::path::PathBuf>) -> Result<Box<dyn std::io::Write + Send>> {
+pub fn console(log: &Option<std::path::PathBuf>) -> Result<Box<dyn std::io::Write + Send>> {
     Ok(match log {
         Some(p) => Box::new(
             std::fs::File::create(p).with_context(|| format!("--console-log {}", p.display()))?,
@@ -41,11 +42,19 @@ fn console(log: &Option<std::path::PathBuf>) -> Result<Box<dyn std::io::Write + 
 }
 
 pub fn main(args: RunArgs) -> Result<i32> {
-    let config = config_from(&args)?;
     // Claim the API socket before building the VM so a busy path fails fast.
     let listener = bind(&args.api_socket)?;
+    if args.guest.is_none() && args.kernel.is_none() {
+        // An empty VMM: it serves the API until a VM arrives (PUT /vm/restore).
+        let listener = listener.context("an empty VMM needs --api-socket")?;
+        let host = Host::new(None, args.console_log.clone());
+        let server = crate::api::server::spawn(listener, host.clone())?;
+        let vm = host.wait_for_vm();
+        return Ok(finish(&vm, server));
+    }
+    let config = config_from(&args)?;
     let vm = Vm::new(config, console(&args.console_log)?)?;
-    serve_and_wait(Arc::new(vm), listener)
+    serve_and_wait(Arc::new(vm), listener, &args.console_log)
 }
 
 fn bind(p: &Option<std::path::PathBuf>) -> Result<Option<crate::api::server::Bound>> {
@@ -53,16 +62,27 @@ fn bind(p: &Option<std::path::PathBuf>) -> Result<Option<crate::api::server::Bou
 }
 
 /// Serves the API (if any), runs the VM to its end, reports how it ended.
-fn serve_and_wait(vm: Arc<Vm>, listener: Option<crate::api::server::Bound>) -> Result<i32> {
+fn serve_and_wait(
+    vm: Arc<Vm>,
+    listener: Option<crate::api::server::Bound>,
+    console_log: &Option<std::path::PathBuf>,
+) -> Result<i32> {
+    let host = Host::new(Some(vm.clone()), console_log.clone());
     let server = listener
-        .map(|l| crate::api::server::spawn(l, vm.clone()))
+        .map(|l| crate::api::server::spawn(l, host))
         .transpose()?;
     vm.start()?;
+    Ok(match server {
+        Some(s) => finish(&vm, s),
+        None => report(&vm.wait()),
+    })
+}
+
+/// Waits for the VM to end, lets the API answer what is in flight, reports the end.
+fn finish(vm: &Vm, server: crate::api::server::Server) -> i32 {
     let exit = vm.wait();
-    if let Some(server) = server {
-        server.stop();
-    }
-    Ok(report(&exit))
+    server.stop();
+    report(&exit)
 }
 
 /// `ferry restore`.
@@ -88,7 +108,7 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
         },
         t0.elapsed().as_secs_f64() * 1e3
     );
-    serve_and_wait(Arc::new(vm), listener)
+    serve_and_wait(Arc::new(vm), listener, &args.console_log)
 }
 
 /// Prints how the guest ended (stderr) and maps it to the exit status.

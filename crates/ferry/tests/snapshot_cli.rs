@@ -196,3 +196,90 @@ fn migrate_needs_quick_for_now() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--quick"));
 }
+
+#[test]
+fn an_empty_vmm_takes_a_vm_through_the_api() {
+    let s = Scratch::new("empty");
+    let (a, b) = (s.path("a.sock"), s.path("b.sock"));
+    let dir = s.path("snap");
+    let mut src = Running::start(&[
+        "--memory",
+        "128M",
+        "--api-socket",
+        a.to_str().unwrap(),
+        "--guest",
+        "heartbeat period=2000",
+    ]);
+    src.wait_line(|l| l.starts_with("H0 10 "));
+    let out = ferry(&[
+        "snapshot",
+        "--api-socket",
+        a.to_str().unwrap(),
+        "--to",
+        dir.to_str().unwrap(),
+        "--then",
+        "stop",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, _, src_lines) = src.finish();
+    // The destination VMM starts empty.
+    let mut dst = Running::start(&["--api-socket", b.to_str().unwrap()]);
+    let wait_sock = std::time::Instant::now();
+    while !b.exists() && wait_sock.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let info = ferry(&["vm", "info", "--api-socket", b.to_str().unwrap()]);
+    assert_eq!(info.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&info.stderr).contains("no VM here yet"));
+    let bad = ferry(&[
+        "vm",
+        "restore",
+        "--api-socket",
+        b.to_str().unwrap(),
+        "--from",
+        "/nonexistent",
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("restoring from /nonexistent"));
+    let out = ferry(&[
+        "vm",
+        "restore",
+        "--api-socket",
+        b.to_str().unwrap(),
+        "--from",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = ferry(&[
+        "vm",
+        "restore",
+        "--api-socket",
+        b.to_str().unwrap(),
+        "--from",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already has a VM"));
+    let last = src_lines.iter().rev().find_map(|l| match parse_line(&l.1) {
+        GuestLine::Heartbeat { seq, .. } => Some(seq),
+        _ => None,
+    });
+    let want = format!("H0 {} ", last.unwrap() + 1);
+    dst.wait_line(|l| l.starts_with(&want));
+    assert_eq!(
+        ferry(&["vm", "shutdown", "--api-socket", b.to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    assert_eq!(dst.finish().0, 0);
+}

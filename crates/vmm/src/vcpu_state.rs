@@ -202,7 +202,8 @@ pub fn restore(v: &VcpuFd, s: &VcpuState, caps: &Capabilities) -> Result<(), Sta
                 return Err(StateError::Invalid(format!(
                     "the guest's TSC runs at {khz} kHz, this host's at {} kHz, and this host's \
                      KVM cannot scale it (no TSC frequency control)",
-                    here.map(|k| k.to_string()).unwrap_or_else(|| "unknown".into())
+                    here.map(|k| k.to_string())
+                        .unwrap_or_else(|| "unknown".into())
                 )));
             }
             kvm("set TSC frequency", v.set_tsc_khz(khz))?;

@@ -67,7 +67,25 @@ fn call(
 }
 
 pub fn main(args: VmArgs) -> Result<()> {
+    if !matches!(args.action, VmAction::Restore) && (args.from.is_some() || args.lazy_check) {
+        bail!("--from and --lazy-check are for 'ferry vm restore'");
+    }
+    if let (VmAction::Restore, Some(from)) = (args.action, &args.from) {
+        let from = std::path::absolute(from).with_context(|| format!("{}", from.display()))?;
+        let body = serde_json::json!({ "from": from, "lazy_check": args.lazy_check }).to_string();
+        let v = call(&args.api_socket, Method::PUT, "/vm/restore", Some(body))?
+            .context("empty restore answer")?;
+        println!(
+            "restored {} (chain of {}, {} MiB mapped), running; ready in {:.1} ms",
+            from.display(),
+            v["chain"],
+            v["bytes_mapped"].as_u64().unwrap_or(0) >> 20,
+            v["ready_ms"].as_f64().unwrap_or(0.0)
+        );
+        return Ok(());
+    }
     let (method, uri) = match args.action {
+        VmAction::Restore => bail!("restore needs --from DIR"),
         VmAction::Info => (Method::GET, "/vm"),
         VmAction::Pause => (Method::PUT, "/vm/pause"),
         VmAction::Resume => (Method::PUT, "/vm/resume"),

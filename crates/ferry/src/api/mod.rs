@@ -1,11 +1,17 @@
 //! Control API: HTTP/JSON over a Unix socket (`--api-socket`), and its CLI client.
 //!
-//! | method | path          | answer                                      |
-//! |--------|---------------|---------------------------------------------|
-//! | GET    | /vm           | 200, VmInfo (state, config, uptime, exit)    |
-//! | PUT    | /vm/pause     | 204; 409 when not running                    |
-//! | PUT    | /vm/resume    | 204; 409 when not paused                     |
-//! | PUT    | /vm/shutdown  | 204; 409 when already shut down              |
+//! | method | path          | body | answer |
+//! |--------|---------------|------|--------|
+//! | GET    | /vm           | | 200 VmInfo (state, config, uptime, exit, host_lacks) |
+//! | PUT    | /vm/pause     | | 204; 409 when not running |
+//! | PUT    | /vm/resume    | | 204; 409 when not paused |
+//! | PUT    | /vm/shutdown  | | 204; 409 when already shut down |
+//! | PUT    | /vm/snapshot  | `{"to": DIR, "diff": bool, "then": "resume"\|"pause"\|"stop"}` | 200 report |
+//! | PUT    | /vm/restore   | `{"from": DIR, "lazy_check": bool}` | 200 report; 409 when the VMM has a VM |
+//!
+//! Without a VM (an empty VMM, `ferry run --api-socket S`) the VM routes answer 404.
 //! Errors carry `{"error": "..."}`.
 pub mod client;
+mod handlers;
+pub mod host;
 pub mod server;

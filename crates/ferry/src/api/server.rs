@@ -1,13 +1,9 @@
 //! API server (axum on a tokio runtime of its own, beside the vCPU threads).
-use crate::cli::Then;
+use super::handlers::*;
+use super::host::Host;
 use anyhow::{bail, Context, Result};
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use axum::{Json, Router};
-use ferry_vmm::snapshot::{SnapshotError, SnapshotReport};
-use ferry_vmm::{Vm, VmError};
+use axum::Router;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -71,7 +67,7 @@ impl Drop for Server {
     }
 }
 
-pub fn spawn(bound: Bound, vm: Arc<Vm>) -> Result<Server> {
+pub fn spawn(bound: Bound, host: Arc<Host>) -> Result<Server> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("api")
@@ -89,7 +85,8 @@ pub fn spawn(bound: Bound, vm: Arc<Vm>) -> Result<Server> {
         .route("/vm/resume", put(resume))
         .route("/vm/shutdown", put(shutdown))
         .route("/vm/snapshot", put(snapshot))
-        .with_state(vm);
+        .route("/vm/restore", put(restore))
+        .with_state(host);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = rt.spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async {
@@ -105,117 +102,4 @@ pub fn spawn(bound: Bound, vm: Arc<Vm>) -> Result<Server> {
         stop: Some(stop),
         task: Some(task),
     })
-}
-
-struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
-    }
-}
-
-impl From<VmError> for ApiError {
-    fn from(e: VmError) -> Self {
-        let code = match e {
-            VmError::State { .. } => StatusCode::CONFLICT,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError(code, e.to_string())
-    }
-}
-
-async fn info(State(vm): State<Arc<Vm>>) -> Json<ferry_vmm::VmInfo> {
-    Json(vm.info())
-}
-
-async fn blocking(vm: Arc<Vm>, f: fn(&Vm) -> Result<(), VmError>) -> Result<StatusCode, ApiError> {
-    tokio::task::spawn_blocking(move || f(&vm))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn pause(State(vm): State<Arc<Vm>>) -> Result<StatusCode, ApiError> {
-    blocking(vm, Vm::pause).await
-}
-
-async fn resume(State(vm): State<Arc<Vm>>) -> Result<StatusCode, ApiError> {
-    blocking(vm, Vm::resume).await
-}
-
-/// `PUT /vm/snapshot` body.
-#[derive(serde::Deserialize)]
-struct SnapshotRequest {
-    to: PathBuf,
-    #[serde(default)]
-    diff: bool,
-    #[serde(default = "then_default")]
-    then: Then,
-}
-
-fn then_default() -> Then {
-    Then::Resume
-}
-
-/// `PUT /vm/snapshot` answer: the snapshot report and how long the guest was stopped.
-#[derive(serde::Serialize)]
-struct SnapshotAnswer {
-    #[serde(flatten)]
-    report: SnapshotReport,
-    paused_ms: f64,
-    then: Then,
-}
-
-fn snapshot_error(e: SnapshotError) -> ApiError {
-    let code = match e {
-        SnapshotError::NotPaused(_) | SnapshotError::NoParent | SnapshotError::SameDir(_) => {
-            StatusCode::CONFLICT
-        }
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    ApiError(code, e.to_string())
-}
-
-/// Pauses a running VM, snapshots it, then resumes, leaves it paused or stops it. On any
-/// failure a VM that was running is resumed: a failed snapshot never costs the VM.
-fn take_snapshot(vm: &Vm, req: SnapshotRequest) -> Result<SnapshotAnswer, ApiError> {
-    let was_running = vm.state() == ferry_vmm::RunState::Running;
-    let t = std::time::Instant::now();
-    if was_running {
-        vm.pause()?;
-    }
-    let report = match vm.snapshot(&req.to, req.diff) {
-        Ok(r) => r,
-        Err(e) => {
-            if was_running {
-                vm.resume()?;
-            }
-            return Err(snapshot_error(e));
-        }
-    };
-    match req.then {
-        Then::Resume if was_running => vm.resume()?,
-        Then::Resume | Then::Pause => {}
-        Then::Stop => vm.shutdown_after_handoff()?,
-    }
-    Ok(SnapshotAnswer {
-        report,
-        paused_ms: t.elapsed().as_secs_f64() * 1e3,
-        then: req.then,
-    })
-}
-
-async fn snapshot(
-    State(vm): State<Arc<Vm>>,
-    Json(req): Json<SnapshotRequest>,
-) -> Result<Json<SnapshotAnswer>, ApiError> {
-    let ans = tokio::task::spawn_blocking(move || take_snapshot(&vm, req))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    Ok(Json(ans))
-}
-
-async fn shutdown(State(vm): State<Arc<Vm>>) -> Result<StatusCode, ApiError> {
-    blocking(vm, Vm::shutdown).await
 }

@@ -1,0 +1,185 @@
+//! API request handlers. Blocking VM operations run in `spawn_blocking`.
+use super::host::Host;
+use crate::cli::Then;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ferry_vmm::snapshot::{MemoryCheck, SnapshotError, SnapshotReport};
+use ferry_vmm::{RunState, Vm, VmError};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<VmError> for ApiError {
+    fn from(e: VmError) -> Self {
+        let code = match e {
+            VmError::State { .. } => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+fn the_vm(host: &Host) -> Result<Arc<Vm>, ApiError> {
+    host.vm().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "no VM here yet: create one with PUT /vm/restore".into(),
+        )
+    })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+pub async fn info(State(host): State<Arc<Host>>) -> Result<Json<ferry_vmm::VmInfo>, ApiError> {
+    Ok(Json(the_vm(&host)?.info()))
+}
+
+async fn vm_op(host: Arc<Host>, f: fn(&Vm) -> Result<(), VmError>) -> Result<StatusCode, ApiError> {
+    let vm = the_vm(&host)?;
+    blocking(move || Ok(f(&vm)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn pause(State(host): State<Arc<Host>>) -> Result<StatusCode, ApiError> {
+    vm_op(host, Vm::pause).await
+}
+
+pub async fn resume(State(host): State<Arc<Host>>) -> Result<StatusCode, ApiError> {
+    vm_op(host, Vm::resume).await
+}
+
+pub async fn shutdown(State(host): State<Arc<Host>>) -> Result<StatusCode, ApiError> {
+    vm_op(host, Vm::shutdown).await
+}
+
+/// `PUT /vm/snapshot` body.
+#[derive(serde::Deserialize)]
+pub struct SnapshotRequest {
+    to: PathBuf,
+    #[serde(default)]
+    diff: bool,
+    #[serde(default = "then_default")]
+    then: Then,
+}
+
+fn then_default() -> Then {
+    Then::Resume
+}
+
+/// `PUT /vm/snapshot` answer: the snapshot report and how long the guest was stopped.
+#[derive(serde::Serialize)]
+pub struct SnapshotAnswer {
+    #[serde(flatten)]
+    report: SnapshotReport,
+    paused_ms: f64,
+    then: Then,
+}
+
+fn snapshot_error(e: SnapshotError) -> ApiError {
+    let code = match e {
+        SnapshotError::NotPaused(_) | SnapshotError::NoParent | SnapshotError::SameDir(_) => {
+            StatusCode::CONFLICT
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(code, e.to_string())
+}
+
+/// Pauses a running VM, snapshots it, then resumes, leaves it paused or stops it. On any
+/// failure a VM that was running is resumed: a failed snapshot never costs the VM.
+fn take_snapshot(vm: &Vm, req: SnapshotRequest) -> Result<SnapshotAnswer, ApiError> {
+    let was_running = vm.state() == RunState::Running;
+    let t = std::time::Instant::now();
+    if was_running {
+        vm.pause()?;
+    }
+    let report = match vm.snapshot(&req.to, req.diff) {
+        Ok(r) => r,
+        Err(e) => {
+            if was_running {
+                vm.resume()?;
+            }
+            return Err(snapshot_error(e));
+        }
+    };
+    match req.then {
+        Then::Resume if was_running => vm.resume()?,
+        Then::Resume | Then::Pause => {}
+        Then::Stop => vm.shutdown_after_handoff()?,
+    }
+    Ok(SnapshotAnswer {
+        report,
+        paused_ms: t.elapsed().as_secs_f64() * 1e3,
+        then: req.then,
+    })
+}
+
+pub async fn snapshot(
+    State(host): State<Arc<Host>>,
+    Json(req): Json<SnapshotRequest>,
+) -> Result<Json<SnapshotAnswer>, ApiError> {
+    let vm = the_vm(&host)?;
+    Ok(Json(blocking(move || take_snapshot(&vm, req)).await?))
+}
+
+/// `PUT /vm/restore` body.
+#[derive(serde::Deserialize)]
+pub struct RestoreRequest {
+    from: PathBuf,
+    #[serde(default)]
+    lazy_check: bool,
+}
+
+/// Restores a VM into this (empty) VMM and starts it.
+pub async fn restore(
+    State(host): State<Arc<Host>>,
+    Json(req): Json<RestoreRequest>,
+) -> Result<Json<ferry_vmm::snapshot::RestoreReport>, ApiError> {
+    if host.vm().is_some() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "this VMM already has a VM".into(),
+        ));
+    }
+    blocking(move || {
+        let check = if req.lazy_check {
+            MemoryCheck::Background
+        } else {
+            MemoryCheck::BeforeStart
+        };
+        let console = crate::run::console(&host.console_log)
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+        let (vm, report) =
+            ferry_vmm::snapshot::restore(&req.from, console, check).map_err(|e| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("restoring from {}: {e}", req.from.display()),
+                )
+            })?;
+        let vm = Arc::new(vm);
+        if !host.fill(vm.clone()) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                "this VMM already has a VM".into(),
+            ));
+        }
+        vm.start()?;
+        Ok(Json(report))
+    })
+    .await
+}

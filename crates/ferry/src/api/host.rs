@@ -1,0 +1,48 @@
+//! The VM slot an API server serves: filled at start (`ferry run`, `ferry restore`) or later
+//! through `PUT /vm/restore` (an empty VMM: `ferry run --api-socket S` alone).
+use ferry_vmm::Vm;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+
+pub struct Host {
+    vm: Mutex<Option<Arc<Vm>>>,
+    filled: Condvar,
+    /// Where a VM created through the API writes its console (None: stdout).
+    pub console_log: Option<PathBuf>,
+}
+
+impl Host {
+    pub fn new(vm: Option<Arc<Vm>>, console_log: Option<PathBuf>) -> Arc<Host> {
+        Arc::new(Host {
+            vm: Mutex::new(vm),
+            filled: Condvar::new(),
+            console_log,
+        })
+    }
+
+    pub fn vm(&self) -> Option<Arc<Vm>> {
+        self.vm.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts a VM in the empty slot; false when there already is one.
+    pub fn fill(&self, vm: Arc<Vm>) -> bool {
+        let mut g = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_some() {
+            return false;
+        }
+        *g = Some(vm);
+        self.filled.notify_all();
+        true
+    }
+
+    /// Blocks until the slot holds a VM.
+    pub fn wait_for_vm(&self) -> Arc<Vm> {
+        let mut g = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(vm) = g.as_ref() {
+                return vm.clone();
+            }
+            g = self.filled.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
