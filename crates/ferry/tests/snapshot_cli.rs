@@ -3,14 +3,59 @@
 //! directories refused before anything starts.
 mod common;
 use common::*;
+use ferry_guest::console::TimedLine;
 use ferry_guest::heartbeat::{parse_line, GuestLine, HeartbeatLog};
+use std::path::Path;
 
-fn beats(log: &mut HeartbeatLog, lines: &[ferry_guest::console::TimedLine]) {
+fn beats(log: &mut HeartbeatLog, lines: &[TimedLine]) {
     for (at, l) in lines {
         if let GuestLine::Heartbeat { cpu: 0, seq, tsc } = parse_line(l) {
             log.push(*at, seq, tsc);
         }
     }
+}
+
+fn last_beat(lines: &[TimedLine]) -> u64 {
+    lines
+        .iter()
+        .rev()
+        .find_map(|l| match parse_line(&l.1) {
+            GuestLine::Heartbeat { seq, .. } => Some(seq),
+            _ => None,
+        })
+        .expect("a heartbeat")
+}
+
+/// Runs a VM with `guest` until a line starts with `ready`, saves it to `dir` with
+/// `ferry snapshot --then stop`, and returns its console lines.
+fn saved_vm(sock: &Path, dir: &Path, guest: &str, ready: &str) -> Vec<TimedLine> {
+    let mut vm = Running::start(&[
+        "--memory",
+        "128M",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--guest",
+        guest,
+    ]);
+    vm.wait_line(|l| l.starts_with(ready));
+    let out = ferry(&[
+        "snapshot",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--to",
+        dir.to_str().unwrap(),
+        "--then",
+        "stop",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, _, lines) = vm.finish();
+    assert_eq!(code, 0);
+    lines
 }
 
 #[test]
@@ -68,11 +113,7 @@ fn quick_migration_continues_the_guest_on_the_other_host() {
             b.to_str().unwrap(),
         ],
     );
-    let last = src_lines.iter().rev().find_map(|l| match parse_line(&l.1) {
-        GuestLine::Heartbeat { seq, .. } => Some(seq),
-        _ => None,
-    });
-    let want = format!("H0 {} ", last.unwrap() + 50);
+    let want = format!("H0 {} ", last_beat(&src_lines) + 50);
     dst.wait_line(|l| l.starts_with(&want));
     dst.wait_line(|l| l.starts_with("D0 "));
     assert_eq!(
@@ -120,31 +161,7 @@ fn bad_snapshot_directories_start_nothing() {
     check("not a Ferry snapshot (bad magic)");
     // A real snapshot, then damaged in several ways.
     let sock = s.path("a.sock");
-    let mut vm = Running::start(&[
-        "--memory",
-        "128M",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--guest",
-        "verify size=8M",
-    ]);
-    vm.wait_line(|l| l.starts_with("V0 0 ok"));
-    let out = ferry(&[
-        "snapshot",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--to",
-        dir.to_str().unwrap(),
-        "--then",
-        "stop",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(vm.finish().0, 0);
+    saved_vm(&sock, &dir, "verify size=8M", "V0 0 ok");
     let state = std::fs::read(dir.join("snapshot.fsnap")).unwrap();
     let mem = std::fs::read(dir.join("memory.bin")).unwrap();
     let mut v = state.clone();
@@ -202,31 +219,7 @@ fn an_empty_vmm_takes_a_vm_through_the_api() {
     let s = Scratch::new("empty");
     let (a, b) = (s.path("a.sock"), s.path("b.sock"));
     let dir = s.path("snap");
-    let mut src = Running::start(&[
-        "--memory",
-        "128M",
-        "--api-socket",
-        a.to_str().unwrap(),
-        "--guest",
-        "heartbeat period=2000",
-    ]);
-    src.wait_line(|l| l.starts_with("H0 10 "));
-    let out = ferry(&[
-        "snapshot",
-        "--api-socket",
-        a.to_str().unwrap(),
-        "--to",
-        dir.to_str().unwrap(),
-        "--then",
-        "stop",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (_, _, src_lines) = src.finish();
+    let src_lines = saved_vm(&a, &dir, "heartbeat period=2000", "H0 10 ");
     // The destination VMM starts empty.
     let mut dst = Running::start(&["--api-socket", b.to_str().unwrap()]);
     let wait_sock = std::time::Instant::now();
@@ -269,11 +262,7 @@ fn an_empty_vmm_takes_a_vm_through_the_api() {
         dir.to_str().unwrap(),
     ]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("already has a VM"));
-    let last = src_lines.iter().rev().find_map(|l| match parse_line(&l.1) {
-        GuestLine::Heartbeat { seq, .. } => Some(seq),
-        _ => None,
-    });
-    let want = format!("H0 {} ", last.unwrap() + 1);
+    let want = format!("H0 {} ", last_beat(&src_lines) + 1);
     dst.wait_line(|l| l.starts_with(&want));
     assert_eq!(
         ferry(&["vm", "shutdown", "--api-socket", b.to_str().unwrap()])

@@ -1,35 +1,15 @@
 //! The VMM on real KVM with the test guest: every workload, several vCPUs, pause/resume,
 //! dirty tracking. Each test checks the guest's own output and, where it writes memory, the
 //! memory itself against the guest's pattern.
-use ferry_guest::console::{wait_for, LineSink, TimedLine};
+mod common;
+use common::{boot, reader, T};
+use ferry_guest::console::{wait_for, TimedLine};
 use ferry_guest::heartbeat::{parse_line, GuestLine, HeartbeatLog};
 use ferry_guest::verify::verify_dirty_region;
-use ferry_vmm::{BootSource, GuestExit, RunState, Vm, VmConfig};
+use ferry_vmm::{GuestExit, RunState, Vm};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
-
-const T: Duration = Duration::from_secs(30);
-
-fn boot(cpus: u8, memory: u64, args: &str) -> (Vm, Receiver<TimedLine>) {
-    let (sink, rx) = LineSink::new();
-    let cfg = VmConfig {
-        cpus,
-        memory,
-        boot: BootSource::TestGuest { args: args.into() },
-    };
-    let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
-    vm.start().expect("start VM");
-    (vm, rx)
-}
-
-fn reader(vm: &Vm) -> impl Fn(u64, &mut [u8]) -> Result<(), String> + '_ {
-    |gpa, buf| {
-        vm.memory()
-            .read_slice(buf, GuestAddress(gpa))
-            .map_err(|e| e.to_string())
-    }
-}
 
 fn lines_until_exit(vm: &Vm, rx: &Receiver<TimedLine>) -> (GuestExit, Vec<GuestLine>) {
     let exit = vm.wait();

@@ -1,73 +1,19 @@
 //! Snapshot to a directory and restore from it, on real KVM with the test guest.
+mod common;
+use common::*;
 use ferry_guest::console::{wait_all, wait_for, LineSink, TimedLine};
-use ferry_guest::heartbeat::{parse_line, GuestLine};
 use ferry_guest::verify::{verify_dirty_region, DirtyPosition};
 use ferry_vmm::snapshot::{restore, MemoryCheck};
-use ferry_vmm::{BootSource, GuestExit, Vm, VmConfig};
-use std::path::{Path, PathBuf};
+use ferry_vmm::{GuestExit, Vm};
+use std::path::Path;
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
-use vm_memory::{Bytes, GuestAddress};
-
-const T: Duration = Duration::from_secs(60);
-
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-fn scratch(tag: &str) -> Dir {
-    let p = std::env::temp_dir().join(format!("ferry-snap-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    Dir(p)
-}
-
-fn boot(cpus: u8, memory: u64, args: &str) -> (Vm, Receiver<TimedLine>) {
-    let (sink, rx) = LineSink::new();
-    let cfg = VmConfig {
-        cpus,
-        memory,
-        boot: BootSource::TestGuest { args: args.into() },
-    };
-    let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
-    vm.start().expect("start VM");
-    (vm, rx)
-}
 
 fn restored(dir: &Path) -> (Vm, Receiver<TimedLine>) {
     let (sink, rx) = LineSink::new();
     let (vm, report) = restore(dir, Box::new(sink), MemoryCheck::BeforeStart).expect("restore");
     assert!(report.memory_verified_before_start);
     (vm, rx)
-}
-
-fn reader(vm: &Vm) -> impl Fn(u64, &mut [u8]) -> Result<(), String> + '_ {
-    |gpa, buf| {
-        vm.memory()
-            .read_slice(buf, GuestAddress(gpa))
-            .map_err(|e| e.to_string())
-    }
-}
-
-fn bases(seen: &[TimedLine]) -> Vec<u64> {
-    seen.iter()
-        .filter_map(|l| match parse_line(&l.1) {
-            GuestLine::Start { base: Some(b), .. } => Some(b),
-            _ => None,
-        })
-        .collect()
-}
-
-fn last_beat(seen: &[TimedLine]) -> u64 {
-    seen.iter()
-        .filter_map(|l| match parse_line(&l.1) {
-            GuestLine::Heartbeat { cpu: 0, seq, .. } => Some(seq),
-            _ => None,
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 #[test]
@@ -83,7 +29,7 @@ fn heartbeat_continues_with_the_next_number_after_restore() {
     vm.wait();
     std::thread::sleep(Duration::from_millis(20));
     seen.extend(rx.try_iter());
-    let last = last_beat(&seen);
+    let last = last_beat(&seen, 0);
     let (vm2, rx2) = restored(&d.0);
     vm2.start().unwrap();
     let mut after = Vec::new();

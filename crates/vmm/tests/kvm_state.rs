@@ -1,26 +1,14 @@
 //! Saving and restoring a whole VM in-process on real KVM: the guest continues exactly where
 //! it was (heartbeat numbering, dirty pattern), including with several vCPUs.
+mod common;
+use common::*;
 use ferry_guest::console::{wait_all, wait_for, LineSink, TimedLine};
 use ferry_guest::heartbeat::{parse_line, GuestLine};
 use ferry_guest::verify::verify_dirty_region;
-use ferry_vmm::{BootSource, GuestExit, Vm, VmConfig, VmError};
+use ferry_vmm::{GuestExit, Vm, VmError};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-
-const T: Duration = Duration::from_secs(30);
-
-fn boot(cpus: u8, memory: u64, args: &str) -> (Vm, Receiver<TimedLine>) {
-    let (sink, rx) = LineSink::new();
-    let cfg = VmConfig {
-        cpus,
-        memory,
-        boot: BootSource::TestGuest { args: args.into() },
-    };
-    let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
-    vm.start().expect("start VM");
-    (vm, rx)
-}
 
 /// Clones a paused VM into a new one through its state and a copy of its RAM.
 fn clone_vm(vm: &Vm) -> (Vm, Receiver<TimedLine>) {
@@ -48,17 +36,6 @@ fn clone_vm(vm: &Vm) -> (Vm, Receiver<TimedLine>) {
     (copy, rx)
 }
 
-fn last_seq(lines: &[TimedLine], cpu: u32) -> u64 {
-    lines
-        .iter()
-        .filter_map(|l| match parse_line(&l.1) {
-            GuestLine::Heartbeat { cpu: c, seq, .. } if c == cpu => Some(seq),
-            _ => None,
-        })
-        .max()
-        .unwrap()
-}
-
 #[test]
 fn restored_vm_continues_the_heartbeat_with_the_next_number() {
     let (vm, rx) = boot(1, 128 << 20, "heartbeat period=1000");
@@ -67,7 +44,7 @@ fn restored_vm_continues_the_heartbeat_with_the_next_number() {
     vm.pause().unwrap();
     std::thread::sleep(Duration::from_millis(20));
     seen.extend(rx.try_iter());
-    let last = last_seq(&seen, 0);
+    let last = last_beat(&seen, 0);
     let (copy, rx2) = clone_vm(&vm);
     vm.shutdown().unwrap();
     vm.wait();
