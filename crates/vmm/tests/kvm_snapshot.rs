@@ -31,20 +31,7 @@ fn heartbeat_continues_with_the_next_number_after_restore() {
     seen.extend(rx.try_iter());
     let last = last_beat(&seen, 0);
     let (vm2, rx2) = restored(&d.0);
-    vm2.start().unwrap();
-    let mut after = Vec::new();
-    let first = wait_for(&rx2, &mut after, T, |l| l.starts_with("H0 ")).unwrap();
-    assert!(
-        first.1.starts_with(&format!("H0 {} ", last + 1)),
-        "{} after {last}",
-        first.1
-    );
-    wait_for(&rx2, &mut after, T, |l| {
-        l.starts_with(&format!("H0 {} ", last + 30))
-    })
-    .unwrap();
-    vm2.shutdown().unwrap();
-    assert_eq!(vm2.wait(), GuestExit::Stopped);
+    assert_heartbeat_continues(&vm2, &rx2, last);
 }
 
 /// Pauses, snapshots (full or diff), checks the guest's memory in the source, resumes.

@@ -5,7 +5,7 @@ use common::*;
 use ferry_guest::console::{wait_all, wait_for, LineSink, TimedLine};
 use ferry_guest::heartbeat::{parse_line, GuestLine};
 use ferry_guest::verify::verify_dirty_region;
-use ferry_vmm::{GuestExit, Vm, VmError};
+use ferry_vmm::{Vm, VmError};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -48,20 +48,7 @@ fn restored_vm_continues_the_heartbeat_with_the_next_number() {
     let (copy, rx2) = clone_vm(&vm);
     vm.shutdown().unwrap();
     vm.wait();
-    copy.start().unwrap();
-    let mut after = Vec::new();
-    let first = wait_for(&rx2, &mut after, T, |l| l.starts_with("H0 ")).unwrap();
-    assert!(
-        first.1.starts_with(&format!("H0 {} ", last + 1)),
-        "{} after {last}",
-        first.1
-    );
-    wait_for(&rx2, &mut after, T, |l| {
-        l.starts_with(&format!("H0 {} ", last + 20))
-    })
-    .unwrap();
-    copy.shutdown().unwrap();
-    assert_eq!(copy.wait(), GuestExit::Stopped);
+    assert_heartbeat_continues(&copy, &rx2, last);
 }
 
 #[test]

@@ -120,3 +120,15 @@ pub fn rss(pid: u32) -> u64 {
         .unwrap();
     kb * 1024
 }
+
+/// Runs `ferry ARGS` and asserts it succeeded (stderr shown if not).
+pub fn ferry_ok(args: &[&str]) -> Output {
+    let out = ferry(args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "ferry {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}

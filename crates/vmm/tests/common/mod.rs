@@ -69,3 +69,21 @@ pub fn scratch(tag: &str) -> Dir {
     std::fs::create_dir_all(&p).expect("scratch dir");
     Dir(p)
 }
+
+/// Starts `vm` (restored from a VM whose vCPU 0 last printed heartbeat `last`), checks the
+/// next heartbeat is `last + 1` and that 20 more follow, then stops it.
+pub fn assert_heartbeat_continues(vm: &Vm, rx: &Receiver<TimedLine>, last: u64) {
+    use ferry_guest::console::wait_for;
+    vm.start().expect("start restored VM");
+    let mut after = Vec::new();
+    let first = wait_for(rx, &mut after, T, |l| l.starts_with("H0 ")).expect("a heartbeat");
+    assert!(
+        first.1.starts_with(&format!("H0 {} ", last + 1)),
+        "{} after {last}",
+        first.1
+    );
+    let want = format!("H0 {} ", last + 20);
+    wait_for(rx, &mut after, T, |l| l.starts_with(&want)).expect("heartbeats go on");
+    vm.shutdown().expect("shutdown");
+    assert_eq!(vm.wait(), ferry_vmm::GuestExit::Stopped);
+}
