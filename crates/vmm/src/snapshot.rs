@@ -268,6 +268,41 @@ impl Vm {
 }
 
 /// Maps every run of a snapshot chain over guest memory (base first; later diffs win).
+/// A stretch of guest memory to map with one mmap: consecutive runs of one snapshot that are
+/// contiguous in guest memory and (for data) in the file.
+struct Stretch {
+    gpa: u64,
+    pages: u64,
+    data: RunData,
+}
+
+fn coalesce(runs: &[ferry_snapshot::Run]) -> Vec<Stretch> {
+    let mut out: Vec<Stretch> = Vec::new();
+    for r in runs {
+        if let Some(last) = out.last_mut() {
+            let next_gpa = last.gpa + last.pages * PAGE_SIZE;
+            let joins = r.gpa == next_gpa
+                && match (last.data, r.data) {
+                    (RunData::Zero, RunData::Zero) => true,
+                    (RunData::File { offset: a, .. }, RunData::File { offset: b, .. }) => {
+                        b == a + last.pages * PAGE_SIZE
+                    }
+                    _ => false,
+                };
+            if joins {
+                last.pages += r.pages as u64;
+                continue;
+            }
+        }
+        out.push(Stretch {
+            gpa: r.gpa,
+            pages: r.pages as u64,
+            data: r.data,
+        });
+    }
+    out
+}
+
 fn map_chain(
     mem: &crate::GuestMem,
     chain: &[Snapshot],
@@ -279,7 +314,7 @@ fn map_chain(
             path: path.clone(),
             source,
         })?;
-        for r in &snap.runs {
+        for r in coalesce(&snap.runs) {
             let len = r.pages as u64 * PAGE_SIZE;
             let region = mem
                 .find_region(GuestAddress(r.gpa))
@@ -329,7 +364,7 @@ fn map_chain(
                     source: std::io::Error::last_os_error(),
                 });
             }
-            mapped.push((r.gpa, r.pages as u64));
+            mapped.push((r.gpa, r.pages));
         }
     }
     Ok(())
