@@ -315,7 +315,7 @@ fn map_chain(
             source,
         })?;
         for r in coalesce(&snap.runs) {
-            let len = r.pages as u64 * PAGE_SIZE;
+            let len = r.pages * PAGE_SIZE;
             let region = mem
                 .find_region(GuestAddress(r.gpa))
                 .filter(|reg| r.gpa + len <= reg.start_addr().0 + reg.len())
