@@ -330,3 +330,28 @@ fn demo_shows_the_heartbeat_and_a_pause() {
         .unwrap_or_else(|| panic!("no gap line: {text}"));
     assert!((95.0..1000.0).contains(&gap), "{gap}");
 }
+
+#[test]
+fn the_largest_vm_runs_32_vcpus_and_512_gib() {
+    let out = ferry_ok(&[
+        "run",
+        "--cpus",
+        "32",
+        "--memory",
+        "512G",
+        "--guest",
+        "heartbeat period=1000 count=3",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<GuestLine> = text.lines().map(parse_line).collect();
+    assert_eq!(lines[0], GuestLine::Boot { mem_mib: 512 << 10 });
+    for cpu in 0..32 {
+        let beat3 =
+            |l: &GuestLine| matches!(l, GuestLine::Heartbeat { cpu: c, seq: 3, .. } if *c == cpu);
+        assert!(
+            lines.iter().any(beat3),
+            "vCPU {cpu} did not beat 3 times: {text}"
+        );
+        assert!(lines.contains(&GuestLine::End { cpu }));
+    }
+}
