@@ -3,6 +3,7 @@
 pub mod boot;
 pub mod cpuid;
 pub mod devices;
+pub mod live;
 pub mod memory;
 pub mod snapshot;
 pub mod vcpu;
@@ -12,7 +13,7 @@ pub mod vm_state;
 
 pub use memory::{parse_size, DirtyBitmap, GuestMem, RamRange};
 pub use vcpu::GuestExit;
-pub use vm::{BootSource, RunState, Vm, VmConfig, VmError, VmInfo, VmState, MAX_CPUS};
+pub use vm::{BootSource, Incoming, RunState, Vm, VmConfig, VmError, VmInfo, VmState, MAX_CPUS};
 
 /// Ferry's test guest image (multiboot ELF), embedded at build time.
 pub const TEST_GUEST_IMAGE: &[u8] = ferry_guest::IMAGE;

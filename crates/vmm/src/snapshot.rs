@@ -89,7 +89,7 @@ fn parent_ref(child: &Path, parent: &Path, id: u64) -> ParentRef {
 }
 
 /// Pages resident in the VM's anonymous memory (mincore), plus file-backed ranges.
-fn populated(vm: &Vm) -> Result<DirtyBitmap, SnapshotError> {
+pub(crate) fn populated(vm: &Vm) -> Result<DirtyBitmap, SnapshotError> {
     let mut out = DirtyBitmap::default();
     let track = vm.snapshot_track();
     for region in vm.memory().iter() {

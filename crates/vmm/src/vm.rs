@@ -210,50 +210,26 @@ impl Vm {
         console: Box<dyn Write + Send>,
         load_memory: impl FnOnce(&GuestMem) -> Result<(), VmError>,
     ) -> Result<Vm, VmError> {
-        if state.version != VM_STATE_VERSION {
-            return Err(StateError::Invalid(format!(
-                "VM state version {} is not supported",
-                state.version
-            ))
-            .into());
-        }
-        let config = state.config.clone();
-        if state.vcpus.len() != config.cpus as usize || config.cpus == 0 || config.cpus > MAX_CPUS {
-            return Err(StateError::Invalid(format!(
-                "state has {} vCPUs for a {}-vCPU configuration",
-                state.vcpus.len(),
-                config.cpus
-            ))
-            .into());
-        }
-        if memory::ram_layout(config.memory)? != state.layout {
-            return Err(StateError::Invalid(
-                "memory layout does not match the configuration".into(),
-            )
-            .into());
-        }
+        check_state(state)?;
         let t0 = Instant::now();
-        let base = Base::create(state.layout.clone())?;
+        let incoming = Vm::incoming(&state.config)?;
         tracing::debug!("restore: KVM VM created in {:?}", t0.elapsed());
-        load_memory(&base.mem)?;
+        load_memory(incoming.memory())?;
         tracing::debug!("restore: memory loaded at {:?}", t0.elapsed());
-        let bus = IoBus::from_state(
-            &state.devices,
-            base.serial_irq.try_clone().map_err(VmError::Thread)?,
-            ConsoleOut::new(console),
-        )?;
-        vm_state::restore(&base.vm, &state.kvm)?;
-        let mut vcpus = Vec::new();
-        for (i, s) in state.vcpus.iter().enumerate() {
-            let v = base
-                .vm
-                .create_vcpu(i as u64)
-                .map_err(kvm_err("create vCPU"))?;
-            vcpu_state::restore(&v, s, &base.caps)?;
-            vcpus.push(v);
+        incoming.finish(state, console)
+    }
+
+    /// The first half of a restore, for a VM whose memory arrives before its state (live
+    /// migration): the KVM VM and its RAM, built from the configuration.
+    pub fn incoming(config: &VmConfig) -> Result<Incoming, VmError> {
+        if config.cpus == 0 || config.cpus > MAX_CPUS {
+            return Err(VmError::Cpus(config.cpus as u32));
         }
-        memory::reset_vmm_dirty(&base.mem);
-        Vm::assemble(config, base, vcpus, bus)
+        let base = Base::create(memory::ram_layout(config.memory)?)?;
+        Ok(Incoming {
+            config: config.clone(),
+            base,
+        })
     }
 
     fn assemble(
@@ -526,6 +502,67 @@ impl Vm {
         let r = self.mem.find_region(GuestAddress(gpa))?;
         r.get_host_address(MemoryRegionAddress(gpa - r.start_addr().0))
             .ok()
+    }
+}
+
+fn check_state(state: &VmState) -> Result<(), VmError> {
+    if state.version != VM_STATE_VERSION {
+        let v = state.version;
+        return Err(StateError::Invalid(format!("VM state version {v} is not supported")).into());
+    }
+    let config = &state.config;
+    if state.vcpus.len() != config.cpus as usize || config.cpus == 0 || config.cpus > MAX_CPUS {
+        return Err(StateError::Invalid(format!(
+            "state has {} vCPUs for a {}-vCPU configuration",
+            state.vcpus.len(),
+            config.cpus
+        ))
+        .into());
+    }
+    if memory::ram_layout(config.memory)? != state.layout {
+        return Err(
+            StateError::Invalid("memory layout does not match the configuration".into()).into(),
+        );
+    }
+    Ok(())
+}
+
+/// A VM being received: KVM VM and RAM exist, vCPUs and devices come with its state.
+pub struct Incoming {
+    config: VmConfig,
+    base: Base,
+}
+
+impl Incoming {
+    /// Guest RAM, to be filled.
+    pub fn memory(&self) -> &GuestMem {
+        &self.base.mem
+    }
+
+    /// Completes the VM from its state (which must describe the same configuration).
+    pub fn finish(self, state: &VmState, console: Box<dyn Write + Send>) -> Result<Vm, VmError> {
+        check_state(state)?;
+        if state.config != self.config {
+            return Err(StateError::Invalid("state is for another VM configuration".into()).into());
+        }
+        let base = self.base;
+        let bus = IoBus::from_state(
+            &state.devices,
+            base.serial_irq.try_clone().map_err(VmError::Thread)?,
+            ConsoleOut::new(console),
+        )?;
+        vm_state::restore(&base.vm, &state.kvm)?;
+        let mut vcpus = Vec::new();
+        for (i, s) in state.vcpus.iter().enumerate() {
+            let v = base
+                .vm
+                .create_vcpu(i as u64)
+                .map_err(kvm_err("create vCPU"))?;
+            vcpu_state::restore(&v, s, &base.caps)?;
+            vcpus.push(v);
+        }
+        memory::reset_vmm_dirty(&base.mem);
+        Vm::assemble(self.config, base, vcpus, bus)
     }
 }
 
