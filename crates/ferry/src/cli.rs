@@ -33,9 +33,14 @@ pub enum Command {
     ///
     /// Exit status as for `ferry run`.
     Restore(RestoreArgs),
-    /// Move a VM to another host. `--quick`: pause, save to storage both hosts see, stop;
+    /// Move a running VM to another host. `--to HOST:PORT`: live migration (pre-copy) to a
+    /// `ferry receive` there. `--quick --via DIR`: pause, save to storage both hosts see, stop;
     /// then `ferry restore --from DIR` on the other host continues it.
     Migrate(MigrateArgs),
+    /// Wait for one incoming live migration, then run the VM like `ferry run`.
+    ///
+    /// Exit status as for `ferry run`; 1 when the migration fails (nothing was started).
+    Receive(ReceiveArgs),
     /// Write Ferry's test guest image (a multiboot ELF) to a file, e.g. to boot it in QEMU:
     /// qemu-system-x86_64 -enable-kvm -kernel FILE -append 'heartbeat count=10'
     ///   -device isa-debug-exit,iobase=0xf4,iosize=4 -serial stdio -display none
@@ -125,12 +130,46 @@ pub struct MigrateArgs {
     /// API socket of the VM to move.
     #[arg(long)]
     pub api_socket: PathBuf,
-    /// Quick migration through shared storage (live migration over TCP is not there yet).
-    #[arg(long, required = true)]
+    /// Live migration to the `ferry receive --listen` at HOST:PORT.
+    #[arg(long, conflicts_with_all = ["quick", "via"], required_unless_present = "quick")]
+    pub to: Option<String>,
+    /// Quick migration through shared storage instead (needs --via).
+    #[arg(long, requires = "via")]
     pub quick: bool,
-    /// Directory on storage the destination host can read.
+    /// With --quick: directory on storage the destination host can read.
+    #[arg(long, requires = "quick")]
+    pub via: Option<PathBuf>,
+    /// Switch over once the predicted downtime is under this many milliseconds.
+    #[arg(long, default_value_t = 30)]
+    pub downtime_limit: u64,
+    /// Switch over after this many passes whatever the prediction (0: no limit).
+    #[arg(long, default_value_t = 30)]
+    pub max_passes: u32,
+    /// Page compression on the wire.
+    #[arg(long, value_enum, default_value_t = Compress::None)]
+    pub compress: Compress,
+    /// Bandwidth cap in bytes per second, e.g. 100M (default: none).
     #[arg(long)]
-    pub via: PathBuf,
+    pub max_bandwidth: Option<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compress {
+    None,
+    Lz4,
+}
+
+#[derive(Args, Debug)]
+pub struct ReceiveArgs {
+    /// Address to listen on, e.g. 0.0.0.0:4444 or 127.0.0.1:4444.
+    #[arg(long)]
+    pub listen: String,
+    /// Write the serial console here instead of stdout.
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// Serve the control API on this Unix socket.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -1,7 +1,8 @@
 //! `ferry run`: build a VM from the command line, serve its API, run it to the end.
 use crate::api::host::Host;
-use crate::cli::{RestoreArgs, RunArgs};
+use crate::cli::{ReceiveArgs, RestoreArgs, RunArgs};
 use anyhow::{Context, Result};
+use ferry_vmm::live::LiveDestination;
 use ferry_vmm::snapshot::MemoryCheck;
 use ferry_vmm::{BootSource, GuestExit, Vm, VmConfig};
 use std::sync::Arc;
@@ -54,7 +55,7 @@ pub fn main(args: RunArgs) -> Result<i32> {
     }
     let config = config_from(&args)?;
     let vm = Vm::new(config, console(&args.console_log)?)?;
-    serve_and_wait(Arc::new(vm), listener, &args.console_log)
+    serve_and_wait(Arc::new(vm), listener, &args.console_log, true)
 }
 
 fn bind(p: &Option<std::path::PathBuf>) -> Result<Option<crate::api::server::Bound>> {
@@ -66,12 +67,15 @@ fn serve_and_wait(
     vm: Arc<Vm>,
     listener: Option<crate::api::server::Bound>,
     console_log: &Option<std::path::PathBuf>,
+    start: bool,
 ) -> Result<i32> {
     let host = Host::new(Some(vm.clone()), console_log.clone());
     let server = listener
         .map(|l| crate::api::server::spawn(l, host))
         .transpose()?;
-    vm.start()?;
+    if start {
+        vm.start()?;
+    }
     Ok(match server {
         Some(s) => finish(&vm, s),
         None => report(&vm.wait()),
@@ -108,7 +112,31 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
         },
         t0.elapsed().as_secs_f64() * 1e3
     );
-    serve_and_wait(Arc::new(vm), listener, &args.console_log)
+    serve_and_wait(Arc::new(vm), listener, &args.console_log, true)
+}
+
+/// Migration sockets give up on a silent peer after this.
+pub const MIGRATION_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `ferry receive`.
+pub fn receive(args: ReceiveArgs) -> Result<i32> {
+    let listener = bind(&args.api_socket)?;
+    let l = std::net::TcpListener::bind(&args.listen)
+        .with_context(|| format!("--listen {}", args.listen))?;
+    eprintln!("ferry: waiting for a migration on {}", l.local_addr()?);
+    let (mut s, peer) = l.accept().context("accepting the migration connection")?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(MIGRATION_IO_TIMEOUT))?;
+    s.set_write_timeout(Some(MIGRATION_IO_TIMEOUT))?;
+    let mut dest = LiveDestination::new(console(&args.console_log)?);
+    let got = ferry_migration::engine::receive(&mut dest, &mut s)
+        .with_context(|| format!("migration from {peer} failed; nothing was started"))?;
+    let vm = dest.into_vm().context("migration ended without a VM")?;
+    eprintln!(
+        "ferry: received the VM from {peer} ({} pages); it runs here now",
+        got.pages
+    );
+    serve_and_wait(Arc::new(vm), listener, &args.console_log, false)
 }
 
 /// Prints how the guest ended (stderr) and maps it to the exit status.

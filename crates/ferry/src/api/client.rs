@@ -1,5 +1,5 @@
 //! `ferry vm|snapshot|migrate`: a small HTTP/1.1 client over the API's Unix socket (hyper).
-use crate::cli::{MigrateArgs, SnapshotArgs, Then, VmAction, VmArgs};
+use crate::cli::{Compress, MigrateArgs, SnapshotArgs, Then, VmAction, VmArgs};
 use anyhow::{bail, Context, Result};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
@@ -134,10 +134,69 @@ pub fn snapshot(args: SnapshotArgs) -> Result<()> {
     Ok(())
 }
 
-/// `ferry migrate --quick`.
+/// `ferry migrate`: live (`--to`) or quick (`--quick --via`).
 pub fn migrate(args: MigrateArgs) -> Result<()> {
-    let v = snapshot_call(&args.api_socket, &args.via, false, Then::Stop)?;
-    let via = std::path::absolute(&args.via).unwrap_or(args.via.clone());
+    let Some(to) = &args.to else {
+        return quick(&args);
+    };
+    let max_bandwidth = match &args.max_bandwidth {
+        Some(b) => Some(ferry_vmm::parse_size(b).with_context(|| format!("--max-bandwidth {b}"))?),
+        None => None,
+    };
+    let body = serde_json::json!({
+        "to": to,
+        "downtime_limit_ms": args.downtime_limit,
+        "max_passes": args.max_passes,
+        "compress": match args.compress { Compress::None => "none", Compress::Lz4 => "lz4" },
+        "max_bandwidth": max_bandwidth,
+    });
+    let v = call(
+        &args.api_socket,
+        Method::PUT,
+        "/vm/migrate",
+        Some(body.to_string()),
+    )?
+    .context("empty migration answer")?;
+    let mib = |b: &serde_json::Value| b.as_f64().unwrap_or(0.0) / (1u64 << 20) as f64;
+    if let Some(passes) = v["passes"].as_array() {
+        for (i, p) in passes.iter().enumerate() {
+            let last = i + 1 == passes.len();
+            println!(
+                "pass {:>2}{} {:>8} pages ({} zero) {:>9.1} MiB in {:>8.1} ms{}",
+                i + 1,
+                if last { " (paused)" } else { "         " },
+                p["pages"],
+                p["zero_pages"],
+                mib(&p["wire_bytes"]),
+                p["ms"].as_f64().unwrap_or(0.0),
+                if last {
+                    String::new()
+                } else {
+                    format!(
+                        ", guest dirtied {:.0} pages/s",
+                        p["dirty_pages_per_s"].as_f64().unwrap_or(0.0)
+                    )
+                }
+            );
+        }
+    }
+    println!(
+        "migrated to {to}: total {:.1} ms, downtime {:.2} ms (predicted {:.2}), {:.1} MiB sent, \
+         {:.1} MiB saved by zero pages and compression, link {:.0} MiB/s",
+        v["total_ms"].as_f64().unwrap_or(0.0),
+        v["downtime_ms"].as_f64().unwrap_or(0.0),
+        v["predicted_downtime_ms"].as_f64().unwrap_or(0.0),
+        mib(&v["wire_bytes"]),
+        mib(&v["saved_bytes"]),
+        mib(&v["bandwidth_bytes_per_s"]),
+    );
+    Ok(())
+}
+
+fn quick(args: &MigrateArgs) -> Result<()> {
+    let via = args.via.clone().context("--quick needs --via DIR")?;
+    let v = snapshot_call(&args.api_socket, &via, false, Then::Stop)?;
+    let via = std::path::absolute(&via).unwrap_or(via);
     println!("{}", describe(&v));
     println!(
         "VM saved to {} and stopped here. Continue it on the destination host with:\n  \

@@ -7,6 +7,7 @@
 //! | PUT    | /vm/resume    | | 204; 409 when not paused |
 //! | PUT    | /vm/shutdown  | | 204; 409 when already shut down |
 //! | PUT    | /vm/snapshot  | `{"to": DIR, "diff": bool, "then": "resume"\|"pause"\|"stop"}` | 200 report |
+//! | PUT    | /vm/migrate   | `{"to": "HOST:PORT", "downtime_limit_ms", "max_passes", "compress": "none"\|"lz4", "max_bandwidth"}` | 200 report; the VM then stops here |
 //! | PUT    | /vm/restore   | `{"from": DIR, "lazy_check": bool}` | 200 report; 409 when the VMM has a VM |
 //!
 //! Without a VM (an empty VMM, `ferry run --api-socket S`) the VM routes answer 404.

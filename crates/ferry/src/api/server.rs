@@ -86,6 +86,7 @@ pub fn spawn(bound: Bound, host: Arc<Host>) -> Result<Server> {
         .route("/vm/shutdown", put(shutdown))
         .route("/vm/snapshot", put(snapshot))
         .route("/vm/restore", put(restore))
+        .route("/vm/migrate", put(migrate))
         .with_state(host);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = rt.spawn(async move {
