@@ -25,7 +25,9 @@ pub enum Command {
     Run(RunArgs),
     /// Control a running VM through its API socket.
     Vm(VmArgs),
-    /// Boot the test guest and show its heartbeat (the live-migration demo comes later).
+    /// Ferry's main job in one command: two local "hosts" (ferry processes), the test guest
+    /// rewriting memory with a heartbeat, live-migrated A→B→A, each move's report and the
+    /// downtime the guest itself saw (largest heartbeat gap).
     Demo(DemoArgs),
     /// Save a VM (state and memory) to a directory through its API socket.
     Snapshot(SnapshotArgs),
@@ -204,10 +206,13 @@ pub enum VmAction {
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Heartbeats to show before the demo VM powers off.
-    #[arg(long, default_value_t = 20)]
-    pub beats: u32,
-    /// Heartbeat period in microseconds.
-    #[arg(long, default_value_t = 100_000)]
-    pub period_us: u64,
+    /// Memory the guest keeps rewriting while it moves.
+    #[arg(long, default_value = "256M")]
+    pub dirty: String,
+    /// How fast it rewrites it (bytes per second).
+    #[arg(long, default_value = "50M")]
+    pub rate: String,
+    /// Switch-over target, milliseconds.
+    #[arg(long, default_value_t = 30)]
+    pub downtime_limit: u64,
 }

@@ -43,7 +43,7 @@ pub async fn request(
 }
 
 /// Sends one request and returns the answer's JSON; a non-2xx answer becomes its error text.
-fn call(
+pub fn call(
     socket: &Path,
     method: Method,
     uri: &str,
@@ -157,6 +157,12 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
         Some(body.to_string()),
     )?
     .context("empty migration answer")?;
+    print_report(to, &v);
+    Ok(())
+}
+
+/// Prints a live migration's report: one line per pass, then the totals.
+pub fn print_report(to: &str, v: &serde_json::Value) {
     let mib = |b: &serde_json::Value| b.as_f64().unwrap_or(0.0) / (1u64 << 20) as f64;
     if let Some(passes) = v["passes"].as_array() {
         for (i, p) in passes.iter().enumerate() {
@@ -190,7 +196,6 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
         mib(&v["saved_bytes"]),
         mib(&v["bandwidth_bytes_per_s"]),
     );
-    Ok(())
 }
 
 fn quick(args: &MigrateArgs) -> Result<()> {
