@@ -3,8 +3,6 @@
 //! passing after the move; failures leave the source running and start nothing.
 mod common;
 use common::*;
-use ferry_guest::console::TimedLine;
-use ferry_guest::heartbeat::{parse_line, GuestLine, HeartbeatLog};
 use std::io::Write;
 
 fn free_port() -> u16 {
@@ -23,14 +21,6 @@ fn wait_for_listener(port: u16) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     panic!("receiver never listened on {port}");
-}
-
-fn beats(log: &mut HeartbeatLog, lines: &[TimedLine]) {
-    for (at, l) in lines {
-        if let GuestLine::Heartbeat { cpu: 0, seq, tsc } = parse_line(l) {
-            log.push(*at, seq, tsc);
-        }
-    }
 }
 
 #[test]
@@ -94,17 +84,7 @@ fn live_migration_between_two_processes() {
         !dst_lines.iter().any(|l| l.1.contains("BAD")),
         "the guest's memory check failed"
     );
-    let mut log = HeartbeatLog::default();
-    beats(&mut log, &src_lines);
-    beats(&mut log, &dst_lines);
-    log.check_continuous()
-        .expect("no heartbeat lost or repeated across the move");
-    for (_, l) in src_lines.iter().chain(&dst_lines) {
-        assert!(
-            !matches!(parse_line(l), GuestLine::Other(_)),
-            "torn line {l:?}"
-        );
-    }
+    assert_guest_moved_cleanly(&src_lines, &dst_lines);
 }
 
 #[test]

@@ -4,16 +4,8 @@
 mod common;
 use common::*;
 use ferry_guest::console::TimedLine;
-use ferry_guest::heartbeat::{parse_line, GuestLine, HeartbeatLog};
+use ferry_guest::heartbeat::{parse_line, GuestLine};
 use std::path::Path;
-
-fn beats(log: &mut HeartbeatLog, lines: &[TimedLine]) {
-    for (at, l) in lines {
-        if let GuestLine::Heartbeat { cpu: 0, seq, tsc } = parse_line(l) {
-            log.push(*at, seq, tsc);
-        }
-    }
-}
 
 fn last_beat(lines: &[TimedLine]) -> u64 {
     lines
@@ -113,18 +105,7 @@ fn quick_migration_continues_the_guest_on_the_other_host() {
     let (code, err, dst_lines) = dst.finish();
     assert_eq!(code, 0);
     assert!(err.contains("ready in"), "{err}");
-    let mut log = HeartbeatLog::default();
-    beats(&mut log, &src_lines);
-    beats(&mut log, &dst_lines);
-    log.check_continuous()
-        .expect("no heartbeat lost or repeated across the move");
-    // No torn console line on either side.
-    for (_, l) in src_lines.iter().chain(&dst_lines) {
-        assert!(
-            !matches!(parse_line(l), GuestLine::Other(_)),
-            "torn line {l:?}"
-        );
-    }
+    assert_guest_moved_cleanly(&src_lines, &dst_lines);
 }
 
 #[test]

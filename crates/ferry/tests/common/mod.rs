@@ -132,3 +132,19 @@ pub fn ferry_ok(args: &[&str]) -> Output {
     );
     out
 }
+
+/// Checks the guest's console across a move between two processes: vCPU 0's heartbeat goes
+/// on with no number lost or repeated, and no line is torn on either side.
+pub fn assert_guest_moved_cleanly(src: &[TimedLine], dst: &[TimedLine]) {
+    use ferry_guest::heartbeat::{parse_line, GuestLine, HeartbeatLog};
+    let mut log = HeartbeatLog::default();
+    for (at, l) in src.iter().chain(dst) {
+        match parse_line(l) {
+            GuestLine::Heartbeat { cpu: 0, seq, tsc } => log.push(*at, seq, tsc),
+            GuestLine::Other(_) => panic!("torn console line {l:?}"),
+            _ => {}
+        }
+    }
+    log.check_continuous()
+        .expect("no heartbeat lost or repeated across the move");
+}
