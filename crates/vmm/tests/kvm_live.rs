@@ -136,3 +136,42 @@ fn destination_killed_mid_migration_leaves_the_source_running_and_exact() {
     src.shutdown().unwrap();
     src.wait();
 }
+
+#[test]
+fn ten_migrations_in_a_row_keep_memory_and_heartbeat() {
+    let (mut vm, rx) = boot(1, 256 << 20, "dirty size=16M rate=20M hb=2000");
+    let mut consoles = vec![rx];
+    let mut seen = Vec::new();
+    wait_for(&consoles[0], &mut seen, T, |l| l == "D0 1").unwrap();
+    let base = bases(&seen)[0];
+    let mut all: Vec<TimedLine> = seen;
+    for round in 0..10 {
+        let (addr, dest) = destination(None);
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        migrate(&LiveSource::new(&vm), &mut s, &Options::default())
+            .unwrap_or_else(|e| panic!("migration {round}: {e}"));
+        vm.shutdown_after_handoff().unwrap();
+        vm.wait();
+        all.extend(consoles.last().unwrap().try_iter());
+        let (r, next, rx) = dest.join().unwrap();
+        r.unwrap();
+        vm = next.expect("destination VM");
+        consoles.push(rx);
+        let mut seen = Vec::new();
+        wait_for(consoles.last().unwrap(), &mut seen, T, |l| {
+            l.starts_with("H0 ")
+        })
+        .unwrap();
+        all.extend(seen);
+    }
+    vm.pause().unwrap();
+    verify_dirty_region(&reader(&vm), base).expect("memory exact after ten moves");
+    vm.shutdown().unwrap();
+    vm.wait();
+    all.extend(consoles.last().unwrap().try_iter());
+    let mut log = HeartbeatLog::default();
+    beats(&mut log, &all);
+    log.check_continuous()
+        .expect("no heartbeat lost or repeated over ten moves");
+}
