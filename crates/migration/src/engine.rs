@@ -11,8 +11,8 @@
 //! never resumes by itself: without Resumed the outcome is in doubt and the source VM stays
 //! paused (two running copies are worse than a stopped one).
 use crate::protocol::{
-    recv, send, Compression, Hello, Message, PageData, ProtocolError, MAGIC, MAX_BATCH, PAGE,
-    VERSION,
+    expect, recv, send, Compression, Hello, Message, PagesBuf, ProtocolError, MAGIC, MAX_BATCH,
+    PAGE, PAGE_HEADER_LEN, VERSION,
 };
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -110,7 +110,9 @@ fn ok<T>(r: Result<T, String>) -> Result<T, EngineError> {
 struct Sender<'a, S: Write> {
     s: &'a mut S,
     opts: &'a Options,
-    batch: Vec<(u64, PageData)>,
+    frame: PagesBuf,
+    /// Bytes in `frame` not yet sent.
+    pending: u64,
     started: Instant,
     sent: u64,
 }
@@ -123,29 +125,24 @@ impl<S: Write> Sender<'_, S> {
         pass: &mut Pass,
         saved: &mut u64,
     ) -> Result<(), EngineError> {
-        let d = PageData::encode(data, self.opts.compression);
-        let n = d.wire_len() as u64 + 13;
-        if matches!(d, PageData::Zero) {
+        let (n, zero) = self.frame.push(gpa, data, self.opts.compression);
+        let n = n as u64;
+        if zero {
             pass.zero_pages += 1;
         }
-        *saved += PAGE as u64 + 13 - n;
+        *saved += (PAGE + PAGE_HEADER_LEN) as u64 - n;
         pass.pages += 1;
         pass.wire_bytes += n;
-        self.batch.push((gpa, d));
-        if self.batch.len() >= MAX_BATCH {
+        self.pending += n;
+        if self.frame.pages() >= MAX_BATCH {
             self.flush()?;
         }
         Ok(())
     }
 
     fn flush(&mut self) -> Result<(), EngineError> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        let batch = std::mem::take(&mut self.batch);
-        let bytes: u64 = batch.iter().map(|(_, d)| d.wire_len() as u64 + 13).sum();
-        send(self.s, &Message::Pages(batch))?;
-        self.sent += bytes;
+        self.frame.send(self.s)?;
+        self.sent += std::mem::take(&mut self.pending);
         if let Some(cap) = self.opts.max_bandwidth.filter(|&c| c > 0) {
             let due = Duration::from_secs_f64(self.sent as f64 / cap as f64);
             if let Some(wait) = due.checked_sub(self.started.elapsed()) {
@@ -204,23 +201,14 @@ fn run_source<V: SourceVm, S: Read + Write>(
             config: vm.config(),
         }),
     )?;
-    match recv(stream)? {
-        Message::Welcome => {}
-        Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
-        m => {
-            return Err(ProtocolError::Unexpected {
-                got: m.name(),
-                want: "Welcome",
-            }
-            .into())
-        }
-    }
+    expect(stream, Message::Welcome)?;
     ok(vm.start_dirty_log())?;
     let mut report = Report::default();
     let mut tx = Sender {
         s: stream,
         opts,
-        batch: Vec::new(),
+        frame: PagesBuf::default(),
+        pending: 0,
         started: Instant::now(),
         sent: 0,
     };
@@ -268,17 +256,7 @@ fn run_source<V: SourceVm, S: Read + Write>(
     report.passes.push(pass);
     let state = ok(vm.save_state())?;
     send(tx.s, &Message::State(state))?;
-    match recv(tx.s)? {
-        Message::Ready => {}
-        Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
-        m => {
-            return Err(ProtocolError::Unexpected {
-                got: m.name(),
-                want: "Ready",
-            }
-            .into())
-        }
-    }
+    expect(tx.s, Message::Ready)?;
     send(tx.s, &Message::Commit).map_err(|e| EngineError::InDoubt(e.to_string()))?;
     match recv(tx.s) {
         Ok(Message::Resumed) => {}
@@ -363,17 +341,7 @@ fn run_destination<V: DestinationVm, S: Read + Write>(
                 got.state_bytes = s.len() as u64;
                 ok(vm.load_state(&s))?;
                 send(stream, &Message::Ready)?;
-                match recv(stream)? {
-                    Message::Commit => {}
-                    Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
-                    m => {
-                        return Err(ProtocolError::Unexpected {
-                            got: m.name(),
-                            want: "Commit",
-                        }
-                        .into())
-                    }
-                }
+                expect(stream, Message::Commit)?;
                 ok(vm.resume())?;
                 send(stream, &Message::Resumed)?;
                 return Ok(got);

@@ -16,6 +16,15 @@ pub const HEADER_LEN: usize = 16;
 pub const PAGE: usize = 4096;
 /// Most pages in one `Pages` frame.
 pub const MAX_BATCH: usize = 256;
+/// Bytes each page adds to a `Pages` frame before its body: gpa u64, encoding u8, length u32.
+pub const PAGE_HEADER_LEN: usize = 13;
+
+/// True when the page is all zero.
+pub fn is_zero_page(p: &[u8]) -> bool {
+    p.chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
+        && p.chunks_exact(16).remainder().iter().all(|&b| b == 0)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
@@ -79,7 +88,7 @@ impl PageData {
     /// Encodes a page: zero pages as a marker, others raw or compressed (raw when
     /// compression does not pay).
     pub fn encode(page: &[u8], c: Compression) -> PageData {
-        if page.iter().all(|&b| b == 0) {
+        if is_zero_page(page) {
             return PageData::Zero;
         }
         if c == Compression::Lz4 {
@@ -187,21 +196,81 @@ fn malformed(what: &'static str, why: impl std::fmt::Display) -> ProtocolError {
     }
 }
 
-fn encode_pages(pages: &[(u64, PageData)]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(4 + pages.len() * (13 + PAGE));
-    b.extend_from_slice(&(pages.len() as u32).to_le_bytes());
-    for (gpa, d) in pages {
-        b.extend_from_slice(&gpa.to_le_bytes());
-        let (enc, body): (u8, &[u8]) = match d {
-            PageData::Zero => (ENC_ZERO, &[]),
-            PageData::Raw(x) => (ENC_RAW, x),
-            PageData::Lz4(x) => (ENC_LZ4, x),
-        };
-        b.push(enc);
-        b.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        b.extend_from_slice(body);
+/// A `Pages` frame built in place, page by page: the sender's hot path encodes straight into
+/// one buffer (no allocation or copy per page).
+pub struct PagesBuf {
+    buf: Vec<u8>,
+    count: u32,
+    scratch: Vec<u8>,
+}
+
+impl Default for PagesBuf {
+    fn default() -> Self {
+        let mut buf = Vec::with_capacity(4 + MAX_BATCH * (PAGE_HEADER_LEN + PAGE));
+        buf.extend_from_slice(&[0; 4]);
+        PagesBuf {
+            buf,
+            count: 0,
+            scratch: vec![0; lz4_flex::block::get_maximum_output_size(PAGE)],
+        }
     }
-    b
+}
+
+impl PagesBuf {
+    fn put(&mut self, gpa: u64, enc: u8, body: &[u8]) {
+        self.buf.extend_from_slice(&gpa.to_le_bytes());
+        self.buf.push(enc);
+        self.buf
+            .extend_from_slice(&(body.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(body);
+        self.count += 1;
+    }
+
+    /// Adds a page, encoded as [`PageData::encode`] would; returns the bytes it adds to the
+    /// frame and whether it went as a zero page.
+    pub fn push(&mut self, gpa: u64, page: &[u8], c: Compression) -> (usize, bool) {
+        if is_zero_page(page) {
+            self.put(gpa, ENC_ZERO, &[]);
+            return (PAGE_HEADER_LEN, true);
+        }
+        if c == Compression::Lz4 {
+            if let Ok(n) = lz4_flex::block::compress_into(page, &mut self.scratch) {
+                if n < page.len() * 7 / 8 {
+                    let z = std::mem::take(&mut self.scratch);
+                    self.put(gpa, ENC_LZ4, &z[..n]);
+                    self.scratch = z;
+                    return (PAGE_HEADER_LEN + n, false);
+                }
+            }
+        }
+        self.put(gpa, ENC_RAW, page);
+        (PAGE_HEADER_LEN + page.len(), false)
+    }
+
+    fn push_encoded(&mut self, gpa: u64, d: &PageData) {
+        match d {
+            PageData::Zero => self.put(gpa, ENC_ZERO, &[]),
+            PageData::Raw(x) => self.put(gpa, ENC_RAW, x),
+            PageData::Lz4(x) => self.put(gpa, ENC_LZ4, x),
+        }
+    }
+
+    /// Pages in the frame so far.
+    pub fn pages(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Sends the frame (if it holds any page) and starts an empty one.
+    pub fn send(&mut self, w: &mut impl Write) -> Result<(), ProtocolError> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        self.buf[..4].copy_from_slice(&self.count.to_le_bytes());
+        send_frame(w, K_PAGES, &self.buf)?;
+        self.buf.truncate(4);
+        self.count = 0;
+        Ok(())
+    }
 }
 
 fn decode_pages(p: &[u8]) -> Result<Vec<(u64, PageData)>, ProtocolError> {
@@ -247,23 +316,51 @@ fn decode_pages(p: &[u8]) -> Result<Vec<(u64, PageData)>, ProtocolError> {
 /// Writes one message as a frame.
 pub fn send(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
     let enc = |e: postcard::Error| malformed("outgoing", e);
-    let payload = match m {
-        Message::Hello(h) => postcard::to_stdvec(h).map_err(enc)?,
-        Message::Pages(p) => encode_pages(p),
-        Message::State(s) => s.clone(),
-        Message::Abort(t) => t.as_bytes().to_vec(),
-        Message::Welcome | Message::Ready | Message::Commit | Message::Resumed => Vec::new(),
+    let hello;
+    let payload: &[u8] = match m {
+        Message::Hello(h) => {
+            hello = postcard::to_stdvec(h).map_err(enc)?;
+            &hello
+        }
+        Message::Pages(p) => {
+            let mut b = PagesBuf::default();
+            for (gpa, d) in p {
+                b.push_encoded(*gpa, d);
+            }
+            b.buf[..4].copy_from_slice(&b.count.to_le_bytes());
+            return send_frame(w, K_PAGES, &b.buf);
+        }
+        Message::State(s) => s,
+        Message::Abort(t) => t.as_bytes(),
+        Message::Welcome | Message::Ready | Message::Commit | Message::Resumed => &[],
     };
+    send_frame(w, m.kind(), payload)
+}
+
+fn send_frame(w: &mut impl Write, kind: u8, payload: &[u8]) -> Result<(), ProtocolError> {
     if payload.len() > MAX_FRAME as usize {
         return Err(ProtocolError::Oversized(payload.len() as u32));
     }
     let mut h = [0u8; HEADER_LEN];
-    h[0] = m.kind();
+    h[0] = kind;
     h[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    h[8..12].copy_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    h[8..12].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     w.write_all(&h)?;
-    w.write_all(&payload)?;
+    w.write_all(payload)?;
     Ok(())
+}
+
+/// Reads the next frame and requires it to be `want` (a payload-less message); the peer's
+/// Abort becomes its reason.
+pub fn expect(r: &mut impl Read, want: Message) -> Result<(), ProtocolError> {
+    match recv(r)? {
+        m if m == want => Ok(()),
+        Message::Abort(why) => Err(ProtocolError::Peer(why)),
+        m => Err(ProtocolError::Unexpected {
+            got: m.name(),
+            want: want.name(),
+        }),
+    }
 }
 
 /// Reads one frame: the length is bounded before allocating, the CRC checked before decoding.

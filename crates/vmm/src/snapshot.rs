@@ -160,11 +160,6 @@ fn pages_at(vm: &Vm, gpa: u64, n: u32) -> Result<&[u8], SnapshotError> {
     Ok(unsafe { std::slice::from_raw_parts(p, len as usize) })
 }
 
-fn is_zero_page(p: &[u8]) -> bool {
-    p.chunks_exact(16)
-        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
-}
-
 impl Vm {
     /// Writes a snapshot of this (paused) VM to `dir`. With `diff`, only pages dirtied since
     /// the previous snapshot (taken or restored here) are stored.
@@ -210,7 +205,7 @@ impl Vm {
         let mut data_run: Option<(u64, u32)> = None;
         let mut zero_run: Option<(u64, u32)> = None;
         for gpa in pages.pages() {
-            let is_zero = is_zero_page(page(self, gpa)?);
+            let is_zero = ferry_migration::protocol::is_zero_page(page(self, gpa)?);
             if let Some((s, n)) = data_run {
                 if is_zero || gpa != s + n as u64 * PAGE_SIZE || n >= MAX_RUN_PAGES {
                     w.add_pages(s, pages_at(self, s, n)?)?;
@@ -403,18 +398,9 @@ pub fn restore(
         what: format!("STATE does not decode: {e}"),
     })?;
     let mut mapped = Vec::new();
-    let mut map_err = None;
-    let vm = Vm::restore(&state, console, |mem| {
-        map_chain(mem, &chain, &mut mapped).map_err(|e| {
-            let msg = e.to_string();
-            map_err = Some(e);
-            VmError::Thread(std::io::Error::other(msg))
-        })
-    });
-    let vm = match (vm, map_err) {
-        (_, Some(e)) => return Err(e),
-        (r, None) => r?,
-    };
+    let incoming = Vm::incoming(&state.config)?;
+    map_chain(incoming.memory(), &chain, &mut mapped)?;
+    let vm = incoming.finish(&state, console)?;
     tracing::debug!("restore: VM rebuilt at {:?}", t0.elapsed());
     {
         let mut t = vm.snapshot_track();
