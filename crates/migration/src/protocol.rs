@@ -9,7 +9,9 @@ use std::io::{Read, Write};
 /// Protocol magic sent in [`Hello`].
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 /// Protocol version this code speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// Most data connections one migration may use.
+pub const MAX_CONNECTIONS: u32 = 64;
 /// Largest payload accepted.
 pub const MAX_FRAME: u32 = 16 << 20;
 pub const HEADER_LEN: usize = 16;
@@ -53,15 +55,27 @@ pub enum ProtocolError {
     Peer(String),
 }
 
-/// Opening message of the source.
+/// Opening message of the source (on the control connection).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub magic: [u8; 8],
     pub version: u32,
-    /// Capability bits (none defined yet in version 1).
+    /// Capability bits (none defined yet in version 2).
     pub caps: u64,
+    /// Names this migration: every data connection repeats it in its `Join`.
+    pub session: u64,
+    /// Data connections that follow (1..=[`MAX_CONNECTIONS`]).
+    pub connections: u32,
     /// The VM's configuration, opaque here, so the destination builds an identical VM.
     pub config: Vec<u8>,
+}
+
+/// The fields every version starts its `Hello` with, read first so that a peer of another
+/// version gets a clear error rather than a decoding failure.
+#[derive(Deserialize)]
+struct HelloHead {
+    magic: [u8; 8],
+    version: u32,
 }
 
 /// How one page travels.
@@ -71,59 +85,124 @@ pub enum PageData {
     Raw(Vec<u8>),
     /// LZ4 block of a 4 KiB page.
     Lz4(Vec<u8>),
+    /// zstd frame of a 4 KiB page.
+    Zstd(Vec<u8>),
 }
 
 const ENC_ZERO: u8 = 0;
 const ENC_RAW: u8 = 1;
 const ENC_LZ4: u8 = 2;
+const ENC_ZSTD: u8 = 3;
+/// zstd level used for pages: the fastest (pages are small; the link is the limit).
+const ZSTD_LEVEL: i32 = 1;
 
 /// Page encodings the source may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Compression {
     None,
     Lz4,
+    Zstd,
+}
+
+/// A page borrowed from a received `Pages` frame (no copy).
+#[derive(Debug, Clone, Copy)]
+pub enum PageRef<'a> {
+    Zero,
+    Raw(&'a [u8]),
+    Lz4(&'a [u8]),
+    Zstd(&'a [u8]),
+}
+
+thread_local! {
+    static ZSTD_IN: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl PageRef<'_> {
+    /// Decodes into `out` (4096 bytes); a compressed page must expand to exactly one page.
+    pub fn decode(&self, out: &mut [u8]) -> Result<(), ProtocolError> {
+        let n = match *self {
+            PageRef::Zero => {
+                out.fill(0);
+                return Ok(());
+            }
+            PageRef::Raw(d) => {
+                out.copy_from_slice(d);
+                return Ok(());
+            }
+            PageRef::Lz4(z) => {
+                lz4_flex::block::decompress_into(z, out).map_err(|e| malformed("Pages", e))?
+            }
+            PageRef::Zstd(z) => ZSTD_IN.with(|d| {
+                let mut d = d.borrow_mut();
+                if d.is_none() {
+                    *d = Some(zstd::bulk::Decompressor::new().map_err(|e| malformed("Pages", e))?);
+                }
+                match d.as_mut() {
+                    Some(d) => d
+                        .decompress_to_buffer(z, out)
+                        .map_err(|e| malformed("Pages", e)),
+                    None => Err(malformed("Pages", "no zstd context")),
+                }
+            })?,
+        };
+        if n != PAGE {
+            return Err(malformed(
+                "Pages",
+                format!("page decompressed to {n} bytes"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl PageData {
     /// Encodes a page: zero pages as a marker, others raw or compressed (raw when
     /// compression does not pay).
     pub fn encode(page: &[u8], c: Compression) -> PageData {
-        if is_zero_page(page) {
-            return PageData::Zero;
+        let mut b = PagesBuf::default();
+        b.push(0, page, c);
+        b.buf[..4].copy_from_slice(&b.count.to_le_bytes());
+        let mut out = None;
+        for_each_page(&b.buf, |_, p| {
+            out = Some(p.into());
+            Ok::<(), ProtocolError>(())
+        })
+        .ok();
+        out.unwrap_or(PageData::Zero)
+    }
+
+    pub fn as_ref(&self) -> PageRef<'_> {
+        match self {
+            PageData::Zero => PageRef::Zero,
+            PageData::Raw(d) => PageRef::Raw(d),
+            PageData::Lz4(d) => PageRef::Lz4(d),
+            PageData::Zstd(d) => PageRef::Zstd(d),
         }
-        if c == Compression::Lz4 {
-            let z = lz4_flex::block::compress(page);
-            if z.len() < page.len() * 7 / 8 {
-                return PageData::Lz4(z);
-            }
-        }
-        PageData::Raw(page.to_vec())
     }
 
     /// Decodes into `out` (4096 bytes).
     pub fn decode(&self, out: &mut [u8]) -> Result<(), ProtocolError> {
-        match self {
-            PageData::Zero => out.fill(0),
-            PageData::Raw(d) => out.copy_from_slice(d),
-            PageData::Lz4(z) => {
-                let n =
-                    lz4_flex::block::decompress_into(z, out).map_err(|e| malformed("Pages", e))?;
-                if n != PAGE {
-                    return Err(malformed(
-                        "Pages",
-                        format!("page decompressed to {n} bytes"),
-                    ));
-                }
-            }
-        }
-        Ok(())
+        self.as_ref().decode(out)
     }
 
     /// Bytes this encoding puts on the wire for the page body.
     pub fn wire_len(&self) -> usize {
         match self {
             PageData::Zero => 0,
-            PageData::Raw(d) | PageData::Lz4(d) => d.len(),
+            PageData::Raw(d) | PageData::Lz4(d) | PageData::Zstd(d) => d.len(),
+        }
+    }
+}
+
+impl From<PageRef<'_>> for PageData {
+    fn from(p: PageRef<'_>) -> Self {
+        match p {
+            PageRef::Zero => PageData::Zero,
+            PageRef::Raw(d) => PageData::Raw(d.to_vec()),
+            PageRef::Lz4(d) => PageData::Lz4(d.to_vec()),
+            PageRef::Zstd(d) => PageData::Zstd(d.to_vec()),
         }
     }
 }
@@ -134,6 +213,11 @@ pub enum Message {
     Hello(Hello),
     /// Destination accepts the VM (it has built it from the configuration).
     Welcome,
+    /// First frame on each data connection: which migration and which connection it is.
+    Join { session: u64, index: u32 },
+    /// On each data connection after its share of a pass; `last` ends the final pass (sent
+    /// with the VM paused), after which the connection carries nothing more.
+    EndOfPass { pass: u32, last: bool },
     Pages(Vec<(u64, PageData)>),
     /// The source has paused the VM and sent every page: the VM's device and vCPU state.
     State(Vec<u8>),
@@ -155,6 +239,10 @@ const K_READY: u8 = 5;
 const K_COMMIT: u8 = 6;
 const K_ABORT: u8 = 7;
 const K_RESUMED: u8 = 8;
+const K_JOIN: u8 = 9;
+const K_END_OF_PASS: u8 = 10;
+/// `Pages` frame kind, for receivers that walk page frames in place ([`recv_raw`]).
+pub const KIND_PAGES: u8 = K_PAGES;
 
 pub fn kind_name(k: u8) -> &'static str {
     match k {
@@ -166,6 +254,8 @@ pub fn kind_name(k: u8) -> &'static str {
         K_COMMIT => "Commit",
         K_ABORT => "Abort",
         K_RESUMED => "Resumed",
+        K_JOIN => "Join",
+        K_END_OF_PASS => "EndOfPass",
         _ => "unknown",
     }
 }
@@ -185,6 +275,8 @@ impl Message {
             Message::Commit => K_COMMIT,
             Message::Abort(_) => K_ABORT,
             Message::Resumed => K_RESUMED,
+            Message::Join { .. } => K_JOIN,
+            Message::EndOfPass { .. } => K_END_OF_PASS,
         }
     }
 }
@@ -202,6 +294,7 @@ pub struct PagesBuf {
     buf: Vec<u8>,
     count: u32,
     scratch: Vec<u8>,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
 impl Default for PagesBuf {
@@ -211,7 +304,8 @@ impl Default for PagesBuf {
         PagesBuf {
             buf,
             count: 0,
-            scratch: vec![0; lz4_flex::block::get_maximum_output_size(PAGE)],
+            scratch: vec![0; lz4_flex::block::get_maximum_output_size(PAGE).max(PAGE + 64)],
+            zstd: None,
         }
     }
 }
@@ -226,22 +320,42 @@ impl PagesBuf {
         self.count += 1;
     }
 
-    /// Adds a page, encoded as [`PageData::encode`] would; returns the bytes it adds to the
-    /// frame and whether it went as a zero page.
+    /// Compresses `page` into `scratch`; the compressed length when it saves at least 1/8.
+    fn compress(&mut self, page: &[u8], c: Compression) -> Option<usize> {
+        let n = match c {
+            Compression::None => return None,
+            Compression::Lz4 => lz4_flex::block::compress_into(page, &mut self.scratch).ok()?,
+            Compression::Zstd => {
+                if self.zstd.is_none() {
+                    self.zstd = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+                }
+                self.zstd
+                    .as_mut()?
+                    .compress_to_buffer(page, &mut self.scratch[..])
+                    .ok()?
+            }
+        };
+        (n < page.len() * 7 / 8).then_some(n)
+    }
+
+    /// Adds a page: zero pages as a marker, others compressed with `c` when that saves at
+    /// least an eighth, raw otherwise. Returns the bytes it adds to the frame and whether it
+    /// went as a zero page.
     pub fn push(&mut self, gpa: u64, page: &[u8], c: Compression) -> (usize, bool) {
         if is_zero_page(page) {
             self.put(gpa, ENC_ZERO, &[]);
             return (PAGE_HEADER_LEN, true);
         }
-        if c == Compression::Lz4 {
-            if let Ok(n) = lz4_flex::block::compress_into(page, &mut self.scratch) {
-                if n < page.len() * 7 / 8 {
-                    let z = std::mem::take(&mut self.scratch);
-                    self.put(gpa, ENC_LZ4, &z[..n]);
-                    self.scratch = z;
-                    return (PAGE_HEADER_LEN + n, false);
-                }
-            }
+        if let Some(n) = self.compress(page, c) {
+            let enc = if c == Compression::Lz4 {
+                ENC_LZ4
+            } else {
+                ENC_ZSTD
+            };
+            let z = std::mem::take(&mut self.scratch);
+            self.put(gpa, enc, &z[..n]);
+            self.scratch = z;
+            return (PAGE_HEADER_LEN + n, false);
         }
         self.put(gpa, ENC_RAW, page);
         (PAGE_HEADER_LEN + page.len(), false)
@@ -252,6 +366,7 @@ impl PagesBuf {
             PageData::Zero => self.put(gpa, ENC_ZERO, &[]),
             PageData::Raw(x) => self.put(gpa, ENC_RAW, x),
             PageData::Lz4(x) => self.put(gpa, ENC_LZ4, x),
+            PageData::Zstd(x) => self.put(gpa, ENC_ZSTD, x),
         }
     }
 
@@ -260,23 +375,29 @@ impl PagesBuf {
         self.count as usize
     }
 
-    /// Sends the frame (if it holds any page) and starts an empty one.
-    pub fn send(&mut self, w: &mut impl Write) -> Result<(), ProtocolError> {
+    /// Sends the frame (if it holds any page) and starts an empty one; returns the bytes sent.
+    pub fn send(&mut self, w: &mut impl Write) -> Result<usize, ProtocolError> {
         if self.count == 0 {
-            return Ok(());
+            return Ok(0);
         }
         self.buf[..4].copy_from_slice(&self.count.to_le_bytes());
         send_frame(w, K_PAGES, &self.buf)?;
+        let n = HEADER_LEN + self.buf.len();
         self.buf.truncate(4);
         self.count = 0;
-        Ok(())
+        Ok(n)
     }
 }
 
-fn decode_pages(p: &[u8]) -> Result<Vec<(u64, PageData)>, ProtocolError> {
-    let bad = |why: &str| malformed("Pages", why);
+/// Walks a `Pages` payload in place, calling `f` for each page; checks counts, lengths,
+/// alignment and encodings (the page bodies are decoded by the caller).
+pub fn for_each_page<'a, E: From<ProtocolError>>(
+    p: &'a [u8],
+    mut f: impl FnMut(u64, PageRef<'a>) -> Result<(), E>,
+) -> Result<usize, E> {
+    let bad = |why: &str| E::from(malformed("Pages", why));
     let mut at = 0usize;
-    let mut take = |n: usize| -> Result<&[u8], ProtocolError> {
+    let mut take = |n: usize| -> Result<&'a [u8], E> {
         let s = p.get(at..at + n).ok_or_else(|| bad("truncated"))?;
         at += n;
         Ok(s)
@@ -287,7 +408,6 @@ fn decode_pages(p: &[u8]) -> Result<Vec<(u64, PageData)>, ProtocolError> {
             "{count} pages in one batch (limit {MAX_BATCH})"
         )));
     }
-    let mut out = Vec::with_capacity(count);
     for _ in 0..count {
         let gpa = u64::from_le_bytes(take(8)?.try_into().map_err(|_| bad("gpa"))?);
         if gpa % PAGE as u64 != 0 {
@@ -298,29 +418,30 @@ fn decode_pages(p: &[u8]) -> Result<Vec<(u64, PageData)>, ProtocolError> {
         if len > PAGE {
             return Err(bad(&format!("page body of {len} bytes")));
         }
-        let body = take(len)?.to_vec();
+        let body = take(len)?;
         let d = match (enc, len) {
-            (ENC_ZERO, 0) => PageData::Zero,
-            (ENC_RAW, PAGE) => PageData::Raw(body),
-            (ENC_LZ4, _) => PageData::Lz4(body),
+            (ENC_ZERO, 0) => PageRef::Zero,
+            (ENC_RAW, PAGE) => PageRef::Raw(body),
+            (ENC_LZ4, _) => PageRef::Lz4(body),
+            (ENC_ZSTD, _) => PageRef::Zstd(body),
             _ => return Err(bad(&format!("encoding {enc} with {len} bytes"))),
         };
-        out.push((gpa, d));
+        f(gpa, d)?;
     }
     if at != p.len() {
         return Err(bad("trailing bytes"));
     }
-    Ok(out)
+    Ok(count)
 }
 
 /// Writes one message as a frame.
 pub fn send(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
     let enc = |e: postcard::Error| malformed("outgoing", e);
-    let hello;
+    let owned;
     let payload: &[u8] = match m {
         Message::Hello(h) => {
-            hello = postcard::to_stdvec(h).map_err(enc)?;
-            &hello
+            owned = postcard::to_stdvec(h).map_err(enc)?;
+            &owned
         }
         Message::Pages(p) => {
             let mut b = PagesBuf::default();
@@ -329,6 +450,14 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
             }
             b.buf[..4].copy_from_slice(&b.count.to_le_bytes());
             return send_frame(w, K_PAGES, &b.buf);
+        }
+        Message::Join { session, index } => {
+            owned = [&session.to_le_bytes()[..], &index.to_le_bytes()].concat();
+            &owned
+        }
+        Message::EndOfPass { pass, last } => {
+            owned = [&pass.to_le_bytes()[..], &[*last as u8]].concat();
+            &owned
         }
         Message::State(s) => s,
         Message::Abort(t) => t.as_bytes(),
@@ -363,15 +492,18 @@ pub fn expect(r: &mut impl Read, want: Message) -> Result<(), ProtocolError> {
     }
 }
 
-/// Reads one frame: the length is bounded before allocating, the CRC checked before decoding.
-pub fn recv(r: &mut impl Read) -> Result<Message, ProtocolError> {
-    let mut h = [0u8; HEADER_LEN];
-    if let Err(e) = r.read_exact(&mut h) {
-        return Err(match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => ProtocolError::Closed,
-            _ => e.into(),
-        });
+fn eof_is_closed(e: std::io::Error) -> ProtocolError {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ProtocolError::Closed,
+        _ => e.into(),
     }
+}
+
+/// Reads one frame into `payload` (reused between calls) and returns its kind: the length is
+/// bounded before allocating, the CRC checked before anything looks at the payload.
+pub fn recv_raw(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<u8, ProtocolError> {
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h).map_err(eof_is_closed)?;
     let kind = h[0];
     let name = kind_name(kind);
     if name == "unknown" {
@@ -382,14 +514,25 @@ pub fn recv(r: &mut impl Read) -> Result<Message, ProtocolError> {
         return Err(ProtocolError::Oversized(len));
     }
     let crc = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-    let mut p = vec![0u8; len as usize];
-    r.read_exact(&mut p).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => ProtocolError::Closed,
-        _ => e.into(),
-    })?;
-    if crc32c::crc32c(&p) != crc {
+    payload.resize(len as usize, 0);
+    r.read_exact(payload).map_err(eof_is_closed)?;
+    if crc32c::crc32c(payload) != crc {
         return Err(ProtocolError::Crc(name));
     }
+    Ok(kind)
+}
+
+/// Reads one frame as a [`Message`].
+pub fn recv(r: &mut impl Read) -> Result<Message, ProtocolError> {
+    let mut p = Vec::new();
+    let kind = recv_raw(r, &mut p)?;
+    parse(kind, p)
+}
+
+/// Decodes a frame read by [`recv_raw`]. A `Hello` of another magic or version is refused
+/// here, before its version-specific fields are decoded.
+pub fn parse(kind: u8, p: Vec<u8>) -> Result<Message, ProtocolError> {
+    let name = kind_name(kind);
     let empty = |m: Message| {
         if p.is_empty() {
             Ok(m)
@@ -397,13 +540,57 @@ pub fn recv(r: &mut impl Read) -> Result<Message, ProtocolError> {
             Err(malformed(name, "unexpected payload"))
         }
     };
+    let fixed = |n: usize| {
+        if p.len() == n {
+            Ok(())
+        } else {
+            Err(malformed(name, format!("{} bytes, expected {n}", p.len())))
+        }
+    };
+    let u32_at = |i: usize| u32::from_le_bytes([p[i], p[i + 1], p[i + 2], p[i + 3]]);
     match kind {
         K_HELLO => {
+            let (head, _) = postcard::take_from_bytes::<HelloHead>(&p)
+                .map_err(|e| malformed("Hello", e))?;
+            if head.magic != MAGIC {
+                return Err(ProtocolError::BadMagic);
+            }
+            if head.version != VERSION {
+                return Err(ProtocolError::Version {
+                    peer: head.version,
+                });
+            }
             let h: Hello = postcard::from_bytes(&p).map_err(|e| malformed("Hello", e))?;
             Ok(Message::Hello(h))
         }
         K_WELCOME => empty(Message::Welcome),
-        K_PAGES => Ok(Message::Pages(decode_pages(&p)?)),
+        K_PAGES => {
+            let mut pages = Vec::new();
+            for_each_page(&p, |gpa, d| {
+                pages.push((gpa, d.into()));
+                Ok::<(), ProtocolError>(())
+            })?;
+            Ok(Message::Pages(pages))
+        }
+        K_JOIN => {
+            fixed(12)?;
+            let session = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
+            Ok(Message::Join {
+                session,
+                index: u32_at(8),
+            })
+        }
+        K_END_OF_PASS => {
+            fixed(5)?;
+            Ok(Message::EndOfPass {
+                pass: u32_at(0),
+                last: match p[4] {
+                    0 => false,
+                    1 => true,
+                    b => return Err(malformed(name, format!("last flag {b}"))),
+                },
+            })
+        }
         K_STATE => Ok(Message::State(p)),
         K_READY => empty(Message::Ready),
         K_COMMIT => empty(Message::Commit),
@@ -429,9 +616,19 @@ mod tests {
             magic: MAGIC,
             version: VERSION,
             caps: 0,
+            session: 42,
+            connections: 4,
             config: vec![1, 2, 3],
         }));
         roundtrip(Message::Welcome);
+        roundtrip(Message::Join {
+            session: u64::MAX,
+            index: 3,
+        });
+        roundtrip(Message::EndOfPass {
+            pass: 7,
+            last: true,
+        });
         let page: Vec<u8> = (0..PAGE).map(|i| (i / 64) as u8).collect();
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         let random: Vec<u8> = (0..PAGE)
@@ -447,6 +644,7 @@ mod tests {
             (4096, PageData::encode(&page, Compression::Lz4)),
             (8192, PageData::encode(&random, Compression::Lz4)),
             (1 << 32, PageData::encode(&page, Compression::None)),
+            (1 << 33, PageData::encode(&page, Compression::Zstd)),
         ];
         assert!(matches!(pages[0].1, PageData::Zero));
         assert!(matches!(pages[1].1, PageData::Lz4(_)));
@@ -454,8 +652,15 @@ mod tests {
             matches!(pages[2].1, PageData::Raw(_)),
             "incompressible pages go raw"
         );
+        assert!(matches!(
+            PageData::encode(&random, Compression::Zstd),
+            PageData::Raw(_)
+        ));
         let mut out = vec![0u8; PAGE];
         pages[1].1.decode(&mut out).unwrap();
+        assert_eq!(out, page);
+        assert!(matches!(pages[4].1, PageData::Zstd(_)));
+        pages[4].1.decode(&mut out).unwrap();
         assert_eq!(out, page);
         roundtrip(Message::Pages(pages));
         roundtrip(Message::State(vec![9; 100_000]));
@@ -463,6 +668,45 @@ mod tests {
         roundtrip(Message::Commit);
         roundtrip(Message::Abort("disk full".into()));
         roundtrip(Message::Resumed);
+    }
+
+    #[test]
+    fn a_hello_of_another_version_is_named_as_such() {
+        #[derive(Serialize)]
+        struct V1 {
+            magic: [u8; 8],
+            version: u32,
+            caps: u64,
+            config: Vec<u8>,
+        }
+        let p = postcard::to_stdvec(&V1 {
+            magic: MAGIC,
+            version: 1,
+            caps: 0,
+            config: vec![1],
+        })
+        .unwrap();
+        let mut b = Vec::new();
+        send_frame(&mut b, K_HELLO, &p).unwrap();
+        assert!(matches!(
+            recv(&mut b.as_slice()),
+            Err(ProtocolError::Version { peer: 1 })
+        ));
+        let e = ProtocolError::Version { peer: 1 }.to_string();
+        assert!(e.contains("version 1") && e.contains("speaks 2"), "{e}");
+        let mut bad = Vec::new();
+        let p = postcard::to_stdvec(&V1 {
+            magic: *b"NOTFERRY",
+            version: 2,
+            caps: 0,
+            config: vec![],
+        })
+        .unwrap();
+        send_frame(&mut bad, K_HELLO, &p).unwrap();
+        assert!(matches!(
+            recv(&mut bad.as_slice()),
+            Err(ProtocolError::BadMagic)
+        ));
     }
 
     #[test]

@@ -1,7 +1,11 @@
 //! The engine against an in-memory fake VM over real loopback TCP: a "guest" that dirties
 //! pages deterministically between passes, destination memory compared page by page, and
-//! faults: the destination dying, the stream corrupted or cut, a version mismatch.
-use ferry_migration::engine::{migrate, receive, DestinationVm, EngineError, Options, SourceVm};
+//! faults: the destination dying, a stream corrupted or cut (control or data connection), a
+//! version mismatch, cancel and timeout.
+use ferry_migration::engine::{
+    migrate, receive, DestinationVm, EngineError, Monitor, Options, Phase, SourceVm,
+    TimeoutPolicy,
+};
 use ferry_migration::protocol::{send, Compression, Hello, Message, ProtocolError, MAGIC, PAGE};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -22,6 +26,8 @@ struct FakeSource {
     pauses: AtomicU64,
     version: AtomicU64,
     writes_per_pass: u64,
+    /// Throttle the engine asked for (percent); the guest writes that much less.
+    throttle: std::sync::atomic::AtomicU8,
 }
 
 fn fill(page: &mut [u8], index: u64, version: u64) {
@@ -45,6 +51,7 @@ impl FakeSource {
             pauses: AtomicU64::new(0),
             version: AtomicU64::new(1),
             writes_per_pass,
+            throttle: Default::default(),
         }
     }
     fn pages(&self) -> u64 {
@@ -56,8 +63,10 @@ impl FakeSource {
         }
         let v = self.version.fetch_add(1, Ordering::SeqCst);
         let n = self.pages();
+        let writes =
+            self.writes_per_pass * (100 - self.throttle.load(Ordering::SeqCst) as u64) / 100;
         let mut mem = self.mem.lock().unwrap();
-        for k in 0..self.writes_per_pass {
+        for k in 0..writes {
             let p = (v * 7919 + k * 104729) % n;
             fill(&mut mem[p as usize * PAGE..(p as usize + 1) * PAGE], p, v);
             if self.logging.load(Ordering::SeqCst) {
@@ -102,6 +111,10 @@ impl SourceVm for FakeSource {
         self.paused.store(false, Ordering::SeqCst);
         Ok(())
     }
+    fn throttle(&self, percent: u8) -> Result<(), String> {
+        self.throttle.store(percent, Ordering::SeqCst);
+        Ok(())
+    }
     fn save_state(&self) -> Result<Vec<u8>, String> {
         Ok(format!("state v{}", self.version.load(Ordering::SeqCst)).into_bytes())
     }
@@ -109,7 +122,7 @@ impl SourceVm for FakeSource {
 
 #[derive(Default)]
 struct FakeDest {
-    mem: Vec<u8>,
+    mem: Mutex<Vec<u8>>,
     state: Vec<u8>,
     resumed: bool,
 }
@@ -117,12 +130,14 @@ struct FakeDest {
 impl DestinationVm for FakeDest {
     fn prepare(&mut self, config: &[u8]) -> Result<(), String> {
         let pages = u64::from_le_bytes(config.try_into().map_err(|_| "bad config")?);
-        self.mem = vec![0u8; pages as usize * PAGE];
+        self.mem = Mutex::new(vec![0u8; pages as usize * PAGE]);
         Ok(())
     }
-    fn write_page(&mut self, gpa: u64, data: &[u8]) -> Result<(), String> {
+    fn write_page(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
         let at = gpa as usize;
         self.mem
+            .lock()
+            .unwrap()
             .get_mut(at..at + PAGE)
             .ok_or("page outside memory")?
             .copy_from_slice(data);
@@ -138,77 +153,125 @@ impl DestinationVm for FakeDest {
     }
 }
 
-/// Sees (bytes already passed, next chunk) of the source→destination stream; may change the
-/// chunk; false cuts the connection after it.
-type Tamper = Box<dyn FnMut(u64, &mut Vec<u8>) -> bool + Send>;
+/// Sees (connection number in accept order — 0 is the control connection —, bytes already
+/// passed on it, next chunk) of the source→destination bytes; may change the chunk; false cuts
+/// that connection after it.
+type Tamper = Box<dyn FnMut(usize, u64, &mut Vec<u8>) -> bool + Send>;
 type DestThread = thread::JoinHandle<(FakeDest, Result<(), EngineError>)>;
 
+struct Pair {
+    ctl: TcpStream,
+    addr: std::net::SocketAddr,
+    dest: DestThread,
+}
+
+impl Pair {
+    fn connect(&self) -> std::io::Result<TcpStream> {
+        let s = TcpStream::connect(self.addr)?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    }
+
+    fn migrate(&self, src: &FakeSource, opts: &Options) -> Result<ferry_migration::engine::Report, EngineError> {
+        self.migrate_with(src, opts, &Monitor::default())
+    }
+
+    fn migrate_with(&self, src: &FakeSource, opts: &Options, mon: &Monitor) -> Result<ferry_migration::engine::Report, EngineError> {
+        let ctl = self.ctl.try_clone().unwrap();
+        migrate(src, ctl, &|| self.connect(), opts, mon)
+    }
+
+    fn join(self) -> (FakeDest, Result<(), EngineError>) {
+        self.dest.join().unwrap()
+    }
+}
+
 /// Listens on loopback; the destination runs on a thread, behind an optional proxy that may
-/// tamper with the source→destination bytes.
-fn pair(tamper: Option<Tamper>) -> (TcpStream, DestThread) {
+/// tamper with the source→destination bytes of every connection.
+fn pair(tamper: Option<Tamper>) -> Pair {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let dest = thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
+        let (s, _) = l.accept().unwrap();
         let mut d = FakeDest::default();
-        let r = receive(&mut d, &mut s).map(|_| ());
+        let r = receive(&mut d, s, &l).map(|_| ());
         (d, r)
     });
-    let Some(mut tamper) = tamper else {
-        let s = TcpStream::connect(addr).unwrap();
-        s.set_nodelay(true).unwrap();
-        return (s, dest);
+    let Some(tamper) = tamper else {
+        let ctl = TcpStream::connect(addr).unwrap();
+        return Pair { ctl, addr, dest };
     };
-    // Proxy: source connects here; bytes to the destination go through `tamper`.
+    // Proxy: the source connects here; bytes to the destination go through `tamper`.
     let pl = TcpListener::bind("127.0.0.1:0").unwrap();
     let paddr = pl.local_addr().unwrap();
+    let tamper = std::sync::Arc::new(Mutex::new(tamper));
     thread::spawn(move || {
-        let (mut from_src, _) = pl.accept().unwrap();
-        let mut to_dst = TcpStream::connect(addr).unwrap();
-        let (mut back_src, mut back_dst) =
-            (from_src.try_clone().unwrap(), to_dst.try_clone().unwrap());
-        thread::spawn(move || {
-            let _ = std::io::copy(&mut back_dst, &mut back_src);
-        });
-        let mut seen = 0u64;
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let n = match from_src.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            let mut chunk = buf[..n].to_vec();
-            let go_on = tamper(seen, &mut chunk);
-            seen += n as u64;
-            if to_dst.write_all(&chunk).is_err() || !go_on {
-                break;
-            }
+        for (conn, from_src) in pl.incoming().enumerate() {
+            let Ok(mut from_src) = from_src else { break };
+            let tamper = tamper.clone();
+            thread::spawn(move || {
+                let mut to_dst = TcpStream::connect(addr).unwrap();
+                let (mut back_src, mut back_dst) =
+                    (from_src.try_clone().unwrap(), to_dst.try_clone().unwrap());
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut back_dst, &mut back_src);
+                });
+                let mut seen = 0u64;
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let n = match from_src.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let mut chunk = buf[..n].to_vec();
+                    let go_on = (tamper.lock().unwrap())(conn, seen, &mut chunk);
+                    seen += n as u64;
+                    if to_dst.write_all(&chunk).is_err() || !go_on {
+                        break;
+                    }
+                }
+                let _ = to_dst.shutdown(std::net::Shutdown::Both);
+                let _ = from_src.shutdown(std::net::Shutdown::Both);
+            });
         }
-        let _ = to_dst.shutdown(std::net::Shutdown::Both);
-        let _ = from_src.shutdown(std::net::Shutdown::Both);
     });
-    (TcpStream::connect(paddr).unwrap(), dest)
+    let ctl = TcpStream::connect(paddr).unwrap();
+    Pair {
+        ctl,
+        addr: paddr,
+        dest,
+    }
 }
 
 fn assert_exact(src: &FakeSource, dst: &FakeDest) {
     let mem = src.mem.lock().unwrap();
-    assert_eq!(mem.len(), dst.mem.len());
-    for (i, (a, b)) in mem.chunks(PAGE).zip(dst.mem.chunks(PAGE)).enumerate() {
+    let dmem = dst.mem.lock().unwrap();
+    assert_eq!(mem.len(), dmem.len());
+    for (i, (a, b)) in mem.chunks(PAGE).zip(dmem.chunks(PAGE)).enumerate() {
         assert!(a == b, "page {i} differs");
     }
     assert_eq!(dst.state, src.save_state().unwrap());
 }
 
+fn assert_rolled_back(src: &FakeSource, p: Pair) -> EngineError {
+    assert!(!src.paused.load(Ordering::SeqCst), "the source runs");
+    assert!(!src.logging.load(Ordering::SeqCst), "dirty logging off again");
+    assert_eq!(src.throttle.load(Ordering::SeqCst), 0, "vCPUs unthrottled");
+    let (dst, r) = p.join();
+    assert!(!dst.resumed, "nothing resumed on the destination");
+    r.unwrap_err()
+}
+
 #[test]
 fn converging_guest_arrives_page_exact() {
     let src = FakeSource::new(4096, 64);
-    let (mut s, dest) = pair(None);
+    let p = pair(None);
     let opts = Options {
         downtime_limit: Duration::from_millis(5),
         ..Options::default()
     };
-    let rep = migrate(&src, &mut s, &opts).unwrap();
-    let (dst, r) = dest.join().unwrap();
+    let rep = p.migrate(&src, &opts).unwrap();
+    let (dst, r) = p.join();
     r.unwrap();
     assert!(dst.resumed);
     assert!(
@@ -223,37 +286,92 @@ fn converging_guest_arrives_page_exact() {
     );
     assert!(rep.saved_bytes > 2000 * 4096);
     assert!(rep.downtime_ms > 0.0 && rep.total_ms >= rep.downtime_ms);
+    assert_eq!(rep.switch_reason, "converged");
+}
+
+#[test]
+fn four_connections_with_each_compression_arrive_page_exact() {
+    for compression in [Compression::None, Compression::Lz4, Compression::Zstd] {
+        let src = FakeSource::new(8192, 700);
+        let p = pair(None);
+        let opts = Options {
+            downtime_limit: Duration::ZERO,
+            max_passes: 6,
+            connections: 4,
+            compression,
+            ..Options::default()
+        };
+        let rep = p.migrate(&src, &opts).unwrap();
+        let (dst, r) = p.join();
+        r.unwrap();
+        assert_exact(&src, &dst);
+        assert_eq!(rep.connections, 4);
+        assert_eq!(rep.passes.len(), 7);
+        if compression != Compression::None {
+            // The fake's pages are regular: compression must save most of each page.
+            assert!(
+                rep.saved_bytes > rep.passes.iter().map(|p| p.pages).sum::<u64>() * 2048,
+                "{compression:?}: {rep:?}"
+            );
+        }
+    }
 }
 
 #[test]
 fn a_guest_that_never_converges_is_switched_over_after_the_pass_limit() {
     let src = FakeSource::new(2048, 1500);
-    let (mut s, dest) = pair(None);
+    let p = pair(None);
     let opts = Options {
         downtime_limit: Duration::ZERO,
         max_passes: 4,
         compression: Compression::Lz4,
-        max_bandwidth: None,
+        ..Options::default()
     };
-    let rep = migrate(&src, &mut s, &opts).unwrap();
+    let rep = p.migrate(&src, &opts).unwrap();
     assert_eq!(rep.passes.len(), 5, "4 live passes and the final one");
-    let (dst, r) = dest.join().unwrap();
+    assert_eq!(rep.switch_reason, "max passes");
+    let (dst, r) = p.join();
     r.unwrap();
     assert_exact(&src, &dst);
 }
 
 #[test]
+fn auto_converge_throttles_a_writer_faster_than_the_link_until_it_fits() {
+    // Each pass the guest rewrites 1900 of 2048 pages: without throttling this never fits a
+    // 1 ms downtime; auto-converge raises the throttle until the dirty set is small.
+    let src = FakeSource::new(2048, 1900);
+    let p = pair(None);
+    let opts = Options {
+        downtime_limit: Duration::from_millis(1),
+        max_passes: 0,
+        auto_converge: true,
+        timeout: Some(Duration::from_secs(60)),
+        ..Options::default()
+    };
+    let rep = p.migrate(&src, &opts).unwrap();
+    let (dst, r) = p.join();
+    r.unwrap();
+    assert_exact(&src, &dst);
+    assert_eq!(rep.switch_reason, "converged", "{rep:?}");
+    assert!(rep.max_throttle_percent >= 90, "{rep:?}");
+    let steps: Vec<u8> = rep.passes.iter().map(|p| p.throttle_percent).collect();
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
+    assert_eq!(src.throttle.load(Ordering::SeqCst), 0, "unthrottled after");
+}
+
+#[test]
 fn bandwidth_cap_is_respected() {
     let src = FakeSource::new(1024, 0);
-    let (mut s, dest) = pair(None);
+    let p = pair(None);
     let opts = Options {
         max_bandwidth: Some(8 << 20),
+        connections: 2,
         ..Options::default()
     };
     let t = std::time::Instant::now();
-    migrate(&src, &mut s, &opts).unwrap();
-    dest.join().unwrap().1.unwrap();
-    // ~342 data pages of 4 KiB at 8 MiB/s: at least ~0.15 s.
+    p.migrate(&src, &opts).unwrap();
+    p.join().1.unwrap();
+    // ~342 data pages of 4 KiB at 8 MiB/s, whatever the connection count: at least ~0.15 s.
     assert!(
         t.elapsed() >= Duration::from_millis(140),
         "{:?}",
@@ -262,97 +380,168 @@ fn bandwidth_cap_is_respected() {
 }
 
 #[test]
-fn destination_dying_mid_stream_leaves_the_source_running() {
-    let src = FakeSource::new(4096, 64);
-    let (mut s, dest) = pair(Some(Box::new(|seen, _| seen < 2 << 20)));
-    let e = migrate(&src, &mut s, &Options::default()).unwrap_err();
-    assert!(matches!(e, EngineError::Protocol(_)), "{e}");
-    assert!(!src.paused.load(Ordering::SeqCst));
-    assert!(
-        !src.logging.load(Ordering::SeqCst),
-        "dirty logging off again"
-    );
-    let (dst, r) = dest.join().unwrap();
-    assert!(r.is_err());
-    assert!(!dst.resumed);
+fn cancel_rolls_back_and_progress_is_visible() {
+    let src = FakeSource::new(8192, 0);
+    let p = pair(None);
+    let opts = Options {
+        max_bandwidth: Some(4 << 20),
+        connections: 2,
+        ..Options::default()
+    };
+    let mon = Monitor::default();
+    let e = thread::scope(|s| {
+        let h = s.spawn(|| p.migrate_with(&src, &opts, &mon));
+        thread::sleep(Duration::from_millis(300));
+        let st = mon.status();
+        assert_eq!(st.phase, Phase::PreCopy);
+        assert_eq!((st.pass, st.pass_pages), (1, 8192));
+        assert!(st.pass_sent > 0 && st.pass_sent < 8192, "{st:?}");
+        assert!(st.wire_bytes > 0);
+        mon.cancel();
+        h.join().unwrap().unwrap_err()
+    });
+    assert!(matches!(e, EngineError::Cancelled), "{e}");
+    assert_eq!(mon.status().phase, Phase::Cancelled);
+    let de = assert_rolled_back(&src, p);
+    assert!(de.to_string().contains("cancelled"), "{de}");
 }
 
 #[test]
-fn a_flipped_byte_is_caught_and_nothing_resumes() {
-    let src = FakeSource::new(1024, 16);
-    let (mut s, dest) = pair(Some(Box::new(|seen, chunk: &mut Vec<u8>| {
-        let target = 300_000u64;
-        if seen <= target && target < seen + chunk.len() as u64 {
-            chunk[(target - seen) as usize] ^= 0x20;
+fn timeout_cancels_or_switches_over_by_policy() {
+    for policy in [TimeoutPolicy::Cancel, TimeoutPolicy::SwitchOver] {
+        let src = FakeSource::new(8192, 0);
+        let p = pair(None);
+        let opts = Options {
+            max_bandwidth: Some(8 << 20),
+            timeout: Some(Duration::from_millis(200)),
+            on_timeout: policy,
+            ..Options::default()
+        };
+        let r = p.migrate(&src, &opts);
+        match policy {
+            TimeoutPolicy::Cancel => {
+                assert!(matches!(r, Err(EngineError::Timeout(_))), "{r:?}");
+                assert_rolled_back(&src, p);
+            }
+            TimeoutPolicy::SwitchOver => {
+                let rep = r.unwrap();
+                assert_eq!(rep.switch_reason, "timeout");
+                assert_eq!(rep.passes.len(), 2, "the cut pass, then the final one");
+                assert!(rep.passes[1].pages > 0, "the final pass carried the rest");
+                let (dst, r) = p.join();
+                r.unwrap();
+                assert_exact(&src, &dst);
+            }
         }
-        true
-    })));
-    let e = migrate(&src, &mut s, &Options::default()).unwrap_err();
-    let (dst, r) = dest.join().unwrap();
-    let de = r.unwrap_err();
-    assert!(
-        matches!(de, EngineError::Protocol(ProtocolError::Crc(_))),
-        "{de}"
-    );
-    assert!(!dst.resumed);
-    // The source hears the destination's reason when it arrives before the connection resets.
+    }
+}
+
+#[test]
+fn destination_dying_mid_stream_leaves_the_source_running() {
+    let src = FakeSource::new(4096, 64);
+    let p = pair(Some(Box::new(|conn, seen, _| conn == 0 || seen < 2 << 20)));
+    let e = p.migrate(&src, &Options::default()).unwrap_err();
     assert!(matches!(e, EngineError::Protocol(_)), "{e}");
-    assert!(!src.paused.load(Ordering::SeqCst));
+    assert_rolled_back(&src, p);
+}
+
+#[test]
+fn a_flipped_byte_on_any_connection_is_caught_and_nothing_resumes() {
+    for victim in [1usize, 3] {
+        let src = FakeSource::new(4096, 16);
+        let p = pair(Some(Box::new(move |conn, seen, chunk: &mut Vec<u8>| {
+            let target = 300_000u64;
+            if conn == victim && seen <= target && target < seen + chunk.len() as u64 {
+                chunk[(target - seen) as usize] ^= 0x20;
+            }
+            true
+        })));
+        let opts = Options {
+            connections: 3,
+            ..Options::default()
+        };
+        let e = p.migrate(&src, &opts).unwrap_err();
+        let de = assert_rolled_back(&src, p);
+        assert!(
+            matches!(de, EngineError::Protocol(ProtocolError::Crc(_))),
+            "{de}"
+        );
+        // The source hears the destination's reason.
+        assert!(e.to_string().contains("CRC"), "{e}");
+    }
 }
 
 #[test]
 fn a_cut_at_switch_over_rolls_back() {
-    // Cut right after the source's State frame starts: the source had paused; it resumes.
+    // Cut the control connection where the State frame starts: the source had paused; it
+    // resumes.
     let src = FakeSource::new(256, 4);
-    let sent = std::sync::Arc::new(AtomicU64::new(0));
-    let s2 = sent.clone();
-    let (mut s, dest) = pair(Some(Box::new(move |seen, chunk: &mut Vec<u8>| {
-        s2.store(seen + chunk.len() as u64, Ordering::SeqCst);
+    let p = pair(Some(Box::new(move |conn, _, chunk: &mut Vec<u8>| {
         // The state frame is the only one holding "state v".
         if let Some(i) = chunk.windows(7).position(|w| w == b"state v") {
+            assert_eq!(conn, 0);
             chunk.truncate(i);
             return false;
         }
         true
     })));
-    let e = migrate(&src, &mut s, &Options::default()).unwrap_err();
+    let e = p.migrate(&src, &Options::default()).unwrap_err();
     assert!(!matches!(e, EngineError::InDoubt(_)), "{e}");
     assert_eq!(
         src.pauses.load(Ordering::SeqCst),
         1,
         "it did pause for switch-over"
     );
-    assert!(
-        !src.paused.load(Ordering::SeqCst),
-        "and resumed after the failure"
-    );
-    let (dst, r) = dest.join().unwrap();
-    assert!(r.is_err() && !dst.resumed);
+    assert_rolled_back(&src, p);
+}
+
+#[test]
+fn a_stray_connection_does_not_join_the_migration() {
+    let src = FakeSource::new(512, 8);
+    let p = pair(None);
+    // A port probe before the data connections: accepted, not a Join, closed.
+    drop(TcpStream::connect(p.addr).unwrap());
+    let rep = p
+        .migrate(
+            &src,
+            &Options {
+                connections: 2,
+                ..Options::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(rep.connections, 2);
+    let (dst, r) = p.join();
+    r.unwrap();
+    assert_exact(&src, &dst);
 }
 
 #[test]
 fn version_mismatch_is_a_clear_error() {
-    let (mut s, dest) = pair(None);
+    let mut p = pair(None);
     send(
-        &mut s,
+        &mut p.ctl,
         &Message::Hello(Hello {
             magic: MAGIC,
-            version: 2,
+            version: 3,
             caps: 0,
+            session: 1,
+            connections: 1,
             config: vec![],
         }),
     )
     .unwrap();
-    let (dst, r) = dest.join().unwrap();
+    let mut ctl = p.ctl.try_clone().unwrap();
+    let (dst, r) = p.join();
     let e = r.unwrap_err().to_string();
     assert!(
-        e.contains("peer speaks migration protocol version 2, this Ferry speaks 1"),
+        e.contains("peer speaks migration protocol version 3, this Ferry speaks 2"),
         "{e}"
     );
     assert!(!dst.resumed);
     // The source side hears why.
-    match ferry_migration::protocol::recv(&mut s) {
-        Ok(Message::Abort(why)) => assert!(why.contains("version 2")),
+    match ferry_migration::protocol::recv(&mut ctl) {
+        Ok(Message::Abort(why)) => assert!(why.contains("version 3")),
         other => panic!("{other:?}"),
     }
 }

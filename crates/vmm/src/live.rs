@@ -67,6 +67,9 @@ impl SourceVm for LiveSource<'_> {
         }
         self.vm.resume().map_err(text)
     }
+    fn throttle(&self, percent: u8) -> Result<(), String> {
+        self.vm.set_throttle(percent).map_err(text)
+    }
     fn save_state(&self) -> Result<Vec<u8>, String> {
         postcard::to_stdvec(&self.vm.save_state().map_err(text)?).map_err(text)
     }
@@ -76,7 +79,8 @@ impl SourceVm for LiveSource<'_> {
 /// its state, and starts it on commit.
 pub struct LiveDestination {
     incoming: Option<Incoming>,
-    console: Option<Box<dyn Write + Send>>,
+    /// In a Mutex only so the destination is `Sync` (pages are written from several threads).
+    console: std::sync::Mutex<Option<Box<dyn Write + Send>>>,
     vm: Option<Vm>,
 }
 
@@ -84,7 +88,7 @@ impl LiveDestination {
     pub fn new(console: Box<dyn Write + Send>) -> Self {
         LiveDestination {
             incoming: None,
-            console: Some(console),
+            console: std::sync::Mutex::new(Some(console)),
             vm: None,
         }
     }
@@ -102,7 +106,7 @@ impl DestinationVm for LiveDestination {
         self.incoming = Some(Vm::incoming(&config).map_err(text)?);
         Ok(())
     }
-    fn write_page(&mut self, gpa: u64, data: &[u8]) -> Result<(), String> {
+    fn write_page(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
         let inc = self
             .incoming
             .as_ref()
@@ -117,7 +121,12 @@ impl DestinationVm for LiveDestination {
             .incoming
             .take()
             .ok_or("state before the VM was built")?;
-        let console = self.console.take().ok_or("state loaded twice")?;
+        let console = self
+            .console
+            .get_mut()
+            .map_err(|_| "console lock poisoned")?
+            .take()
+            .ok_or("state loaded twice")?;
         self.vm = Some(inc.finish(&state, console).map_err(text)?);
         Ok(())
     }

@@ -6,8 +6,13 @@
 //! its registers are exactly at an instruction boundary while paused.
 use crate::devices::{IoAction, IoBus};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Throttling period: a throttled vCPU is kicked out of KVM_RUN once per slice and sleeps
+/// `slice × p / (100 − p)` for a throttle of p % (as QEMU's auto-converge does).
+pub(crate) const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
 /// How the guest (or the VMM) ended the VM.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -30,6 +35,10 @@ pub(crate) const WANT_STOP: u8 = 2;
 /// State shared by the controller and the vCPU threads.
 pub(crate) struct Control {
     pub want: AtomicU8,
+    /// Share of time the vCPUs sleep, in percent (0: not throttled).
+    pub throttle: AtomicU8,
+    /// A kicker thread is running for the throttle (changed under `m`).
+    pub kicker: AtomicBool,
     pub m: Mutex<Shared>,
     pub cv: Condvar,
 }
@@ -49,6 +58,8 @@ impl Control {
     pub fn new() -> Self {
         Control {
             want: AtomicU8::new(WANT_RUN),
+            throttle: AtomicU8::new(0),
+            kicker: AtomicBool::new(false),
             m: Mutex::new(Shared::default()),
             cv: Condvar::new(),
         }
@@ -104,6 +115,7 @@ pub(crate) fn lock_vcpu(v: &SharedVcpu) -> std::sync::MutexGuard<'_, VcpuFd> {
 
 /// The run loop of one vCPU thread.
 pub(crate) fn run_loop(shared: SharedVcpu, index: u8, bus: Arc<IoBus>, ctl: Arc<Control>) {
+    let mut interrupted = false;
     loop {
         match ctl.want.load(Ordering::SeqCst) {
             WANT_STOP => break,
@@ -143,13 +155,20 @@ pub(crate) fn run_loop(shared: SharedVcpu, index: u8, bus: Arc<IoBus>, ctl: Arc<
                 _ => GuestExit::PowerOff { code: 0 },
             })),
             Ok(other) => Err(format!("unhandled exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(None),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                interrupted = true;
+                Ok(None)
+            }
             Err(e) => Err(format!("KVM_RUN failed: {e}")),
         };
         let exit = outcome.unwrap_or_else(|what| Some(crashed(&vcpu, index, &what)));
         if let Some(exit) = exit {
             ctl.stop(exit);
             break;
+        }
+        drop(vcpu);
+        if std::mem::take(&mut interrupted) {
+            throttle_sleep(&ctl);
         }
     }
     let mut s = ctl.lock();
@@ -164,6 +183,44 @@ fn crashed(vcpu: &VcpuFd, index: u8, what: &str) -> GuestExit {
         .unwrap_or_default();
     GuestExit::Crashed {
         reason: format!("vCPU {index}: {what}{rip}"),
+    }
+}
+
+/// A throttled vCPU's sleep after a kick; a pause or stop ends it at once.
+fn throttle_sleep(ctl: &Control) {
+    let p = ctl.throttle.load(Ordering::Relaxed) as u32;
+    if p == 0 {
+        return;
+    }
+    let until = Instant::now() + THROTTLE_SLICE * p / (100 - p.min(99));
+    let mut s = ctl.lock();
+    while ctl.want.load(Ordering::SeqCst) == WANT_RUN {
+        let now = Instant::now();
+        if now >= until {
+            break;
+        }
+        s = ctl
+            .cv
+            .wait_timeout(s, until - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
+/// Kicks every vCPU out of KVM_RUN once per slice while a throttle is set; ends when the
+/// throttle goes back to 0 or the VM stops.
+pub(crate) fn throttle_kicker(ctl: Arc<Control>) {
+    loop {
+        std::thread::sleep(THROTTLE_SLICE);
+        let s = ctl.lock();
+        if ctl.throttle.load(Ordering::SeqCst) == 0 || ctl.want.load(Ordering::SeqCst) == WANT_STOP
+        {
+            ctl.kicker.store(false, Ordering::SeqCst);
+            return;
+        }
+        if ctl.want.load(Ordering::SeqCst) == WANT_RUN {
+            kick(&s.threads);
+        }
     }
 }
 

@@ -368,6 +368,7 @@ impl Vm {
             });
         }
         self.ctl.want.store(WANT_PAUSE, Ordering::SeqCst);
+        self.ctl.cv.notify_all(); // wakes throttled vCPUs from their sleep
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut s = self.ctl.lock();
         while s.parked < s.alive {
@@ -407,6 +408,28 @@ impl Vm {
         drop(s);
         life.state = RunState::Running;
         Ok(())
+    }
+
+    /// Throttles the vCPUs: each sleeps `percent` % of the time (0..=99; 0 ends throttling).
+    /// Used by live migration's auto-converge.
+    pub fn set_throttle(&self, percent: u8) -> Result<(), VmError> {
+        let percent = percent.min(99);
+        let _s = self.ctl.lock();
+        self.ctl.throttle.store(percent, Ordering::SeqCst);
+        if percent > 0 && !self.ctl.kicker.load(Ordering::SeqCst) {
+            let ctl = self.ctl.clone();
+            std::thread::Builder::new()
+                .name("throttle".into())
+                .spawn(move || vcpu::throttle_kicker(ctl))
+                .map_err(VmError::Thread)?;
+            self.ctl.kicker.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// The vCPU throttle in force (percent).
+    pub fn throttle(&self) -> u8 {
+        self.ctl.throttle.load(Ordering::SeqCst)
     }
 
     /// Stops the VM from the host side.

@@ -6,7 +6,7 @@ use common::*;
 use ferry_guest::console::{wait_all, wait_for, LineSink, TimedLine};
 use ferry_guest::heartbeat::{parse_line, GuestLine, HeartbeatLog};
 use ferry_guest::verify::verify_dirty_region;
-use ferry_migration::engine::{migrate, receive, EngineError, Options};
+use ferry_migration::engine::{migrate, receive, EngineError, Monitor, Options, Report};
 use ferry_vmm::live::{LiveDestination, LiveSource};
 use ferry_vmm::{GuestExit, RunState, Vm};
 use std::net::{TcpListener, TcpStream};
@@ -16,34 +16,90 @@ use std::time::Duration;
 
 type Dest = thread::JoinHandle<(Result<(), EngineError>, Option<Vm>, Receiver<TimedLine>)>;
 
-fn destination(cut_after: Option<usize>) -> (std::net::SocketAddr, Dest) {
+/// Decides, per frame from the source (connection in accept order, 0 = control; frame kind),
+/// whether the proxy passes it on; false kills every connection there, both ways, as if the
+/// destination host died.
+type Hook = Box<dyn FnMut(usize, u8) -> bool + Send>;
+
+/// A destination VM on its own thread, reached directly or through a frame-aware proxy.
+fn destination(hook: Option<Hook>) -> (std::net::SocketAddr, Dest) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let h = thread::spawn(move || {
         let (s, _) = l.accept().unwrap();
-        s.set_nodelay(true).unwrap();
         let (sink, rx) = LineSink::new();
         let mut d = LiveDestination::new(Box::new(sink));
-        let r = match cut_after {
-            // Answers the handshake, reads a few frames, then dies.
-            Some(n) => {
-                let mut s = s;
-                let _ = ferry_migration::protocol::recv(&mut s);
-                let _ = ferry_migration::protocol::send(
-                    &mut s,
-                    &ferry_migration::protocol::Message::Welcome,
-                );
-                for _ in 0..n {
-                    let _ = ferry_migration::protocol::recv(&mut s);
-                }
-                drop(s);
-                Err(EngineError::Vm("destination killed".into()))
-            }
-            None => receive(&mut d, &mut { s }).map(|_| ()),
-        };
+        let r = receive(&mut d, s, &l).map(|_| ());
         (r, d.into_vm(), rx)
     });
-    (addr, h)
+    match hook {
+        None => (addr, h),
+        Some(hook) => (proxy(addr, hook), h),
+    }
+}
+
+fn proxy(to: std::net::SocketAddr, hook: Hook) -> std::net::SocketAddr {
+    use ferry_migration::protocol::HEADER_LEN;
+    use std::io::{Read, Write};
+    let pl = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = pl.local_addr().unwrap();
+    let hook = std::sync::Arc::new(std::sync::Mutex::new(hook));
+    let all: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>> = Default::default();
+    thread::spawn(move || {
+        for (conn, from_src) in pl.incoming().enumerate() {
+            let Ok(mut from_src) = from_src else { break };
+            let (hook, all) = (hook.clone(), all.clone());
+            thread::spawn(move || {
+                let mut to_dst = TcpStream::connect(to).unwrap();
+                {
+                    let mut all = all.lock().unwrap();
+                    all.push(from_src.try_clone().unwrap());
+                    all.push(to_dst.try_clone().unwrap());
+                }
+                let (mut back_src, mut back_dst) =
+                    (from_src.try_clone().unwrap(), to_dst.try_clone().unwrap());
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut back_dst, &mut back_src);
+                });
+                let mut h = [0u8; HEADER_LEN];
+                let mut payload = Vec::new();
+                loop {
+                    if from_src.read_exact(&mut h).is_err() {
+                        break;
+                    }
+                    let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+                    payload.resize(len, 0);
+                    if from_src.read_exact(&mut payload).is_err() {
+                        break;
+                    }
+                    if !(hook.lock().unwrap())(conn, h[0]) {
+                        for s in all.lock().unwrap().iter() {
+                            let _ = s.shutdown(std::net::Shutdown::Both);
+                        }
+                        break;
+                    }
+                    if to_dst.write_all(&h).is_err() || to_dst.write_all(&payload).is_err() {
+                        break;
+                    }
+                }
+                let _ = to_dst.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// Live-migrates `vm` to `addr` with `opts`.
+fn send_vm(vm: &Vm, addr: std::net::SocketAddr, opts: &Options) -> Result<Report, EngineError> {
+    let connect = || -> std::io::Result<TcpStream> {
+        let s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.set_write_timeout(Some(Duration::from_secs(30)))?;
+        Ok(s)
+    };
+    let ctl = connect().map_err(|e| EngineError::Vm(e.to_string()))?;
+    migrate(&LiveSource::new(vm), ctl, &connect, opts, &Monitor::default())
 }
 
 fn beats(log: &mut HeartbeatLog, lines: &[TimedLine]) {
@@ -61,13 +117,11 @@ fn a_dirtying_vm_moves_with_exact_memory_and_a_continuous_heartbeat() {
     wait_for(&rx, &mut seen, T, |l| l == "D0 1").unwrap();
     let base = bases(&seen)[0];
     let (addr, dest) = destination(None);
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_nodelay(true).unwrap();
     let opts = Options {
         downtime_limit: Duration::from_millis(20),
         ..Options::default()
     };
-    let report = migrate(&LiveSource::new(&src), &mut s, &opts).expect("migration");
+    let report = send_vm(&src, addr, &opts).expect("migration");
     src.shutdown_after_handoff().unwrap();
     src.wait();
     seen.extend(rx.try_iter());
@@ -115,26 +169,76 @@ fn a_dirtying_vm_moves_with_exact_memory_and_a_continuous_heartbeat() {
     );
 }
 
-#[test]
-fn destination_killed_mid_migration_leaves_the_source_running_and_exact() {
+/// The destination dies at a given frame: the source keeps running, unthrottled and without
+/// dirty logging, with its memory exact, and nothing runs on the destination.
+fn destination_dies(hook: Hook, opts: Options) {
     let (src, rx) = boot(1, 256 << 20, "dirty size=64M rate=30M hb=2000");
     let mut seen = Vec::new();
     wait_for(&rx, &mut seen, T, |l| l == "D0 1").unwrap();
     let base = bases(&seen)[0];
-    let (addr, dest) = destination(Some(20));
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let e = migrate(&LiveSource::new(&src), &mut s, &Options::default()).unwrap_err();
-    assert!(matches!(e, EngineError::Protocol(_)), "{e}");
-    let (_, vm, _) = dest.join().unwrap();
-    assert!(vm.is_none());
+    let (addr, dest) = destination(Some(hook));
+    let e = send_vm(&src, addr, &opts).unwrap_err();
+    assert!(!matches!(e, EngineError::InDoubt(_)), "{e}");
+    let (r, vm, _) = dest.join().unwrap();
+    assert!(r.is_err());
+    assert!(vm.is_none(), "nothing started on the destination");
     assert_eq!(src.state(), RunState::Running);
     assert!(!src.dirty_logging());
-    wait_for(&rx, &mut seen, T, |l| l == "D0 3").unwrap();
+    assert_eq!(src.throttle(), 0);
+    let pass = dirty_pass(&seen);
+    wait_for(&rx, &mut seen, T, |l| l == format!("D0 {}", pass + 2)).unwrap();
     src.pause().unwrap();
     verify_dirty_region(&reader(&src), base).expect("source memory still exact");
     src.shutdown().unwrap();
     src.wait();
+}
+
+fn dirty_pass(seen: &[TimedLine]) -> u64 {
+    seen.iter()
+        .filter_map(|(_, l)| l.strip_prefix("D0 ")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+const K_PAGES: u8 = 3;
+const K_STATE: u8 = 4;
+const K_END_OF_PASS: u8 = 10;
+
+#[test]
+fn destination_killed_before_the_first_pass_ends() {
+    let mut frames = 0;
+    destination_dies(
+        Box::new(move |conn, kind| {
+            frames += (conn > 0 && kind == K_PAGES) as u32;
+            frames < 40
+        }),
+        Options::default(),
+    );
+}
+
+#[test]
+fn destination_killed_between_passes() {
+    let mut ends = 0;
+    destination_dies(
+        Box::new(move |_, kind| {
+            ends += (kind == K_END_OF_PASS) as u32;
+            ends < 4 // two data connections: after the second pass
+        }),
+        Options {
+            connections: 2,
+            downtime_limit: Duration::ZERO,
+            max_passes: 6,
+            ..Options::default()
+        },
+    );
+}
+
+#[test]
+fn destination_killed_during_switch_over() {
+    destination_dies(
+        Box::new(|conn, kind| !(conn == 0 && kind == K_STATE)),
+        Options::default(),
+    );
 }
 
 #[test]
@@ -147,9 +251,7 @@ fn ten_migrations_in_a_row_keep_memory_and_heartbeat() {
     let mut all: Vec<TimedLine> = seen;
     for round in 0..10 {
         let (addr, dest) = destination(None);
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_nodelay(true).unwrap();
-        migrate(&LiveSource::new(&vm), &mut s, &Options::default())
+        send_vm(&vm, addr, &Options::default())
             .unwrap_or_else(|e| panic!("migration {round}: {e}"));
         vm.shutdown_after_handoff().unwrap();
         vm.wait();
@@ -174,4 +276,87 @@ fn ten_migrations_in_a_row_keep_memory_and_heartbeat() {
     beats(&mut log, &all);
     log.check_continuous()
         .expect("no heartbeat lost or repeated over ten moves");
+}
+
+#[test]
+fn four_vcpus_each_dirtying_move_over_four_connections_with_zstd() {
+    let work = "dirty size=32M rate=20M hb=5000 ; dirty size=32M rate=20M ; \
+                dirty size=32M rate=20M ; dirty size=32M rate=20M";
+    let (src, rx) = boot(4, 512 << 20, work);
+    let mut seen = Vec::new();
+    wait_all(&rx, &mut seen, T, &["D0 1", "D1 1", "D2 1", "D3 1"].map(String::from)).unwrap();
+    let b = bases(&seen);
+    assert_eq!(b.len(), 4);
+    let (addr, dest) = destination(None);
+    let opts = Options {
+        connections: 4,
+        compression: ferry_migration::protocol::Compression::Zstd,
+        ..Options::default()
+    };
+    let rep = send_vm(&src, addr, &opts).expect("migration");
+    assert_eq!(rep.connections, 4);
+    src.shutdown_after_handoff().unwrap();
+    src.wait();
+    let (r, vm, rx2) = dest.join().unwrap();
+    r.unwrap();
+    let vm = vm.unwrap();
+    let mut after: Vec<TimedLine> = Vec::new();
+    for c in 0..4 {
+        let p = format!("D{c} ");
+        if !after.iter().any(|l| l.1.starts_with(&p)) {
+            wait_for(&rx2, &mut after, T, |l| l.starts_with(&p)).unwrap();
+        }
+    }
+    vm.pause().unwrap();
+    for base in b {
+        verify_dirty_region(&reader(&vm), base).expect("every vCPU's region exact");
+    }
+    vm.shutdown().unwrap();
+    vm.wait();
+}
+
+#[test]
+fn auto_converge_moves_a_writer_faster_than_the_link() {
+    // The guest rewrites 48 MiB at up to 400 MB/s; the link is capped at 40 MB/s. Without
+    // throttling this could never fit 30 ms; auto-converge slows the vCPU until it does.
+    let (src, rx) = boot(1, 256 << 20, "dirty size=48M rate=400M hb=2000");
+    let mut seen = Vec::new();
+    wait_for(&rx, &mut seen, T, |l| l == "D0 1").unwrap();
+    let base = bases(&seen)[0];
+    let (addr, dest) = destination(None);
+    let opts = Options {
+        max_bandwidth: Some(40_000_000),
+        auto_converge: true,
+        max_passes: 0,
+        timeout: Some(Duration::from_secs(120)),
+        ..Options::default()
+    };
+    let rep = send_vm(&src, addr, &opts).expect("migration");
+    assert_eq!(rep.switch_reason, "converged", "{rep:?}");
+    assert!(rep.max_throttle_percent >= 20, "{rep:?}");
+    src.shutdown_after_handoff().unwrap();
+    src.wait();
+    seen.extend(rx.try_iter());
+    let (r, vm, rx2) = dest.join().unwrap();
+    r.unwrap();
+    let vm = vm.unwrap();
+    assert_eq!(vm.throttle(), 0, "the destination runs at full speed");
+    let mut after = Vec::new();
+    let pass = dirty_pass(&seen);
+    wait_for(&rx2, &mut after, T, |l| l == format!("D0 {}", pass + 2)).unwrap();
+    vm.pause().unwrap();
+    verify_dirty_region(&reader(&vm), base).expect("memory exact");
+    vm.shutdown().unwrap();
+    vm.wait();
+    after.extend(rx2.try_iter());
+    let mut log = HeartbeatLog::default();
+    beats(&mut log, &seen);
+    beats(&mut log, &after);
+    log.check_continuous().expect("heartbeat continuous");
+    eprintln!(
+        "auto-converge: {} passes, throttle up to {} %, downtime {:.1} ms",
+        rep.passes.len(),
+        rep.max_throttle_percent,
+        rep.downtime_ms
+    );
 }

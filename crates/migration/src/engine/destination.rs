@@ -1,0 +1,341 @@
+//! The receiving side: the control connection carries the handshake and the switch-over; one
+//! receiver thread per data connection writes pages straight from the frame into the VM, and
+//! the receivers meet at every end of pass so passes never overtake each other.
+use super::{ok, DestinationVm, EngineError};
+use crate::protocol::{
+    expect, for_each_page, parse, recv, recv_raw, send, Message, PageRef, ProtocolError,
+    KIND_PAGES, MAX_CONNECTIONS, PAGE,
+};
+use serde::{Deserialize, Serialize};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long the data connections have to join after Welcome.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A data connection silent for this long is given up.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// After a data connection ended, how long the control connection may take to say why.
+const ABORT_GRACE: Duration = Duration::from_secs(2);
+
+/// What the destination saw.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Received {
+    pub pages: u64,
+    pub passes: u32,
+    pub connections: u32,
+    pub state_bytes: u64,
+}
+
+/// Receives a VM into `vm`: `ctl` is the accepted control connection, `listener` accepts the
+/// data connections. The VM is resumed only after the source's Commit; on any error it is left
+/// unstarted (the caller discards it) and the source is told why.
+pub fn receive<V: DestinationVm>(
+    vm: &mut V,
+    mut ctl: TcpStream,
+    listener: &TcpListener,
+) -> Result<Received, EngineError> {
+    let r = run_destination(vm, &mut ctl, listener);
+    if let Err(e) = &r {
+        if !matches!(e, EngineError::Protocol(ProtocolError::Peer(_))) {
+            let _ = send(&mut ctl, &Message::Abort(e.to_string()));
+        }
+    }
+    r
+}
+
+fn run_destination<V: DestinationVm>(
+    vm: &mut V,
+    ctl: &mut TcpStream,
+    listener: &TcpListener,
+) -> Result<Received, EngineError> {
+    let hello = match recv(ctl)? {
+        Message::Hello(h) => h,
+        Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
+        m => {
+            return Err(ProtocolError::Unexpected {
+                got: m.name(),
+                want: "Hello",
+            }
+            .into())
+        }
+    };
+    let n = hello.connections;
+    if n == 0 || n > MAX_CONNECTIONS {
+        return Err(ProtocolError::Malformed {
+            what: "Hello",
+            why: format!("{n} data connections (1..={MAX_CONNECTIONS})"),
+        }
+        .into());
+    }
+    ok(vm.prepare(&hello.config))?;
+    send(ctl, &Message::Welcome)?;
+    let data = accept_data(listener, hello.session, n)?;
+    let handles: Vec<TcpStream> = data.iter().filter_map(|s| s.try_clone().ok()).collect();
+    let failed = AtomicU8::new(OK);
+    let stop_all = |how: u8| {
+        failed.fetch_max(how, Ordering::SeqCst);
+        for h in &handles {
+            let _ = h.shutdown(Shutdown::Both);
+        }
+    };
+    let barrier = PassBarrier::new(n as usize);
+    let shared: &V = vm;
+    let (results, state) = std::thread::scope(|scope| {
+        let workers: Vec<_> = data
+            .into_iter()
+            .map(|s| {
+                let (barrier, stop_all) = (&barrier, &stop_all);
+                scope.spawn(move || {
+                    let r = receive_share(shared, s, barrier);
+                    if let Err(e) = &r {
+                        barrier.fail();
+                        stop_all(if is_echo(e) { ECHO } else { FAULT });
+                    }
+                    r
+                })
+            })
+            .collect();
+        let state = wait_state(ctl, &failed);
+        if state.is_err() {
+            barrier.fail();
+            stop_all(ECHO);
+        }
+        let results: Vec<_> = workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(EngineError::Vm("a receiver thread panicked".into())))
+            })
+            .collect();
+        (results, state)
+    });
+    let mut got = Received {
+        connections: n,
+        ..Received::default()
+    };
+    // What a receiver found wrong in its stream is the cause; a connection that merely ended
+    // is an echo of what the control connection says (the source's Abort), if it says it.
+    let mut echo = None;
+    for r in results {
+        match r {
+            Ok((pages, passes)) => {
+                got.pages += pages;
+                got.passes = got.passes.max(passes);
+            }
+            Err(e) if is_echo(&e) => {
+                echo.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let state = state?;
+    if let Some(e) = echo {
+        return Err(e);
+    }
+    got.state_bytes = state.len() as u64;
+    ok(vm.load_state(&state))?;
+    send(ctl, &Message::Ready)?;
+    expect(ctl, Message::Commit)?;
+    ok(vm.resume())?;
+    send(ctl, &Message::Resumed)?;
+    Ok(got)
+}
+
+/// How the receivers are doing: all well, one saw its connection end (the cause is probably
+/// on the control connection), or one found a fault in its stream (it is the cause).
+const OK: u8 = 0;
+const ECHO: u8 = 1;
+const FAULT: u8 = 2;
+
+fn is_echo(e: &EngineError) -> bool {
+    matches!(
+        e,
+        EngineError::Aborted | EngineError::Protocol(ProtocolError::Closed | ProtocolError::Io(_))
+    )
+}
+
+/// Waits on the control connection for the VM's state, which comes after every page. It is
+/// quiet until then, so it is watched in short steps: when a receiver has failed, the source's
+/// reason (its Abort) gets a moment to arrive, then the wait ends.
+fn wait_state(ctl: &mut TcpStream, failed: &AtomicU8) -> Result<Vec<u8>, EngineError> {
+    let mut grace = None;
+    ctl.set_read_timeout(Some(Duration::from_millis(20)))
+        .map_err(ProtocolError::Io)?;
+    loop {
+        match ctl.peek(&mut [0u8]) {
+            Ok(_) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                let f = failed.load(Ordering::SeqCst);
+                if f == FAULT {
+                    return Err(EngineError::Aborted);
+                }
+                if f == ECHO {
+                    let until = *grace.get_or_insert_with(|| Instant::now() + ABORT_GRACE);
+                    if Instant::now() >= until {
+                        return Err(EngineError::Aborted);
+                    }
+                }
+            }
+            Err(e) => return Err(ProtocolError::Io(e).into()),
+        }
+    }
+    ctl.set_read_timeout(Some(IDLE_TIMEOUT))
+        .map_err(ProtocolError::Io)?;
+    match recv(ctl)? {
+        Message::State(s) => Ok(s),
+        Message::Abort(why) => Err(ProtocolError::Peer(why).into()),
+        m => Err(ProtocolError::Unexpected {
+            got: m.name(),
+            want: "State",
+        }
+        .into()),
+    }
+}
+
+/// Accepts the `n` data connections of `session`. A connection that does not open with the
+/// right `Join` (a port probe, another migration) is closed and does not count.
+fn accept_data(l: &TcpListener, session: u64, n: u32) -> Result<Vec<TcpStream>, EngineError> {
+    let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    let mut have = 0;
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    l.set_nonblocking(true).map_err(ProtocolError::Io)?;
+    let r = loop {
+        if have == n {
+            break Ok(());
+        }
+        match l.accept() {
+            Ok((mut s, _)) => {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = s.set_nodelay(true);
+                if let Ok(Message::Join { session: id, index }) = recv(&mut s) {
+                    if id == session && index < n && slots[index as usize].is_none() {
+                        let _ = s.set_read_timeout(Some(IDLE_TIMEOUT));
+                        slots[index as usize] = Some(s);
+                        have += 1;
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    break Err(EngineError::Protocol(ProtocolError::Malformed {
+                        what: "Join",
+                        why: format!(
+                            "only {have} of {n} data connections joined within {JOIN_TIMEOUT:?}"
+                        ),
+                    }));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => break Err(ProtocolError::Io(e).into()),
+        }
+    };
+    let _ = l.set_nonblocking(false);
+    r?;
+    Ok(slots.into_iter().flatten().collect())
+}
+
+/// One data connection: pages go straight from the frame into the VM. Returns the pages
+/// written and the passes seen.
+fn receive_share<V: DestinationVm>(
+    vm: &V,
+    mut s: TcpStream,
+    barrier: &PassBarrier,
+) -> Result<(u64, u32), EngineError> {
+    let mut frame = Vec::new();
+    let mut page = vec![0u8; PAGE];
+    let mut pages = 0u64;
+    let mut passes = 0u32;
+    loop {
+        let kind = recv_raw(&mut s, &mut frame)?;
+        if kind == KIND_PAGES {
+            pages += for_each_page(&frame, |gpa, d| {
+                let data = match d {
+                    PageRef::Raw(b) => b,
+                    _ => {
+                        d.decode(&mut page)?;
+                        &page
+                    }
+                };
+                ok(vm.write_page(gpa, data))
+            })? as u64;
+            continue;
+        }
+        match parse(kind, std::mem::take(&mut frame))? {
+            Message::EndOfPass { pass, last } => {
+                if pass != passes + 1 {
+                    return Err(ProtocolError::Malformed {
+                        what: "EndOfPass",
+                        why: format!("pass {pass} after pass {passes}"),
+                    }
+                    .into());
+                }
+                passes = pass;
+                barrier.wait()?;
+                if last {
+                    return Ok((pages, passes));
+                }
+            }
+            Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
+            m => {
+                return Err(ProtocolError::Unexpected {
+                    got: m.name(),
+                    want: "Pages or EndOfPass",
+                }
+                .into())
+            }
+        }
+    }
+}
+
+/// A barrier the receivers meet at after each pass, which a failing receiver breaks for all.
+struct PassBarrier {
+    n: usize,
+    /// Arrived so far, generation, broken.
+    m: Mutex<(usize, u64, bool)>,
+    cv: Condvar,
+}
+
+impl PassBarrier {
+    fn new(n: usize) -> Self {
+        PassBarrier {
+            n,
+            m: Mutex::new((0, 0, false)),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn wait(&self) -> Result<(), EngineError> {
+        let mut g = self.m.lock().unwrap_or_else(|e| e.into_inner());
+        if g.2 {
+            return Err(EngineError::Aborted);
+        }
+        g.0 += 1;
+        let generation = g.1;
+        if g.0 == self.n {
+            g.0 = 0;
+            g.1 += 1;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        while g.1 == generation && !g.2 {
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        if g.1 == generation {
+            return Err(EngineError::Aborted);
+        }
+        Ok(())
+    }
+
+    fn fail(&self) {
+        self.m.lock().unwrap_or_else(|e| e.into_inner()).2 = true;
+        self.cv.notify_all();
+    }
+}

@@ -1,0 +1,160 @@
+//! The pre-copy engine: source and destination of one migration over one control connection
+//! and N data connections.
+//!
+//! Source: handshake on the control connection; N data connections join; dirty logging on;
+//! pass 1 sends every populated page; each further pass sends the pages dirtied during the
+//! previous one, spread over the data connections, while the engine measures bandwidth and
+//! dirty rate and predicts the downtime of stopping now (pages left ÷ bandwidth). When the
+//! prediction is under the limit (or the pass limit or the timeout with the switch-over policy
+//! is reached) it pauses the VM, sends the last dirty pages and the VM's state, waits for
+//! Ready, sends Commit, and waits for Resumed. With auto-converge, a pass that leaves more
+//! than half of what it sent dirty again throttles the vCPUs one step further.
+//!
+//! Guarantees: any failure or cancel before Commit resumes (and unthrottles) the source as if
+//! nothing happened, and the destination, which resumes only on Commit, discards everything.
+//! After Commit the source never resumes by itself: without Resumed the outcome is in doubt
+//! and the source VM stays paused (two running copies are worse than a stopped one).
+//!
+//! Order across connections: a page may travel in pass k on one connection and again in pass
+//! k+1 on another. Each data connection ends its share of a pass with `EndOfPass`, and the
+//! destination's receivers wait for each other there, so no page of pass k+1 is written before
+//! every page of pass k.
+mod destination;
+mod monitor;
+mod source;
+
+pub use destination::{receive, Received};
+pub use monitor::{Monitor, Phase, Status};
+pub use source::migrate;
+
+use crate::protocol::{Compression, ProtocolError};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// What the engine needs from the VM being sent. Errors are the VM layer's text. Several data
+/// connections read pages at once, so the VM is shared between threads.
+pub trait SourceVm: Sync {
+    /// The VM's configuration, sent so the destination builds an identical VM.
+    fn config(&self) -> Vec<u8>;
+    /// Pages the guest may have written (the first pass sends these; the rest are zero).
+    fn populated(&self) -> Result<Vec<u64>, String>;
+    fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
+    fn start_dirty_log(&self) -> Result<(), String>;
+    fn stop_dirty_log(&self) -> Result<(), String>;
+    /// Pages dirtied since the last call (or since logging started), in ascending order.
+    fn fetch_dirty(&self) -> Result<Vec<u64>, String>;
+    fn pause(&self) -> Result<(), String>;
+    fn resume(&self) -> Result<(), String>;
+    /// Slows the running vCPUs to `100 - percent` % of their time (0: full speed).
+    fn throttle(&self, percent: u8) -> Result<(), String>;
+    /// Every vCPU's and device's state (VM paused).
+    fn save_state(&self) -> Result<Vec<u8>, String>;
+}
+
+/// What the engine needs from the VM being received. Pages arrive on several connections at
+/// once, so `write_page` takes `&self`.
+pub trait DestinationVm: Sync {
+    /// Builds the VM from the source's configuration (not started).
+    fn prepare(&mut self, config: &[u8]) -> Result<(), String>;
+    fn write_page(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
+    fn load_state(&mut self, state: &[u8]) -> Result<(), String>;
+    fn resume(&mut self) -> Result<(), String>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("VM: {0}")]
+    Vm(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("stopped: another connection of this migration failed")]
+    Aborted,
+    #[error("timed out after {0:?} (policy: cancel)")]
+    Timeout(Duration),
+    #[error("migration committed, but the destination did not confirm it runs the VM ({0}); the source VM stays paused: check the destination before resuming it")]
+    InDoubt(String),
+}
+
+/// What happens when `timeout` expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeoutPolicy {
+    /// Give up; the source keeps running.
+    #[default]
+    Cancel,
+    /// Stop the current pass and switch over now, whatever the downtime.
+    SwitchOver,
+}
+
+/// Tuning of the source.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Options {
+    /// Switch over once the predicted downtime is under this.
+    pub downtime_limit: Duration,
+    /// Switch over after this many passes whatever the prediction (0: no limit).
+    pub max_passes: u32,
+    pub compression: Compression,
+    /// Bytes per second on the wire, all connections together (None: as fast as it goes).
+    pub max_bandwidth: Option<u64>,
+    /// Data connections (1..=64).
+    pub connections: u32,
+    /// Throttle the vCPUs when the guest dirties memory faster than the link carries it.
+    pub auto_converge: bool,
+    pub timeout: Option<Duration>,
+    pub on_timeout: TimeoutPolicy,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            downtime_limit: Duration::from_millis(30),
+            max_passes: 30,
+            compression: Compression::None,
+            max_bandwidth: None,
+            connections: 1,
+            auto_converge: false,
+            timeout: None,
+            on_timeout: TimeoutPolicy::Cancel,
+        }
+    }
+}
+
+/// One pass of the source.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Pass {
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub wire_bytes: u64,
+    /// Bytes not sent thanks to zero pages and compression.
+    pub saved_bytes: u64,
+    pub ms: f64,
+    /// Pages per second the guest dirtied during this pass (what the next pass must carry).
+    pub dirty_pages_per_s: f64,
+    /// vCPU throttle in force during the pass (percent).
+    pub throttle_percent: u8,
+}
+
+/// What a migration did, source side.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub passes: Vec<Pass>,
+    /// Downtime the engine predicted when it decided to switch over.
+    pub predicted_downtime_ms: f64,
+    /// Source pause to the destination's Resumed.
+    pub downtime_ms: f64,
+    pub total_ms: f64,
+    pub wire_bytes: u64,
+    /// Bytes not sent thanks to zero pages and compression.
+    pub saved_bytes: u64,
+    pub bandwidth_bytes_per_s: f64,
+    pub connections: u32,
+    /// Why it switched over: "converged", "max passes", "timeout".
+    pub switch_reason: String,
+    pub max_throttle_percent: u8,
+}
+
+fn ok<T>(r: Result<T, String>) -> Result<T, EngineError> {
+    r.map_err(EngineError::Vm)
+}

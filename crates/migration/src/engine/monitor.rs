@@ -1,0 +1,125 @@
+//! A migration seen from outside while it runs: progress figures for `GET /vm/migration` and
+//! the progress bar, and the cancel switch.
+use super::Report;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    #[default]
+    Setup,
+    PreCopy,
+    SwitchOver,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// Snapshot of a migration's progress.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub phase: Phase,
+    pub pass: u32,
+    /// Pages of the current pass, and how many have been sent.
+    pub pass_pages: u64,
+    pub pass_sent: u64,
+    /// Pages the next pass would carry (the last dirty count).
+    pub dirty_pages: u64,
+    pub wire_bytes: u64,
+    pub bandwidth_bytes_per_s: f64,
+    pub dirty_pages_per_s: f64,
+    /// Time left for the current pass at the measured bandwidth.
+    pub eta_ms: f64,
+    pub throttle_percent: u8,
+    pub elapsed_ms: f64,
+    pub report: Option<Report>,
+    pub error: Option<String>,
+}
+
+/// Shared between the engine and whoever watches or cancels it.
+pub struct Monitor {
+    cancel: AtomicBool,
+    started: Instant,
+    pub(crate) pass_sent: AtomicU64,
+    pub(crate) wire_bytes: AtomicU64,
+    pub(crate) throttle: AtomicU8,
+    status: Mutex<Status>,
+}
+
+impl Default for Monitor {
+    fn default() -> Self {
+        Monitor {
+            cancel: AtomicBool::new(false),
+            started: Instant::now(),
+            pass_sent: AtomicU64::new(0),
+            wire_bytes: AtomicU64::new(0),
+            throttle: AtomicU8::new(0),
+            status: Mutex::new(Status::default()),
+        }
+    }
+}
+
+impl Monitor {
+    /// Asks the migration to stop; it rolls back unless it has already committed.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Starts pass `pass` of `pages` pages.
+    pub(crate) fn begin_pass(&self, pass: u32, pages: u64, phase: Phase) {
+        self.pass_sent.store(0, Ordering::SeqCst);
+        self.update(|s| {
+            s.pass = pass;
+            s.pass_pages = pages;
+            s.phase = phase;
+        });
+    }
+
+    pub fn status(&self) -> Status {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if s.report.is_none() {
+            s.pass_sent = self.pass_sent.load(Ordering::Relaxed).min(s.pass_pages);
+            s.wire_bytes = self.wire_bytes.load(Ordering::Relaxed);
+            s.throttle_percent = self.throttle.load(Ordering::Relaxed);
+            s.elapsed_ms = self.started.elapsed().as_secs_f64() * 1e3;
+            if s.bandwidth_bytes_per_s > 0.0 {
+                let left = (s.pass_pages - s.pass_sent) as f64 * 4096.0;
+                s.eta_ms = left / s.bandwidth_bytes_per_s * 1e3;
+            }
+        }
+        s
+    }
+
+    /// Records how the migration ended.
+    pub(crate) fn finish(&self, r: &Result<Report, super::EngineError>) {
+        self.update(|s| match r {
+            Ok(rep) => {
+                s.phase = Phase::Completed;
+                s.wire_bytes = rep.wire_bytes;
+                s.elapsed_ms = rep.total_ms;
+                s.eta_ms = 0.0;
+                s.pass_sent = s.pass_pages;
+                s.report = Some(rep.clone());
+            }
+            Err(e) => {
+                s.phase = if matches!(e, super::EngineError::Cancelled) {
+                    Phase::Cancelled
+                } else {
+                    Phase::Failed
+                };
+                s.error = Some(e.to_string());
+            }
+        });
+    }
+}

@@ -1,0 +1,427 @@
+//! The sending side: a coordinator (this thread) decides passes and switch-over; one sender
+//! thread per data connection reads, encodes and sends pages, taking chunks of the pass's page
+//! list from a shared cursor so fast connections carry more.
+use super::{ok, EngineError, Monitor, Options, Pass, Phase, Report, SourceVm, TimeoutPolicy};
+use crate::protocol::{
+    expect, recv, send, Hello, Message, PagesBuf, ProtocolError, MAGIC, MAX_BATCH,
+    MAX_CONNECTIONS, PAGE, PAGE_HEADER_LEN, VERSION,
+};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Pages a sender takes from the pass's list at a time.
+const CHUNK: usize = 64;
+/// First throttle step of auto-converge, the step after it, and the ceiling (percent).
+const THROTTLE_START: u8 = 20;
+const THROTTLE_STEP: u8 = 10;
+const THROTTLE_MAX: u8 = 99;
+
+/// One pass, shared by the senders.
+struct Job {
+    pass: u32,
+    pages: Vec<u64>,
+    /// Next index of `pages` to take.
+    next: AtomicUsize,
+    /// Set to stop the pass early (timeout, or another sender failed).
+    cut: AtomicBool,
+    last: bool,
+}
+
+struct Shared<'a> {
+    opts: &'a Options,
+    mon: &'a Monitor,
+    started: Instant,
+    /// Bytes sent by all senders (for the bandwidth cap).
+    sent: AtomicU64,
+}
+
+type Done = Result<Pass, EngineError>;
+
+/// Sends `vm` to the destination whose control connection is `ctl`; `connect` opens each data
+/// connection. On error before commit the VM is running again (unthrottled) when this returns.
+pub fn migrate<V: SourceVm>(
+    vm: &V,
+    mut ctl: TcpStream,
+    connect: &(dyn Fn() -> std::io::Result<TcpStream> + Sync),
+    opts: &Options,
+    mon: &Monitor,
+) -> Result<Report, EngineError> {
+    let mut paused = false;
+    let mut r = run_source(vm, &mut ctl, connect, opts, mon, &mut paused);
+    if let Err(EngineError::Protocol(ProtocolError::Io(_) | ProtocolError::Closed)) = &r {
+        // A connection broke: the destination may have said why on the control connection.
+        let _ = ctl.set_read_timeout(Some(Duration::from_secs(2)));
+        if let Ok(Message::Abort(why)) = recv(&mut ctl) {
+            r = Err(ProtocolError::Peer(why).into());
+        }
+    }
+    let _ = vm.throttle(0);
+    mon.throttle.store(0, Ordering::Relaxed);
+    match &r {
+        Err(EngineError::InDoubt(_)) | Ok(_) => {}
+        Err(e) => {
+            let _ = send(&mut ctl, &Message::Abort(e.to_string()));
+            if paused {
+                // Before commit: the source carries on as if nothing happened.
+                if let Err(re) = vm.resume() {
+                    r = Err(EngineError::Vm(format!(
+                        "{e}; and resuming the source failed: {re}"
+                    )));
+                }
+            }
+        }
+    }
+    let _ = vm.stop_dirty_log();
+    mon.finish(&r);
+    r
+}
+
+fn session_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ ((std::process::id() as u64) << 40) ^ 0x9E37_79B9_7F4A_7C15
+}
+
+fn run_source<V: SourceVm>(
+    vm: &V,
+    ctl: &mut TcpStream,
+    connect: &(dyn Fn() -> std::io::Result<TcpStream> + Sync),
+    opts: &Options,
+    mon: &Monitor,
+    paused: &mut bool,
+) -> Result<Report, EngineError> {
+    let t0 = Instant::now();
+    let n = opts.connections.clamp(1, MAX_CONNECTIONS);
+    let session = session_id();
+    send(
+        ctl,
+        &Message::Hello(Hello {
+            magic: MAGIC,
+            version: VERSION,
+            caps: 0,
+            session,
+            connections: n,
+            config: vm.config(),
+        }),
+    )?;
+    expect(ctl, Message::Welcome)?;
+    let mut streams = Vec::new();
+    for index in 0..n {
+        let mut s = connect().map_err(ProtocolError::Io)?;
+        send(&mut s, &Message::Join { session, index })?;
+        streams.push(s);
+    }
+    // Clones to unblock senders stuck in a write when the migration fails.
+    let handles: Vec<TcpStream> = streams.iter().filter_map(|s| s.try_clone().ok()).collect();
+    ok(vm.start_dirty_log())?;
+    let sh = Shared {
+        opts,
+        mon,
+        started: Instant::now(),
+        sent: AtomicU64::new(0),
+    };
+    std::thread::scope(|scope| {
+        let (done_tx, done_rx) = mpsc::channel();
+        let mut jobs = Vec::new();
+        for s in streams {
+            let (tx, rx) = mpsc::channel();
+            jobs.push(tx);
+            let (done, sh) = (done_tx.clone(), &sh);
+            scope.spawn(move || sender(vm, s, sh, rx, done));
+        }
+        drop(done_tx);
+        let coord = Coordinator {
+            vm,
+            sh: &sh,
+            jobs,
+            done: done_rx,
+        };
+        let r = coord.run(ctl, t0, paused);
+        if let Err(e) = &r {
+            if !matches!(
+                e,
+                EngineError::Protocol(ProtocolError::Io(_) | ProtocolError::Closed)
+            ) {
+                // Our own reason goes first, before the data connections close under the
+                // destination; `migrate` may repeat it, which the destination ignores.
+                let _ = send(ctl, &Message::Abort(e.to_string()));
+            }
+            for h in &handles {
+                let _ = h.shutdown(Shutdown::Both);
+            }
+        }
+        drop(coord);
+        r
+    })
+}
+
+struct Coordinator<'a, V> {
+    vm: &'a V,
+    sh: &'a Shared<'a>,
+    jobs: Vec<mpsc::Sender<Arc<Job>>>,
+    done: mpsc::Receiver<Done>,
+}
+
+impl<V: SourceVm> Coordinator<'_, V> {
+    fn run(
+        &self,
+        ctl: &mut TcpStream,
+        t0: Instant,
+        paused: &mut bool,
+    ) -> Result<Report, EngineError> {
+        let (vm, opts, mon) = (self.vm, self.sh.opts, self.sh.mon);
+        let deadline = opts.timeout.map(|t| t0 + t);
+        let mut report = Report {
+            connections: self.jobs.len() as u32,
+            ..Report::default()
+        };
+        let mut todo = ok(vm.populated())?;
+        // Pages per second the link carried in the last pass that sent anything.
+        let mut rate = f64::INFINITY;
+        let mut bandwidth = 0.0;
+        let mut throttle = 0u8;
+        loop {
+            let number = report.passes.len() as u32 + 1;
+            mon.begin_pass(number, todo.len() as u64, Phase::PreCopy);
+            let start = Instant::now();
+            let (mut pass, rest) = self.pass(number, todo, false, deadline)?;
+            let secs = start.elapsed().as_secs_f64().max(1e-6);
+            pass.ms = secs * 1e3;
+            pass.throttle_percent = throttle;
+            todo = ok(vm.fetch_dirty())?;
+            pass.dirty_pages_per_s = todo.len() as f64 / secs;
+            if pass.pages > 0 {
+                rate = pass.pages as f64 / secs;
+                bandwidth = pass.wire_bytes as f64 / secs;
+            }
+            let sent = pass.pages;
+            report.passes.push(pass.clone());
+            let predicted = todo.len() as f64 / rate;
+            report.predicted_downtime_ms = predicted * 1e3;
+            mon.update(|s| {
+                s.bandwidth_bytes_per_s = bandwidth;
+                s.dirty_pages_per_s = pass.dirty_pages_per_s;
+                s.dirty_pages = todo.len() as u64;
+            });
+            if let Some(rest) = rest {
+                todo.extend(rest);
+                report.switch_reason = "timeout".into();
+                break;
+            }
+            if predicted <= opts.downtime_limit.as_secs_f64() {
+                report.switch_reason = "converged".into();
+                break;
+            }
+            if opts.max_passes > 0 && number >= opts.max_passes {
+                report.switch_reason = "max passes".into();
+                break;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                match opts.on_timeout {
+                    TimeoutPolicy::Cancel => {
+                        return Err(EngineError::Timeout(opts.timeout.unwrap_or_default()))
+                    }
+                    TimeoutPolicy::SwitchOver => {
+                        report.switch_reason = "timeout".into();
+                        break;
+                    }
+                }
+            }
+            if opts.auto_converge && number >= 2 && todo.len() as u64 > sent / 2 {
+                // The guest re-dirtied more than half of what this pass sent: not converging.
+                throttle = match throttle {
+                    0 => THROTTLE_START,
+                    t => t.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX),
+                };
+                ok(vm.throttle(throttle))?;
+                mon.throttle.store(throttle, Ordering::Relaxed);
+                report.max_throttle_percent = throttle;
+            }
+        }
+        // Switch-over.
+        let t_pause = Instant::now();
+        ok(vm.pause())?;
+        *paused = true;
+        todo.extend(ok(vm.fetch_dirty())?);
+        todo.sort_unstable();
+        todo.dedup();
+        let number = report.passes.len() as u32 + 1;
+        mon.begin_pass(number, todo.len() as u64, Phase::SwitchOver);
+        let (mut pass, _) = self.pass(number, todo, true, None)?;
+        pass.ms = t_pause.elapsed().as_secs_f64() * 1e3;
+        pass.throttle_percent = throttle;
+        report.passes.push(pass);
+        let state = ok(vm.save_state())?;
+        send(ctl, &Message::State(state))?;
+        expect(ctl, Message::Ready)?;
+        send(ctl, &Message::Commit).map_err(|e| EngineError::InDoubt(e.to_string()))?;
+        match recv(ctl) {
+            Ok(Message::Resumed) => {}
+            Ok(m) => {
+                return Err(EngineError::InDoubt(format!(
+                    "got {} instead of Resumed",
+                    m.name()
+                )))
+            }
+            Err(e) => return Err(EngineError::InDoubt(e.to_string())),
+        }
+        report.downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
+        report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        report.wire_bytes = report.passes.iter().map(|p| p.wire_bytes).sum();
+        report.saved_bytes = report.passes.iter().map(|p| p.saved_bytes).sum();
+        report.bandwidth_bytes_per_s = bandwidth;
+        Ok(report)
+    }
+
+    /// Runs one pass on every connection. Returns its figures and, when the deadline cut it
+    /// short under the switch-over policy, the pages it did not send.
+    fn pass(
+        &self,
+        number: u32,
+        pages: Vec<u64>,
+        last: bool,
+        deadline: Option<Instant>,
+    ) -> Result<(Pass, Option<Vec<u64>>), EngineError> {
+        let job = Arc::new(Job {
+            pass: number,
+            pages,
+            next: AtomicUsize::new(0),
+            cut: AtomicBool::new(false),
+            last,
+        });
+        for tx in &self.jobs {
+            tx.send(job.clone())
+                .map_err(|_| EngineError::Vm("a sender thread has gone".into()))?;
+        }
+        let mut total = Pass::default();
+        let mut first_err = None;
+        let mut timed_out = false;
+        let mut got = 0;
+        while got < self.jobs.len() {
+            match self.done.recv_timeout(Duration::from_millis(20)) {
+                Ok(Ok(p)) => {
+                    got += 1;
+                    total.pages += p.pages;
+                    total.zero_pages += p.zero_pages;
+                    total.wire_bytes += p.wire_bytes;
+                    total.saved_bytes += p.saved_bytes;
+                }
+                Ok(Err(e)) => {
+                    got += 1;
+                    job.cut.store(true, Ordering::SeqCst);
+                    first_err.get_or_insert(e);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if !timed_out && deadline.is_some_and(|d| Instant::now() >= d) {
+                        timed_out = true;
+                        job.cut.store(true, Ordering::SeqCst);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    first_err.get_or_insert(EngineError::Vm("a sender thread has gone".into()));
+                    break;
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        if !timed_out {
+            return Ok((total, None));
+        }
+        match self.sh.opts.on_timeout {
+            TimeoutPolicy::Cancel => Err(EngineError::Timeout(
+                self.sh.opts.timeout.unwrap_or_default(),
+            )),
+            TimeoutPolicy::SwitchOver => {
+                let next = job.next.load(Ordering::SeqCst).min(job.pages.len());
+                Ok((total, Some(job.pages[next..].to_vec())))
+            }
+        }
+    }
+}
+
+/// One data connection's thread: takes each pass's pages chunk by chunk until none are left.
+fn sender<V: SourceVm>(
+    vm: &V,
+    mut s: TcpStream,
+    sh: &Shared,
+    jobs: mpsc::Receiver<Arc<Job>>,
+    done: mpsc::Sender<Done>,
+) {
+    let mut frame = PagesBuf::default();
+    let mut buf = vec![0u8; PAGE];
+    while let Ok(job) = jobs.recv() {
+        let r = send_share(vm, &mut s, sh, &job, &mut frame, &mut buf);
+        let stop = r.is_err() || job.last;
+        if done.send(r).is_err() || stop {
+            break;
+        }
+    }
+}
+
+fn send_share<V: SourceVm>(
+    vm: &V,
+    s: &mut TcpStream,
+    sh: &Shared,
+    job: &Job,
+    frame: &mut PagesBuf,
+    buf: &mut [u8],
+) -> Result<Pass, EngineError> {
+    let mut pass = Pass::default();
+    loop {
+        if sh.mon.cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        if job.cut.load(Ordering::SeqCst) {
+            break;
+        }
+        let start = job.next.fetch_add(CHUNK, Ordering::SeqCst);
+        if start >= job.pages.len() {
+            break;
+        }
+        let end = (start + CHUNK).min(job.pages.len());
+        for &gpa in &job.pages[start..end] {
+            ok(vm.read_page(gpa, buf))?;
+            let (n, zero) = frame.push(gpa, buf, sh.opts.compression);
+            pass.pages += 1;
+            pass.zero_pages += zero as u64;
+            pass.wire_bytes += n as u64;
+            pass.saved_bytes += (PAGE + PAGE_HEADER_LEN - n) as u64;
+            if frame.pages() >= MAX_BATCH {
+                flush(s, frame, sh)?;
+            }
+        }
+        sh.mon
+            .pass_sent
+            .fetch_add((end - start) as u64, Ordering::Relaxed);
+    }
+    flush(s, frame, sh)?;
+    send(
+        s,
+        &Message::EndOfPass {
+            pass: job.pass,
+            last: job.last,
+        },
+    )?;
+    Ok(pass)
+}
+
+/// Sends the frame, then sleeps as long as the bandwidth cap asks.
+fn flush(s: &mut TcpStream, frame: &mut PagesBuf, sh: &Shared) -> Result<(), EngineError> {
+    let n = frame.send(s)? as u64;
+    sh.mon.wire_bytes.fetch_add(n, Ordering::Relaxed);
+    let sent = sh.sent.fetch_add(n, Ordering::Relaxed) + n;
+    if let Some(cap) = sh.opts.max_bandwidth.filter(|&c| c > 0) {
+        let due = Duration::from_secs_f64(sent as f64 / cap as f64);
+        if let Some(wait) = due.checked_sub(sh.started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    Ok(())
+}
