@@ -147,18 +147,41 @@ pub struct MigrateArgs {
     /// Switch over after this many passes whatever the prediction (0: no limit).
     #[arg(long, default_value_t = 30)]
     pub max_passes: u32,
-    /// Page compression on the wire.
+    /// Page compression on the wire (zero pages are never sent as data).
     #[arg(long, value_enum, default_value_t = Compress::None)]
     pub compress: Compress,
-    /// Bandwidth cap in bytes per second, e.g. 100M (default: none).
+    /// Bandwidth cap in bytes per second over all connections, e.g. 100M (default: none).
     #[arg(long)]
     pub max_bandwidth: Option<String>,
+    /// Parallel TCP data connections (1..=64), plus one control connection.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub connections: u32,
+    /// Throttle the vCPUs in growing steps (20 %, +10 % per pass, up to 99 %) while the guest
+    /// dirties memory faster than the link carries it.
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// Give up (or switch over, see --on-timeout) after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// What --timeout does: cancel (the VM keeps running here) or switch over at once.
+    #[arg(long, value_enum, default_value_t = OnTimeout::Cancel, requires = "timeout")]
+    pub on_timeout: OnTimeout,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compress {
     None,
     Lz4,
+    Zstd,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnTimeout {
+    Cancel,
+    SwitchOver,
 }
 
 #[derive(Args, Debug)]
@@ -202,6 +225,10 @@ pub enum VmAction {
     Shutdown,
     /// Restore a snapshot (--from DIR) into an empty VMM and start it.
     Restore,
+    /// Print the running (or last) live migration's progress as JSON.
+    Migration,
+    /// Cancel the running live migration (the VM keeps running here).
+    CancelMigration,
 }
 
 #[derive(Args, Debug)]
@@ -215,4 +242,7 @@ pub struct DemoArgs {
     /// Switch-over target, milliseconds.
     #[arg(long, default_value_t = 30)]
     pub downtime_limit: u64,
+    /// Parallel data connections per migration.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub connections: u32,
 }

@@ -104,12 +104,16 @@ fn beats(lines: &[TimedLine]) -> Vec<(std::time::Instant, u64, u64)> {
 
 /// Moves the VM from `from` (API socket `sock`) to the receiver on `port`; returns the gap
 /// between the last heartbeat on the source and the first on the destination.
-fn migrate(from: &mut Host, to: &mut Host, sock: &Path, port: u16, limit: u64) -> Result<Duration> {
+fn migrate(from: &mut Host, to: &mut Host, sock: &Path, port: u16, args: &DemoArgs) -> Result<Duration> {
     println!(
         "\n== live migration: host {} -> host {} ==",
         from.name, to.name
     );
-    let body = serde_json::json!({ "to": format!("127.0.0.1:{port}"), "downtime_limit_ms": limit });
+    let body = serde_json::json!({
+        "to": format!("127.0.0.1:{port}"),
+        "downtime_limit_ms": args.downtime_limit,
+        "connections": args.connections,
+    });
     let v = call(sock, Method::PUT, "/vm/migrate", Some(body.to_string()))?.context("no report")?;
     print_report(&format!("host {}", to.name), &v);
     from.child.wait()?;
@@ -162,12 +166,12 @@ fn run(args: &DemoArgs, dir: &Path) -> Result<()> {
 
     let pb = free_port()?;
     let mut b = receiver("B", pb, &sock("b.sock"))?;
-    let gap1 = migrate(&mut a, &mut b, &sock("a.sock"), pb, args.downtime_limit)?;
+    let gap1 = migrate(&mut a, &mut b, &sock("a.sock"), pb, args)?;
     wait_for(&b.lines, &mut b.seen, WAIT, |l| l.starts_with("D0 ")).map_err(anyhow::Error::msg)?;
 
     let pa = free_port()?;
     let mut a2 = receiver("A", pa, &sock("a2.sock"))?;
-    let gap2 = migrate(&mut b, &mut a2, &sock("b.sock"), pa, args.downtime_limit)?;
+    let gap2 = migrate(&mut b, &mut a2, &sock("b.sock"), pa, args)?;
     wait_for(&a2.lines, &mut a2.seen, WAIT, |l| l.starts_with("D0 "))
         .map_err(anyhow::Error::msg)?;
     call(&sock("a2.sock"), Method::PUT, "/vm/shutdown", None)?;

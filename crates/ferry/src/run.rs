@@ -124,17 +124,17 @@ pub fn receive(args: ReceiveArgs) -> Result<i32> {
     let l = std::net::TcpListener::bind(&args.listen)
         .with_context(|| format!("--listen {}", args.listen))?;
     eprintln!("ferry: waiting for a migration on {}", l.local_addr()?);
-    let (mut s, peer) = l.accept().context("accepting the migration connection")?;
+    let (s, peer) = l.accept().context("accepting the migration connection")?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(MIGRATION_IO_TIMEOUT))?;
     s.set_write_timeout(Some(MIGRATION_IO_TIMEOUT))?;
     let mut dest = LiveDestination::new(console(&args.console_log)?);
-    let got = ferry_migration::engine::receive(&mut dest, &mut s)
+    let got = ferry_migration::engine::receive(&mut dest, s, &l)
         .with_context(|| format!("migration from {peer} failed; nothing was started"))?;
     let vm = dest.into_vm().context("migration ended without a VM")?;
     eprintln!(
-        "ferry: received the VM from {peer} ({} pages); it runs here now",
-        got.pages
+        "ferry: received the VM from {peer} ({} pages in {} passes over {} connections); it runs here now",
+        got.pages, got.passes, got.connections
     );
     serve_and_wait(Arc::new(vm), listener, &args.console_log, false)
 }

@@ -1,5 +1,5 @@
 //! `ferry vm|snapshot|migrate`: a small HTTP/1.1 client over the API's Unix socket (hyper).
-use crate::cli::{Compress, MigrateArgs, SnapshotArgs, Then, VmAction, VmArgs};
+use crate::cli::{Compress, MigrateArgs, OnTimeout, SnapshotArgs, Then, VmAction, VmArgs};
 use anyhow::{bail, Context, Result};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
@@ -90,6 +90,8 @@ pub fn main(args: VmArgs) -> Result<()> {
         VmAction::Pause => (Method::PUT, "/vm/pause"),
         VmAction::Resume => (Method::PUT, "/vm/resume"),
         VmAction::Shutdown => (Method::PUT, "/vm/shutdown"),
+        VmAction::Migration => (Method::GET, "/vm/migration"),
+        VmAction::CancelMigration => (Method::PUT, "/vm/migration/cancel"),
     };
     if let Some(v) = call(&args.api_socket, method, uri, None)? {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -147,16 +149,34 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
         "to": to,
         "downtime_limit_ms": args.downtime_limit,
         "max_passes": args.max_passes,
-        "compress": match args.compress { Compress::None => "none", Compress::Lz4 => "lz4" },
+        "compress": match args.compress {
+            Compress::None => "none",
+            Compress::Lz4 => "lz4",
+            Compress::Zstd => "zstd",
+        },
         "max_bandwidth": max_bandwidth,
+        "connections": args.connections,
+        "auto_converge": args.auto_converge,
+        "timeout_ms": args.timeout.map(|t| (t * 1e3) as u64),
+        "on_timeout": match args.on_timeout {
+            OnTimeout::Cancel => "cancel",
+            OnTimeout::SwitchOver => "switch_over",
+        },
     });
-    let v = call(
-        &args.api_socket,
-        Method::PUT,
-        "/vm/migrate",
-        Some(body.to_string()),
-    )?
-    .context("empty migration answer")?;
+    if args.timeout.is_some_and(|t| !(t > 0.0 && t < 1e9)) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let socket = args.api_socket.clone();
+    let run = std::thread::spawn(move || {
+        call(&socket, Method::PUT, "/vm/migrate", Some(body.to_string()))
+    });
+    if !args.quiet {
+        super::progress::follow(&args.api_socket, &run);
+    }
+    let v = run
+        .join()
+        .map_err(|_| anyhow::anyhow!("migration request thread panicked"))??
+        .context("empty migration answer")?;
     print_report(to, &v);
     Ok(())
 }
@@ -167,8 +187,12 @@ pub fn print_report(to: &str, v: &serde_json::Value) {
     if let Some(passes) = v["passes"].as_array() {
         for (i, p) in passes.iter().enumerate() {
             let last = i + 1 == passes.len();
+            let throttle = match p["throttle_percent"].as_u64() {
+                Some(t) if t > 0 => format!(", vCPUs throttled {t} %"),
+                _ => String::new(),
+            };
             println!(
-                "pass {:>2}{} {:>8} pages ({} zero) {:>9.1} MiB in {:>8.1} ms{}",
+                "pass {:>2}{} {:>8} pages ({} zero) {:>9.1} MiB in {:>8.1} ms{}{throttle}",
                 i + 1,
                 if last { " (paused)" } else { "         " },
                 p["pages"],
@@ -188,13 +212,16 @@ pub fn print_report(to: &str, v: &serde_json::Value) {
     }
     println!(
         "migrated to {to}: total {:.1} ms, downtime {:.2} ms (predicted {:.2}), {:.1} MiB sent, \
-         {:.1} MiB saved by zero pages and compression, link {:.0} MiB/s",
+         {:.1} MiB saved by zero pages and compression, link {:.0} MiB/s over {} connection(s), \
+         switched over: {}",
         v["total_ms"].as_f64().unwrap_or(0.0),
         v["downtime_ms"].as_f64().unwrap_or(0.0),
         v["predicted_downtime_ms"].as_f64().unwrap_or(0.0),
         mib(&v["wire_bytes"]),
         mib(&v["saved_bytes"]),
         mib(&v["bandwidth_bytes_per_s"]),
+        v["connections"],
+        v["switch_reason"].as_str().unwrap_or("?"),
     );
 }
 

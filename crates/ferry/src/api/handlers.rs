@@ -10,7 +10,7 @@ use ferry_vmm::{RunState, Vm, VmError};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -28,7 +28,7 @@ impl From<VmError> for ApiError {
     }
 }
 
-fn the_vm(host: &Host) -> Result<Arc<Vm>, ApiError> {
+pub fn the_vm(host: &Host) -> Result<Arc<Vm>, ApiError> {
     host.vm().ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
@@ -37,7 +37,7 @@ fn the_vm(host: &Host) -> Result<Arc<Vm>, ApiError> {
     })
 }
 
-async fn blocking<T: Send + 'static>(
+pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
@@ -182,92 +182,4 @@ pub async fn restore(
         Ok(Json(report))
     })
     .await
-}
-
-/// `PUT /vm/migrate` body.
-#[derive(serde::Deserialize)]
-pub struct MigrateRequest {
-    to: String,
-    #[serde(default = "default_downtime")]
-    downtime_limit_ms: u64,
-    #[serde(default = "default_passes")]
-    max_passes: u32,
-    #[serde(default)]
-    compress: Option<String>,
-    #[serde(default)]
-    max_bandwidth: Option<u64>,
-}
-
-fn default_downtime() -> u64 {
-    30
-}
-fn default_passes() -> u32 {
-    30
-}
-
-fn live_migrate(vm: &Vm, req: MigrateRequest) -> Result<ferry_migration::engine::Report, ApiError> {
-    use ferry_migration::engine::{migrate, EngineError, Options};
-    use ferry_migration::protocol::Compression;
-    let compression = match req.compress.as_deref() {
-        None | Some("none") => Compression::None,
-        Some("lz4") => Compression::Lz4,
-        Some(c) => {
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("unknown compression {c:?}"),
-            ))
-        }
-    };
-    if vm.state() != RunState::Running && vm.state() != RunState::Paused {
-        return Err(ApiError(
-            StatusCode::CONFLICT,
-            format!("cannot migrate: the VM is {}", vm.state()),
-        ));
-    }
-    let mut s = std::net::TcpStream::connect(&req.to).map_err(|e| {
-        ApiError(
-            StatusCode::BAD_GATEWAY,
-            format!(
-                "cannot connect to {}: {e}; the VM keeps running here",
-                req.to
-            ),
-        )
-    })?;
-    let io = |e: std::io::Error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    s.set_nodelay(true).map_err(io)?;
-    s.set_read_timeout(Some(crate::run::MIGRATION_IO_TIMEOUT))
-        .map_err(io)?;
-    s.set_write_timeout(Some(crate::run::MIGRATION_IO_TIMEOUT))
-        .map_err(io)?;
-    let opts = Options {
-        downtime_limit: std::time::Duration::from_millis(req.downtime_limit_ms),
-        max_passes: req.max_passes,
-        compression,
-        max_bandwidth: req.max_bandwidth,
-    };
-    match migrate(&ferry_vmm::live::LiveSource::new(vm), &mut s, &opts) {
-        Ok(report) => {
-            vm.shutdown_after_handoff()?;
-            Ok(report)
-        }
-        Err(e @ EngineError::InDoubt(_)) => {
-            Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
-        }
-        Err(e) => Err(ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!(
-                "migration to {} failed: {e}; the VM keeps running here",
-                req.to
-            ),
-        )),
-    }
-}
-
-/// Live-migrates the VM; on success this VMM's VM stops (its process exits).
-pub async fn migrate(
-    State(host): State<Arc<Host>>,
-    Json(req): Json<MigrateRequest>,
-) -> Result<Json<ferry_migration::engine::Report>, ApiError> {
-    let vm = the_vm(&host)?;
-    Ok(Json(blocking(move || live_migrate(&vm, req)).await?))
 }

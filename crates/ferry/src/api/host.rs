@@ -1,11 +1,14 @@
 //! The VM slot an API server serves: filled at start (`ferry run`, `ferry restore`) or later
 //! through `PUT /vm/restore` (an empty VMM: `ferry run --api-socket S` alone).
+use ferry_migration::engine::Monitor;
 use ferry_vmm::Vm;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 
 pub struct Host {
     vm: Mutex<Option<Arc<Vm>>>,
+    /// The running or last live migration, and whether it is still running.
+    migration: Mutex<(Option<Arc<Monitor>>, bool)>,
     filled: Condvar,
     /// Where a VM created through the API writes its console (None: stdout).
     pub console_log: Option<PathBuf>,
@@ -15,6 +18,7 @@ impl Host {
     pub fn new(vm: Option<Arc<Vm>>, console_log: Option<PathBuf>) -> Arc<Host> {
         Arc::new(Host {
             vm: Mutex::new(vm),
+            migration: Mutex::new((None, false)),
             filled: Condvar::new(),
             console_log,
         })
@@ -33,6 +37,33 @@ impl Host {
         *g = Some(vm);
         self.filled.notify_all();
         true
+    }
+
+    /// Registers a new migration; None while another one runs.
+    pub fn begin_migration(&self) -> Option<Arc<Monitor>> {
+        let mut g = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        if g.1 {
+            return None;
+        }
+        let m = Arc::new(Monitor::default());
+        *g = (Some(m.clone()), true);
+        Some(m)
+    }
+
+    pub fn end_migration(&self) {
+        self.migration.lock().unwrap_or_else(|e| e.into_inner()).1 = false;
+    }
+
+    pub fn migration(&self) -> Option<Arc<Monitor>> {
+        self.migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    pub fn migrating(&self) -> bool {
+        self.migration.lock().unwrap_or_else(|e| e.into_inner()).1
     }
 
     /// Blocks until the slot holds a VM.

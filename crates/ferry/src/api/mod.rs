@@ -7,7 +7,9 @@
 //! | PUT    | /vm/resume    | | 204; 409 when not paused |
 //! | PUT    | /vm/shutdown  | | 204; 409 when already shut down |
 //! | PUT    | /vm/snapshot  | `{"to": DIR, "diff": bool, "then": "resume"\|"pause"\|"stop"}` | 200 report |
-//! | PUT    | /vm/migrate   | `{"to": "HOST:PORT", "downtime_limit_ms", "max_passes", "compress": "none"\|"lz4", "max_bandwidth"}` | 200 report; the VM then stops here |
+//! | PUT    | /vm/migrate   | `{"to": "HOST:PORT", "downtime_limit_ms", "max_passes", "compress": "none"\|"lz4"\|"zstd", "max_bandwidth", "connections", "auto_converge", "timeout_ms", "on_timeout": "cancel"\|"switch_over"}` | 200 report; the VM then stops here; 409 when cancelled or another migration runs |
+//! | GET    | /vm/migration | | 200 progress of the running or last migration (phase, pass, pages, rate, ETA, throttle, report or error); 404 when none ran |
+//! | PUT    | /vm/migration/cancel | | 202; the migration rolls back (unless committed); 409 when none runs |
 //! | PUT    | /vm/restore   | `{"from": DIR, "lazy_check": bool}` | 200 report; 409 when the VMM has a VM |
 //!
 //! Without a VM (an empty VMM, `ferry run --api-socket S`) the VM routes answer 404.
@@ -15,4 +17,6 @@
 pub mod client;
 mod handlers;
 pub mod host;
+mod migration;
+mod progress;
 pub mod server;

@@ -86,7 +86,9 @@ pub fn spawn(bound: Bound, host: Arc<Host>) -> Result<Server> {
         .route("/vm/shutdown", put(shutdown))
         .route("/vm/snapshot", put(snapshot))
         .route("/vm/restore", put(restore))
-        .route("/vm/migrate", put(migrate))
+        .route("/vm/migrate", put(super::migration::start))
+        .route("/vm/migration", get(super::migration::status))
+        .route("/vm/migration/cancel", put(super::migration::cancel))
         .with_state(host);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = rt.spawn(async move {

@@ -1,0 +1,156 @@
+//! Live migration through the API: `PUT /vm/migrate` runs it (the answer is the report),
+//! `GET /vm/migration` shows its progress during and after, `PUT /vm/migration/cancel` stops
+//! it (the VM keeps running here).
+use super::handlers::{blocking, the_vm, ApiError};
+use super::host::Host;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use ferry_migration::engine::{migrate, EngineError, Monitor, Options, Report, Status};
+use ferry_migration::engine::TimeoutPolicy;
+use ferry_migration::protocol::Compression;
+use ferry_vmm::{RunState, Vm};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `PUT /vm/migrate` body; every field but `to` has the CLI's default.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    to: String,
+    #[serde(default = "default_downtime")]
+    downtime_limit_ms: u64,
+    #[serde(default = "default_passes")]
+    max_passes: u32,
+    #[serde(default = "default_compress")]
+    compress: Compression,
+    #[serde(default)]
+    max_bandwidth: Option<u64>,
+    #[serde(default = "default_connections")]
+    connections: u32,
+    #[serde(default)]
+    auto_converge: bool,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    on_timeout: TimeoutPolicy,
+}
+
+fn default_downtime() -> u64 {
+    30
+}
+fn default_passes() -> u32 {
+    30
+}
+fn default_compress() -> Compression {
+    Compression::None
+}
+fn default_connections() -> u32 {
+    1
+}
+
+fn connect(to: &str) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect(to)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(crate::run::MIGRATION_IO_TIMEOUT))?;
+    s.set_write_timeout(Some(crate::run::MIGRATION_IO_TIMEOUT))?;
+    Ok(s)
+}
+
+fn live_migrate(vm: &Vm, req: MigrateRequest, mon: &Monitor) -> Result<Report, ApiError> {
+    if vm.state() != RunState::Running && vm.state() != RunState::Paused {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("cannot migrate: the VM is {}", vm.state()),
+        ));
+    }
+    if !(1..=ferry_migration::protocol::MAX_CONNECTIONS).contains(&req.connections) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "connections must be 1..={}",
+                ferry_migration::protocol::MAX_CONNECTIONS
+            ),
+        ));
+    }
+    let ctl = connect(&req.to).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "cannot connect to {}: {e}; the VM keeps running here",
+                req.to
+            ),
+        )
+    })?;
+    let opts = Options {
+        downtime_limit: Duration::from_millis(req.downtime_limit_ms),
+        max_passes: req.max_passes,
+        compression: req.compress,
+        max_bandwidth: req.max_bandwidth,
+        connections: req.connections,
+        auto_converge: req.auto_converge,
+        timeout: req.timeout_ms.map(Duration::from_millis),
+        on_timeout: req.on_timeout,
+    };
+    let to = req.to.clone();
+    let source = ferry_vmm::live::LiveSource::new(vm);
+    match migrate(&source, ctl, &|| connect(&to), &opts, mon) {
+        Ok(report) => {
+            vm.shutdown_after_handoff()?;
+            Ok(report)
+        }
+        Err(e @ EngineError::InDoubt(_)) => {
+            Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        }
+        Err(e) => Err(ApiError(
+            match e {
+                EngineError::Cancelled => StatusCode::CONFLICT,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            format!(
+                "migration to {} failed: {e}; the VM keeps running here",
+                req.to
+            ),
+        )),
+    }
+}
+
+/// Live-migrates the VM; on success this VMM's VM stops (its process exits).
+pub async fn start(
+    State(host): State<Arc<Host>>,
+    Json(req): Json<MigrateRequest>,
+) -> Result<Json<Report>, ApiError> {
+    let vm = the_vm(&host)?;
+    let mon = host.begin_migration().ok_or_else(|| {
+        ApiError(
+            StatusCode::CONFLICT,
+            "a migration of this VM is already running".into(),
+        )
+    })?;
+    let h = host.clone();
+    let r = blocking(move || live_migrate(&vm, req, &mon)).await;
+    h.end_migration();
+    Ok(Json(r?))
+}
+
+/// The running (or last) migration's progress.
+pub async fn status(State(host): State<Arc<Host>>) -> Result<Json<Status>, ApiError> {
+    host.migration()
+        .map(|m| Json(m.status()))
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "no migration has run here".into()))
+}
+
+/// Cancels the running migration; it rolls back unless it has already committed.
+pub async fn cancel(State(host): State<Arc<Host>>) -> Result<StatusCode, ApiError> {
+    match host.migration() {
+        Some(m) if host.migrating() => {
+            m.cancel();
+            Ok(StatusCode::ACCEPTED)
+        }
+        _ => Err(ApiError(
+            StatusCode::CONFLICT,
+            "no migration is running".into(),
+        )),
+    }
+}

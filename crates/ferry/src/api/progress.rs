@@ -1,0 +1,42 @@
+//! The live progress bar of `ferry migrate`: polls `GET /vm/migration` while the migration
+//! request runs and shows pass, pages left, rate and ETA (on a terminal; indicatif draws
+//! nothing when stderr is not one).
+use super::client::call;
+use hyper::Method;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::Path;
+use std::time::Duration;
+
+/// Follows the migration until `run` (the thread waiting for the answer) has finished.
+pub fn follow<T>(socket: &Path, run: &std::thread::JoinHandle<T>) {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>10} [{bar:30}] {pos}/{len} pages  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    while !run.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
+        let Ok(Some(s)) = call(socket, Method::GET, "/vm/migration", None) else {
+            continue;
+        };
+        let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
+        bar.set_prefix(format!("pass {}", s["pass"]));
+        bar.set_length(s["pass_pages"].as_u64().unwrap_or(0));
+        bar.set_position(s["pass_sent"].as_u64().unwrap_or(0));
+        let throttle = match s["throttle_percent"].as_u64() {
+            Some(t) if t > 0 => format!("  throttle {t} %"),
+            _ => String::new(),
+        };
+        bar.set_message(format!(
+            "{:.0} MiB/s  ETA {:.1} s  dirty {} pages  {}{throttle}",
+            f("bandwidth_bytes_per_s") / 1048576.0,
+            f("eta_ms") / 1e3,
+            s["dirty_pages"],
+            s["phase"].as_str().unwrap_or(""),
+        ));
+    }
+    bar.finish_and_clear();
+}
