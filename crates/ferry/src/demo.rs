@@ -104,7 +104,13 @@ fn beats(lines: &[TimedLine]) -> Vec<(std::time::Instant, u64, u64)> {
 
 /// Moves the VM from `from` (API socket `sock`) to the receiver on `port`; returns the gap
 /// between the last heartbeat on the source and the first on the destination.
-fn migrate(from: &mut Host, to: &mut Host, sock: &Path, port: u16, args: &DemoArgs) -> Result<Duration> {
+fn migrate(
+    from: &mut Host,
+    to: &mut Host,
+    sock: &Path,
+    port: u16,
+    args: &DemoArgs,
+) -> Result<Duration> {
     println!(
         "\n== live migration: host {} -> host {} ==",
         from.name, to.name

@@ -117,3 +117,238 @@ fn a_receiver_fed_garbage_starts_nothing() {
     assert!(err.contains("unknown frame kind 42"), "{err}");
     assert!(lines.is_empty());
 }
+
+/// Starts `ferry receive` on a free port with an API socket; returns it and its address.
+fn receiver(sock: &std::path::Path) -> (Running, String) {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let r = Running::start_cmd(
+        "receive",
+        &["--listen", &addr, "--api-socket", sock.to_str().unwrap()],
+    );
+    // The receiver takes the first connection as its migration: wait for its socket file,
+    // not its port.
+    for _ in 0..500 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    (r, addr)
+}
+
+#[test]
+fn ten_ping_pong_migrations_through_the_cli() {
+    let s = Scratch::new("pingpong");
+    let mut sock = s.path("h0.sock");
+    let mut host = Running::start(&[
+        "--cpus",
+        "2",
+        "--memory",
+        "256M",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--guest",
+        "dirty size=16M rate=20M hb=2000 ; verify size=8M",
+    ]);
+    host.wait_line(|l| l.starts_with("V1 1 ok"));
+    let mut all = Vec::new();
+    for hop in 1..=10 {
+        let next = s.path(&format!("h{hop}.sock"));
+        let (mut dst, addr) = receiver(&next);
+        let conns = if hop % 2 == 0 { "1" } else { "3" };
+        let out = ferry_ok(&[
+            "migrate",
+            "--to",
+            &addr,
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--connections",
+            conns,
+            "--quiet",
+        ]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("downtime"));
+        let (code, err, lines) = host.finish();
+        assert_eq!(
+            code, 0,
+            "hop {hop}: the source stops after the hand-off: {err}"
+        );
+        all.extend(lines);
+        dst.wait_line(|l| l.starts_with("H0 "));
+        host = dst;
+        sock = next;
+    }
+    // The guest's own memory check runs on after ten moves.
+    let n = host.seen.len();
+    host.wait_line(|l| l.starts_with("V1 ") && l.contains(" ok "));
+    assert!(host.seen.len() > n);
+    ferry_ok(&["vm", "shutdown", "--api-socket", sock.to_str().unwrap()]);
+    let (code, err, lines) = host.finish();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !all.iter().chain(&lines).any(|l| l.1.contains("BAD")),
+        "the guest's memory check failed"
+    );
+    assert_guest_moved_cleanly(&all, &lines);
+}
+
+#[test]
+fn progress_is_visible_and_cancel_keeps_the_vm_here() {
+    let s = Scratch::new("cancel");
+    let (a, b) = (s.path("a.sock"), s.path("b.sock"));
+    let mut src = Running::start(&[
+        "--memory",
+        "256M",
+        "--api-socket",
+        a.to_str().unwrap(),
+        "--guest",
+        "dirty size=64M rate=10M hb=5000",
+    ]);
+    src.wait_line(|l| l == "D0 1");
+    let (dst, addr) = receiver(&b);
+    let mig = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "migrate",
+            "--to",
+            &addr,
+            "--api-socket",
+            a.to_str().unwrap(),
+        ])
+        .args(["--max-bandwidth", "8M", "--connections", "2", "--quiet"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // 64 MiB at 8 MB/s takes ~8 s: watch it, then cancel it.
+    let mut progress = serde_json::Value::Null;
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let out = ferry(&["vm", "migration", "--api-socket", a.to_str().unwrap()]);
+        if out.status.success() {
+            progress = serde_json::from_slice(&out.stdout).unwrap();
+            if progress["pass_sent"].as_u64().unwrap_or(0) > 0 {
+                break;
+            }
+        }
+    }
+    assert_eq!(progress["phase"], "pre_copy", "{progress}");
+    assert_eq!(progress["pass"], 1);
+    assert!(
+        progress["pass_pages"].as_u64().unwrap() >= 16384,
+        "{progress}"
+    );
+    assert!(progress["wire_bytes"].as_u64().unwrap() > 0);
+    ferry_ok(&[
+        "vm",
+        "cancel-migration",
+        "--api-socket",
+        a.to_str().unwrap(),
+    ]);
+    let out = mig.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cancelled") && err.contains("keeps running here"),
+        "{err}"
+    );
+    let (code, err, lines) = dst.finish();
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("nothing was started") && err.contains("cancelled"),
+        "{err}"
+    );
+    assert!(lines.is_empty());
+    // The source goes on; its migration status says what happened.
+    let n = src.seen.len();
+    src.wait_line(|l| l.starts_with("H0 "));
+    assert!(src.seen.len() > n);
+    let out = ferry_ok(&["vm", "migration", "--api-socket", a.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["phase"], "cancelled", "{v}");
+    let out = ferry(&[
+        "vm",
+        "cancel-migration",
+        "--api-socket",
+        a.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "nothing left to cancel");
+    ferry_ok(&["vm", "shutdown", "--api-socket", a.to_str().unwrap()]);
+    assert_eq!(src.finish().0, 0);
+}
+
+#[test]
+fn a_killed_receiver_leaves_the_source_running_and_exact() {
+    let s = Scratch::new("killdst");
+    let (a, b) = (s.path("a.sock"), s.path("b.sock"));
+    let mut src = Running::start(&[
+        "--cpus",
+        "2",
+        "--memory",
+        "256M",
+        "--api-socket",
+        a.to_str().unwrap(),
+        "--guest",
+        "dirty size=32M rate=10M hb=5000 ; verify size=32M",
+    ]);
+    src.wait_line(|l| l.starts_with("V1 1 ok"));
+    let (mut dst, addr) = receiver(&b);
+    let mig = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "migrate",
+            "--to",
+            &addr,
+            "--api-socket",
+            a.to_str().unwrap(),
+        ])
+        .args(["--max-bandwidth", "16M", "--quiet"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    dst.child.kill().unwrap();
+    let out = mig.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("keeps running here"), "{err}");
+    // The source runs on and its own memory check keeps passing.
+    let n = src.seen.len();
+    src.wait_line(|l| l.starts_with("V1 ") && l.contains(" ok ") && !l.starts_with("V1 1 "));
+    assert!(src.seen.len() > n);
+    ferry_ok(&["vm", "shutdown", "--api-socket", a.to_str().unwrap()]);
+    let (code, _, lines) = src.finish();
+    assert_eq!(code, 0);
+    assert!(!lines.iter().any(|l| l.1.contains("BAD")));
+}
+
+#[test]
+fn a_receiver_refuses_another_protocol_version() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let dst = Running::start_cmd("receive", &["--listen", &addr]);
+    let mut c = loop {
+        if let Ok(c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            break c;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    // A version 1 Hello (magic, version, caps, config), as an older Ferry sends it.
+    let mut payload = b"FERRYMIG".to_vec();
+    payload.extend([1u8, 0, 0]); // postcard varints: version 1, caps 0, empty config
+    let mut frame = vec![1u8, 0, 0, 0];
+    frame.extend((payload.len() as u32).to_le_bytes());
+    frame.extend(crc32c::crc32c(&payload).to_le_bytes());
+    frame.extend([0u8; 4]);
+    frame.extend(&payload);
+    c.write_all(&frame).unwrap();
+    let (code, err, _) = dst.finish();
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("peer speaks migration protocol version 1, this Ferry speaks 2"),
+        "{err}"
+    );
+    match ferry_migration::protocol::recv(&mut c) {
+        Ok(ferry_migration::protocol::Message::Abort(why)) => assert!(why.contains("version 1")),
+        other => panic!("the sender hears why: {other:?}"),
+    }
+}

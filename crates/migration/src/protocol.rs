@@ -214,10 +214,16 @@ pub enum Message {
     /// Destination accepts the VM (it has built it from the configuration).
     Welcome,
     /// First frame on each data connection: which migration and which connection it is.
-    Join { session: u64, index: u32 },
+    Join {
+        session: u64,
+        index: u32,
+    },
     /// On each data connection after its share of a pass; `last` ends the final pass (sent
     /// with the VM paused), after which the connection carries nothing more.
-    EndOfPass { pass: u32, last: bool },
+    EndOfPass {
+        pass: u32,
+        last: bool,
+    },
     Pages(Vec<(u64, PageData)>),
     /// The source has paused the VM and sent every page: the VM's device and vCPU state.
     State(Vec<u8>),
@@ -550,15 +556,13 @@ pub fn parse(kind: u8, p: Vec<u8>) -> Result<Message, ProtocolError> {
     let u32_at = |i: usize| u32::from_le_bytes([p[i], p[i + 1], p[i + 2], p[i + 3]]);
     match kind {
         K_HELLO => {
-            let (head, _) = postcard::take_from_bytes::<HelloHead>(&p)
-                .map_err(|e| malformed("Hello", e))?;
+            let (head, _) =
+                postcard::take_from_bytes::<HelloHead>(&p).map_err(|e| malformed("Hello", e))?;
             if head.magic != MAGIC {
                 return Err(ProtocolError::BadMagic);
             }
             if head.version != VERSION {
-                return Err(ProtocolError::Version {
-                    peer: head.version,
-                });
+                return Err(ProtocolError::Version { peer: head.version });
             }
             let h: Hello = postcard::from_bytes(&p).map_err(|e| malformed("Hello", e))?;
             Ok(Message::Hello(h))

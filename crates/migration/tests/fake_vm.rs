@@ -3,8 +3,7 @@
 //! faults: the destination dying, a stream corrupted or cut (control or data connection), a
 //! version mismatch, cancel and timeout.
 use ferry_migration::engine::{
-    migrate, receive, DestinationVm, EngineError, Monitor, Options, Phase, SourceVm,
-    TimeoutPolicy,
+    migrate, receive, DestinationVm, EngineError, Monitor, Options, Phase, SourceVm, TimeoutPolicy,
 };
 use ferry_migration::protocol::{send, Compression, Hello, Message, ProtocolError, MAGIC, PAGE};
 use std::collections::BTreeSet;
@@ -172,11 +171,20 @@ impl Pair {
         Ok(s)
     }
 
-    fn migrate(&self, src: &FakeSource, opts: &Options) -> Result<ferry_migration::engine::Report, EngineError> {
+    fn migrate(
+        &self,
+        src: &FakeSource,
+        opts: &Options,
+    ) -> Result<ferry_migration::engine::Report, EngineError> {
         self.migrate_with(src, opts, &Monitor::default())
     }
 
-    fn migrate_with(&self, src: &FakeSource, opts: &Options, mon: &Monitor) -> Result<ferry_migration::engine::Report, EngineError> {
+    fn migrate_with(
+        &self,
+        src: &FakeSource,
+        opts: &Options,
+        mon: &Monitor,
+    ) -> Result<ferry_migration::engine::Report, EngineError> {
         let ctl = self.ctl.try_clone().unwrap();
         migrate(src, ctl, &|| self.connect(), opts, mon)
     }
@@ -255,7 +263,10 @@ fn assert_exact(src: &FakeSource, dst: &FakeDest) {
 
 fn assert_rolled_back(src: &FakeSource, p: Pair) -> EngineError {
     assert!(!src.paused.load(Ordering::SeqCst), "the source runs");
-    assert!(!src.logging.load(Ordering::SeqCst), "dirty logging off again");
+    assert!(
+        !src.logging.load(Ordering::SeqCst),
+        "dirty logging off again"
+    );
     assert_eq!(src.throttle.load(Ordering::SeqCst), 0, "vCPUs unthrottled");
     let (dst, r) = p.join();
     assert!(!dst.resumed, "nothing resumed on the destination");

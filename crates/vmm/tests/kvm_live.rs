@@ -99,7 +99,13 @@ fn send_vm(vm: &Vm, addr: std::net::SocketAddr, opts: &Options) -> Result<Report
         Ok(s)
     };
     let ctl = connect().map_err(|e| EngineError::Vm(e.to_string()))?;
-    migrate(&LiveSource::new(vm), ctl, &connect, opts, &Monitor::default())
+    migrate(
+        &LiveSource::new(vm),
+        ctl,
+        &connect,
+        opts,
+        &Monitor::default(),
+    )
 }
 
 fn beats(log: &mut HeartbeatLog, lines: &[TimedLine]) {
@@ -284,7 +290,13 @@ fn four_vcpus_each_dirtying_move_over_four_connections_with_zstd() {
                 dirty size=32M rate=20M ; dirty size=32M rate=20M";
     let (src, rx) = boot(4, 512 << 20, work);
     let mut seen = Vec::new();
-    wait_all(&rx, &mut seen, T, &["D0 1", "D1 1", "D2 1", "D3 1"].map(String::from)).unwrap();
+    wait_all(
+        &rx,
+        &mut seen,
+        T,
+        &["D0 1", "D1 1", "D2 1", "D3 1"].map(String::from),
+    )
+    .unwrap();
     let b = bases(&seen);
     assert_eq!(b.len(), 4);
     let (addr, dest) = destination(None);

@@ -11,11 +11,9 @@ use std::time::Duration;
 pub fn follow<T>(socket: &Path, run: &std::thread::JoinHandle<T>) {
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>10} [{bar:30}] {pos}/{len} pages  {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} pages  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
     );
     while !run.is_finished() {
         std::thread::sleep(Duration::from_millis(100));

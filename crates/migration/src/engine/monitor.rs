@@ -87,7 +87,11 @@ impl Monitor {
     }
 
     pub fn status(&self) -> Status {
-        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut s = self
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         if s.report.is_none() {
             s.pass_sent = self.pass_sent.load(Ordering::Relaxed).min(s.pass_pages);
             s.wire_bytes = self.wire_bytes.load(Ordering::Relaxed);

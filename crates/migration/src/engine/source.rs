@@ -3,8 +3,8 @@
 //! list from a shared cursor so fast connections carry more.
 use super::{ok, EngineError, Monitor, Options, Pass, Phase, Report, SourceVm, TimeoutPolicy};
 use crate::protocol::{
-    expect, recv, send, Hello, Message, PagesBuf, ProtocolError, MAGIC, MAX_BATCH,
-    MAX_CONNECTIONS, PAGE, PAGE_HEADER_LEN, VERSION,
+    expect, recv, send, Hello, Message, PagesBuf, ProtocolError, MAGIC, MAX_BATCH, MAX_CONNECTIONS,
+    PAGE, PAGE_HEADER_LEN, VERSION,
 };
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
