@@ -515,6 +515,9 @@ pub fn recv_raw(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<u8, Protocol
     if name == "unknown" {
         return Err(ProtocolError::UnknownKind(kind));
     }
+    if h[1..4] != [0; 3] || h[12..16] != [0; 4] {
+        return Err(malformed(name, "reserved header bytes are not zero"));
+    }
     let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
     if len > MAX_FRAME {
         return Err(ProtocolError::Oversized(len));

@@ -81,14 +81,17 @@ fn run_destination<V: DestinationVm>(
         }
     };
     let barrier = PassBarrier::new(n as usize);
+    // The last receiver to finish a pass acknowledges it on the control connection, so the
+    // source times passes end to end (its rate includes the destination's work).
+    let ack = Mutex::new(ctl.try_clone().map_err(ProtocolError::Io)?);
     let shared: &V = vm;
     let (results, state) = std::thread::scope(|scope| {
         let workers: Vec<_> = data
             .into_iter()
             .map(|s| {
-                let (barrier, stop_all) = (&barrier, &stop_all);
+                let (barrier, stop_all, ack) = (&barrier, &stop_all, &ack);
                 scope.spawn(move || {
-                    let r = receive_share(shared, s, barrier);
+                    let r = receive_share(shared, s, barrier, ack);
                     if let Err(e) = &r {
                         barrier.fail();
                         stop_all(if is_echo(e) { ECHO } else { FAULT });
@@ -248,6 +251,7 @@ fn receive_share<V: DestinationVm>(
     vm: &V,
     mut s: TcpStream,
     barrier: &PassBarrier,
+    ack: &Mutex<TcpStream>,
 ) -> Result<(u64, u32), EngineError> {
     let mut frame = Vec::new();
     let mut page = vec![0u8; PAGE];
@@ -278,7 +282,10 @@ fn receive_share<V: DestinationVm>(
                     .into());
                 }
                 passes = pass;
-                barrier.wait()?;
+                if barrier.wait()? {
+                    let mut c = ack.lock().unwrap_or_else(|e| e.into_inner());
+                    send(&mut *c, &Message::EndOfPass { pass, last })?;
+                }
                 if last {
                     return Ok((pages, passes));
                 }
@@ -312,7 +319,8 @@ impl PassBarrier {
         }
     }
 
-    fn wait(&self) -> Result<(), EngineError> {
+    /// Waits for every receiver; true for the one that arrived last.
+    fn wait(&self) -> Result<bool, EngineError> {
         let mut g = self.m.lock().unwrap_or_else(|e| e.into_inner());
         if g.2 {
             return Err(EngineError::Aborted);
@@ -323,7 +331,7 @@ impl PassBarrier {
             g.0 = 0;
             g.1 += 1;
             self.cv.notify_all();
-            return Ok(());
+            return Ok(true);
         }
         while g.1 == generation && !g.2 {
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
@@ -331,7 +339,7 @@ impl PassBarrier {
         if g.1 == generation {
             return Err(EngineError::Aborted);
         }
-        Ok(())
+        Ok(false)
     }
 
     fn fail(&self) {

@@ -190,6 +190,7 @@ impl<V: SourceVm> Coordinator<'_, V> {
             mon.begin_pass(number, todo.len() as u64, Phase::PreCopy);
             let start = Instant::now();
             let (mut pass, rest) = self.pass(number, todo, false, deadline)?;
+            expect_ack(ctl, number)?;
             let secs = start.elapsed().as_secs_f64().max(1e-6);
             pass.ms = secs * 1e3;
             pass.throttle_percent = throttle;
@@ -258,6 +259,7 @@ impl<V: SourceVm> Coordinator<'_, V> {
         report.passes.push(pass);
         let state = ok(vm.save_state())?;
         send(ctl, &Message::State(state))?;
+        expect_ack(ctl, number)?;
         expect(ctl, Message::Ready)?;
         send(ctl, &Message::Commit).map_err(|e| EngineError::InDoubt(e.to_string()))?;
         match recv(ctl) {
@@ -343,6 +345,19 @@ impl<V: SourceVm> Coordinator<'_, V> {
                 Ok((total, Some(job.pages[next..].to_vec())))
             }
         }
+    }
+}
+
+/// Waits for the destination to confirm it has written every page of pass `number`.
+fn expect_ack(ctl: &mut TcpStream, number: u32) -> Result<(), EngineError> {
+    match recv(ctl)? {
+        Message::EndOfPass { pass, .. } if pass == number => Ok(()),
+        Message::Abort(why) => Err(ProtocolError::Peer(why).into()),
+        m => Err(ProtocolError::Unexpected {
+            got: m.name(),
+            want: "EndOfPass",
+        }
+        .into()),
     }
 }
 

@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Live migration side by side, one run: the same test guest image and workload migrated
+QEMU -> QEMU (Debian's qemu-system-x86, `-incoming` on loopback) and Ferry -> Ferry, with the
+same downtime limit and stream count and no bandwidth cap; plus iperf3 on loopback with the
+same stream count.
+
+For each workload and both VMMs it reports the guest-observed downtime (largest gap between
+heartbeat lines, timestamped as they arrive from the source and then the destination
+console — measured the same way for both), the VMM's own downtime figure, total time and
+bytes sent.
+
+Workloads (the test guest runs them on vCPU 0, the only one QEMU starts):
+  idle-4G     4 GiB VM, heartbeat only
+  1G-0        1 GiB written once, then only read (`verify`): 0 MB/s dirtying
+  1G-50M      1 GiB rewritten at 50 MB/s
+  1G-150M     1 GiB rewritten at 150 MB/s
+  1G-max      1 GiB rewritten as fast as the vCPU can (faster than the link); auto-converge on
+              for both
+
+usage: scripts/bench_live.py [--ferry PATH] [--streams N] [--downtime-limit MS] [--only NAME]
+"""
+import argparse, json, os, re, shutil, socket, subprocess, sys, tempfile, threading, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_snapshot import Qmp  # noqa: E402
+
+WORKLOADS = [
+    ("idle-4G", "4G", "heartbeat period=2000", "B ferry-guest", False),
+    ("1G-0", "2G", "verify size=1G hb=2000", "V0 1 ", False),
+    ("1G-50M", "2G", "dirty size=1G rate=50M hb=2000", "D0 1", False),
+    ("1G-150M", "2G", "dirty size=1G rate=150M hb=2000", "D0 1", False),
+    ("1G-max", "2G", "dirty size=1G rate=0 hb=2000", "D0 1", True),
+]
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+class Console:
+    """Reads a process's stdout on a thread, timestamping each line."""
+
+    def __init__(self, proc):
+        self.lines = []
+        self.cv = threading.Condition()
+        threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+
+    def _read(self, proc):
+        for line in proc.stdout:
+            with self.cv:
+                self.lines.append((time.monotonic(), line.rstrip("\n")))
+                self.cv.notify_all()
+
+    def wait(self, prefix, timeout=600, after=0):
+        end = time.monotonic() + timeout
+        with self.cv:
+            while True:
+                for i, (_, l) in enumerate(self.lines[after:], after):
+                    if l.startswith(prefix):
+                        return i
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"timeout waiting for {prefix!r}")
+                self.cv.wait(left)
+
+
+def beats(console):
+    out = []
+    for at, l in console.lines:
+        m = re.match(r"H0 (\d+) ", l)
+        if m:
+            out.append((int(m.group(1)), at))
+    return out
+
+
+def observed_gap(src, dst):
+    """Gap between the last whole heartbeat line on the source and the first on the
+    destination. Each side's numbering must be continuous; across the move one number may be
+    missing when its line was torn between the two consoles (QEMU moves the serial port's
+    bytes, not lines, so a line can start on one host and end on the other)."""
+    s, d = beats(src), beats(dst)
+    for side in (s, d):
+        seqs = [n for n, _ in side]
+        if seqs != list(range(seqs[0], seqs[0] + len(seqs))):
+            raise RuntimeError("heartbeat sequence broken on one side")
+    if d[0][0] - s[-1][0] not in (1, 2):
+        raise RuntimeError(f"heartbeat {s[-1][0]} then {d[0][0]} across the move")
+    return (d[0][1] - s[-1][1]) * 1e3
+
+
+def run_qemu(a, image, name, mem, work, ready, converge):
+    d = tempfile.mkdtemp(prefix="ferry-bench-q-")
+    port = free_port()
+    base = ["qemu-system-x86_64", "-enable-kvm", "-m", mem, "-nodefaults", "-display", "none",
+            "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-serial", "stdio",
+            "-kernel", image, "-append", work]
+    src = subprocess.Popen(base + ["-qmp", f"unix:{d}/s.sock,server=on,wait=off"],
+                           stdout=subprocess.PIPE, text=True)
+    dst = subprocess.Popen(base + ["-qmp", f"unix:{d}/d.sock,server=on,wait=off",
+                                   "-incoming", "defer"], stdout=subprocess.PIPE, text=True)
+    try:
+        sc, dc = Console(src), Console(dst)
+        sc.wait(ready)
+        time.sleep(1)
+        qs, qd = Qmp(f"{d}/s.sock"), Qmp(f"{d}/d.sock")
+        caps = []
+        if a.streams > 1:
+            caps.append({"capability": "multifd", "state": True})
+        if converge:
+            caps.append({"capability": "auto-converge", "state": True})
+        params = {"downtime-limit": a.downtime_limit, "max-bandwidth": 1 << 40}
+        if a.streams > 1:
+            params["multifd-channels"] = a.streams
+        for q in (qs, qd):
+            if caps:
+                q.cmd("migrate-set-capabilities", capabilities=caps)
+            q.cmd("migrate-set-parameters", **params)
+        qd.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        qs.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        while True:
+            st = qs.cmd("query-migrate")
+            if st.get("status") in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.02)
+        if st["status"] != "completed":
+            raise RuntimeError(f"QEMU migration {st['status']}: {st}")
+        n = len(dc.lines)
+        dc.wait("H0 ", after=n) if not any(l.startswith("H0 ") for _, l in dc.lines) else None
+        time.sleep(0.5)
+        return {
+            "observed_ms": observed_gap(sc, dc),
+            "downtime_ms": st.get("downtime", 0),
+            "total_ms": st.get("total-time", 0),
+            "bytes": st["ram"]["transferred"],
+            "mbps": st["ram"].get("mbps", 0),
+        }
+    finally:
+        for p in (src, dst):
+            p.kill()
+            p.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def run_ferry(a, name, mem, work, ready, converge):
+    d = tempfile.mkdtemp(prefix="ferry-bench-f-")
+    port = free_port()
+    src = subprocess.Popen([a.ferry, "run", "--memory", mem, "--api-socket", f"{d}/a.sock",
+                            "--guest", work], stdout=subprocess.PIPE, text=True)
+    dst = subprocess.Popen([a.ferry, "receive", "--listen", f"127.0.0.1:{port}",
+                            "--api-socket", f"{d}/b.sock"], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+    try:
+        sc, dc = Console(src), Console(dst)
+        sc.wait(ready)
+        time.sleep(1)
+        cmd = [a.ferry, "migrate", "--to", f"127.0.0.1:{port}", "--api-socket", f"{d}/a.sock",
+               "--downtime-limit", str(a.downtime_limit), "--connections", str(a.streams),
+               "--max-passes", "0", "--quiet"]
+        if converge:
+            cmd.append("--auto-converge")
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"ferry migrate: {out.stderr}")
+        m = re.search(r"total ([\d.]+) ms, downtime ([\d.]+) ms .*?, ([\d.]+) MiB sent.*?"
+                      r"link (\d+) MiB/s", out.stdout)
+        src.wait(timeout=30)
+        dc.wait("H0 ")
+        time.sleep(0.5)
+        return {
+            "observed_ms": observed_gap(sc, dc),
+            "downtime_ms": float(m.group(2)),
+            "total_ms": float(m.group(1)),
+            "bytes": int(float(m.group(3)) * (1 << 20)),
+            "mbps": int(m.group(4)) * 8 * 1.048576,
+        }
+    finally:
+        for p in (src, dst):
+            p.kill()
+            p.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def iperf3(streams):
+    port = free_port()
+    srv = subprocess.Popen(["iperf3", "-s", "-1", "-p", str(port)], stdout=subprocess.DEVNULL)
+    time.sleep(0.5)
+    try:
+        out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-P", str(streams),
+                              "-t", "3", "-J"], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 8
+    finally:
+        srv.wait(timeout=10)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ferry", default="target/release/ferry")
+    ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--downtime-limit", type=int, default=30)
+    ap.add_argument("--only", help="run only this workload")
+    a = ap.parse_args()
+    d = tempfile.mkdtemp(prefix="ferry-bench-img-")
+    image = f"{d}/guest.elf"
+    subprocess.run([a.ferry, "guest-image", "-o", image], check=True, capture_output=True)
+    qv = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
+                        text=True).stdout.split("\n")[0]
+    link = iperf3(a.streams)
+    print(f"# {qv}; streams {a.streams}; downtime limit {a.downtime_limit} ms; "
+          f"iperf3 loopback {link / 1e6:.0f} MB/s")
+    print("| workload | VMM | guest-observed downtime ms | VMM downtime ms | total ms | "
+          "MB sent | link MB/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, mem, work, ready, converge in WORKLOADS:
+        if a.only and a.only != name:
+            continue
+        res = {}
+        for vmm in ("QEMU", "Ferry"):
+            try:
+                if vmm == "QEMU":
+                    r = run_qemu(a, image, name, mem, work, ready, converge)
+                else:
+                    r = run_ferry(a, name, mem, work, ready, converge)
+            except Exception as e:  # one failed run should not hide the others
+                print(f"| {name} | {vmm} | failed: {e} | | | | |")
+                continue
+            res[vmm] = r
+            print(f"| {name} | {vmm} | {r['observed_ms']:.1f} | {r['downtime_ms']:.1f} | "
+                  f"{r['total_ms']:.0f} | {r['bytes'] / 1e6:.0f} | {r['mbps'] / 8:.0f} |",
+                  flush=True)
+        if len(res) == 2:
+            q, f = res["QEMU"], res["Ferry"]
+            print(f"| {name} | Ferry/QEMU | {f['observed_ms'] / max(q['observed_ms'], 1e-3):.2f}× "
+                  f"| {f['downtime_ms'] / max(q['downtime_ms'], 1e-3):.2f}× | "
+                  f"{f['total_ms'] / max(q['total_ms'], 1e-3):.2f}× | | "
+                  f"{f['mbps'] / 8 * 1e6 / link * 100:.0f} % of iperf3 |", flush=True)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
