@@ -249,6 +249,8 @@ const K_JOIN: u8 = 9;
 const K_END_OF_PASS: u8 = 10;
 /// `Pages` frame kind, for receivers that walk page frames in place ([`recv_raw`]).
 pub const KIND_PAGES: u8 = K_PAGES;
+/// `Abort` frame kind, for a peek at what waits on a connection.
+pub const KIND_ABORT: u8 = K_ABORT;
 
 pub fn kind_name(k: u8) -> &'static str {
     match k {

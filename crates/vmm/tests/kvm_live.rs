@@ -183,7 +183,10 @@ fn destination_dies(hook: Hook, opts: Options) {
     wait_for(&rx, &mut seen, T, |l| l == "D0 1").unwrap();
     let base = bases(&seen)[0];
     let (addr, dest) = destination(Some(hook));
+    let t = std::time::Instant::now();
     let e = send_vm(&src, addr, &opts).unwrap_err();
+    // Noticed through the control connection, not after a 30 s socket timeout.
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}: {e}", t.elapsed());
     assert!(!matches!(e, EngineError::InDoubt(_)), "{e}");
     let (r, vm, _) = dest.join().unwrap();
     assert!(r.is_err());

@@ -3,8 +3,8 @@
 //! list from a shared cursor so fast connections carry more.
 use super::{ok, EngineError, Monitor, Options, Pass, Phase, Report, SourceVm, TimeoutPolicy};
 use crate::protocol::{
-    expect, recv, send, Hello, Message, PagesBuf, ProtocolError, MAGIC, MAX_BATCH, MAX_CONNECTIONS,
-    PAGE, PAGE_HEADER_LEN, VERSION,
+    expect, recv, send, Hello, Message, PagesBuf, ProtocolError, KIND_ABORT, MAGIC, MAX_BATCH,
+    MAX_CONNECTIONS, PAGE, PAGE_HEADER_LEN, VERSION,
 };
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -140,6 +140,8 @@ fn run_source<V: SourceVm>(
             sh: &sh,
             jobs,
             done: done_rx,
+            watch: ctl.try_clone().ok(),
+            handles: &handles,
         };
         let r = coord.run(ctl, t0, paused);
         if let Err(e) = &r {
@@ -165,6 +167,10 @@ struct Coordinator<'a, V> {
     sh: &'a Shared<'a>,
     jobs: Vec<mpsc::Sender<Arc<Job>>>,
     done: mpsc::Receiver<Done>,
+    /// The control connection, watched during passes for the destination's Abort or end.
+    watch: Option<TcpStream>,
+    /// The data connections, shut down to free senders stuck in a write.
+    handles: &'a [TcpStream],
 }
 
 impl<V: SourceVm> Coordinator<'_, V> {
@@ -280,6 +286,27 @@ impl<V: SourceVm> Coordinator<'_, V> {
         Ok(report)
     }
 
+    /// Looks at the control connection without waiting: the destination's Abort, or its
+    /// end, means it is gone. An acknowledgement waiting there is left for its reader.
+    fn destination_gone(&self) -> Option<EngineError> {
+        let c = self.watch.as_ref()?;
+        c.set_nonblocking(true).ok()?;
+        let mut b = [0u8];
+        let r = c.peek(&mut b);
+        let _ = c.set_nonblocking(false);
+        match r {
+            Ok(0) => Some(ProtocolError::Closed.into()),
+            Ok(_) if b[0] == KIND_ABORT => match recv(&mut &*c) {
+                Ok(Message::Abort(why)) => Some(ProtocolError::Peer(why).into()),
+                Ok(_) => None,
+                Err(e) => Some(e.into()),
+            },
+            Ok(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(e) => Some(ProtocolError::Io(e).into()),
+        }
+    }
+
     /// Runs one pass on every connection. Returns its figures and, when the deadline cut it
     /// short under the switch-over policy, the pages it did not send.
     fn pass(
@@ -319,6 +346,16 @@ impl<V: SourceVm> Coordinator<'_, V> {
                     first_err.get_or_insert(e);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if first_err.is_none() {
+                        if let Some(e) = self.destination_gone() {
+                            // Senders may be blocked on full buffers nobody reads any more.
+                            job.cut.store(true, Ordering::SeqCst);
+                            for h in self.handles {
+                                let _ = h.shutdown(Shutdown::Both);
+                            }
+                            first_err = Some(e);
+                        }
+                    }
                     if !timed_out && deadline.is_some_and(|d| Instant::now() >= d) {
                         timed_out = true;
                         job.cut.store(true, Ordering::SeqCst);
