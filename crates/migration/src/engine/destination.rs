@@ -101,6 +101,7 @@ fn run_destination<V: DestinationVm>(
             })
             .collect();
         let state = wait_state(ctl, &failed);
+        let t_state = Instant::now();
         if state.is_err() {
             barrier.fail();
             stop_all(ECHO);
@@ -112,6 +113,7 @@ fn run_destination<V: DestinationVm>(
                     .unwrap_or_else(|_| Err(EngineError::Vm("a receiver thread panicked".into())))
             })
             .collect();
+        tracing::debug!(drained = ?t_state.elapsed(), "receivers done after State");
         (results, state)
     });
     let mut got = Received {
@@ -138,10 +140,14 @@ fn run_destination<V: DestinationVm>(
         return Err(e);
     }
     got.state_bytes = state.len() as u64;
+    let t = Instant::now();
     ok(vm.load_state(&state))?;
+    let loaded = t.elapsed();
     send(ctl, &Message::Ready)?;
     expect(ctl, Message::Commit)?;
+    let committed = t.elapsed();
     ok(vm.resume())?;
+    tracing::debug!(?loaded, ?committed, resumed = ?t.elapsed(), "switch-over (from State)");
     send(ctl, &Message::Resumed)?;
     Ok(got)
 }

@@ -12,6 +12,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// A predicted downtime so short that another pass is not worth it.
+const GOOD_ENOUGH: Duration = Duration::from_millis(1);
 /// Pages a sender takes from the pass's list at a time.
 const CHUNK: usize = 64;
 /// First throttle step of auto-converge, the step after it, and the ceiling (percent).
@@ -220,7 +222,12 @@ impl<V: SourceVm> Coordinator<'_, V> {
                 report.switch_reason = "timeout".into();
                 break;
             }
-            if predicted <= opts.downtime_limit.as_secs_f64() {
+            // The limit is a ceiling, not a target: while each pass still halves the dirty
+            // set, one more (short) pass buys a shorter pause.
+            let halving = (todo.len() as u64) * 2 <= sent;
+            if predicted <= opts.downtime_limit.as_secs_f64()
+                && (!halving || predicted <= GOOD_ENOUGH.as_secs_f64())
+            {
                 report.switch_reason = "converged".into();
                 break;
             }
@@ -259,14 +266,19 @@ impl<V: SourceVm> Coordinator<'_, V> {
         todo.dedup();
         let number = report.passes.len() as u32 + 1;
         mon.begin_pass(number, todo.len() as u64, Phase::SwitchOver);
+        let t_paused = t_pause.elapsed();
         let (mut pass, _) = self.pass(number, todo, true, None)?;
+        let t_pages = t_pause.elapsed();
         pass.ms = t_pause.elapsed().as_secs_f64() * 1e3;
         pass.throttle_percent = throttle;
         report.passes.push(pass);
         let state = ok(vm.save_state())?;
+        let t_state = t_pause.elapsed();
         send(ctl, &Message::State(state))?;
         expect_ack(ctl, number)?;
+        let t_ack = t_pause.elapsed();
         expect(ctl, Message::Ready)?;
+        let t_ready = t_pause.elapsed();
         send(ctl, &Message::Commit).map_err(|e| EngineError::InDoubt(e.to_string()))?;
         match recv(ctl) {
             Ok(Message::Resumed) => {}
@@ -279,6 +291,15 @@ impl<V: SourceVm> Coordinator<'_, V> {
             Err(e) => return Err(EngineError::InDoubt(e.to_string())),
         }
         report.downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
+        tracing::debug!(
+            ?t_paused,
+            ?t_pages,
+            ?t_state,
+            ?t_ack,
+            ?t_ready,
+            resumed = ?t_pause.elapsed(),
+            "switch-over timeline (from pause)"
+        );
         report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
         report.wire_bytes = report.passes.iter().map(|p| p.wire_bytes).sum();
         report.saved_bytes = report.passes.iter().map(|p| p.saved_bytes).sum();
