@@ -141,10 +141,15 @@ fn dirty(cpu: u64, spec: &Spec, base: u64, pages: u64, khz: u64, beat: &mut Beat
     }
 }
 
-fn checksum(base: u64, pages: u64) -> u64 {
+/// Checksums `pages` pages from `base`, beating between pages (a large region takes long).
+fn checksum(base: u64, pages: u64, beat: &mut Beat) -> u64 {
     let mut sum = pattern::CHECKSUM_INIT;
-    for a in (base..base + pages * PAGE_SIZE).step_by(8) {
-        sum = pattern::checksum_step(sum, get(a));
+    for page in 0..pages {
+        let p = base + page * PAGE_SIZE;
+        for a in (p..p + PAGE_SIZE).step_by(8) {
+            sum = pattern::checksum_step(sum, get(a));
+        }
+        beat.poll();
     }
     sum
 }
@@ -158,11 +163,12 @@ fn verify(cpu: u64, spec: &Spec, base: u64, pages: u64, khz: u64, beat: &mut Bea
             put(base + page * PAGE_SIZE + w * 8, v);
             expect = pattern::checksum_step(expect, v);
         }
+        beat.poll();
     }
     let mut n = 0u64;
     let gap = 100_000 * khz / 1000; // re-check every 100 ms
     loop {
-        let sum = checksum(base, pages);
+        let sum = checksum(base, pages, beat);
         let mut l = Line::new();
         l.s("V").u(cpu).s(" ").u(n).s(if sum == expect { " ok " } else { " BAD " }).x(sum);
         l.send();

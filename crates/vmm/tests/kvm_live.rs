@@ -16,10 +16,10 @@ use std::time::Duration;
 
 type Dest = thread::JoinHandle<(Result<(), EngineError>, Option<Vm>, Receiver<TimedLine>)>;
 
-/// Decides, per frame from the source (connection in accept order, 0 = control; frame kind),
-/// whether the proxy passes it on; false kills every connection there, both ways, as if the
-/// destination host died.
-type Hook = Box<dyn FnMut(usize, u8) -> bool + Send>;
+/// Decides, per frame from the source (connection in accept order, 0 = control; frame kind;
+/// the frame's bytes, header included, which it may change), whether the proxy passes it on;
+/// false kills every connection there, both ways, as if the destination host died.
+type Hook = Box<dyn FnMut(usize, u8, &mut Vec<u8>) -> bool + Send>;
 
 /// A destination VM on its own thread, reached directly or through a frame-aware proxy.
 fn destination(hook: Option<Hook>) -> (std::net::SocketAddr, Dest) {
@@ -61,24 +61,25 @@ fn proxy(to: std::net::SocketAddr, hook: Hook) -> std::net::SocketAddr {
                 thread::spawn(move || {
                     let _ = std::io::copy(&mut back_dst, &mut back_src);
                 });
-                let mut h = [0u8; HEADER_LEN];
-                let mut payload = Vec::new();
+                let mut frame = vec![0u8; HEADER_LEN];
                 loop {
-                    if from_src.read_exact(&mut h).is_err() {
+                    frame.resize(HEADER_LEN, 0);
+                    if from_src.read_exact(&mut frame).is_err() {
                         break;
                     }
-                    let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
-                    payload.resize(len, 0);
-                    if from_src.read_exact(&mut payload).is_err() {
+                    let len = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
+                    frame.resize(HEADER_LEN + len as usize, 0);
+                    if from_src.read_exact(&mut frame[HEADER_LEN..]).is_err() {
                         break;
                     }
-                    if !(hook.lock().unwrap())(conn, h[0]) {
+                    let kind = frame[0];
+                    if !(hook.lock().unwrap())(conn, kind, &mut frame) {
                         for s in all.lock().unwrap().iter() {
                             let _ = s.shutdown(std::net::Shutdown::Both);
                         }
                         break;
                     }
-                    if to_dst.write_all(&h).is_err() || to_dst.write_all(&payload).is_err() {
+                    if to_dst.write_all(&frame).is_err() {
                         break;
                     }
                 }
@@ -175,9 +176,10 @@ fn a_dirtying_vm_moves_with_exact_memory_and_a_continuous_heartbeat() {
     );
 }
 
-/// The destination dies at a given frame: the source keeps running, unthrottled and without
-/// dirty logging, with its memory exact, and nothing runs on the destination.
-fn destination_dies(hook: Hook, opts: Options) {
+/// The destination dies at a given frame (or the stream is damaged): the source keeps
+/// running, unthrottled and without dirty logging, with its memory exact, and nothing runs on
+/// the destination.
+fn destination_dies(hook: Hook, opts: Options) -> (EngineError, EngineError) {
     let (src, rx) = boot(1, 256 << 20, "dirty size=64M rate=30M hb=2000");
     let mut seen = Vec::new();
     wait_for(&rx, &mut seen, T, |l| l == "D0 1").unwrap();
@@ -186,10 +188,14 @@ fn destination_dies(hook: Hook, opts: Options) {
     let t = std::time::Instant::now();
     let e = send_vm(&src, addr, &opts).unwrap_err();
     // Noticed through the control connection, not after a 30 s socket timeout.
-    assert!(t.elapsed() < Duration::from_secs(15), "{:?}: {e}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "{:?}: {e}",
+        t.elapsed()
+    );
     assert!(!matches!(e, EngineError::InDoubt(_)), "{e}");
     let (r, vm, _) = dest.join().unwrap();
-    assert!(r.is_err());
+    let de = r.unwrap_err();
     assert!(vm.is_none(), "nothing started on the destination");
     assert_eq!(src.state(), RunState::Running);
     assert!(!src.dirty_logging());
@@ -200,6 +206,7 @@ fn destination_dies(hook: Hook, opts: Options) {
     verify_dirty_region(&reader(&src), base).expect("source memory still exact");
     src.shutdown().unwrap();
     src.wait();
+    (e, de)
 }
 
 fn dirty_pass(seen: &[TimedLine]) -> u64 {
@@ -217,7 +224,7 @@ const K_END_OF_PASS: u8 = 10;
 fn destination_killed_before_the_first_pass_ends() {
     let mut frames = 0;
     destination_dies(
-        Box::new(move |conn, kind| {
+        Box::new(move |conn, kind, _| {
             frames += (conn > 0 && kind == K_PAGES) as u32;
             frames < 40
         }),
@@ -229,7 +236,7 @@ fn destination_killed_before_the_first_pass_ends() {
 fn destination_killed_between_passes() {
     let mut ends = 0;
     destination_dies(
-        Box::new(move |_, kind| {
+        Box::new(move |_, kind, _| {
             ends += (kind == K_END_OF_PASS) as u32;
             ends < 4 // two data connections: after the second pass
         }),
@@ -243,9 +250,55 @@ fn destination_killed_between_passes() {
 }
 
 #[test]
+fn a_flipped_byte_in_a_page_frame_is_refused_and_nothing_resumes() {
+    let mut n = 0;
+    let (e, de) = destination_dies(
+        Box::new(move |conn, kind, frame| {
+            n += (conn > 0 && kind == K_PAGES) as u32;
+            if n == 10 && kind == K_PAGES {
+                let at = frame.len() / 2;
+                frame[at] ^= 0x01;
+            }
+            true
+        }),
+        Options {
+            connections: 2,
+            ..Options::default()
+        },
+    );
+    assert!(
+        de.to_string().contains("CRC mismatch in a Pages frame"),
+        "{de}"
+    );
+    assert!(
+        e.to_string().contains("CRC mismatch"),
+        "the source hears why: {e}"
+    );
+}
+
+#[test]
+fn a_truncated_stream_is_refused_and_nothing_resumes() {
+    let mut n = 0;
+    let (e, de) = destination_dies(
+        Box::new(move |conn, kind, frame| {
+            n += (conn == 1 && kind == K_PAGES) as u32;
+            if n == 5 {
+                // Half a frame, then the connection ends.
+                frame.truncate(frame.len() / 2);
+                return false;
+            }
+            true
+        }),
+        Options::default(),
+    );
+    assert!(matches!(de, EngineError::Protocol(_)), "{de}");
+    assert!(matches!(e, EngineError::Protocol(_)), "{e}");
+}
+
+#[test]
 fn destination_killed_during_switch_over() {
     destination_dies(
-        Box::new(|conn, kind| !(conn == 0 && kind == K_STATE)),
+        Box::new(|conn, kind, _| !(conn == 0 && kind == K_STATE)),
         Options::default(),
     );
 }
@@ -374,4 +427,86 @@ fn auto_converge_moves_a_writer_faster_than_the_link() {
         rep.max_throttle_percent,
         rep.downtime_ms
     );
+}
+
+#[test]
+fn an_idle_vm_moves_with_only_what_it_touched() {
+    // 1 GiB configured; vCPU 0 beats, vCPU 1 keeps checking 32 MiB of its own memory.
+    let (src, rx) = boot(2, 1 << 30, "heartbeat period=2000 ; verify size=32M hb=0");
+    let mut seen = Vec::new();
+    wait_for(&rx, &mut seen, T, |l| l.starts_with("V1 1 ")).unwrap();
+    let (addr, dest) = destination(None);
+    let rep = send_vm(&src, addr, &Options::default()).expect("migration");
+    src.shutdown_after_handoff().unwrap();
+    src.wait();
+    seen.extend(rx.try_iter());
+    let (r, vm, rx2) = dest.join().unwrap();
+    r.unwrap();
+    let vm = vm.unwrap();
+    // Only populated pages travel: 32 MiB and the guest's own pages, not 1 GiB.
+    let sent: u64 = rep.passes.iter().map(|p| p.pages).sum();
+    assert!(sent < 16384, "{sent} pages sent for an idle VM");
+    let mut after = Vec::new();
+    let n = seen.iter().filter(|l| l.1.starts_with("V1 ")).count();
+    wait_for(&rx2, &mut after, T, |l| {
+        l.starts_with(&format!("V1 {} ", n + 1))
+    })
+    .unwrap();
+    vm.shutdown().unwrap();
+    vm.wait();
+    after.extend(rx2.try_iter());
+    assert!(
+        !seen.iter().chain(&after).any(|l| l.1.contains("BAD")),
+        "the guest's memory check failed"
+    );
+    let mut log = HeartbeatLog::default();
+    beats(&mut log, &seen);
+    beats(&mut log, &after);
+    log.check_continuous().expect("heartbeat continuous");
+}
+
+#[test]
+fn a_gib_rewritten_at_two_rates_arrives_exact() {
+    for rate in ["400M", "100M"] {
+        let work = format!("dirty size=1G rate={rate} hb=2000");
+        let (src, rx) = boot(1, 3 << 29, &work);
+        let mut seen = Vec::new();
+        // Once the whole GiB has been written: every later pass rewrites it at `rate`.
+        wait_for(&rx, &mut seen, Duration::from_secs(120), |l| l == "D0 1").unwrap();
+        let base = bases(&seen)[0];
+        let (addr, dest) = destination(None);
+        let opts = Options {
+            connections: 2,
+            ..Options::default()
+        };
+        let rep = send_vm(&src, addr, &opts).expect("migration");
+        assert!(
+            rep.passes[0].pages >= 262144,
+            "{rate}: the first pass carries the GiB"
+        );
+        src.shutdown_after_handoff().unwrap();
+        src.wait();
+        seen.extend(rx.try_iter());
+        let (r, vm, rx2) = dest.join().unwrap();
+        r.unwrap();
+        let vm = vm.unwrap();
+        let mut after = Vec::new();
+        wait_for(&rx2, &mut after, T, |l| l.starts_with("H0 ")).unwrap();
+        vm.pause().unwrap();
+        verify_dirty_region(&reader(&vm), base).expect("destination memory exact");
+        vm.resume().unwrap();
+        vm.shutdown().unwrap();
+        vm.wait();
+        after.extend(rx2.try_iter());
+        let mut log = HeartbeatLog::default();
+        beats(&mut log, &seen);
+        beats(&mut log, &after);
+        log.check_continuous().expect("heartbeat continuous");
+        eprintln!(
+            "1 GiB at {rate}: {} passes, downtime {:.2} ms, total {:.0} ms",
+            rep.passes.len(),
+            rep.downtime_ms,
+            rep.total_ms
+        );
+    }
 }

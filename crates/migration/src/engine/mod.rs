@@ -148,6 +148,7 @@ pub struct Report {
     pub wire_bytes: u64,
     /// Bytes not sent thanks to zero pages and compression.
     pub saved_bytes: u64,
+    /// Bytes per second over all live (pre-copy) passes.
     pub bandwidth_bytes_per_s: f64,
     pub connections: u32,
     /// Why it switched over: "converged", "max passes", "timeout".

@@ -192,6 +192,8 @@ impl<V: SourceVm> Coordinator<'_, V> {
         // Pages per second the link carried in the last pass that sent anything.
         let mut rate = f64::INFINITY;
         let mut bandwidth = 0.0;
+        // Bytes and seconds of every live pass, for the report's average bandwidth.
+        let (mut live_bytes, mut live_secs) = (0u64, 0f64);
         let mut throttle = 0u8;
         loop {
             let number = report.passes.len() as u32 + 1;
@@ -207,6 +209,8 @@ impl<V: SourceVm> Coordinator<'_, V> {
             if pass.pages > 0 {
                 rate = pass.pages as f64 / secs;
                 bandwidth = pass.wire_bytes as f64 / secs;
+                live_bytes += pass.wire_bytes;
+                live_secs += secs;
             }
             let sent = pass.pages;
             report.passes.push(pass.clone());
@@ -303,7 +307,7 @@ impl<V: SourceVm> Coordinator<'_, V> {
         report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
         report.wire_bytes = report.passes.iter().map(|p| p.wire_bytes).sum();
         report.saved_bytes = report.passes.iter().map(|p| p.saved_bytes).sum();
-        report.bandwidth_bytes_per_s = bandwidth;
+        report.bandwidth_bytes_per_s = live_bytes as f64 / live_secs.max(1e-6);
         Ok(report)
     }
 
