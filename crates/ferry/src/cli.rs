@@ -141,7 +141,8 @@ pub struct MigrateArgs {
     /// With --quick: directory on storage the destination host can read.
     #[arg(long, requires = "quick")]
     pub via: Option<PathBuf>,
-    /// Switch over once the predicted downtime is under this many milliseconds.
+    /// Ceiling on the pause, milliseconds: switch over once the predicted downtime is under
+    /// it and further passes no longer halve the dirty memory (or it is under 1 ms).
     #[arg(long, default_value_t = 30)]
     pub downtime_limit: u64,
     /// Switch over after this many passes whatever the prediction (0: no limit).

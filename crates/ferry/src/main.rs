@@ -36,6 +36,16 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    if matches!(
+        cli.command,
+        cli::Command::Vm(_) | cli::Command::Snapshot(_) | cli::Command::Migrate(_)
+    ) {
+        // Client commands end quietly when their output pipe closes (`ferry migrate | head`),
+        // as Unix tools do. VMM commands keep ignoring SIGPIPE: a console reader going away
+        // must not take the guest with it.
+        // SAFETY: restoring the default disposition of one signal before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let code = match cli.command {
         cli::Command::Run(args) => run::main(args),
         cli::Command::Vm(args) => api::client::main(args).map(|()| 0),

@@ -163,9 +163,8 @@ impl PageData {
     pub fn encode(page: &[u8], c: Compression) -> PageData {
         let mut b = PagesBuf::default();
         b.push(0, page, c);
-        b.buf[..4].copy_from_slice(&b.count.to_le_bytes());
         let mut out = None;
-        for_each_page(&b.buf, |_, p| {
+        for_each_page(b.payload(), |_, p| {
             out = Some(p.into());
             Ok::<(), ProtocolError>(())
         })
@@ -296,21 +295,24 @@ fn malformed(what: &'static str, why: impl std::fmt::Display) -> ProtocolError {
     }
 }
 
-/// A `Pages` frame built in place, page by page: the sender's hot path encodes straight into
-/// one buffer (no allocation or copy per page).
+/// A `Pages` frame built in place, page by page: the sender's hot path reads each page from
+/// guest memory straight into the frame and encodes it there (no allocation, one copy).
 pub struct PagesBuf {
+    /// Always the largest frame's size; `used` bytes of it are the frame so far.
     buf: Vec<u8>,
+    used: usize,
     count: u32,
     scratch: Vec<u8>,
     zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
+const PAGES_FRAME_MAX: usize = 4 + MAX_BATCH * (PAGE_HEADER_LEN + PAGE);
+
 impl Default for PagesBuf {
     fn default() -> Self {
-        let mut buf = Vec::with_capacity(4 + MAX_BATCH * (PAGE_HEADER_LEN + PAGE));
-        buf.extend_from_slice(&[0; 4]);
         PagesBuf {
-            buf,
+            buf: vec![0; PAGES_FRAME_MAX],
+            used: 4,
             count: 0,
             scratch: vec![0; lz4_flex::block::get_maximum_output_size(PAGE).max(PAGE + 64)],
             zstd: None,
@@ -319,54 +321,83 @@ impl Default for PagesBuf {
 }
 
 impl PagesBuf {
+    /// Writes a page header at the cursor; the body (len bytes) must follow it.
+    fn header(&mut self, gpa: u64, enc: u8, len: usize) {
+        let h = &mut self.buf[self.used..self.used + PAGE_HEADER_LEN];
+        h[..8].copy_from_slice(&gpa.to_le_bytes());
+        h[8] = enc;
+        h[9..13].copy_from_slice(&(len as u32).to_le_bytes());
+    }
+
     fn put(&mut self, gpa: u64, enc: u8, body: &[u8]) {
-        self.buf.extend_from_slice(&gpa.to_le_bytes());
-        self.buf.push(enc);
-        self.buf
-            .extend_from_slice(&(body.len() as u32).to_le_bytes());
-        self.buf.extend_from_slice(body);
+        self.header(gpa, enc, body.len());
+        let at = self.used + PAGE_HEADER_LEN;
+        self.buf[at..at + body.len()].copy_from_slice(body);
+        self.used = at + body.len();
         self.count += 1;
     }
 
     /// Compresses `page` into `scratch`; the compressed length when it saves at least 1/8.
-    fn compress(&mut self, page: &[u8], c: Compression) -> Option<usize> {
+    fn compress(
+        scratch: &mut [u8],
+        zstd: &mut Option<zstd::bulk::Compressor<'static>>,
+        page: &[u8],
+        c: Compression,
+    ) -> Option<usize> {
         let n = match c {
             Compression::None => return None,
-            Compression::Lz4 => lz4_flex::block::compress_into(page, &mut self.scratch).ok()?,
+            Compression::Lz4 => lz4_flex::block::compress_into(page, scratch).ok()?,
             Compression::Zstd => {
-                if self.zstd.is_none() {
-                    self.zstd = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+                if zstd.is_none() {
+                    *zstd = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
                 }
-                self.zstd
-                    .as_mut()?
-                    .compress_to_buffer(page, &mut self.scratch[..])
-                    .ok()?
+                zstd.as_mut()?.compress_to_buffer(page, scratch).ok()?
             }
         };
         (n < page.len() * 7 / 8).then_some(n)
     }
 
-    /// Adds a page: zero pages as a marker, others compressed with `c` when that saves at
-    /// least an eighth, raw otherwise. Returns the bytes it adds to the frame and whether it
-    /// went as a zero page.
+    /// Adds the page at `gpa`, which `read` copies into the frame: zero pages go as a marker,
+    /// others compressed with `c` when that saves at least an eighth, raw otherwise. Returns
+    /// the bytes it adds to the frame and whether it went as a zero page. The frame must have
+    /// room (fewer than [`MAX_BATCH`] pages).
+    pub fn push_with<E>(
+        &mut self,
+        gpa: u64,
+        c: Compression,
+        read: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(usize, bool), E> {
+        let body = self.used + PAGE_HEADER_LEN;
+        read(&mut self.buf[body..body + PAGE])?;
+        let page = &self.buf[body..body + PAGE];
+        let (enc, len) = if is_zero_page(page) {
+            (ENC_ZERO, 0)
+        } else if let Some(n) = Self::compress(&mut self.scratch, &mut self.zstd, page, c) {
+            self.buf[body..body + n].copy_from_slice(&self.scratch[..n]);
+            (
+                if c == Compression::Lz4 {
+                    ENC_LZ4
+                } else {
+                    ENC_ZSTD
+                },
+                n,
+            )
+        } else {
+            (ENC_RAW, PAGE)
+        };
+        self.header(gpa, enc, len);
+        self.used = body + len;
+        self.count += 1;
+        Ok((PAGE_HEADER_LEN + len, enc == ENC_ZERO))
+    }
+
+    /// [`PagesBuf::push_with`] for a page already in memory.
     pub fn push(&mut self, gpa: u64, page: &[u8], c: Compression) -> (usize, bool) {
-        if is_zero_page(page) {
-            self.put(gpa, ENC_ZERO, &[]);
-            return (PAGE_HEADER_LEN, true);
-        }
-        if let Some(n) = self.compress(page, c) {
-            let enc = if c == Compression::Lz4 {
-                ENC_LZ4
-            } else {
-                ENC_ZSTD
-            };
-            let z = std::mem::take(&mut self.scratch);
-            self.put(gpa, enc, &z[..n]);
-            self.scratch = z;
-            return (PAGE_HEADER_LEN + n, false);
-        }
-        self.put(gpa, ENC_RAW, page);
-        (PAGE_HEADER_LEN + page.len(), false)
+        self.push_with(gpa, c, |b| {
+            b.copy_from_slice(page);
+            Ok::<(), ()>(())
+        })
+        .unwrap_or_default()
     }
 
     fn push_encoded(&mut self, gpa: u64, d: &PageData) {
@@ -383,15 +414,20 @@ impl PagesBuf {
         self.count as usize
     }
 
+    /// The frame's payload so far, with its page count filled in.
+    fn payload(&mut self) -> &[u8] {
+        self.buf[..4].copy_from_slice(&self.count.to_le_bytes());
+        &self.buf[..self.used]
+    }
+
     /// Sends the frame (if it holds any page) and starts an empty one; returns the bytes sent.
     pub fn send(&mut self, w: &mut impl Write) -> Result<usize, ProtocolError> {
         if self.count == 0 {
             return Ok(0);
         }
-        self.buf[..4].copy_from_slice(&self.count.to_le_bytes());
-        send_frame(w, K_PAGES, &self.buf)?;
-        let n = HEADER_LEN + self.buf.len();
-        self.buf.truncate(4);
+        let n = HEADER_LEN + self.used;
+        send_frame(w, K_PAGES, self.payload())?;
+        self.used = 4;
         self.count = 0;
         Ok(n)
     }
@@ -456,8 +492,7 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
             for (gpa, d) in p {
                 b.push_encoded(*gpa, d);
             }
-            b.buf[..4].copy_from_slice(&b.count.to_le_bytes());
-            return send_frame(w, K_PAGES, &b.buf);
+            return send_frame(w, K_PAGES, b.payload());
         }
         Message::Join { session, index } => {
             owned = [&session.to_le_bytes()[..], &index.to_le_bytes()].concat();

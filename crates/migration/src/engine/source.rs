@@ -432,9 +432,8 @@ fn sender<V: SourceVm>(
     done: mpsc::Sender<Done>,
 ) {
     let mut frame = PagesBuf::default();
-    let mut buf = vec![0u8; PAGE];
     while let Ok(job) = jobs.recv() {
-        let r = send_share(vm, &mut s, sh, &job, &mut frame, &mut buf);
+        let r = send_share(vm, &mut s, sh, &job, &mut frame);
         let stop = r.is_err() || job.last;
         if done.send(r).is_err() || stop {
             break;
@@ -448,7 +447,6 @@ fn send_share<V: SourceVm>(
     sh: &Shared,
     job: &Job,
     frame: &mut PagesBuf,
-    buf: &mut [u8],
 ) -> Result<Pass, EngineError> {
     let mut pass = Pass::default();
     loop {
@@ -464,8 +462,9 @@ fn send_share<V: SourceVm>(
         }
         let end = (start + CHUNK).min(job.pages.len());
         for &gpa in &job.pages[start..end] {
-            ok(vm.read_page(gpa, buf))?;
-            let (n, zero) = frame.push(gpa, buf, sh.opts.compression);
+            let (n, zero) = frame
+                .push_with(gpa, sh.opts.compression, |b| vm.read_page(gpa, b))
+                .map_err(EngineError::Vm)?;
             pass.pages += 1;
             pass.zero_pages += zero as u64;
             pass.wire_bytes += n as u64;
