@@ -217,6 +217,9 @@ pub enum Message {
         session: u64,
         index: u32,
     },
+    /// The source's populated memory as (first page address, page count) runs, sent before
+    /// pass 1 so the destination can map it ahead of the pages (a hint).
+    Populated(Vec<(u64, u64)>),
     /// On each data connection after its share of a pass; `last` ends the final pass (sent
     /// with the VM paused), after which the connection carries nothing more.
     EndOfPass {
@@ -246,6 +249,9 @@ const K_ABORT: u8 = 7;
 const K_RESUMED: u8 = 8;
 const K_JOIN: u8 = 9;
 const K_END_OF_PASS: u8 = 10;
+const K_POPULATED: u8 = 11;
+/// Most runs in one `Populated` frame.
+pub const MAX_RANGES: usize = (MAX_FRAME as usize - 4) / 16;
 /// `Pages` frame kind, for receivers that walk page frames in place ([`recv_raw`]).
 pub const KIND_PAGES: u8 = K_PAGES;
 /// `Abort` frame kind, for a peek at what waits on a connection.
@@ -263,6 +269,7 @@ pub fn kind_name(k: u8) -> &'static str {
         K_RESUMED => "Resumed",
         K_JOIN => "Join",
         K_END_OF_PASS => "EndOfPass",
+        K_POPULATED => "Populated",
         _ => "unknown",
     }
 }
@@ -284,6 +291,7 @@ impl Message {
             Message::Resumed => K_RESUMED,
             Message::Join { .. } => K_JOIN,
             Message::EndOfPass { .. } => K_END_OF_PASS,
+            Message::Populated(_) => K_POPULATED,
         }
     }
 }
@@ -502,6 +510,16 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
             owned = [&pass.to_le_bytes()[..], &[*last as u8]].concat();
             &owned
         }
+        Message::Populated(r) => {
+            let mut b = Vec::with_capacity(4 + r.len() * 16);
+            b.extend_from_slice(&(r.len() as u32).to_le_bytes());
+            for (gpa, pages) in r {
+                b.extend_from_slice(&gpa.to_le_bytes());
+                b.extend_from_slice(&pages.to_le_bytes());
+            }
+            owned = b;
+            &owned
+        }
         Message::State(s) => s,
         Message::Abort(t) => t.as_bytes(),
         Message::Welcome | Message::Ready | Message::Commit | Message::Resumed => &[],
@@ -635,6 +653,20 @@ pub fn parse(kind: u8, p: Vec<u8>) -> Result<Message, ProtocolError> {
                 },
             })
         }
+        K_POPULATED => {
+            let n = if p.len() >= 4 { u32_at(0) as usize } else { 0 };
+            fixed(4 + n * 16)?;
+            let u64_at = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().unwrap_or_default());
+            let mut r = Vec::with_capacity(n);
+            for k in 0..n {
+                let (gpa, pages) = (u64_at(4 + k * 16), u64_at(12 + k * 16));
+                if gpa % PAGE as u64 != 0 || pages == 0 || pages > u64::MAX / PAGE as u64 {
+                    return Err(malformed(name, format!("run {gpa:#x} + {pages} pages")));
+                }
+                r.push((gpa, pages));
+            }
+            Ok(Message::Populated(r))
+        }
         K_STATE => Ok(Message::State(p)),
         K_READY => empty(Message::Ready),
         K_COMMIT => empty(Message::Commit),
@@ -673,6 +705,8 @@ mod tests {
             pass: 7,
             last: true,
         });
+        roundtrip(Message::Populated(vec![(0, 160), (1 << 20, 3)]));
+        roundtrip(Message::Populated(vec![]));
         let page: Vec<u8> = (0..PAGE).map(|i| (i / 64) as u8).collect();
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         let random: Vec<u8> = (0..PAGE)

@@ -122,6 +122,8 @@ impl SourceVm for FakeSource {
 #[derive(Default)]
 struct FakeDest {
     mem: Mutex<Vec<u8>>,
+    /// Bytes the engine asked to map ahead of the pages.
+    hinted: AtomicU64,
     state: Vec<u8>,
     resumed: bool,
 }
@@ -140,6 +142,15 @@ impl DestinationVm for FakeDest {
             .get_mut(at..at + PAGE)
             .ok_or("page outside memory")?
             .copy_from_slice(data);
+        Ok(())
+    }
+    fn prefault(&self, gpa: u64, len: u64) -> Result<(), String> {
+        // Memory is already allocated; the hint must still lie inside it.
+        let end = gpa.checked_add(len).ok_or("prefault range overflows")?;
+        if end as usize > self.mem.lock().unwrap().len() {
+            return Err(format!("prefault {gpa:#x}+{len} outside memory"));
+        }
+        self.hinted.fetch_add(len, Ordering::SeqCst);
         Ok(())
     }
     fn load_state(&mut self, state: &[u8]) -> Result<(), String> {

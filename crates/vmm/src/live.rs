@@ -115,6 +115,34 @@ impl DestinationVm for LiveDestination {
             .write_slice(data, GuestAddress(gpa))
             .map_err(|e| format!("page {gpa:#x}: {e}"))
     }
+    fn prefault(&self, gpa: u64, len: u64) -> Result<(), String> {
+        let inc = self
+            .incoming
+            .as_ref()
+            .ok_or("prefault before the VM was built")?;
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let mem = inc.memory();
+        let region = mem
+            .find_region(GuestAddress(gpa))
+            .ok_or_else(|| format!("{gpa:#x} is not guest RAM"))?;
+        let offset = gpa - region.start_addr().0;
+        let len = len.min(region.len() - offset) as usize;
+        // SAFETY: [offset, offset + len) lies inside this region's anonymous mapping (clamped
+        // to its length just above), which lives as long as `inc`. MADV_POPULATE_WRITE only
+        // maps its pages (zero-filled where absent, untouched where present); it never changes
+        // their contents.
+        let r = unsafe {
+            libc::madvise(
+                region.as_ptr().add(offset as usize) as *mut libc::c_void,
+                len,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        Ok(())
+    }
     fn load_state(&mut self, state: &[u8]) -> Result<(), String> {
         let state: VmState = postcard::from_bytes(state).map_err(|e| format!("VM state: {e}"))?;
         let inc = self

@@ -8,7 +8,7 @@ use crate::protocol::{
 };
 use serde::{Deserialize, Serialize};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,6 +85,7 @@ fn run_destination<V: DestinationVm>(
     // source times passes end to end (its rate includes the destination's work).
     let ack = Mutex::new(ctl.try_clone().map_err(ProtocolError::Io)?);
     let shared: &V = vm;
+    let stop_prefault = AtomicBool::new(false);
     let (results, state) = std::thread::scope(|scope| {
         let workers: Vec<_> = data
             .into_iter()
@@ -100,7 +101,19 @@ fn run_destination<V: DestinationVm>(
                 })
             })
             .collect();
-        let state = wait_state(ctl, &failed);
+        // Pages the source announces are mapped ahead of the receivers by a thread of their
+        // own (bulk population is ~3× cheaper than a fault per page, and runs beside them).
+        let (hints, hint_rx) = std::sync::mpsc::channel::<Vec<(u64, u64)>>();
+        let prefaulter = {
+            let stop = &stop_prefault;
+            scope.spawn(move || prefault(shared, hint_rx, stop))
+        };
+        let state = wait_state(ctl, &failed, |r| {
+            let _ = hints.send(r);
+        });
+        stop_prefault.store(true, Ordering::SeqCst);
+        drop(hints);
+        let _ = prefaulter.join();
         let t_state = Instant::now();
         if state.is_err() {
             barrier.fail();
@@ -168,7 +181,33 @@ fn is_echo(e: &EngineError) -> bool {
 /// Waits on the control connection for the VM's state, which comes after every page. It is
 /// quiet until then, so it is watched in short steps: when a receiver has failed, the source's
 /// reason (its Abort) gets a moment to arrive, then the wait ends.
-fn wait_state(ctl: &mut TcpStream, failed: &AtomicU8) -> Result<Vec<u8>, EngineError> {
+fn wait_state(
+    ctl: &mut TcpStream,
+    failed: &AtomicU8,
+    mut hint: impl FnMut(Vec<(u64, u64)>),
+) -> Result<Vec<u8>, EngineError> {
+    loop {
+        wait_readable(ctl, failed)?;
+        ctl.set_read_timeout(Some(IDLE_TIMEOUT))
+            .map_err(ProtocolError::Io)?;
+        match recv(ctl)? {
+            Message::Populated(r) => hint(r),
+            Message::State(s) => return Ok(s),
+            Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
+            m => {
+                return Err(ProtocolError::Unexpected {
+                    got: m.name(),
+                    want: "State",
+                }
+                .into())
+            }
+        }
+    }
+}
+
+/// Returns once the control connection has something to read (or has ended), or fails
+/// when the receivers have.
+fn wait_readable(ctl: &mut TcpStream, failed: &AtomicU8) -> Result<(), EngineError> {
     let mut grace = None;
     ctl.set_read_timeout(Some(Duration::from_millis(20)))
         .map_err(ProtocolError::Io)?;
@@ -195,16 +234,32 @@ fn wait_state(ctl: &mut TcpStream, failed: &AtomicU8) -> Result<Vec<u8>, EngineE
             Err(e) => return Err(ProtocolError::Io(e).into()),
         }
     }
-    ctl.set_read_timeout(Some(IDLE_TIMEOUT))
-        .map_err(ProtocolError::Io)?;
-    match recv(ctl)? {
-        Message::State(s) => Ok(s),
-        Message::Abort(why) => Err(ProtocolError::Peer(why).into()),
-        m => Err(ProtocolError::Unexpected {
-            got: m.name(),
-            want: "State",
+    Ok(())
+}
+
+/// Bytes mapped per prefault call (a stop between calls is noticed this soon).
+const PREFAULT_STEP: u64 = 2 << 20;
+
+/// Maps the announced page ranges, in order, until told to stop (the source's State: from
+/// then on it would only delay the switch-over).
+fn prefault<V: DestinationVm>(
+    vm: &V,
+    hints: std::sync::mpsc::Receiver<Vec<(u64, u64)>>,
+    stop: &AtomicBool,
+) {
+    for ranges in hints {
+        for (gpa, pages) in ranges {
+            let end = gpa + pages * PAGE as u64;
+            let mut at = gpa;
+            while at < end {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let len = PREFAULT_STEP.min(end - at);
+                let _ = vm.prefault(at, len); // a hint: pages that fail fault in on write
+                at += len;
+            }
         }
-        .into()),
     }
 }
 

@@ -57,6 +57,9 @@ pub trait DestinationVm: Sync {
     /// Builds the VM from the source's configuration (not started).
     fn prepare(&mut self, config: &[u8]) -> Result<(), String>;
     fn write_page(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
+    /// Maps `len` bytes from `gpa` that the source will send, ahead of the pages (a hint;
+    /// called from a thread of its own while pages arrive).
+    fn prefault(&self, gpa: u64, len: u64) -> Result<(), String>;
     fn load_state(&mut self, state: &[u8]) -> Result<(), String>;
     fn resume(&mut self) -> Result<(), String>;
 }

@@ -4,7 +4,7 @@
 use super::{ok, EngineError, Monitor, Options, Pass, Phase, Report, SourceVm, TimeoutPolicy};
 use crate::protocol::{
     expect, recv, send, Hello, Message, PagesBuf, ProtocolError, KIND_ABORT, MAGIC, MAX_BATCH,
-    MAX_CONNECTIONS, PAGE, PAGE_HEADER_LEN, VERSION,
+    MAX_CONNECTIONS, MAX_RANGES, PAGE, PAGE_HEADER_LEN, VERSION,
 };
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -189,6 +189,7 @@ impl<V: SourceVm> Coordinator<'_, V> {
             ..Report::default()
         };
         let mut todo = ok(vm.populated())?;
+        send(ctl, &Message::Populated(ranges(&todo)))?;
         // Pages per second the link carried in the last pass that sent anything.
         let mut rate = f64::INFINITY;
         let mut bandwidth = 0.0;
@@ -408,6 +409,24 @@ impl<V: SourceVm> Coordinator<'_, V> {
             }
         }
     }
+}
+
+/// Ascending page addresses as (first page, page count) runs, at most what one frame holds.
+fn ranges(pages: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &gpa in pages {
+        if let Some((start, n)) = out.last_mut() {
+            if *start + *n * PAGE as u64 == gpa {
+                *n += 1;
+                continue;
+            }
+        }
+        if out.len() == MAX_RANGES {
+            break;
+        }
+        out.push((gpa, 1));
+    }
+    out
 }
 
 /// Waits for the destination to confirm it has written every page of pass `number`.
