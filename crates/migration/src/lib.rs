@@ -3,4 +3,5 @@
 //! traits, so its logic is tested against an in-memory fake VM (tests/fake_vm.rs) and, through
 //! ferry-vmm, end to end on real KVM.
 pub mod engine;
+pub mod pages;
 pub mod protocol;
