@@ -6,9 +6,10 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
 
-# Debian packages: QEMU (side-by-side runs), tools to unpack the Linux test kernel, iperf3.
+# Debian packages: QEMU (side-by-side runs), tools to unpack the Linux test kernel, iperf3,
+# libclang-dev (the userfaultfd crate generates its kernel bindings with bindgen at build time).
 need=()
-for p in qemu-system-x86 lz4 zstd xz-utils python3 iperf3; do
+for p in qemu-system-x86 lz4 zstd xz-utils python3 iperf3 libclang-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -6,6 +6,7 @@ pub mod devices;
 pub mod live;
 pub mod memory;
 pub mod snapshot;
+pub mod uffd;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;
