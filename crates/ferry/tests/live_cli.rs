@@ -87,6 +87,20 @@ fn live_migration_between_two_processes() {
     assert_guest_moved_cleanly(&src_lines, &dst_lines);
 }
 
+/// Starts `ferry receive` on a free port and makes the connection it will take as the
+/// migration's.
+fn receiver_with_first_connection() -> (Running, std::net::TcpStream) {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let dst = Running::start_cmd("receive", &["--listen", &addr]);
+    loop {
+        if let Ok(c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            return (dst, c);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn a_receiver_fed_garbage_starts_nothing() {
     let port = free_port();
@@ -102,15 +116,7 @@ fn a_receiver_fed_garbage_starts_nothing() {
     );
     assert!(lines.is_empty());
 
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let dst = Running::start_cmd("receive", &["--listen", &addr]);
-    let mut c = loop {
-        if let Ok(c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            break c;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
+    let (dst, mut c) = receiver_with_first_connection();
     c.write_all(&[42u8; 64]).unwrap();
     let (code, err, lines) = dst.finish();
     assert_eq!(code, 1);
@@ -323,15 +329,7 @@ fn a_killed_receiver_leaves_the_source_running_and_exact() {
 
 #[test]
 fn a_receiver_refuses_another_protocol_version() {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let dst = Running::start_cmd("receive", &["--listen", &addr]);
-    let mut c = loop {
-        if let Ok(c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            break c;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
+    let (dst, mut c) = receiver_with_first_connection();
     // A version 1 Hello (magic, version, caps, config), as an older Ferry sends it.
     let mut payload = b"FERRYMIG".to_vec();
     payload.extend([1u8, 0, 0]); // postcard varints: version 1, caps 0, empty config

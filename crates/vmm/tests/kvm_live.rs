@@ -209,6 +209,26 @@ fn destination_dies(hook: Hook, opts: Options) -> (EngineError, EngineError) {
     (e, de)
 }
 
+/// Stops the migrated VM and checks the dirty region at `base` page-exact and the heartbeat
+/// continuous from the source's lines (`before`) through the destination's.
+fn stop_exact_and_continuous(
+    vm: Vm,
+    rx: &Receiver<TimedLine>,
+    mut after: Vec<TimedLine>,
+    before: &[TimedLine],
+    base: u64,
+) {
+    vm.pause().unwrap();
+    verify_dirty_region(&reader(&vm), base).expect("destination memory exact");
+    vm.shutdown().unwrap();
+    vm.wait();
+    after.extend(rx.try_iter());
+    let mut log = HeartbeatLog::default();
+    beats(&mut log, before);
+    beats(&mut log, &after);
+    log.check_continuous().expect("heartbeat continuous");
+}
+
 fn dirty_pass(seen: &[TimedLine]) -> u64 {
     seen.iter()
         .filter_map(|(_, l)| l.strip_prefix("D0 ")?.parse().ok())
@@ -412,15 +432,7 @@ fn auto_converge_moves_a_writer_faster_than_the_link() {
     let mut after = Vec::new();
     let pass = dirty_pass(&seen);
     wait_for(&rx2, &mut after, T, |l| l == format!("D0 {}", pass + 2)).unwrap();
-    vm.pause().unwrap();
-    verify_dirty_region(&reader(&vm), base).expect("memory exact");
-    vm.shutdown().unwrap();
-    vm.wait();
-    after.extend(rx2.try_iter());
-    let mut log = HeartbeatLog::default();
-    beats(&mut log, &seen);
-    beats(&mut log, &after);
-    log.check_continuous().expect("heartbeat continuous");
+    stop_exact_and_continuous(vm, &rx2, after, &seen, base);
     eprintln!(
         "auto-converge: {} passes, throttle up to {} %, downtime {:.1} ms",
         rep.passes.len(),
@@ -492,16 +504,7 @@ fn a_gib_rewritten_at_two_rates_arrives_exact() {
         let vm = vm.unwrap();
         let mut after = Vec::new();
         wait_for(&rx2, &mut after, T, |l| l.starts_with("H0 ")).unwrap();
-        vm.pause().unwrap();
-        verify_dirty_region(&reader(&vm), base).expect("destination memory exact");
-        vm.resume().unwrap();
-        vm.shutdown().unwrap();
-        vm.wait();
-        after.extend(rx2.try_iter());
-        let mut log = HeartbeatLog::default();
-        beats(&mut log, &seen);
-        beats(&mut log, &after);
-        log.check_continuous().expect("heartbeat continuous");
+        stop_exact_and_continuous(vm, &rx2, after, &seen, base);
         eprintln!(
             "1 GiB at {rate}: {} passes, downtime {:.2} ms, total {:.0} ms",
             rep.passes.len(),
