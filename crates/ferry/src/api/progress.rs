@@ -15,13 +15,20 @@ pub fn follow<T>(socket: &Path, run: &std::thread::JoinHandle<T>) {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
+    let mut pass = None;
     while !run.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
         let Ok(Some(s)) = call(socket, Method::GET, "/vm/migration", None) else {
             continue;
         };
         let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
-        bar.set_prefix(format!("pass {}", s["pass"]));
+        if pass != s["pass"].as_u64() {
+            // A new pass: start the bar over so the old position never shows against the new
+            // length.
+            pass = s["pass"].as_u64();
+            bar.reset();
+            bar.set_prefix(format!("pass {}", s["pass"]));
+        }
         bar.set_length(s["pass_pages"].as_u64().unwrap_or(0));
         bar.set_position(s["pass_sent"].as_u64().unwrap_or(0));
         let throttle = match s["throttle_percent"].as_u64() {

@@ -47,6 +47,8 @@ pub struct Monitor {
     pub(crate) wire_bytes: AtomicU64,
     pub(crate) throttle: AtomicU8,
     status: Mutex<Status>,
+    /// When the current pass began, and the bytes on the wire then (for its live rate).
+    pass_start: Mutex<(Instant, u64)>,
 }
 
 impl Default for Monitor {
@@ -58,6 +60,7 @@ impl Default for Monitor {
             wire_bytes: AtomicU64::new(0),
             throttle: AtomicU8::new(0),
             status: Mutex::new(Status::default()),
+            pass_start: Mutex::new((Instant::now(), 0)),
         }
     }
 }
@@ -78,8 +81,11 @@ impl Monitor {
 
     /// Starts pass `pass` of `pages` pages.
     pub(crate) fn begin_pass(&self, pass: u32, pages: u64, phase: Phase) {
-        self.pass_sent.store(0, Ordering::SeqCst);
+        *self.pass_start.lock().unwrap_or_else(|e| e.into_inner()) =
+            (Instant::now(), self.wire_bytes.load(Ordering::Relaxed));
+        // Under the status lock, so a reader never sees the new pass with the old count.
         self.update(|s| {
+            self.pass_sent.store(0, Ordering::SeqCst);
             s.pass = pass;
             s.pass_pages = pages;
             s.phase = phase;
@@ -87,16 +93,21 @@ impl Monitor {
     }
 
     pub fn status(&self) -> Status {
-        let mut s = self
-            .status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let (mut s, sent) = {
+            let g = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            (g.clone(), self.pass_sent.load(Ordering::SeqCst))
+        };
         if s.report.is_none() {
-            s.pass_sent = self.pass_sent.load(Ordering::Relaxed).min(s.pass_pages);
+            s.pass_sent = sent.min(s.pass_pages);
             s.wire_bytes = self.wire_bytes.load(Ordering::Relaxed);
             s.throttle_percent = self.throttle.load(Ordering::Relaxed);
             s.elapsed_ms = self.started.elapsed().as_secs_f64() * 1e3;
+            // While a pass runs long enough to measure, its own rate is the best estimate.
+            let (t, w0) = *self.pass_start.lock().unwrap_or_else(|e| e.into_inner());
+            let secs = t.elapsed().as_secs_f64();
+            if secs > 0.2 && s.wire_bytes > w0 {
+                s.bandwidth_bytes_per_s = (s.wire_bytes - w0) as f64 / secs;
+            }
             if s.bandwidth_bytes_per_s > 0.0 {
                 let left = (s.pass_pages - s.pass_sent) as f64 * 4096.0;
                 s.eta_ms = left / s.bandwidth_bytes_per_s * 1e3;
