@@ -419,6 +419,12 @@ fn cancel_rolls_back_and_progress_is_visible() {
         assert_eq!((st.pass, st.pass_pages), (1, 8192));
         assert!(st.pass_sent > 0 && st.pass_sent < 8192, "{st:?}");
         assert!(st.wire_bytes > 0);
+        // The running pass's own rate (capped at 4 MiB/s) and what is left of it.
+        assert!(
+            st.bandwidth_bytes_per_s > 1e6 && st.bandwidth_bytes_per_s < 8e6,
+            "{st:?}"
+        );
+        assert!(st.eta_ms > 0.0, "{st:?}");
         mon.cancel();
         h.join().unwrap().unwrap_err()
     });
