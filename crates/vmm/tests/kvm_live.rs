@@ -119,22 +119,14 @@ fn beats(log: &mut HeartbeatLog, lines: &[TimedLine]) {
 
 #[test]
 fn a_dirtying_vm_moves_with_exact_memory_and_a_continuous_heartbeat() {
-    let (src, rx) = boot(1, 512 << 20, "dirty size=128M rate=50M hb=2000");
-    let mut seen = Vec::new();
-    wait_for(&rx, &mut seen, T, |l| l == "D0 1").unwrap();
-    let base = bases(&seen)[0];
+    let (src, rx, mut seen, base) = boot_dirtying(1, 512 << 20, "dirty size=128M rate=50M hb=2000");
     let (addr, dest) = destination(None);
     let opts = Options {
         downtime_limit: Duration::from_millis(20),
         ..Options::default()
     };
     let report = send_vm(&src, addr, &opts).expect("migration");
-    src.shutdown_after_handoff().unwrap();
-    src.wait();
-    seen.extend(rx.try_iter());
-    let (r, vm, rx2) = dest.join().unwrap();
-    r.unwrap();
-    let vm = vm.expect("destination VM");
+    let (vm, rx2) = hand_over(&src, &rx, &mut seen, dest);
     assert_eq!(vm.state(), RunState::Running);
     assert!(report.passes.len() >= 2, "{report:?}");
     let mut after = Vec::new();
@@ -180,10 +172,7 @@ fn a_dirtying_vm_moves_with_exact_memory_and_a_continuous_heartbeat() {
 /// running, unthrottled and without dirty logging, with its memory exact, and nothing runs on
 /// the destination.
 fn destination_dies(hook: Hook, opts: Options) -> (EngineError, EngineError) {
-    let (src, rx) = boot(1, 256 << 20, "dirty size=64M rate=30M hb=2000");
-    let mut seen = Vec::new();
-    wait_for(&rx, &mut seen, T, |l| l == "D0 1").unwrap();
-    let base = bases(&seen)[0];
+    let (src, rx, mut seen, base) = boot_dirtying(1, 256 << 20, "dirty size=64M rate=30M hb=2000");
     let (addr, dest) = destination(Some(hook));
     let t = std::time::Instant::now();
     let e = send_vm(&src, addr, &opts).unwrap_err();
@@ -207,6 +196,37 @@ fn destination_dies(hook: Hook, opts: Options) -> (EngineError, EngineError) {
     src.shutdown().unwrap();
     src.wait();
     (e, de)
+}
+
+/// Boots a VM running a `dirty` workload on vCPU 0 and waits until it has written its region
+/// once; returns the VM, its console, the lines so far and the region's base.
+fn boot_dirtying(
+    cpus: u8,
+    memory: u64,
+    work: &str,
+) -> (Vm, Receiver<TimedLine>, Vec<TimedLine>, u64) {
+    let (vm, rx) = boot(cpus, memory, work);
+    let mut seen = Vec::new();
+    // A whole first pass over a large region at a low rate takes a while: a wide safety net.
+    wait_for(&rx, &mut seen, Duration::from_secs(120), |l| l == "D0 1").unwrap();
+    let base = bases(&seen)[0];
+    (vm, rx, seen, base)
+}
+
+/// After a successful migration: stops the source (keeping its last console lines in `seen`)
+/// and returns the VM running on the destination with its console.
+fn hand_over(
+    src: &Vm,
+    rx: &Receiver<TimedLine>,
+    seen: &mut Vec<TimedLine>,
+    dest: Dest,
+) -> (Vm, Receiver<TimedLine>) {
+    src.shutdown_after_handoff().unwrap();
+    src.wait();
+    seen.extend(rx.try_iter());
+    let (r, vm, rx2) = dest.join().unwrap();
+    r.unwrap();
+    (vm.expect("destination VM"), rx2)
 }
 
 /// Stops the migrated VM and checks the dirty region at `base` page-exact and the heartbeat
@@ -383,11 +403,7 @@ fn four_vcpus_each_dirtying_move_over_four_connections_with_zstd() {
     };
     let rep = send_vm(&src, addr, &opts).expect("migration");
     assert_eq!(rep.connections, 4);
-    src.shutdown_after_handoff().unwrap();
-    src.wait();
-    let (r, vm, rx2) = dest.join().unwrap();
-    r.unwrap();
-    let vm = vm.unwrap();
+    let (vm, rx2) = hand_over(&src, &rx, &mut seen, dest);
     let mut after: Vec<TimedLine> = Vec::new();
     for c in 0..4 {
         let p = format!("D{c} ");
@@ -407,10 +423,7 @@ fn four_vcpus_each_dirtying_move_over_four_connections_with_zstd() {
 fn auto_converge_moves_a_writer_faster_than_the_link() {
     // The guest rewrites 48 MiB at up to 400 MB/s; the link is capped at 40 MB/s. Without
     // throttling this could never fit 30 ms; auto-converge slows the vCPU until it does.
-    let (src, rx) = boot(1, 256 << 20, "dirty size=48M rate=400M hb=2000");
-    let mut seen = Vec::new();
-    wait_for(&rx, &mut seen, T, |l| l == "D0 1").unwrap();
-    let base = bases(&seen)[0];
+    let (src, rx, mut seen, base) = boot_dirtying(1, 256 << 20, "dirty size=48M rate=400M hb=2000");
     let (addr, dest) = destination(None);
     let opts = Options {
         max_bandwidth: Some(40_000_000),
@@ -422,12 +435,7 @@ fn auto_converge_moves_a_writer_faster_than_the_link() {
     let rep = send_vm(&src, addr, &opts).expect("migration");
     assert_eq!(rep.switch_reason, "converged", "{rep:?}");
     assert!(rep.max_throttle_percent >= 20, "{rep:?}");
-    src.shutdown_after_handoff().unwrap();
-    src.wait();
-    seen.extend(rx.try_iter());
-    let (r, vm, rx2) = dest.join().unwrap();
-    r.unwrap();
-    let vm = vm.unwrap();
+    let (vm, rx2) = hand_over(&src, &rx, &mut seen, dest);
     assert_eq!(vm.throttle(), 0, "the destination runs at full speed");
     let mut after = Vec::new();
     let pass = dirty_pass(&seen);
@@ -449,12 +457,7 @@ fn an_idle_vm_moves_with_only_what_it_touched() {
     wait_for(&rx, &mut seen, T, |l| l.starts_with("V1 1 ")).unwrap();
     let (addr, dest) = destination(None);
     let rep = send_vm(&src, addr, &Options::default()).expect("migration");
-    src.shutdown_after_handoff().unwrap();
-    src.wait();
-    seen.extend(rx.try_iter());
-    let (r, vm, rx2) = dest.join().unwrap();
-    r.unwrap();
-    let vm = vm.unwrap();
+    let (vm, rx2) = hand_over(&src, &rx, &mut seen, dest);
     // Only populated pages travel: 32 MiB and the guest's own pages, not 1 GiB.
     let sent: u64 = rep.passes.iter().map(|p| p.pages).sum();
     assert!(sent < 16384, "{sent} pages sent for an idle VM");
@@ -481,11 +484,8 @@ fn an_idle_vm_moves_with_only_what_it_touched() {
 fn a_gib_rewritten_at_two_rates_arrives_exact() {
     for rate in ["400M", "100M"] {
         let work = format!("dirty size=1G rate={rate} hb=2000");
-        let (src, rx) = boot(1, 3 << 29, &work);
-        let mut seen = Vec::new();
         // Once the whole GiB has been written: every later pass rewrites it at `rate`.
-        wait_for(&rx, &mut seen, Duration::from_secs(120), |l| l == "D0 1").unwrap();
-        let base = bases(&seen)[0];
+        let (src, rx, mut seen, base) = boot_dirtying(1, 3 << 29, &work);
         let (addr, dest) = destination(None);
         let opts = Options {
             connections: 2,
@@ -496,12 +496,7 @@ fn a_gib_rewritten_at_two_rates_arrives_exact() {
             rep.passes[0].pages >= 262144,
             "{rate}: the first pass carries the GiB"
         );
-        src.shutdown_after_handoff().unwrap();
-        src.wait();
-        seen.extend(rx.try_iter());
-        let (r, vm, rx2) = dest.join().unwrap();
-        r.unwrap();
-        let vm = vm.unwrap();
+        let (vm, rx2) = hand_over(&src, &rx, &mut seen, dest);
         let mut after = Vec::new();
         wait_for(&rx2, &mut after, T, |l| l.starts_with("H0 ")).unwrap();
         stop_exact_and_continuous(vm, &rx2, after, &seen, base);

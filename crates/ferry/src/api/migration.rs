@@ -37,17 +37,18 @@ pub struct MigrateRequest {
     on_timeout: TimeoutPolicy,
 }
 
+// The engine's defaults, so an API client gets what `ferry migrate` gives.
 fn default_downtime() -> u64 {
-    30
+    Options::default().downtime_limit.as_millis() as u64
 }
 fn default_passes() -> u32 {
-    30
+    Options::default().max_passes
 }
 fn default_compress() -> Compression {
-    Compression::None
+    Options::default().compression
 }
 fn default_connections() -> u32 {
-    1
+    Options::default().connections
 }
 
 fn connect(to: &str) -> std::io::Result<TcpStream> {

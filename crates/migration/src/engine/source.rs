@@ -51,8 +51,8 @@ pub fn migrate<V: SourceVm>(
     opts: &Options,
     mon: &Monitor,
 ) -> Result<Report, EngineError> {
-    let mut paused = false;
-    let mut r = run_source(vm, &mut ctl, connect, opts, mon, &mut paused);
+    let mut undo = Undo::default();
+    let mut r = run_source(vm, &mut ctl, connect, opts, mon, &mut undo);
     if let Err(EngineError::Protocol(ProtocolError::Io(_) | ProtocolError::Closed)) = &r {
         // A connection broke: the destination may have said why on the control connection.
         let _ = ctl.set_read_timeout(Some(Duration::from_secs(2)));
@@ -65,8 +65,10 @@ pub fn migrate<V: SourceVm>(
     match &r {
         Err(EngineError::InDoubt(_)) | Ok(_) => {}
         Err(e) => {
-            let _ = send(&mut ctl, &Message::Abort(e.to_string()));
-            if paused {
+            if !undo.told {
+                let _ = send(&mut ctl, &Message::Abort(e.to_string()));
+            }
+            if undo.paused {
                 // Before commit: the source carries on as if nothing happened.
                 if let Err(re) = vm.resume() {
                     r = Err(EngineError::Vm(format!(
@@ -79,6 +81,15 @@ pub fn migrate<V: SourceVm>(
     let _ = vm.stop_dirty_log();
     mon.finish(&r);
     r
+}
+
+/// What a failed migration must undo on the source.
+#[derive(Default)]
+struct Undo {
+    /// The VM was paused for switch-over (before commit: resume it).
+    paused: bool,
+    /// The destination has been sent our Abort already.
+    told: bool,
 }
 
 fn session_id() -> u64 {
@@ -95,7 +106,7 @@ fn run_source<V: SourceVm>(
     connect: &(dyn Fn() -> std::io::Result<TcpStream> + Sync),
     opts: &Options,
     mon: &Monitor,
-    paused: &mut bool,
+    undo: &mut Undo,
 ) -> Result<Report, EngineError> {
     let t0 = Instant::now();
     let n = opts.connections.clamp(1, MAX_CONNECTIONS);
@@ -145,15 +156,16 @@ fn run_source<V: SourceVm>(
             watch: ctl.try_clone().ok(),
             handles: &handles,
         };
-        let r = coord.run(ctl, t0, paused);
+        let r = coord.run(ctl, t0, &mut undo.paused);
         if let Err(e) = &r {
             if !matches!(
                 e,
                 EngineError::Protocol(ProtocolError::Io(_) | ProtocolError::Closed)
             ) {
                 // Our own reason goes first, before the data connections close under the
-                // destination; `migrate` may repeat it, which the destination ignores.
+                // destination.
                 let _ = send(ctl, &Message::Abort(e.to_string()));
+                undo.told = true;
             }
             for h in &handles {
                 let _ = h.shutdown(Shutdown::Both);
