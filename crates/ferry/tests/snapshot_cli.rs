@@ -4,19 +4,7 @@
 mod common;
 use common::*;
 use ferry_guest::console::TimedLine;
-use ferry_guest::heartbeat::{parse_line, GuestLine};
 use std::path::Path;
-
-fn last_beat(lines: &[TimedLine]) -> u64 {
-    lines
-        .iter()
-        .rev()
-        .find_map(|l| match parse_line(&l.1) {
-            GuestLine::Heartbeat { seq, .. } => Some(seq),
-            _ => None,
-        })
-        .expect("a heartbeat")
-}
 
 /// Runs a VM with `guest` until a line starts with `ready`, saves it to `dir` with
 /// `ferry snapshot --then stop`, and returns its console lines.

@@ -172,13 +172,17 @@ pub async fn restore(
                 )
             })?;
         let vm = Arc::new(vm);
+        // Started before it is handed over: the host's main thread waits for the VM in the
+        // slot to end, and a VM that has not started yet has no vCPU left to wait for.
+        vm.start()?;
         if !host.fill(vm.clone()) {
+            let _ = vm.shutdown();
+            vm.wait();
             return Err(ApiError(
                 StatusCode::CONFLICT,
                 "this VMM already has a VM".into(),
             ));
         }
-        vm.start()?;
         Ok(Json(report))
     })
     .await

@@ -152,3 +152,16 @@ pub fn assert_guest_moved_cleanly(src: &[TimedLine], dst: &[TimedLine]) {
     log.check_continuous()
         .expect("no heartbeat lost or repeated across the move");
 }
+
+/// The highest heartbeat number vCPU 0 has printed in `lines`.
+pub fn last_beat(lines: &[TimedLine]) -> u64 {
+    use ferry_guest::heartbeat::{parse_line, GuestLine};
+    lines
+        .iter()
+        .filter_map(|l| match parse_line(&l.1) {
+            GuestLine::Heartbeat { cpu: 0, seq, .. } => Some(seq),
+            _ => None,
+        })
+        .max()
+        .expect("a heartbeat")
+}
