@@ -342,7 +342,7 @@ fn a_receiver_refuses_another_protocol_version() {
     let (code, err, _) = dst.finish();
     assert_eq!(code, 1);
     assert!(
-        err.contains("peer speaks migration protocol version 1, this Ferry speaks 2"),
+        err.contains("peer speaks migration protocol version 1, this Ferry speaks 3"),
         "{err}"
     );
     match ferry_migration::protocol::recv(&mut c) {

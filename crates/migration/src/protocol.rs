@@ -10,7 +10,11 @@ use std::io::{Read, Write};
 /// Protocol magic sent in [`Hello`].
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 /// Protocol version this code speaks.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
+/// [`Hello::caps`] bit: this connection reopens the interrupted post-copy of `session`.
+pub const CAP_RESUME: u64 = 1;
+/// Highest guest page address (exclusive) a page list may name: 1 TiB.
+pub const MAX_GUEST_ADDR: u64 = 1 << 40;
 /// Most data connections one migration may use.
 pub const MAX_CONNECTIONS: u32 = 64;
 /// Largest payload accepted.
@@ -54,7 +58,7 @@ pub enum ProtocolError {
 pub struct Hello {
     pub magic: [u8; 8],
     pub version: u32,
-    /// Capability bits (none defined yet in version 2).
+    /// Capability bits: [`CAP_RESUME`].
     pub caps: u64,
     /// Names this migration: every data connection repeats it in its `Join`.
     pub session: u64,
@@ -103,6 +107,32 @@ pub enum Message {
     Resumed,
     /// Either side gives up; the text says why.
     Abort(String),
+    /// Pages the destination does not hold, as (first page, page count) runs. From the source
+    /// at a post-copy switch-over (before `State`: these are fetched after the VM resumes);
+    /// from the destination when a post-copy reconnects (before `Welcome`: what is still
+    /// missing). Long lists take several frames.
+    Missing(Vec<(u64, u64)>),
+    /// Post-copy, destination to source on the control connection: pages a vCPU waits for.
+    Demand(Vec<u64>),
+    /// Post-copy, destination to source: every page is in; the source is released.
+    PostCopyDone(PostCopyFigures),
+}
+
+/// What the destination measured during post-copy, sent with [`Message::PostCopyDone`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostCopyFigures {
+    /// Faults on pages still at the source (each page counted once).
+    pub faults: u64,
+    /// Faults on pages the source never had (filled with zeros locally).
+    pub zero_faults: u64,
+    /// Pages installed from the source's answers to demand requests.
+    pub pulled: u64,
+    /// Pages installed from the background push.
+    pub pushed: u64,
+    /// Time from a fault to its page being installed, microseconds.
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
+    pub latency_max_us: u64,
 }
 
 const K_HELLO: u8 = 1;
@@ -116,6 +146,9 @@ const K_RESUMED: u8 = 8;
 const K_JOIN: u8 = 9;
 const K_END_OF_PASS: u8 = 10;
 const K_POPULATED: u8 = 11;
+const K_MISSING: u8 = 12;
+const K_DEMAND: u8 = 13;
+const K_POSTCOPY_DONE: u8 = 14;
 /// Most runs in one `Populated` frame.
 pub const MAX_RANGES: usize = (MAX_FRAME as usize - 4) / 16;
 /// `Pages` frame kind, for receivers that walk page frames in place ([`recv_raw`]).
@@ -136,6 +169,9 @@ pub fn kind_name(k: u8) -> &'static str {
         K_JOIN => "Join",
         K_END_OF_PASS => "EndOfPass",
         K_POPULATED => "Populated",
+        K_MISSING => "Missing",
+        K_DEMAND => "Demand",
+        K_POSTCOPY_DONE => "PostCopyDone",
         _ => "unknown",
     }
 }
@@ -158,6 +194,9 @@ impl Message {
             Message::Join { .. } => K_JOIN,
             Message::EndOfPass { .. } => K_END_OF_PASS,
             Message::Populated(_) => K_POPULATED,
+            Message::Missing(_) => K_MISSING,
+            Message::Demand(_) => K_DEMAND,
+            Message::PostCopyDone(_) => K_POSTCOPY_DONE,
         }
     }
 }
@@ -193,7 +232,7 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
             owned = [&pass.to_le_bytes()[..], &[*last as u8]].concat();
             &owned
         }
-        Message::Populated(r) => {
+        Message::Populated(r) | Message::Missing(r) => {
             let mut b = Vec::with_capacity(4 + r.len() * 16);
             b.extend_from_slice(&(r.len() as u32).to_le_bytes());
             for (gpa, pages) in r {
@@ -201,6 +240,19 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
                 b.extend_from_slice(&pages.to_le_bytes());
             }
             owned = b;
+            &owned
+        }
+        Message::Demand(g) => {
+            let mut b = Vec::with_capacity(4 + g.len() * 8);
+            b.extend_from_slice(&(g.len() as u32).to_le_bytes());
+            for gpa in g {
+                b.extend_from_slice(&gpa.to_le_bytes());
+            }
+            owned = b;
+            &owned
+        }
+        Message::PostCopyDone(f) => {
+            owned = postcard::to_stdvec(f).map_err(enc)?;
             &owned
         }
         Message::State(s) => s,
@@ -340,20 +392,44 @@ pub fn parse(kind: u8, p: Vec<u8>) -> Result<Message, ProtocolError> {
                 },
             })
         }
-        K_POPULATED => {
+        K_POPULATED | K_MISSING => {
             let n = if p.len() >= 4 { u32_at(0) as usize } else { 0 };
             fixed(4 + n * 16)?;
             let u64_at = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().unwrap_or_default());
             let mut r = Vec::with_capacity(n);
             for k in 0..n {
                 let (gpa, pages) = (u64_at(4 + k * 16), u64_at(12 + k * 16));
-                if gpa % PAGE as u64 != 0 || pages == 0 || pages > u64::MAX / PAGE as u64 {
+                let bad = gpa % PAGE as u64 != 0
+                    || pages == 0
+                    || pages > MAX_GUEST_ADDR / PAGE as u64
+                    || gpa + pages * PAGE as u64 > MAX_GUEST_ADDR;
+                if bad {
                     return Err(malformed(name, format!("run {gpa:#x} + {pages} pages")));
                 }
                 r.push((gpa, pages));
             }
-            Ok(Message::Populated(r))
+            Ok(if kind == K_MISSING {
+                Message::Missing(r)
+            } else {
+                Message::Populated(r)
+            })
         }
+        K_DEMAND => {
+            let n = if p.len() >= 4 { u32_at(0) as usize } else { 0 };
+            fixed(4 + n * 8)?;
+            let mut g = Vec::with_capacity(n);
+            for k in 0..n {
+                let gpa = u64::from_le_bytes(p[4 + k * 8..12 + k * 8].try_into().unwrap_or_default());
+                if gpa % PAGE as u64 != 0 || gpa >= MAX_GUEST_ADDR {
+                    return Err(malformed(name, format!("page {gpa:#x}")));
+                }
+                g.push(gpa);
+            }
+            Ok(Message::Demand(g))
+        }
+        K_POSTCOPY_DONE => Ok(Message::PostCopyDone(
+            postcard::from_bytes(&p).map_err(|e| malformed(name, e))?,
+        )),
         K_STATE => Ok(Message::State(p)),
         K_READY => empty(Message::Ready),
         K_COMMIT => empty(Message::Commit),
@@ -395,6 +471,23 @@ mod tests {
         });
         roundtrip(Message::Populated(vec![(0, 160), (1 << 20, 3)]));
         roundtrip(Message::Populated(vec![]));
+        roundtrip(Message::Missing(vec![(4096, 7), (1 << 30, 1)]));
+        roundtrip(Message::Demand(vec![0, 8192, (1 << 39) - 4096]));
+        roundtrip(Message::PostCopyDone(PostCopyFigures {
+            faults: 3,
+            pulled: 2,
+            pushed: 100,
+            latency_p99_us: 250,
+            ..Default::default()
+        }));
+        roundtrip(Message::Hello(Hello {
+            magic: MAGIC,
+            version: VERSION,
+            caps: CAP_RESUME,
+            session: 7,
+            connections: 1,
+            config: vec![],
+        }));
         let page: Vec<u8> = (0..PAGE).map(|i| (i / 64) as u8).collect();
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         let random: Vec<u8> = (0..PAGE)
@@ -459,7 +552,7 @@ mod tests {
             Err(ProtocolError::Version { peer: 1 })
         ));
         let e = ProtocolError::Version { peer: 1 }.to_string();
-        assert!(e.contains("version 1") && e.contains("speaks 2"), "{e}");
+        assert!(e.contains("version 1") && e.contains("speaks 3"), "{e}");
         let mut bad = Vec::new();
         let p = postcard::to_stdvec(&V1 {
             magic: *b"NOTFERRY",

@@ -124,8 +124,40 @@ struct FakeDest {
     mem: Mutex<Vec<u8>>,
     /// Bytes the engine asked to map ahead of the pages.
     hinted: AtomicU64,
-    state: Vec<u8>,
-    resumed: bool,
+    state: Mutex<Vec<u8>>,
+    resumed: AtomicBool,
+    /// Post-copy: missing pages and the "vCPU" faults on them (shared with the test).
+    pc: std::sync::Arc<Faults>,
+}
+
+/// The destination's missing pages in post-copy, and a "vCPU" that touches pages: a touch of
+/// a missing page queues a fault and waits until the engine installs the page.
+#[derive(Default)]
+struct Faults {
+    missing: Mutex<BTreeSet<u64>>,
+    queue: Mutex<std::collections::VecDeque<u64>>,
+    cv: std::sync::Condvar,
+    active: AtomicBool,
+    resumed: AtomicBool,
+    ended: AtomicBool,
+}
+
+impl Faults {
+    /// The guest touches `gpa`: returns at once when present, else after its install.
+    fn touch(&self, gpa: u64) -> bool {
+        let mut m = self.missing.lock().unwrap();
+        if !self.active.load(Ordering::SeqCst) || !m.contains(&gpa) {
+            return false;
+        }
+        self.queue.lock().unwrap().push_back(gpa);
+        self.cv.notify_all();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while m.contains(&gpa) {
+            assert!(std::time::Instant::now() < deadline, "page {gpa:#x} never came");
+            m = self.cv.wait_timeout(m, Duration::from_millis(10)).unwrap().0;
+        }
+        true
+    }
 }
 
 impl DestinationVm for FakeDest {
@@ -153,12 +185,59 @@ impl DestinationVm for FakeDest {
         self.hinted.fetch_add(len, Ordering::SeqCst);
         Ok(())
     }
-    fn load_state(&mut self, state: &[u8]) -> Result<(), String> {
-        self.state = state.to_vec();
+    fn load_state(&self, state: &[u8]) -> Result<(), String> {
+        *self.state.lock().unwrap() = state.to_vec();
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
-        self.resumed = true;
+    fn resume(&self) -> Result<(), String> {
+        self.resumed.store(true, Ordering::SeqCst);
+        self.pc.resumed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn begin_postcopy(&self, missing: &[(u64, u64)]) -> Result<(), String> {
+        let mut mem = self.mem.lock().unwrap();
+        let mut m = self.pc.missing.lock().unwrap();
+        for &(gpa, n) in missing {
+            for k in 0..n {
+                let at = (gpa + k * PAGE as u64) as usize;
+                // Dropped, as MADV_DONTNEED would: a stale copy must not survive.
+                mem.get_mut(at..at + PAGE)
+                    .ok_or("missing page outside memory")?
+                    .fill(0xEE);
+                m.insert(at as u64);
+            }
+        }
+        self.pc.active.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn next_fault(&self, timeout: Duration) -> Result<Option<u64>, String> {
+        let q = self.pc.queue.lock().unwrap();
+        let (mut q, _) = self
+            .pc
+            .cv
+            .wait_timeout_while(q, timeout, |q| q.is_empty())
+            .unwrap();
+        Ok(q.pop_front())
+    }
+    fn install_page(&self, gpa: u64, data: &[u8]) -> Result<bool, String> {
+        let mut m = self.pc.missing.lock().unwrap();
+        if !m.remove(&gpa) {
+            return Ok(false);
+        }
+        let at = gpa as usize;
+        self.mem.lock().unwrap()[at..at + PAGE].copy_from_slice(data);
+        self.pc.cv.notify_all();
+        Ok(true)
+    }
+    fn install_zero(&self, gpa: u64) -> Result<bool, String> {
+        self.install_page(gpa, &[0; PAGE])
+    }
+    fn end_postcopy(&self) -> Result<(), String> {
+        let m = self.pc.missing.lock().unwrap();
+        if !m.is_empty() {
+            return Err(format!("post-copy ended with {} pages missing", m.len()));
+        }
+        self.pc.ended.store(true, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -208,11 +287,19 @@ impl Pair {
 /// Listens on loopback; the destination runs on a thread, behind an optional proxy that may
 /// tamper with the source→destination bytes of every connection.
 fn pair(tamper: Option<Tamper>) -> Pair {
+    pair_with(tamper, Default::default())
+}
+
+/// As [`pair`], the destination's post-copy faults shared with the caller.
+fn pair_with(tamper: Option<Tamper>, pc: std::sync::Arc<Faults>) -> Pair {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let dest = thread::spawn(move || {
         let (s, _) = l.accept().unwrap();
-        let mut d = FakeDest::default();
+        let mut d = FakeDest {
+            pc,
+            ..FakeDest::default()
+        };
         let r = receive(&mut d, s, &l).map(|_| ());
         (d, r)
     });
@@ -269,7 +356,7 @@ fn assert_exact(src: &FakeSource, dst: &FakeDest) {
     for (i, (a, b)) in mem.chunks(PAGE).zip(dmem.chunks(PAGE)).enumerate() {
         assert!(a == b, "page {i} differs");
     }
-    assert_eq!(dst.state, src.save_state().unwrap());
+    assert_eq!(*dst.state.lock().unwrap(), src.save_state().unwrap());
 }
 
 fn assert_rolled_back(src: &FakeSource, p: Pair) -> EngineError {
@@ -280,7 +367,7 @@ fn assert_rolled_back(src: &FakeSource, p: Pair) -> EngineError {
     );
     assert_eq!(src.throttle.load(Ordering::SeqCst), 0, "vCPUs unthrottled");
     let (dst, r) = p.join();
-    assert!(!dst.resumed, "nothing resumed on the destination");
+    assert!(!dst.resumed.load(Ordering::SeqCst), "nothing resumed on the destination");
     r.unwrap_err()
 }
 
@@ -295,7 +382,7 @@ fn converging_guest_arrives_page_exact() {
     let rep = p.migrate(&src, &opts).unwrap();
     let (dst, r) = p.join();
     r.unwrap();
-    assert!(dst.resumed);
+    assert!(dst.resumed.load(Ordering::SeqCst));
     assert!(
         src.paused.load(Ordering::SeqCst),
         "the source stays paused after commit"
@@ -561,7 +648,7 @@ fn version_mismatch_is_a_clear_error() {
         &mut p.ctl,
         &Message::Hello(Hello {
             magic: MAGIC,
-            version: 3,
+            version: 4,
             caps: 0,
             session: 1,
             connections: 1,
@@ -573,13 +660,126 @@ fn version_mismatch_is_a_clear_error() {
     let (dst, r) = p.join();
     let e = r.unwrap_err().to_string();
     assert!(
-        e.contains("peer speaks migration protocol version 3, this Ferry speaks 2"),
+        e.contains("peer speaks migration protocol version 4, this Ferry speaks 3"),
         "{e}"
     );
-    assert!(!dst.resumed);
+    assert!(!dst.resumed.load(Ordering::SeqCst));
     // The source side hears why.
     match ferry_migration::protocol::recv(&mut ctl) {
-        Ok(Message::Abort(why)) => assert!(why.contains("version 3")),
+        Ok(Message::Abort(why)) => assert!(why.contains("version 4")),
         other => panic!("{other:?}"),
     }
+}
+
+/// Touches pages from the top of memory down while the destination runs in post-copy, as a
+/// guest would; returns how many touches had to wait for a page.
+fn touch_from_top(pc: std::sync::Arc<Faults>, pages: u64) -> thread::JoinHandle<u64> {
+    thread::spawn(move || {
+        while !pc.resumed.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(1));
+        }
+        let mut waited = 0;
+        for p in (0..pages).rev().step_by(97) {
+            if pc.ended.load(Ordering::SeqCst) {
+                break;
+            }
+            waited += pc.touch(p * PAGE as u64) as u64;
+            thread::sleep(Duration::from_millis(2));
+        }
+        waited
+    })
+}
+
+#[test]
+fn post_copy_at_once_serves_faults_on_demand_and_arrives_page_exact() {
+    let src = FakeSource::new(4096, 64);
+    let pc = std::sync::Arc::new(Faults::default());
+    let p = pair_with(None, pc.clone());
+    let toucher = touch_from_top(pc.clone(), 4096);
+    let opts = Options {
+        postcopy_after: Some(0),
+        // Slow enough (16 MiB in ~2 s) that the guest touches pages the push has not reached.
+        max_bandwidth: Some(8 << 20),
+        ..Options::default()
+    };
+    let rep = p.migrate(&src, &opts).unwrap();
+    let waited = toucher.join().unwrap();
+    let (dst, r) = p.join();
+    r.unwrap();
+    assert_exact(&src, &dst);
+    assert!(pc.ended.load(Ordering::SeqCst), "post-copy ended on the destination");
+    assert_eq!(rep.switch_reason, "post-copy requested");
+    assert_eq!(rep.passes.len(), 1, "no pre-copy pass, only the empty switch-over");
+    let pcr = rep.postcopy.expect("post-copy report");
+    let d = &pcr.destination;
+    assert_eq!(pcr.pages, 4096);
+    assert_eq!(d.pushed + d.pulled, 4096, "{pcr:?}");
+    assert!(waited > 0 && d.faults >= waited, "{waited} waits, {pcr:?}");
+    assert!(d.pulled > 0 && pcr.demanded >= d.pulled, "{pcr:?}");
+    assert!(d.latency_p50_us > 0 && d.latency_p99_us >= d.latency_p50_us);
+    assert!(pcr.released_ms >= pcr.postcopy_ms && pcr.recoveries == 0);
+}
+
+#[test]
+fn hybrid_and_automatic_post_copy_arrive_page_exact() {
+    // Two pre-copy passes, then post-copy (a limit no pass can meet, so pre-copy does not
+    // finish by itself first).
+    let src = FakeSource::new(4096, 256);
+    let p = pair(None);
+    let opts = Options {
+        postcopy_after: Some(2),
+        downtime_limit: Duration::from_micros(1),
+        ..Options::default()
+    };
+    let rep = p.migrate(&src, &opts).unwrap();
+    let (dst, r) = p.join();
+    r.unwrap();
+    assert_exact(&src, &dst);
+    assert_eq!(rep.passes.len(), 3);
+    let pcr = rep.postcopy.expect("post-copy report");
+    assert!(pcr.pages > 0 && pcr.pages < 4096, "{pcr:?}");
+    // A guest rewriting more than the passes carry: post-copy instead of a long pause.
+    let src = FakeSource::new(4096, 3000);
+    let p = pair(None);
+    let opts = Options {
+        auto_postcopy: true,
+        downtime_limit: Duration::from_micros(1),
+        ..Options::default()
+    };
+    let rep = p.migrate(&src, &opts).unwrap();
+    let (dst, r) = p.join();
+    r.unwrap();
+    assert_exact(&src, &dst);
+    assert_eq!(rep.switch_reason, "not converging");
+    assert!(rep.passes.len() <= 3, "{} passes", rep.passes.len());
+    assert!(rep.postcopy.is_some());
+}
+
+#[test]
+fn a_link_cut_during_post_copy_is_recovered_page_exact() {
+    let src = FakeSource::new(4096, 64);
+    let pc = std::sync::Arc::new(Faults::default());
+    let cut = std::sync::Arc::new(AtomicBool::new(false));
+    let c = cut.clone();
+    // The first data connection (accept order 1) dies after 4 MiB of the push.
+    let tamper: Tamper = Box::new(move |conn, seen, _| {
+        !(conn == 1 && seen > 4 << 20 && !c.swap(true, Ordering::SeqCst))
+    });
+    let p = pair_with(Some(tamper), pc.clone());
+    let toucher = touch_from_top(pc.clone(), 4096);
+    let opts = Options {
+        postcopy_after: Some(0),
+        max_bandwidth: Some(8 << 20),
+        ..Options::default()
+    };
+    let mon = Monitor::default();
+    let rep = p.migrate_with(&src, &opts, &mon).unwrap();
+    toucher.join().unwrap();
+    let (dst, r) = p.join();
+    r.unwrap();
+    assert!(cut.load(Ordering::SeqCst), "the link was cut");
+    assert_exact(&src, &dst);
+    let pcr = rep.postcopy.expect("post-copy report");
+    assert_eq!(pcr.recoveries, 1, "{pcr:?}");
+    assert_eq!(mon.status().phase, Phase::Completed);
 }

@@ -1,10 +1,11 @@
 //! The receiving side: the control connection carries the handshake and the switch-over; one
 //! receiver thread per data connection writes pages straight from the frame into the VM, and
 //! the receivers meet at every end of pass so passes never overtake each other.
-use super::{ok, DestinationVm, EngineError};
+use super::postcopy_dst::PostCopyDest;
+use super::{ok, DestinationVm, EngineError, PageSet};
 use crate::protocol::{
-    expect, for_each_page, parse, recv, recv_raw, send, Message, PageRef, ProtocolError,
-    KIND_PAGES, MAX_CONNECTIONS, PAGE,
+    expect, for_each_page, parse, recv, recv_raw, send, Message, PageRef, PostCopyFigures,
+    ProtocolError, KIND_PAGES, MAX_CONNECTIONS, PAGE,
 };
 use serde::{Deserialize, Serialize};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -26,11 +27,15 @@ pub struct Received {
     pub passes: u32,
     pub connections: u32,
     pub state_bytes: u64,
+    /// Present when the VM came by post-copy: what the destination measured.
+    pub postcopy: Option<PostCopyFigures>,
 }
 
 /// Receives a VM into `vm`: `ctl` is the accepted control connection, `listener` accepts the
-/// data connections. The VM is resumed only after the source's Commit; on any error it is left
-/// unstarted (the caller discards it) and the source is told why.
+/// data connections. The VM is resumed only after the source's Commit; on any error before it,
+/// it is left unstarted (the caller discards it) and the source is told why. In post-copy this
+/// returns once every page is in, the VM running since the switch-over; a broken link is
+/// waited out (the source reconnects through `listener`).
 pub fn receive<V: DestinationVm>(
     vm: &mut V,
     mut ctl: TcpStream,
@@ -61,6 +66,12 @@ fn run_destination<V: DestinationVm>(
             .into())
         }
     };
+    if hello.caps & crate::protocol::CAP_RESUME != 0 {
+        return Err(ProtocolError::Peer(
+            "the source wants to resume a post-copy this host is not running".into(),
+        )
+        .into());
+    }
     let n = hello.connections;
     if n == 0 || n > MAX_CONNECTIONS {
         return Err(ProtocolError::Malformed {
@@ -86,18 +97,18 @@ fn run_destination<V: DestinationVm>(
     let ack = Mutex::new(ctl.try_clone().map_err(ProtocolError::Io)?);
     let shared: &V = vm;
     let stop_prefault = AtomicBool::new(false);
-    let (results, state) = std::thread::scope(|scope| {
+    let (results, state, streams) = std::thread::scope(|scope| {
         let workers: Vec<_> = data
             .into_iter()
-            .map(|s| {
+            .map(|mut s| {
                 let (barrier, stop_all, ack) = (&barrier, &stop_all, &ack);
                 scope.spawn(move || {
-                    let r = receive_share(shared, s, barrier, ack);
+                    let r = receive_share(shared, &mut s, barrier, ack);
                     if let Err(e) = &r {
                         barrier.fail();
                         stop_all(if is_echo(e) { ECHO } else { FAULT });
                     }
-                    r
+                    (r, s)
                 })
             })
             .collect();
@@ -119,15 +130,19 @@ fn run_destination<V: DestinationVm>(
             barrier.fail();
             stop_all(ECHO);
         }
-        let results: Vec<_> = workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(EngineError::Vm("a receiver thread panicked".into())))
-            })
-            .collect();
+        let mut results = Vec::new();
+        let mut streams = Vec::new();
+        for w in workers {
+            match w.join() {
+                Ok((r, s)) => {
+                    results.push(r);
+                    streams.push(s);
+                }
+                Err(_) => results.push(Err(EngineError::Vm("a receiver thread panicked".into()))),
+            }
+        }
         tracing::debug!(drained = ?t_state.elapsed(), "receivers done after State");
-        (results, state)
+        (results, state, streams)
     });
     let mut got = Received {
         connections: n,
@@ -148,20 +163,34 @@ fn run_destination<V: DestinationVm>(
             Err(e) => return Err(e),
         }
     }
-    let state = state?;
+    let (state, missing) = state?;
     if let Some(e) = echo {
         return Err(e);
     }
     got.state_bytes = state.len() as u64;
     let t = Instant::now();
+    let vm: &V = vm;
+    let postcopy = match &missing {
+        Some(runs) => {
+            let set = PageSet::from_runs(runs).map_err(EngineError::Vm)?;
+            ok(vm.begin_postcopy(runs))?;
+            Some(PostCopyDest::new(vm, set, hello.session))
+        }
+        None => None,
+    };
     ok(vm.load_state(&state))?;
     let loaded = t.elapsed();
     send(ctl, &Message::Ready)?;
     expect(ctl, Message::Commit)?;
     let committed = t.elapsed();
-    ok(vm.resume())?;
-    tracing::debug!(?loaded, ?committed, resumed = ?t.elapsed(), "switch-over (from State)");
-    send(ctl, &Message::Resumed)?;
+    let Some(pc) = postcopy else {
+        ok(vm.resume())?;
+        tracing::debug!(?loaded, ?committed, resumed = ?t.elapsed(), "switch-over (from State)");
+        send(ctl, &Message::Resumed)?;
+        return Ok(got);
+    };
+    let ctl = ctl.try_clone().map_err(ProtocolError::Io)?;
+    got.postcopy = Some(pc.run(ctl, streams, listener)?);
     Ok(got)
 }
 
@@ -178,21 +207,27 @@ fn is_echo(e: &EngineError) -> bool {
     )
 }
 
-/// Waits on the control connection for the VM's state, which comes after every page. It is
-/// quiet until then, so it is watched in short steps: when a receiver has failed, the source's
-/// reason (its Abort) gets a moment to arrive, then the wait ends.
+/// The VM's state, and for post-copy the pages the destination lacks.
+type StateAndMissing = (Vec<u8>, Option<Vec<(u64, u64)>>);
+
+/// Waits on the control connection for the VM's state, which comes after every page (and, in
+/// post-copy, after the list of pages still missing). It is quiet until then, so it is watched
+/// in short steps: when a receiver has failed, the source's reason (its Abort) gets a moment
+/// to arrive, then the wait ends.
 fn wait_state(
     ctl: &mut TcpStream,
     failed: &AtomicU8,
     mut hint: impl FnMut(Vec<(u64, u64)>),
-) -> Result<Vec<u8>, EngineError> {
+) -> Result<StateAndMissing, EngineError> {
+    let mut missing: Option<Vec<(u64, u64)>> = None;
     loop {
         wait_readable(ctl, failed)?;
         ctl.set_read_timeout(Some(IDLE_TIMEOUT))
             .map_err(ProtocolError::Io)?;
         match recv(ctl)? {
             Message::Populated(r) => hint(r),
-            Message::State(s) => return Ok(s),
+            Message::Missing(r) => missing.get_or_insert_with(Vec::new).extend(r),
+            Message::State(s) => return Ok((s, missing)),
             Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
             m => {
                 return Err(ProtocolError::Unexpected {
@@ -266,7 +301,11 @@ fn prefault<V: DestinationVm>(
 
 /// Accepts the `n` data connections of `session`. A connection that does not open with the
 /// right `Join` (a port probe, another migration) is closed and does not count.
-fn accept_data(l: &TcpListener, session: u64, n: u32) -> Result<Vec<TcpStream>, EngineError> {
+pub(super) fn accept_data(
+    l: &TcpListener,
+    session: u64,
+    n: u32,
+) -> Result<Vec<TcpStream>, EngineError> {
     let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
     let mut have = 0;
     let deadline = Instant::now() + JOIN_TIMEOUT;
@@ -311,7 +350,7 @@ fn accept_data(l: &TcpListener, session: u64, n: u32) -> Result<Vec<TcpStream>, 
 /// written and the passes seen.
 fn receive_share<V: DestinationVm>(
     vm: &V,
-    mut s: TcpStream,
+    s: &mut TcpStream,
     barrier: &PassBarrier,
     ack: &Mutex<TcpStream>,
 ) -> Result<(u64, u32), EngineError> {
@@ -320,7 +359,7 @@ fn receive_share<V: DestinationVm>(
     let mut pages = 0u64;
     let mut passes = 0u32;
     loop {
-        let kind = recv_raw(&mut s, &mut frame)?;
+        let kind = recv_raw(s, &mut frame)?;
         if kind == KIND_PAGES {
             pages += for_each_page(&frame, |gpa, d| {
                 let data = match d {

@@ -21,13 +21,17 @@
 //! every page of pass k.
 mod destination;
 mod monitor;
+mod pageset;
+mod postcopy_dst;
+mod postcopy_src;
 mod source;
 
 pub use destination::{receive, Received};
 pub use monitor::{Monitor, Phase, Status};
+pub use pageset::PageSet;
 pub use source::migrate;
 
-use crate::protocol::{Compression, ProtocolError};
+use crate::protocol::{Compression, PostCopyFigures, ProtocolError};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -52,7 +56,8 @@ pub trait SourceVm: Sync {
 }
 
 /// What the engine needs from the VM being received. Pages arrive on several connections at
-/// once, so `write_page` takes `&self`.
+/// once, and in post-copy keep arriving while the VM runs, so everything after `prepare`
+/// takes `&self`.
 pub trait DestinationVm: Sync {
     /// Builds the VM from the source's configuration (not started).
     fn prepare(&mut self, config: &[u8]) -> Result<(), String>;
@@ -60,8 +65,20 @@ pub trait DestinationVm: Sync {
     /// Maps `len` bytes from `gpa` that the source will send, ahead of the pages (a hint;
     /// called from a thread of its own while pages arrive).
     fn prefault(&self, gpa: u64, len: u64) -> Result<(), String>;
-    fn load_state(&mut self, state: &[u8]) -> Result<(), String>;
-    fn resume(&mut self) -> Result<(), String>;
+    fn load_state(&self, state: &[u8]) -> Result<(), String>;
+    fn resume(&self) -> Result<(), String>;
+    /// Post-copy switch-over (VM not started): drops the pages of `missing` (stale copies or
+    /// never sent) and from now on holds any touch of a page that is not present until it is
+    /// installed; [`DestinationVm::next_fault`] names the pages waited for.
+    fn begin_postcopy(&self, missing: &[(u64, u64)]) -> Result<(), String>;
+    /// The next page a vCPU (or the VMM) waits for; None when none within `timeout`.
+    fn next_fault(&self, timeout: Duration) -> Result<Option<u64>, String>;
+    /// Installs a page and wakes its waiters; false when it was present already (left as is).
+    fn install_page(&self, gpa: u64, data: &[u8]) -> Result<bool, String>;
+    /// Installs a zero page (one the source never had); false when present already.
+    fn install_zero(&self, gpa: u64) -> Result<bool, String>;
+    /// Every page is in: memory behaves as ordinary memory again.
+    fn end_postcopy(&self) -> Result<(), String>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +95,17 @@ pub enum EngineError {
     Timeout(Duration),
     #[error("migration committed, but the destination did not confirm it runs the VM ({0}); the source VM stays paused: check the destination before resuming it")]
     InDoubt(String),
+    /// After a post-copy switch-over the VM runs on the destination with part of its memory
+    /// still here: neither side may drop its half.
+    #[error("post-copy failed after switch-over ({0}); the VM runs on the destination with part of its memory still here: keep this host's VM paused")]
+    PostCopy(String),
+}
+
+impl EngineError {
+    /// True when the destination may run the VM: the source must never resume it.
+    pub fn committed(&self) -> bool {
+        matches!(self, EngineError::InDoubt(_) | EngineError::PostCopy(_))
+    }
 }
 
 /// What happens when `timeout` expires.
@@ -107,6 +135,11 @@ pub struct Options {
     pub auto_converge: bool,
     pub timeout: Option<Duration>,
     pub on_timeout: TimeoutPolicy,
+    /// Post-copy after this many pre-copy passes (0: at once, before any page is sent).
+    pub postcopy_after: Option<u32>,
+    /// Switch to post-copy when pre-copy does not converge (instead of a long pause at the
+    /// pass limit or timeout, and before throttling).
+    pub auto_postcopy: bool,
 }
 
 impl Default for Options {
@@ -120,6 +153,8 @@ impl Default for Options {
             auto_converge: false,
             timeout: None,
             on_timeout: TimeoutPolicy::Cancel,
+            postcopy_after: None,
+            auto_postcopy: false,
         }
     }
 }
@@ -154,9 +189,30 @@ pub struct Report {
     /// Bytes per second over all live (pre-copy) passes.
     pub bandwidth_bytes_per_s: f64,
     pub connections: u32,
-    /// Why it switched over: "converged", "max passes", "timeout".
+    /// Why it switched over: "converged", "max passes", "timeout", "post-copy requested",
+    /// "not converging" (automatic post-copy).
     pub switch_reason: String,
     pub max_throttle_percent: u8,
+    /// Present when the migration finished by post-copy.
+    pub postcopy: Option<PostCopyReport>,
+}
+
+/// The post-copy phase of a migration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PostCopyReport {
+    /// Pages the destination lacked when the VM resumed there.
+    pub pages: u64,
+    /// Pages the source sent in the background, and in answer to demand requests.
+    pub pushed: u64,
+    pub demanded: u64,
+    /// The destination's own figures (faults, latency, pages installed by each path).
+    pub destination: PostCopyFigures,
+    /// Source pause to the destination holding every page (the source may then go).
+    pub released_ms: f64,
+    /// Destination resume to every page in.
+    pub postcopy_ms: f64,
+    /// Times the link broke and was re-established.
+    pub recoveries: u32,
 }
 
 fn ok<T>(r: Result<T, String>) -> Result<T, EngineError> {

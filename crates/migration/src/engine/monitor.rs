@@ -3,7 +3,7 @@
 use super::Report;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -13,6 +13,11 @@ pub enum Phase {
     Setup,
     PreCopy,
     SwitchOver,
+    /// The VM runs on the destination; the pages it lacks are still being sent.
+    PostCopy,
+    /// Post-copy with the link broken: reconnecting (the destination's vCPUs that touch a
+    /// missing page wait).
+    PostCopyPaused,
     Completed,
     Failed,
     Cancelled,
@@ -49,6 +54,10 @@ pub struct Monitor {
     status: Mutex<Status>,
     /// When the current pass began, and the bytes on the wire then (for its live rate).
     pass_start: Mutex<(Instant, u64)>,
+    /// A broken post-copy should try to reconnect now (rather than at its next retry), to
+    /// this address if one is given.
+    resume: Mutex<(bool, Option<String>)>,
+    resume_cv: Condvar,
 }
 
 impl Default for Monitor {
@@ -61,6 +70,8 @@ impl Default for Monitor {
             throttle: AtomicU8::new(0),
             status: Mutex::new(Status::default()),
             pass_start: Mutex::new((Instant::now(), 0)),
+            resume: Mutex::new((false, None)),
+            resume_cv: Condvar::new(),
         }
     }
 }
@@ -73,6 +84,32 @@ impl Monitor {
 
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Asks a broken post-copy to reconnect now, to `to` if given (the address then holds for
+    /// every later reconnect: see [`Monitor::target`]).
+    pub fn resume_postcopy(&self, to: Option<String>) {
+        let mut g = self.resume.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 = true;
+        if to.is_some() {
+            g.1 = to;
+        }
+        self.resume_cv.notify_all();
+    }
+
+    /// The address a resume request named, if any.
+    pub fn target(&self) -> Option<String> {
+        self.resume.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
+    }
+
+    /// Waits up to `timeout` for a resume request; consumes it.
+    pub(crate) fn wait_resume_request(&self, timeout: std::time::Duration) {
+        let g = self.resume.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut g, _) = self
+            .resume_cv
+            .wait_timeout_while(g, timeout, |g| !g.0)
+            .unwrap_or_else(|e| e.into_inner());
+        g.0 = false;
     }
 
     pub(crate) fn update(&self, f: impl FnOnce(&mut Status)) {

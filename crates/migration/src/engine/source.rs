@@ -32,12 +32,23 @@ struct Job {
     last: bool,
 }
 
-struct Shared<'a> {
-    opts: &'a Options,
-    mon: &'a Monitor,
-    started: Instant,
+pub(super) struct Shared<'a> {
+    pub(super) opts: &'a Options,
+    pub(super) mon: &'a Monitor,
+    pub(super) started: Instant,
     /// Bytes sent by all senders (for the bandwidth cap).
-    sent: AtomicU64,
+    pub(super) sent: AtomicU64,
+}
+
+impl<'a> Shared<'a> {
+    pub(super) fn new(opts: &'a Options, mon: &'a Monitor) -> Self {
+        Shared {
+            opts,
+            mon,
+            started: Instant::now(),
+            sent: AtomicU64::new(0),
+        }
+    }
 }
 
 type Done = Result<Pass, EngineError>;
@@ -63,7 +74,8 @@ pub fn migrate<V: SourceVm>(
     let _ = vm.throttle(0);
     mon.throttle.store(0, Ordering::Relaxed);
     match &r {
-        Err(EngineError::InDoubt(_)) | Ok(_) => {}
+        Ok(_) => {}
+        Err(e) if e.committed() => {}
         Err(e) => {
             if !undo.told {
                 let _ = send(&mut ctl, &Message::Abort(e.to_string()));
@@ -90,6 +102,21 @@ struct Undo {
     paused: bool,
     /// The destination has been sent our Abort already.
     told: bool,
+}
+
+/// Opens the `n` data connections of `session`.
+pub(super) fn join_data(
+    connect: &(dyn Fn() -> std::io::Result<TcpStream> + Sync),
+    session: u64,
+    n: u32,
+) -> Result<Vec<TcpStream>, EngineError> {
+    let mut streams = Vec::new();
+    for index in 0..n {
+        let mut s = connect().map_err(ProtocolError::Io)?;
+        send(&mut s, &Message::Join { session, index })?;
+        streams.push(s);
+    }
+    Ok(streams)
 }
 
 fn session_id() -> u64 {
@@ -123,29 +150,20 @@ fn run_source<V: SourceVm>(
         }),
     )?;
     expect(ctl, Message::Welcome)?;
-    let mut streams = Vec::new();
-    for index in 0..n {
-        let mut s = connect().map_err(ProtocolError::Io)?;
-        send(&mut s, &Message::Join { session, index })?;
-        streams.push(s);
-    }
+    let streams = join_data(connect, session, n)?;
     // Clones to unblock senders stuck in a write when the migration fails.
     let handles: Vec<TcpStream> = streams.iter().filter_map(|s| s.try_clone().ok()).collect();
     ok(vm.start_dirty_log())?;
-    let sh = Shared {
-        opts,
-        mon,
-        started: Instant::now(),
-        sent: AtomicU64::new(0),
-    };
-    std::thread::scope(|scope| {
+    let sh = Shared::new(opts, mon);
+    let (r, streams) = std::thread::scope(|scope| {
         let (done_tx, done_rx) = mpsc::channel();
         let mut jobs = Vec::new();
+        let mut senders = Vec::new();
         for s in streams {
             let (tx, rx) = mpsc::channel();
             jobs.push(tx);
             let (done, sh) = (done_tx.clone(), &sh);
-            scope.spawn(move || sender(vm, s, sh, rx, done));
+            senders.push(scope.spawn(move || sender(vm, s, sh, rx, done)));
         }
         drop(done_tx);
         let coord = Coordinator {
@@ -172,8 +190,26 @@ fn run_source<V: SourceVm>(
             }
         }
         drop(coord);
-        r
-    })
+        let streams: Vec<TcpStream> = senders.into_iter().filter_map(|h| h.join().ok()).collect();
+        (r, streams)
+    });
+    let (mut report, pending) = r?;
+    let Some(pending) = pending else {
+        return Ok(report);
+    };
+    // Committed: the VM runs on the destination, which fetches what it lacks from here.
+    let streams = if streams.len() == n as usize {
+        streams
+    } else {
+        Vec::new() // a sender thread panicked: reconnect for fresh data connections
+    };
+    let pc = super::postcopy_src::PostCopySource::new(vm, opts, mon, session, n);
+    report.postcopy = Some(pc.run(&pending, ctl, streams, connect, report.downtime_ms)?);
+    let pcr = report.postcopy.as_ref().map(|p| p.released_ms).unwrap_or(0.0);
+    tracing::debug!(released_ms = pcr, "post-copy done");
+    report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    report.wire_bytes = mon.wire_bytes.load(Ordering::Relaxed);
+    Ok(report)
 }
 
 struct Coordinator<'a, V> {
@@ -188,12 +224,14 @@ struct Coordinator<'a, V> {
 }
 
 impl<V: SourceVm> Coordinator<'_, V> {
+    /// Pre-copy passes, then the switch-over. Returns the report and, when it switched over to
+    /// post-copy, the pages the destination still lacks.
     fn run(
         &self,
         ctl: &mut TcpStream,
         t0: Instant,
         paused: &mut bool,
-    ) -> Result<Report, EngineError> {
+    ) -> Result<(Report, Option<Vec<u64>>), EngineError> {
         let (vm, opts, mon) = (self.vm, self.sh.opts, self.sh.mon);
         let deadline = opts.timeout.map(|t| t0 + t);
         let mut report = Report {
@@ -201,7 +239,11 @@ impl<V: SourceVm> Coordinator<'_, V> {
             ..Report::default()
         };
         let mut todo = ok(vm.populated())?;
-        send(ctl, &Message::Populated(ranges(&todo)))?;
+        if opts.postcopy_after != Some(0) {
+            // Not worth it when no page will be sent before the switch.
+            send(ctl, &Message::Populated(ranges(&todo)))?;
+        }
+        let mut postcopy = false;
         // Pages per second the link carried in the last pass that sent anything.
         let mut rate = f64::INFINITY;
         let mut bandwidth = 0.0;
@@ -210,6 +252,11 @@ impl<V: SourceVm> Coordinator<'_, V> {
         let mut throttle = 0u8;
         loop {
             let number = report.passes.len() as u32 + 1;
+            if opts.postcopy_after.is_some_and(|n| number > n) {
+                report.switch_reason = "post-copy requested".into();
+                postcopy = true;
+                break;
+            }
             mon.begin_pass(number, todo.len() as u64, Phase::PreCopy);
             let start = Instant::now();
             let (mut pass, rest) = self.pass(number, todo, false, deadline)?;
@@ -237,6 +284,7 @@ impl<V: SourceVm> Coordinator<'_, V> {
             if let Some(rest) = rest {
                 todo.extend(rest);
                 report.switch_reason = "timeout".into();
+                postcopy = opts.auto_postcopy;
                 break;
             }
             // The limit is a ceiling, not a target: while each pass still halves the dirty
@@ -248,8 +296,17 @@ impl<V: SourceVm> Coordinator<'_, V> {
                 report.switch_reason = "converged".into();
                 break;
             }
+            let stuck = number >= 2 && todo.len() as u64 > sent / 2;
+            if opts.auto_postcopy && stuck {
+                // The guest re-dirtied more than half of what this pass sent: more passes
+                // will not shrink the pause; move the VM now and fetch the rest after.
+                report.switch_reason = "not converging".into();
+                postcopy = true;
+                break;
+            }
             if opts.max_passes > 0 && number >= opts.max_passes {
                 report.switch_reason = "max passes".into();
+                postcopy = opts.auto_postcopy;
                 break;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -259,11 +316,12 @@ impl<V: SourceVm> Coordinator<'_, V> {
                     }
                     TimeoutPolicy::SwitchOver => {
                         report.switch_reason = "timeout".into();
+                        postcopy = opts.auto_postcopy;
                         break;
                     }
                 }
             }
-            if opts.auto_converge && number >= 2 && todo.len() as u64 > sent / 2 {
+            if opts.auto_converge && stuck {
                 // The guest re-dirtied more than half of what this pass sent: not converging.
                 throttle = match throttle {
                     0 => THROTTLE_START,
@@ -282,15 +340,28 @@ impl<V: SourceVm> Coordinator<'_, V> {
         todo.sort_unstable();
         todo.dedup();
         let number = report.passes.len() as u32 + 1;
-        mon.begin_pass(number, todo.len() as u64, Phase::SwitchOver);
         let t_paused = t_pause.elapsed();
-        let (mut pass, _) = self.pass(number, todo, true, None)?;
+        // Post-copy: the last pass is empty (it only ends the pre-copy on every data
+        // connection); the pages it would carry are named instead and fetched later.
+        let (last, pending) = if postcopy {
+            (Vec::new(), Some(todo))
+        } else {
+            (todo, None)
+        };
+        mon.begin_pass(number, last.len() as u64, Phase::SwitchOver);
+        let (mut pass, _) = self.pass(number, last, true, None)?;
         let t_pages = t_pause.elapsed();
         pass.ms = t_pause.elapsed().as_secs_f64() * 1e3;
         pass.throttle_percent = throttle;
         report.passes.push(pass);
         let state = ok(vm.save_state())?;
         let t_state = t_pause.elapsed();
+        if let Some(p) = &pending {
+            let set = super::PageSet::from_pages(p.iter().copied()).map_err(EngineError::Vm)?;
+            for runs in set.runs(MAX_RANGES) {
+                send(ctl, &Message::Missing(runs))?;
+            }
+        }
         send(ctl, &Message::State(state))?;
         expect_ack(ctl, number)?;
         let t_ack = t_pause.elapsed();
@@ -321,7 +392,7 @@ impl<V: SourceVm> Coordinator<'_, V> {
         report.wire_bytes = report.passes.iter().map(|p| p.wire_bytes).sum();
         report.saved_bytes = report.passes.iter().map(|p| p.saved_bytes).sum();
         report.bandwidth_bytes_per_s = live_bytes as f64 / live_secs.max(1e-6);
-        Ok(report)
+        Ok((report, pending))
     }
 
     /// Looks at the control connection without waiting: the destination's Abort, or its
@@ -455,13 +526,14 @@ fn expect_ack(ctl: &mut TcpStream, number: u32) -> Result<(), EngineError> {
 }
 
 /// One data connection's thread: takes each pass's pages chunk by chunk until none are left.
+/// Gives its connection back (post-copy goes on with it).
 fn sender<V: SourceVm>(
     vm: &V,
     mut s: TcpStream,
     sh: &Shared,
     jobs: mpsc::Receiver<Arc<Job>>,
     done: mpsc::Sender<Done>,
-) {
+) -> TcpStream {
     let mut frame = PagesBuf::default();
     while let Ok(job) = jobs.recv() {
         let r = send_share(vm, &mut s, sh, &job, &mut frame);
@@ -470,6 +542,7 @@ fn sender<V: SourceVm>(
             break;
         }
     }
+    s
 }
 
 fn send_share<V: SourceVm>(
@@ -520,7 +593,11 @@ fn send_share<V: SourceVm>(
 }
 
 /// Sends the frame, then sleeps as long as the bandwidth cap asks.
-fn flush(s: &mut TcpStream, frame: &mut PagesBuf, sh: &Shared) -> Result<(), EngineError> {
+pub(super) fn flush(
+    s: &mut TcpStream,
+    frame: &mut PagesBuf,
+    sh: &Shared,
+) -> Result<(), EngineError> {
     let n = frame.send(s)? as u64;
     sh.mon.wire_bytes.fetch_add(n, Ordering::Relaxed);
     let sent = sh.sent.fetch_add(n, Ordering::Relaxed) + n;
