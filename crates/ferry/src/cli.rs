@@ -132,8 +132,9 @@ pub struct MigrateArgs {
     /// API socket of the VM to move.
     #[arg(long)]
     pub api_socket: PathBuf,
-    /// Live migration to the `ferry receive --listen` at HOST:PORT.
-    #[arg(long, conflicts_with_all = ["quick", "via"], required_unless_present = "quick")]
+    /// Live migration to the `ferry receive --listen` at HOST:PORT. With --resume-postcopy:
+    /// where to reconnect (default: where the migration went).
+    #[arg(long, conflicts_with_all = ["quick", "via"], required_unless_present_any = ["quick", "resume_postcopy"])]
     pub to: Option<String>,
     /// Quick migration through shared storage instead (needs --via).
     #[arg(long, requires = "via")]
@@ -167,6 +168,23 @@ pub struct MigrateArgs {
     /// What --timeout does: cancel (the VM keeps running here) or switch over at once.
     #[arg(long, value_enum, default_value_t = OnTimeout::Cancel, requires = "timeout")]
     pub on_timeout: OnTimeout,
+    /// Post-copy: switch over right after the first pass; the VM then runs on the destination
+    /// and fetches the pages it lacks from here (on demand, the rest pushed in the
+    /// background). Same as --postcopy-after 1.
+    #[arg(long, conflicts_with = "postcopy_after")]
+    pub postcopy: bool,
+    /// Hybrid: post-copy after this many pre-copy passes (0: at once, before any page).
+    #[arg(long, value_name = "PASSES")]
+    pub postcopy_after: Option<u32>,
+    /// Switch to post-copy when pre-copy does not converge (the guest re-dirties more than
+    /// half of what a pass sent), or at --max-passes / a --timeout that switches over.
+    #[arg(long)]
+    pub auto_postcopy: bool,
+    /// Reconnect a post-copy whose link broke now (it retries every second by itself), to
+    /// --to if given. The VM runs on the destination meanwhile; vCPUs that touch a page still
+    /// here wait.
+    #[arg(long, conflicts_with_all = ["quick", "postcopy", "postcopy_after", "auto_postcopy"])]
+    pub resume_postcopy: bool,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,

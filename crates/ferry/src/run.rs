@@ -129,13 +129,32 @@ pub fn receive(args: ReceiveArgs) -> Result<i32> {
     s.set_read_timeout(Some(MIGRATION_IO_TIMEOUT))?;
     s.set_write_timeout(Some(MIGRATION_IO_TIMEOUT))?;
     let mut dest = LiveDestination::new(console(&args.console_log)?);
-    let got = ferry_migration::engine::receive(&mut dest, s, &l)
-        .with_context(|| format!("migration from {peer} failed; nothing was started"))?;
+    let got = match ferry_migration::engine::receive(&mut dest, s, &l) {
+        Ok(got) => got,
+        Err(e) if e.committed() => {
+            return Err(anyhow::anyhow!(e).context(format!("post-copy from {peer} failed")))
+        }
+        Err(e) => {
+            return Err(anyhow::anyhow!(e)
+                .context(format!("migration from {peer} failed; nothing was started")))
+        }
+    };
     let vm = dest.into_vm().context("migration ended without a VM")?;
     eprintln!(
         "ferry: received the VM from {peer} ({} pages in {} passes over {} connections); it runs here now",
         got.pages, got.passes, got.connections
     );
+    if let Some(f) = &got.postcopy {
+        eprintln!(
+            "ferry: post-copy: {} demand faults (p50 {:.2} ms, p99 {:.2} ms), {} pages pulled,              {} pushed, {} zero-filled",
+            f.faults,
+            f.latency_p50_us as f64 / 1e3,
+            f.latency_p99_us as f64 / 1e3,
+            f.pulled,
+            f.pushed,
+            f.zero_faults
+        );
+    }
     serve_and_wait(Arc::new(vm), listener, &args.console_log, false)
 }
 

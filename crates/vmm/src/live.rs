@@ -1,9 +1,12 @@
 //! Live migration of a KVM VM: the ferry-migration engine's `SourceVm` and `DestinationVm`
 //! implemented on [`Vm`] and [`Incoming`].
+use crate::memory::GuestMem;
+use crate::uffd::MissingPages;
 use crate::vm::{Incoming, RunState, Vm, VmConfig, VmState};
 use ferry_migration::engine::{DestinationVm, SourceVm};
 use std::io::Write;
-use vm_memory::{Bytes, GuestAddress};
+use std::sync::{Mutex, RwLock};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// A running (or paused) VM as a migration source.
 pub struct LiveSource<'a> {
@@ -76,26 +79,61 @@ impl SourceVm for LiveSource<'_> {
 }
 
 /// The receiving side: builds the VM from the source's configuration, fills its memory, loads
-/// its state, and starts it on commit.
+/// its state, and starts it on commit. In post-copy, guest RAM is registered with
+/// userfaultfd from the switch-over until every page is in.
 pub struct LiveDestination {
-    incoming: Option<Incoming>,
-    /// In a Mutex only so the destination is `Sync` (pages are written from several threads).
-    console: std::sync::Mutex<Option<Box<dyn Write + Send>>>,
-    vm: Option<Vm>,
+    /// Guest RAM (shared with the VM being built): pages are written from several threads
+    /// while the rest of the destination changes under its locks.
+    mem: Option<GuestMem>,
+    incoming: Mutex<Option<Incoming>>,
+    console: Mutex<Option<Box<dyn Write + Send>>>,
+    vm: Mutex<Option<Vm>>,
+    missing: RwLock<Option<MissingPages>>,
 }
 
 impl LiveDestination {
     pub fn new(console: Box<dyn Write + Send>) -> Self {
         LiveDestination {
-            incoming: None,
-            console: std::sync::Mutex::new(Some(console)),
-            vm: None,
+            mem: None,
+            incoming: Mutex::new(None),
+            console: Mutex::new(Some(console)),
+            vm: Mutex::new(None),
+            missing: RwLock::new(None),
         }
     }
 
     /// The VM, once the migration has committed (running).
     pub fn into_vm(self) -> Option<Vm> {
-        self.vm
+        self.vm.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn mem(&self) -> Result<&GuestMem, String> {
+        self.mem
+            .as_ref()
+            .ok_or_else(|| "the VM was not built yet".to_string())
+    }
+
+    /// Host address and length of `[gpa, gpa + len)`, which must lie in one RAM region.
+    fn host_range(&self, gpa: u64, len: u64) -> Result<(*mut u8, usize), String> {
+        let mem = self.mem()?;
+        let region = mem
+            .find_region(GuestAddress(gpa))
+            .ok_or_else(|| format!("{gpa:#x} is not guest RAM"))?;
+        let offset = gpa - region.start_addr().0;
+        if len > region.len() - offset {
+            return Err(format!("{gpa:#x} + {len:#x} runs past its RAM region"));
+        }
+        // SAFETY: offset < region.len(), so the pointer stays inside the region's mapping.
+        Ok((unsafe { region.as_ptr().add(offset as usize) }, len as usize))
+    }
+
+    fn with_missing<T>(
+        &self,
+        f: impl FnOnce(&MissingPages) -> Result<T, crate::uffd::UffdError>,
+    ) -> Result<T, String> {
+        let g = self.missing.read().map_err(|_| "userfaultfd lock poisoned")?;
+        let m = g.as_ref().ok_or("post-copy has not begun")?;
+        f(m).map_err(text)
     }
 }
 
@@ -103,66 +141,96 @@ impl DestinationVm for LiveDestination {
     fn prepare(&mut self, config: &[u8]) -> Result<(), String> {
         let config: VmConfig =
             postcard::from_bytes(config).map_err(|e| format!("VM configuration: {e}"))?;
-        self.incoming = Some(Vm::incoming(&config).map_err(text)?);
+        let inc = Vm::incoming(&config).map_err(text)?;
+        self.mem = Some(inc.memory().clone());
+        *self.incoming.get_mut().map_err(|_| "lock poisoned")? = Some(inc);
         Ok(())
     }
     fn write_page(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
-        let inc = self
-            .incoming
-            .as_ref()
-            .ok_or("pages before the VM was built")?;
-        inc.memory()
+        self.mem()?
             .write_slice(data, GuestAddress(gpa))
             .map_err(|e| format!("page {gpa:#x}: {e}"))
     }
     fn prefault(&self, gpa: u64, len: u64) -> Result<(), String> {
-        let inc = self
-            .incoming
-            .as_ref()
-            .ok_or("prefault before the VM was built")?;
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-        let mem = inc.memory();
-        let region = mem
-            .find_region(GuestAddress(gpa))
-            .ok_or_else(|| format!("{gpa:#x} is not guest RAM"))?;
-        let offset = gpa - region.start_addr().0;
-        let len = len.min(region.len() - offset) as usize;
-        // SAFETY: [offset, offset + len) lies inside this region's anonymous mapping (clamped
-        // to its length just above), which lives as long as `inc`. MADV_POPULATE_WRITE only
-        // maps its pages (zero-filled where absent, untouched where present); it never changes
-        // their contents.
-        let r = unsafe {
-            libc::madvise(
-                region.as_ptr().add(offset as usize) as *mut libc::c_void,
-                len,
-                libc::MADV_POPULATE_WRITE,
-            )
+        let region_left = {
+            let mem = self.mem()?;
+            let r = mem
+                .find_region(GuestAddress(gpa))
+                .ok_or_else(|| format!("{gpa:#x} is not guest RAM"))?;
+            r.len() - (gpa - r.start_addr().0)
         };
+        let (host, len) = self.host_range(gpa, len.min(region_left))?;
+        // SAFETY: `host_range` checked [host, host + len) lies inside one region's anonymous
+        // mapping, which lives as long as `self.mem`. MADV_POPULATE_WRITE only maps its pages
+        // (zero-filled where absent, untouched where present); it never changes contents.
+        let r = unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
         if r != 0 {
             return Err(std::io::Error::last_os_error().to_string());
         }
         Ok(())
     }
-    fn load_state(&mut self, state: &[u8]) -> Result<(), String> {
+    fn load_state(&self, state: &[u8]) -> Result<(), String> {
         let state: VmState = postcard::from_bytes(state).map_err(|e| format!("VM state: {e}"))?;
         let inc = self
             .incoming
+            .lock()
+            .map_err(|_| "lock poisoned")?
             .take()
-            .ok_or("state before the VM was built")?;
+            .ok_or("state before the VM was built, or loaded twice")?;
         let console = self
             .console
-            .get_mut()
+            .lock()
             .map_err(|_| "console lock poisoned")?
             .take()
             .ok_or("state loaded twice")?;
-        self.vm = Some(inc.finish(&state, console).map_err(text)?);
+        let vm = inc.finish(&state, console).map_err(text)?;
+        *self.vm.lock().map_err(|_| "lock poisoned")? = Some(vm);
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), String> {
         self.vm
+            .lock()
+            .map_err(|_| "lock poisoned")?
             .as_ref()
             .ok_or("no VM to resume")?
             .start()
             .map_err(text)
+    }
+    fn begin_postcopy(&self, missing: &[(u64, u64)]) -> Result<(), String> {
+        for &(gpa, pages) in missing {
+            let (host, len) = self.host_range(gpa, pages * 4096)?;
+            // SAFETY: [host, host + len) lies inside guest RAM's anonymous private mapping
+            // (checked by `host_range`); nothing runs in the VM yet. MADV_DONTNEED drops these
+            // pages (stale copies from earlier passes, or zero pages mapped ahead), so the
+            // next touch of each finds it missing.
+            let r = unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+            if r != 0 {
+                return Err(format!(
+                    "dropping {gpa:#x}+{pages} pages: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        let m = MissingPages::register(self.mem()?).map_err(text)?;
+        *self.missing.write().map_err(|_| "lock poisoned")? = Some(m);
+        Ok(())
+    }
+    fn next_fault(&self, timeout: std::time::Duration) -> Result<Option<u64>, String> {
+        self.with_missing(|m| m.next_fault(timeout))
+    }
+    fn install_page(&self, gpa: u64, data: &[u8]) -> Result<bool, String> {
+        if data.len() != 4096 {
+            return Err(format!("page {gpa:#x} of {} bytes", data.len()));
+        }
+        self.with_missing(|m| m.install(gpa, data))
+    }
+    fn install_zero(&self, gpa: u64) -> Result<bool, String> {
+        self.with_missing(|m| m.install_zero(gpa))
+    }
+    fn end_postcopy(&self) -> Result<(), String> {
+        // Unregistering wakes anything still waiting; it finds its page present or faults it
+        // in as ordinary (zero) memory.
+        drop(self.missing.write().map_err(|_| "lock poisoned")?.take());
+        Ok(())
     }
 }

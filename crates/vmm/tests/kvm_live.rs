@@ -2,120 +2,14 @@
 //! guest: destination memory page-exact against the guest's pattern, heartbeat continuous
 //! across hosts, and rollback when the destination dies.
 mod common;
+use common::live::*;
 use common::*;
-use ferry_guest::console::{wait_all, wait_for, LineSink, TimedLine};
-use ferry_guest::heartbeat::{parse_line, GuestLine, HeartbeatLog};
+use ferry_guest::console::{wait_all, wait_for, TimedLine};
+use ferry_guest::heartbeat::HeartbeatLog;
 use ferry_guest::verify::verify_dirty_region;
-use ferry_migration::engine::{migrate, receive, EngineError, Monitor, Options, Report};
-use ferry_vmm::live::{LiveDestination, LiveSource};
-use ferry_vmm::{GuestExit, RunState, Vm};
-use std::net::{TcpListener, TcpStream};
-use std::sync::mpsc::Receiver;
-use std::thread;
+use ferry_migration::engine::{EngineError, Options};
+use ferry_vmm::{GuestExit, RunState};
 use std::time::Duration;
-
-type Dest = thread::JoinHandle<(Result<(), EngineError>, Option<Vm>, Receiver<TimedLine>)>;
-
-/// Decides, per frame from the source (connection in accept order, 0 = control; frame kind;
-/// the frame's bytes, header included, which it may change), whether the proxy passes it on;
-/// false kills every connection there, both ways, as if the destination host died.
-type Hook = Box<dyn FnMut(usize, u8, &mut Vec<u8>) -> bool + Send>;
-
-/// A destination VM on its own thread, reached directly or through a frame-aware proxy.
-fn destination(hook: Option<Hook>) -> (std::net::SocketAddr, Dest) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let h = thread::spawn(move || {
-        let (s, _) = l.accept().unwrap();
-        let (sink, rx) = LineSink::new();
-        let mut d = LiveDestination::new(Box::new(sink));
-        let r = receive(&mut d, s, &l).map(|_| ());
-        (r, d.into_vm(), rx)
-    });
-    match hook {
-        None => (addr, h),
-        Some(hook) => (proxy(addr, hook), h),
-    }
-}
-
-fn proxy(to: std::net::SocketAddr, hook: Hook) -> std::net::SocketAddr {
-    use ferry_migration::protocol::HEADER_LEN;
-    use std::io::{Read, Write};
-    let pl = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = pl.local_addr().unwrap();
-    let hook = std::sync::Arc::new(std::sync::Mutex::new(hook));
-    let all: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>> = Default::default();
-    thread::spawn(move || {
-        for (conn, from_src) in pl.incoming().enumerate() {
-            let Ok(mut from_src) = from_src else { break };
-            let (hook, all) = (hook.clone(), all.clone());
-            thread::spawn(move || {
-                let mut to_dst = TcpStream::connect(to).unwrap();
-                {
-                    let mut all = all.lock().unwrap();
-                    all.push(from_src.try_clone().unwrap());
-                    all.push(to_dst.try_clone().unwrap());
-                }
-                let (mut back_src, mut back_dst) =
-                    (from_src.try_clone().unwrap(), to_dst.try_clone().unwrap());
-                thread::spawn(move || {
-                    let _ = std::io::copy(&mut back_dst, &mut back_src);
-                });
-                let mut frame = vec![0u8; HEADER_LEN];
-                loop {
-                    frame.resize(HEADER_LEN, 0);
-                    if from_src.read_exact(&mut frame).is_err() {
-                        break;
-                    }
-                    let len = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
-                    frame.resize(HEADER_LEN + len as usize, 0);
-                    if from_src.read_exact(&mut frame[HEADER_LEN..]).is_err() {
-                        break;
-                    }
-                    let kind = frame[0];
-                    if !(hook.lock().unwrap())(conn, kind, &mut frame) {
-                        for s in all.lock().unwrap().iter() {
-                            let _ = s.shutdown(std::net::Shutdown::Both);
-                        }
-                        break;
-                    }
-                    if to_dst.write_all(&frame).is_err() {
-                        break;
-                    }
-                }
-                let _ = to_dst.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    addr
-}
-
-/// Live-migrates `vm` to `addr` with `opts`.
-fn send_vm(vm: &Vm, addr: std::net::SocketAddr, opts: &Options) -> Result<Report, EngineError> {
-    let connect = || -> std::io::Result<TcpStream> {
-        let s = TcpStream::connect(addr)?;
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        s.set_write_timeout(Some(Duration::from_secs(30)))?;
-        Ok(s)
-    };
-    let ctl = connect().map_err(|e| EngineError::Vm(e.to_string()))?;
-    migrate(
-        &LiveSource::new(vm),
-        ctl,
-        &connect,
-        opts,
-        &Monitor::default(),
-    )
-}
-
-fn beats(log: &mut HeartbeatLog, lines: &[TimedLine]) {
-    for (at, l) in lines {
-        if let GuestLine::Heartbeat { cpu: 0, seq, tsc } = parse_line(l) {
-            log.push(*at, seq, tsc);
-        }
-    }
-}
 
 #[test]
 fn a_dirtying_vm_moves_with_exact_memory_and_a_continuous_heartbeat() {
@@ -197,68 +91,6 @@ fn destination_dies(hook: Hook, opts: Options) -> (EngineError, EngineError) {
     src.wait();
     (e, de)
 }
-
-/// Boots a VM running a `dirty` workload on vCPU 0 and waits until it has written its region
-/// once; returns the VM, its console, the lines so far and the region's base.
-fn boot_dirtying(
-    cpus: u8,
-    memory: u64,
-    work: &str,
-) -> (Vm, Receiver<TimedLine>, Vec<TimedLine>, u64) {
-    let (vm, rx) = boot(cpus, memory, work);
-    let mut seen = Vec::new();
-    // A whole first pass over a large region at a low rate takes a while: a wide safety net.
-    wait_for(&rx, &mut seen, Duration::from_secs(120), |l| l == "D0 1").unwrap();
-    let base = bases(&seen)[0];
-    (vm, rx, seen, base)
-}
-
-/// After a successful migration: stops the source (keeping its last console lines in `seen`)
-/// and returns the VM running on the destination with its console.
-fn hand_over(
-    src: &Vm,
-    rx: &Receiver<TimedLine>,
-    seen: &mut Vec<TimedLine>,
-    dest: Dest,
-) -> (Vm, Receiver<TimedLine>) {
-    src.shutdown_after_handoff().unwrap();
-    src.wait();
-    seen.extend(rx.try_iter());
-    let (r, vm, rx2) = dest.join().unwrap();
-    r.unwrap();
-    (vm.expect("destination VM"), rx2)
-}
-
-/// Stops the migrated VM and checks the dirty region at `base` page-exact and the heartbeat
-/// continuous from the source's lines (`before`) through the destination's.
-fn stop_exact_and_continuous(
-    vm: Vm,
-    rx: &Receiver<TimedLine>,
-    mut after: Vec<TimedLine>,
-    before: &[TimedLine],
-    base: u64,
-) {
-    vm.pause().unwrap();
-    verify_dirty_region(&reader(&vm), base).expect("destination memory exact");
-    vm.shutdown().unwrap();
-    vm.wait();
-    after.extend(rx.try_iter());
-    let mut log = HeartbeatLog::default();
-    beats(&mut log, before);
-    beats(&mut log, &after);
-    log.check_continuous().expect("heartbeat continuous");
-}
-
-fn dirty_pass(seen: &[TimedLine]) -> u64 {
-    seen.iter()
-        .filter_map(|(_, l)| l.strip_prefix("D0 ")?.parse().ok())
-        .max()
-        .unwrap_or(0)
-}
-
-const K_PAGES: u8 = 3;
-const K_STATE: u8 = 4;
-const K_END_OF_PASS: u8 = 10;
 
 #[test]
 fn destination_killed_before_the_first_pass_ends() {

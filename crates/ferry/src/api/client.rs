@@ -138,6 +138,20 @@ pub fn snapshot(args: SnapshotArgs) -> Result<()> {
 
 /// `ferry migrate`: live (`--to`) or quick (`--quick --via`).
 pub fn migrate(args: MigrateArgs) -> Result<()> {
+    if args.resume_postcopy {
+        let body = serde_json::json!({ "to": args.to });
+        call(
+            &args.api_socket,
+            Method::PUT,
+            "/vm/migration/resume-postcopy",
+            Some(body.to_string()),
+        )?;
+        println!(
+            "asked the post-copy to reconnect{}",
+            args.to.map(|t| format!(" to {t}")).unwrap_or_default()
+        );
+        return Ok(());
+    }
     let Some(to) = &args.to else {
         return quick(&args);
     };
@@ -162,6 +176,8 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
             OnTimeout::Cancel => "cancel",
             OnTimeout::SwitchOver => "switch_over",
         },
+        "postcopy_after": if args.postcopy { Some(1) } else { args.postcopy_after },
+        "auto_postcopy": args.auto_postcopy,
     });
     if args.timeout.is_some_and(|t| !(t > 0.0 && t < 1e9)) {
         bail!("--timeout must be a positive number of seconds");
@@ -223,6 +239,23 @@ pub fn print_report(to: &str, v: &serde_json::Value) {
         v["connections"],
         v["switch_reason"].as_str().unwrap_or("?"),
     );
+    let pc = &v["postcopy"];
+    if pc.is_object() {
+        let d = &pc["destination"];
+        println!(
+            "post-copy: {} pages fetched after the switch ({} pushed, {} pulled on demand),              {} demand faults (latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms), {} zero-filled              faults, {} link recoveries; source released {:.1} ms after the pause",
+            pc["pages"],
+            d["pushed"],
+            d["pulled"],
+            d["faults"],
+            d["latency_p50_us"].as_f64().unwrap_or(0.0) / 1e3,
+            d["latency_p99_us"].as_f64().unwrap_or(0.0) / 1e3,
+            d["latency_max_us"].as_f64().unwrap_or(0.0) / 1e3,
+            d["zero_faults"],
+            pc["recoveries"],
+            pc["released_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
 }
 
 fn quick(args: &MigrateArgs) -> Result<()> {

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use ferry_migration::engine::TimeoutPolicy;
-use ferry_migration::engine::{migrate, EngineError, Monitor, Options, Report, Status};
+use ferry_migration::engine::{migrate, EngineError, Monitor, Options, Phase, Report, Status};
 use ferry_migration::protocol::Compression;
 use ferry_vmm::{RunState, Vm};
 use std::net::TcpStream;
@@ -35,6 +35,18 @@ pub struct MigrateRequest {
     timeout_ms: Option<u64>,
     #[serde(default)]
     on_timeout: TimeoutPolicy,
+    #[serde(default)]
+    postcopy_after: Option<u32>,
+    #[serde(default)]
+    auto_postcopy: bool,
+}
+
+/// `PUT /vm/migration/resume-postcopy` body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeRequest {
+    #[serde(default)]
+    to: Option<String>,
 }
 
 // The engine's defaults, so an API client gets what `ferry migrate` gives.
@@ -93,15 +105,19 @@ fn live_migrate(vm: &Vm, req: MigrateRequest, mon: &Monitor) -> Result<Report, A
         auto_converge: req.auto_converge,
         timeout: req.timeout_ms.map(Duration::from_millis),
         on_timeout: req.on_timeout,
+        postcopy_after: req.postcopy_after,
+        auto_postcopy: req.auto_postcopy,
     };
     let to = req.to.clone();
     let source = ferry_vmm::live::LiveSource::new(vm);
-    match migrate(&source, ctl, &|| connect(&to), &opts, mon) {
+    // A post-copy that reconnects goes where `--resume-postcopy --to` last said, if it did.
+    let connect_now = || connect(&mon.target().unwrap_or_else(|| to.clone()));
+    match migrate(&source, ctl, &connect_now, &opts, mon) {
         Ok(report) => {
             vm.shutdown_after_handoff()?;
             Ok(report)
         }
-        Err(e @ EngineError::InDoubt(_)) => {
+        Err(e) if e.committed() => {
             Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
         }
         Err(e) => Err(ApiError(
@@ -142,8 +158,37 @@ pub async fn status(State(host): State<Arc<Host>>) -> Result<Json<Status>, ApiEr
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "no migration has run here".into()))
 }
 
+/// Asks a post-copy whose link broke to reconnect now (to a new address if given).
+pub async fn resume_postcopy(
+    State(host): State<Arc<Host>>,
+    Json(req): Json<ResumeRequest>,
+) -> Result<StatusCode, ApiError> {
+    match host.migration() {
+        Some(m)
+            if host.migrating()
+                && matches!(m.status().phase, Phase::PostCopy | Phase::PostCopyPaused) =>
+        {
+            m.resume_postcopy(req.to);
+            Ok(StatusCode::ACCEPTED)
+        }
+        _ => Err(ApiError(
+            StatusCode::CONFLICT,
+            "no post-copy migration is running here".into(),
+        )),
+    }
+}
+
 /// Cancels the running migration; it rolls back unless it has already committed.
 pub async fn cancel(State(host): State<Arc<Host>>) -> Result<StatusCode, ApiError> {
+    if let Some(m) = host.migration() {
+        if matches!(m.status().phase, Phase::PostCopy | Phase::PostCopyPaused) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                "the VM already runs on the destination (post-copy): a migration cannot be                  cancelled after its switch-over"
+                    .into(),
+            ));
+        }
+    }
     match host.migration() {
         Some(m) if host.migrating() => {
             m.cancel();

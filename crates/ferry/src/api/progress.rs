@@ -27,7 +27,10 @@ pub fn follow<T>(socket: &Path, run: &std::thread::JoinHandle<T>) {
             // length.
             pass = s["pass"].as_u64();
             bar.reset();
-            bar.set_prefix(format!("pass {}", s["pass"]));
+            bar.set_prefix(match s["phase"].as_str() {
+                Some("post_copy" | "post_copy_paused") => "post-copy".to_string(),
+                _ => format!("pass {}", s["pass"]),
+            });
         }
         bar.set_length(s["pass_pages"].as_u64().unwrap_or(0));
         bar.set_position(s["pass_sent"].as_u64().unwrap_or(0));

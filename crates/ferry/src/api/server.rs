@@ -89,6 +89,10 @@ pub fn spawn(bound: Bound, host: Arc<Host>) -> Result<Server> {
         .route("/vm/migrate", put(super::migration::start))
         .route("/vm/migration", get(super::migration::status))
         .route("/vm/migration/cancel", put(super::migration::cancel))
+        .route(
+            "/vm/migration/resume-postcopy",
+            put(super::migration::resume_postcopy),
+        )
         .with_state(host);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = rt.spawn(async move {

@@ -87,3 +87,4 @@ pub fn assert_heartbeat_continues(vm: &Vm, rx: &Receiver<TimedLine>, last: u64) 
     vm.shutdown().expect("shutdown");
     assert_eq!(vm.wait(), ferry_vmm::GuestExit::Stopped);
 }
+pub mod live;
