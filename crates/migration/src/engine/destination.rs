@@ -41,6 +41,8 @@ pub fn receive<V: DestinationVm>(
     mut ctl: TcpStream,
     listener: &TcpListener,
 ) -> Result<Received, EngineError> {
+    // Small frames (acknowledgements, post-copy demand requests) must not wait for Nagle.
+    let _ = ctl.set_nodelay(true);
     let r = run_destination(vm, &mut ctl, listener);
     if let Err(e) = &r {
         if !matches!(e, EngineError::Protocol(ProtocolError::Peer(_))) {

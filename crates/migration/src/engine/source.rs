@@ -63,6 +63,7 @@ pub fn migrate<V: SourceVm>(
     mon: &Monitor,
 ) -> Result<Report, EngineError> {
     let mut undo = Undo::default();
+    let _ = ctl.set_nodelay(true);
     let mut r = run_source(vm, &mut ctl, connect, opts, mon, &mut undo);
     if let Err(EngineError::Protocol(ProtocolError::Io(_) | ProtocolError::Closed)) = &r {
         // A connection broke: the destination may have said why on the control connection.
@@ -153,7 +154,12 @@ fn run_source<V: SourceVm>(
     let streams = join_data(connect, session, n)?;
     // Clones to unblock senders stuck in a write when the migration fails.
     let handles: Vec<TcpStream> = streams.iter().filter_map(|s| s.try_clone().ok()).collect();
-    ok(vm.start_dirty_log())?;
+    // Post-copy at once sends no pass: what to fetch is read after the pause, so no dirty
+    // log (its first harvest write-protects all of memory: ~60 ms per GiB here).
+    let at_once = opts.postcopy_after == Some(0);
+    if !at_once {
+        ok(vm.start_dirty_log())?;
+    }
     let sh = Shared::new(opts, mon);
     let (r, streams) = std::thread::scope(|scope| {
         let (done_tx, done_rx) = mpsc::channel();
@@ -336,7 +342,12 @@ impl<V: SourceVm> Coordinator<'_, V> {
         let t_pause = Instant::now();
         ok(vm.pause())?;
         *paused = true;
-        todo.extend(ok(vm.fetch_dirty())?);
+        if report.passes.is_empty() && opts.postcopy_after == Some(0) {
+            // Nothing sent yet, no dirty log: every page the guest may have written.
+            todo = ok(vm.populated())?;
+        } else {
+            todo.extend(ok(vm.fetch_dirty())?);
+        }
         todo.sort_unstable();
         todo.dedup();
         let number = report.passes.len() as u32 + 1;
@@ -357,9 +368,11 @@ impl<V: SourceVm> Coordinator<'_, V> {
         let state = ok(vm.save_state())?;
         let t_state = t_pause.elapsed();
         if let Some(p) = &pending {
-            let set = super::PageSet::from_pages(p.iter().copied()).map_err(EngineError::Vm)?;
-            for runs in set.runs(MAX_RANGES) {
+            let mut rest = &p[..];
+            while !rest.is_empty() {
+                let (runs, used) = ranges_upto(rest);
                 send(ctl, &Message::Missing(runs))?;
+                rest = &rest[used..];
             }
         }
         send(ctl, &Message::State(state))?;
@@ -496,8 +509,13 @@ impl<V: SourceVm> Coordinator<'_, V> {
 
 /// Ascending page addresses as (first page, page count) runs, at most what one frame holds.
 fn ranges(pages: &[u64]) -> Vec<(u64, u64)> {
+    ranges_upto(pages).0
+}
+
+/// As [`ranges`], with how many of `pages` the runs cover.
+fn ranges_upto(pages: &[u64]) -> (Vec<(u64, u64)>, usize) {
     let mut out: Vec<(u64, u64)> = Vec::new();
-    for &gpa in pages {
+    for (i, &gpa) in pages.iter().enumerate() {
         if let Some((start, n)) = out.last_mut() {
             if *start + *n * PAGE as u64 == gpa {
                 *n += 1;
@@ -505,11 +523,11 @@ fn ranges(pages: &[u64]) -> Vec<(u64, u64)> {
             }
         }
         if out.len() == MAX_RANGES {
-            break;
+            return (out, i);
         }
         out.push((gpa, 1));
     }
-    out
+    (out, pages.len())
 }
 
 /// Waits for the destination to confirm it has written every page of pass `number`.
