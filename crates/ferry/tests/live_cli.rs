@@ -5,14 +5,6 @@ mod common;
 use common::*;
 use std::io::Write;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn wait_for_listener(port: u16) {
     for _ in 0..500 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -122,25 +114,6 @@ fn a_receiver_fed_garbage_starts_nothing() {
     assert_eq!(code, 1);
     assert!(err.contains("unknown frame kind 42"), "{err}");
     assert!(lines.is_empty());
-}
-
-/// Starts `ferry receive` on a free port with an API socket; returns it and its address.
-fn receiver(sock: &std::path::Path) -> (Running, String) {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let r = Running::start_cmd(
-        "receive",
-        &["--listen", &addr, "--api-socket", sock.to_str().unwrap()],
-    );
-    // The receiver takes the first connection as its migration: wait for its socket file,
-    // not its port.
-    for _ in 0..500 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    (r, addr)
 }
 
 #[test]

@@ -419,7 +419,8 @@ pub fn parse(kind: u8, p: Vec<u8>) -> Result<Message, ProtocolError> {
             fixed(4 + n * 8)?;
             let mut g = Vec::with_capacity(n);
             for k in 0..n {
-                let gpa = u64::from_le_bytes(p[4 + k * 8..12 + k * 8].try_into().unwrap_or_default());
+                let gpa =
+                    u64::from_le_bytes(p[4 + k * 8..12 + k * 8].try_into().unwrap_or_default());
                 if gpa % PAGE as u64 != 0 || gpa >= MAX_GUEST_ADDR {
                     return Err(malformed(name, format!("page {gpa:#x}")));
                 }

@@ -153,8 +153,15 @@ impl Faults {
         self.cv.notify_all();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while m.contains(&gpa) {
-            assert!(std::time::Instant::now() < deadline, "page {gpa:#x} never came");
-            m = self.cv.wait_timeout(m, Duration::from_millis(10)).unwrap().0;
+            assert!(
+                std::time::Instant::now() < deadline,
+                "page {gpa:#x} never came"
+            );
+            m = self
+                .cv
+                .wait_timeout(m, Duration::from_millis(10))
+                .unwrap()
+                .0;
         }
         true
     }
@@ -367,7 +374,10 @@ fn assert_rolled_back(src: &FakeSource, p: Pair) -> EngineError {
     );
     assert_eq!(src.throttle.load(Ordering::SeqCst), 0, "vCPUs unthrottled");
     let (dst, r) = p.join();
-    assert!(!dst.resumed.load(Ordering::SeqCst), "nothing resumed on the destination");
+    assert!(
+        !dst.resumed.load(Ordering::SeqCst),
+        "nothing resumed on the destination"
+    );
     r.unwrap_err()
 }
 
@@ -707,9 +717,16 @@ fn post_copy_at_once_serves_faults_on_demand_and_arrives_page_exact() {
     let (dst, r) = p.join();
     r.unwrap();
     assert_exact(&src, &dst);
-    assert!(pc.ended.load(Ordering::SeqCst), "post-copy ended on the destination");
+    assert!(
+        pc.ended.load(Ordering::SeqCst),
+        "post-copy ended on the destination"
+    );
     assert_eq!(rep.switch_reason, "post-copy requested");
-    assert_eq!(rep.passes.len(), 1, "no pre-copy pass, only the empty switch-over");
+    assert_eq!(
+        rep.passes.len(),
+        1,
+        "no pre-copy pass, only the empty switch-over"
+    );
     let pcr = rep.postcopy.expect("post-copy report");
     let d = &pcr.destination;
     assert_eq!(pcr.pages, 4096);

@@ -124,14 +124,20 @@ impl LiveDestination {
             return Err(format!("{gpa:#x} + {len:#x} runs past its RAM region"));
         }
         // SAFETY: offset < region.len(), so the pointer stays inside the region's mapping.
-        Ok((unsafe { region.as_ptr().add(offset as usize) }, len as usize))
+        Ok((
+            unsafe { region.as_ptr().add(offset as usize) },
+            len as usize,
+        ))
     }
 
     fn with_missing<T>(
         &self,
         f: impl FnOnce(&MissingPages) -> Result<T, crate::uffd::UffdError>,
     ) -> Result<T, String> {
-        let g = self.missing.read().map_err(|_| "userfaultfd lock poisoned")?;
+        let g = self
+            .missing
+            .read()
+            .map_err(|_| "userfaultfd lock poisoned")?;
         let m = g.as_ref().ok_or("post-copy has not begun")?;
         f(m).map_err(text)
     }

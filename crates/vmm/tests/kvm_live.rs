@@ -176,6 +176,20 @@ fn destination_killed_during_switch_over() {
 }
 
 #[test]
+fn destination_killed_at_a_post_copy_switch_over_rolls_back() {
+    // The list of pages post-copy will fetch is on its way: nothing has committed, so the
+    // pre-copy guarantee holds: the source runs on, exact.
+    let opts = Options {
+        postcopy_after: Some(1),
+        ..Options::default()
+    };
+    destination_dies(
+        Box::new(|conn, kind, _| !(conn == 0 && kind == K_MISSING)),
+        opts,
+    );
+}
+
+#[test]
 fn ten_migrations_in_a_row_keep_memory_and_heartbeat() {
     let (mut vm, rx) = boot(1, 256 << 20, "dirty size=16M rate=20M hb=2000");
     let mut consoles = vec![rx];

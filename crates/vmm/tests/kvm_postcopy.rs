@@ -31,7 +31,10 @@ fn move_and_check(memory: u64, work: &str, opts: &Options, hook: Option<Hook>) -
 }
 
 fn show(what: &str, rep: &Report) -> PostCopyReport {
-    let pc = rep.postcopy.clone().expect("the migration went by post-copy");
+    let pc = rep
+        .postcopy
+        .clone()
+        .expect("the migration went by post-copy");
     let d = &pc.destination;
     eprintln!(
         "{what}: {} pre-copy passes, downtime {:.2} ms, released after {:.0} ms; {} pages \
@@ -49,7 +52,11 @@ fn show(what: &str, rep: &Report) -> PostCopyReport {
         d.zero_faults,
         pc.recoveries
     );
-    assert_eq!(d.pushed + d.pulled, pc.pages, "every missing page arrived once");
+    assert_eq!(
+        d.pushed + d.pulled,
+        pc.pages,
+        "every missing page arrived once"
+    );
     pc
 }
 
@@ -122,7 +129,12 @@ fn a_link_cut_in_the_middle_of_post_copy_is_recovered_with_exact_memory() {
         max_bandwidth: Some(64 << 20),
         ..Options::default()
     };
-    let rep = move_and_check(256 << 20, "dirty size=128M rate=100M hb=2000", &opts, Some(hook));
+    let rep = move_and_check(
+        256 << 20,
+        "dirty size=128M rate=100M hb=2000",
+        &opts,
+        Some(hook),
+    );
     assert!(cut.load(Ordering::SeqCst), "the link was cut");
     let pc = show("post-copy with the link cut", &rep);
     assert!(pc.recoveries >= 1, "{pc:?}");

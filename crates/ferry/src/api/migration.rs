@@ -117,9 +117,7 @@ fn live_migrate(vm: &Vm, req: MigrateRequest, mon: &Monitor) -> Result<Report, A
             vm.shutdown_after_handoff()?;
             Ok(report)
         }
-        Err(e) if e.committed() => {
-            Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
-        }
+        Err(e) if e.committed() => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
         Err(e) => Err(ApiError(
             match e {
                 EngineError::Cancelled => StatusCode::CONFLICT,

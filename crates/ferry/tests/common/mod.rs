@@ -165,3 +165,30 @@ pub fn last_beat(lines: &[TimedLine]) -> u64 {
         .max()
         .expect("a heartbeat")
 }
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `ferry receive` on a free port with an API socket; returns it and its address.
+pub fn receiver(sock: &std::path::Path) -> (Running, String) {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let r = Running::start_cmd(
+        "receive",
+        &["--listen", &addr, "--api-socket", sock.to_str().unwrap()],
+    );
+    // The receiver takes the first connection as its migration: wait for its socket file,
+    // not its port.
+    for _ in 0..500 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    (r, addr)
+}

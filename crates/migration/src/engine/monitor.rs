@@ -99,7 +99,11 @@ impl Monitor {
 
     /// The address a resume request named, if any.
     pub fn target(&self) -> Option<String> {
-        self.resume.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
+        self.resume
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
     }
 
     /// Waits up to `timeout` for a resume request; consumes it.

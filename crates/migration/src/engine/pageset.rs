@@ -51,10 +51,12 @@ impl PageSet {
     }
 
     fn insert(&self, gpa: u64) -> Result<(), String> {
-        if gpa % P != 0 {
+        if !gpa.is_multiple_of(P) {
             return Err(format!("{gpa:#x} is not a page address"));
         }
-        let (w, bit) = self.at(gpa).ok_or_else(|| format!("page {gpa:#x} out of range"))?;
+        let (w, bit) = self
+            .at(gpa)
+            .ok_or_else(|| format!("page {gpa:#x} out of range"))?;
         if w.fetch_or(bit, Ordering::SeqCst) & bit == 0 {
             self.count.fetch_add(1, Ordering::SeqCst);
         }
@@ -63,7 +65,7 @@ impl PageSet {
 
     /// Inserts `n` pages from `gpa`, a word at a time where it can.
     fn insert_run(&self, gpa: u64, n: u64) -> Result<(), String> {
-        if gpa % P != 0 {
+        if !gpa.is_multiple_of(P) {
             return Err(format!("{gpa:#x} is not a page address"));
         }
         let (mut page, end) = (gpa / P, gpa / P + n);
@@ -74,7 +76,11 @@ impl PageSet {
                 .ok_or_else(|| format!("page {:#x} out of range", page * P))?;
             let from = page % 64;
             let k = (64 - from).min(end - page);
-            let mask = if k == 64 { u64::MAX } else { ((1u64 << k) - 1) << from };
+            let mask = if k == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << k) - 1) << from
+            };
             let old = w.fetch_or(mask, Ordering::SeqCst);
             self.count
                 .fetch_add((mask & !old).count_ones() as u64, Ordering::SeqCst);
@@ -185,7 +191,10 @@ mod tests {
         assert!(!s.take(P), "a page is claimed once");
         assert_eq!(s.len(), 4);
         let bits = s.take_word(0);
-        assert_eq!(PageSet::pages_of(0, bits).collect::<Vec<_>>(), vec![0, 2 * P]);
+        assert_eq!(
+            PageSet::pages_of(0, bits).collect::<Vec<_>>(),
+            vec![0, 2 * P]
+        );
         assert_eq!(s.len(), 2);
         assert_eq!(s.next_word(0), Some(1));
         assert_eq!(s.runs(10), vec![vec![(P * 70, 2)]]);

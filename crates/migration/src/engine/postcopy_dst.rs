@@ -230,7 +230,8 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
     /// Installs every page of a `Pages` frame.
     fn install_frame(&self, frame: &[u8], buf: &mut [u8], pulled: bool) -> Result<(), EngineError> {
         for_each_page(frame, |gpa, d| {
-            self.install(gpa, d, buf, pulled).map_err(EngineError::PostCopy)
+            self.install(gpa, d, buf, pulled)
+                .map_err(EngineError::PostCopy)
         })?;
         Ok(())
     }
@@ -419,7 +420,9 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
             {
                 let _ = send(
                     &mut c,
-                    &Message::Abort("this host is finishing the post-copy of another migration".into()),
+                    &Message::Abort(
+                        "this host is finishing the post-copy of another migration".into(),
+                    ),
                 );
                 continue;
             }

@@ -10,8 +10,8 @@ use super::pageset::PageSet;
 use super::source::{flush, join_data, Shared};
 use super::{EngineError, Monitor, Options, Phase, PostCopyReport, SourceVm};
 use crate::protocol::{
-    recv, send, Compression, Hello, Message, PagesBuf, PostCopyFigures, ProtocolError,
-    CAP_RESUME, MAGIC, MAX_BATCH, VERSION,
+    recv, send, Compression, Hello, Message, PagesBuf, PostCopyFigures, ProtocolError, CAP_RESUME,
+    MAGIC, MAX_BATCH, VERSION,
 };
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -61,7 +61,8 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
     ) -> Result<PostCopyReport, EngineError> {
         let t0 = Instant::now();
         let mon = self.sh.mon;
-        let mut set = PageSet::from_pages(pending.iter().copied()).map_err(EngineError::PostCopy)?;
+        let mut set =
+            PageSet::from_pages(pending.iter().copied()).map_err(EngineError::PostCopy)?;
         let pages = set.len();
         let mut recoveries = 0u32;
         let mut link = match ctl.try_clone() {
@@ -201,7 +202,13 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
             }
         }
         flush(&mut s, &mut frame, &self.sh)?;
-        send(&mut s, &Message::EndOfPass { pass: 0, last: true })?;
+        send(
+            &mut s,
+            &Message::EndOfPass {
+                pass: 0,
+                last: true,
+            },
+        )?;
         Ok(())
     }
 
@@ -229,11 +236,17 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
                         self.demanded.fetch_add(1, Ordering::Relaxed);
                         if frame.pages() >= MAX_BATCH {
                             let n = frame.send(ctl)?;
-                            self.sh.mon.wire_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                            self.sh
+                                .mon
+                                .wire_bytes
+                                .fetch_add(n as u64, Ordering::Relaxed);
                         }
                     }
                     let n = frame.send(ctl)?;
-                    self.sh.mon.wire_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    self.sh
+                        .mon
+                        .wire_bytes
+                        .fetch_add(n as u64, Ordering::Relaxed);
                     if let Some(&g) = gpas.last() {
                         cursor.store(PageSet::word_of(g), Ordering::SeqCst);
                     }

@@ -115,7 +115,6 @@ pub fn beats(log: &mut HeartbeatLog, lines: &[TimedLine]) {
     }
 }
 
-
 /// Boots a VM running a `dirty` workload on vCPU 0 and waits until it has written its region
 /// once; returns the VM, its console, the lines so far and the region's base.
 pub fn boot_dirtying(
@@ -176,4 +175,5 @@ pub fn dirty_pass(seen: &[TimedLine]) -> u64 {
 
 pub const K_PAGES: u8 = 3;
 pub const K_STATE: u8 = 4;
+pub const K_MISSING: u8 = 12;
 pub const K_END_OF_PASS: u8 = 10;
