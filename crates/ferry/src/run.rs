@@ -146,7 +146,8 @@ pub fn receive(args: ReceiveArgs) -> Result<i32> {
     );
     if let Some(f) = &got.postcopy {
         eprintln!(
-            "ferry: post-copy: {} demand faults (p50 {:.2} ms, p99 {:.2} ms), {} pages pulled,              {} pushed, {} zero-filled",
+            "ferry: post-copy: {} demand faults (p50 {:.2} ms, p99 {:.2} ms), {} pages pulled, \
+             {} pushed, {} zero-filled",
             f.faults,
             f.latency_p50_us as f64 / 1e3,
             f.latency_p99_us as f64 / 1e3,

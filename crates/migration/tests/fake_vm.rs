@@ -226,18 +226,22 @@ impl DestinationVm for FakeDest {
             .unwrap();
         Ok(q.pop_front())
     }
-    fn install_page(&self, gpa: u64, data: &[u8]) -> Result<bool, String> {
+    fn install_pages(&self, gpa: u64, data: &[u8]) -> Result<u64, String> {
+        assert!(data.len().is_multiple_of(PAGE) && data.len() <= 64 * PAGE);
         let mut m = self.pc.missing.lock().unwrap();
-        if !m.remove(&gpa) {
-            return Ok(false);
+        let mut mask = 0;
+        for (k, page) in data.chunks(PAGE).enumerate() {
+            let g = gpa + (k * PAGE) as u64;
+            if m.remove(&g) {
+                self.mem.lock().unwrap()[g as usize..g as usize + PAGE].copy_from_slice(page);
+                mask |= 1 << k;
+            }
         }
-        let at = gpa as usize;
-        self.mem.lock().unwrap()[at..at + PAGE].copy_from_slice(data);
         self.pc.cv.notify_all();
-        Ok(true)
+        Ok(mask)
     }
     fn install_zero(&self, gpa: u64) -> Result<bool, String> {
-        self.install_page(gpa, &[0; PAGE])
+        Ok(self.install_pages(gpa, &[0; PAGE])? != 0)
     }
     fn end_postcopy(&self) -> Result<(), String> {
         let m = self.pc.missing.lock().unwrap();

@@ -224,11 +224,8 @@ impl DestinationVm for LiveDestination {
     fn next_fault(&self, timeout: std::time::Duration) -> Result<Option<u64>, String> {
         self.with_missing(|m| m.next_fault(timeout))
     }
-    fn install_page(&self, gpa: u64, data: &[u8]) -> Result<bool, String> {
-        if data.len() != 4096 {
-            return Err(format!("page {gpa:#x} of {} bytes", data.len()));
-        }
-        self.with_missing(|m| m.install(gpa, data))
+    fn install_pages(&self, gpa: u64, data: &[u8]) -> Result<u64, String> {
+        self.with_missing(|m| m.install_run(gpa, data))
     }
     fn install_zero(&self, gpa: u64) -> Result<bool, String> {
         self.with_missing(|m| m.install_zero(gpa))

@@ -142,6 +142,55 @@ impl MissingPages {
         }
     }
 
+    /// Installs up to 64 consecutive pages from `gpa` (`data` is a whole number of pages), one
+    /// ioctl for the run where it can, and wakes their waiters. Returns a mask of the pages
+    /// installed by this call (bit k: page k); pages already present are left alone.
+    pub fn install_run(&self, gpa: u64, data: &[u8]) -> Result<u64, UffdError> {
+        let n = data.len() as u64 / PAGE;
+        if n == 0 || n > 64 || data.len() as u64 != n * PAGE {
+            return Err(UffdError::NotRam(gpa));
+        }
+        let host = self.host(gpa)?;
+        self.host(gpa + (n - 1) * PAGE)?;
+        let mut mask = 0u64;
+        let mut k = 0u64;
+        while k < n {
+            let (src, dst) = (&data[(k * PAGE) as usize..], host + k * PAGE);
+            // SAFETY: [dst, dst + (n - k) pages) lies inside one registered RAM range (both
+            // ends checked by `host`), `src` holds that many readable bytes; UFFDIO_COPY copies
+            // page by page into missing pages and stops at the first present one.
+            let r = unsafe {
+                self.uffd.copy(
+                    src.as_ptr() as *const libc::c_void,
+                    dst as *mut libc::c_void,
+                    ((n - k) * PAGE) as usize,
+                    true,
+                )
+            };
+            let done = match r {
+                Ok(b) => b as u64 / PAGE,
+                Err(userfaultfd::Error::PartiallyCopied(b)) => b as u64 / PAGE,
+                Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+                    // Page k is present (pulled on demand first): skip it.
+                    self.wake(dst);
+                    k += 1;
+                    continue;
+                }
+                Err(source) => {
+                    return Err(UffdError::Install {
+                        gpa: gpa + k * PAGE,
+                        source,
+                    })
+                }
+            };
+            for j in k..k + done {
+                mask |= 1 << j;
+            }
+            k += done.max(1);
+        }
+        Ok(mask)
+    }
+
     /// Installs a zero page at `gpa` (a page the guest never wrote); false when present.
     pub fn install_zero(&self, gpa: u64) -> Result<bool, UffdError> {
         let host = self.host(gpa)?;

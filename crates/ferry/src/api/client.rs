@@ -243,7 +243,9 @@ pub fn print_report(to: &str, v: &serde_json::Value) {
     if pc.is_object() {
         let d = &pc["destination"];
         println!(
-            "post-copy: {} pages fetched after the switch ({} pushed, {} pulled on demand),              {} demand faults (latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms), {} zero-filled              faults, {} link recoveries; source released {:.1} ms after the pause",
+            "post-copy: {} pages fetched after the switch ({} pushed, {} pulled on demand), \
+             {} demand faults (latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms), {} zero-filled \
+             faults, {} link recoveries; source released {:.1} ms after the pause",
             pc["pages"],
             d["pushed"],
             d["pulled"],

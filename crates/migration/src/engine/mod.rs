@@ -73,8 +73,10 @@ pub trait DestinationVm: Sync {
     fn begin_postcopy(&self, missing: &[(u64, u64)]) -> Result<(), String>;
     /// The next page a vCPU (or the VMM) waits for; None when none within `timeout`.
     fn next_fault(&self, timeout: Duration) -> Result<Option<u64>, String>;
-    /// Installs a page and wakes its waiters; false when it was present already (left as is).
-    fn install_page(&self, gpa: u64, data: &[u8]) -> Result<bool, String>;
+    /// Installs up to 64 consecutive pages from `gpa` (`data`: a whole number of pages) and
+    /// wakes their waiters. Returns a mask of those installed by this call (bit k: page k);
+    /// pages present already are left as they are.
+    fn install_pages(&self, gpa: u64, data: &[u8]) -> Result<u64, String>;
     /// Installs a zero page (one the source never had); false when present already.
     fn install_zero(&self, gpa: u64) -> Result<bool, String>;
     /// Every page is in: memory behaves as ordinary memory again.

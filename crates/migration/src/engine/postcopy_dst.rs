@@ -10,7 +10,7 @@ use super::destination::accept_data;
 use super::pageset::PageSet;
 use super::{ok, DestinationVm, EngineError};
 use crate::protocol::{
-    for_each_page, parse, recv, recv_raw, send, Message, PageRef, PostCopyFigures, ProtocolError,
+    for_each_page, parse, recv, recv_raw, send, Message, PostCopyFigures, ProtocolError,
     CAP_RESUME, KIND_PAGES, MAX_CONNECTIONS, MAX_RANGES, PAGE,
 };
 use std::collections::HashMap;
@@ -199,41 +199,53 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
         }
     }
 
-    /// Installs one page that arrived (pushed or pulled); counts it once.
-    fn install(&self, gpa: u64, page: PageRef, buf: &mut [u8], pulled: bool) -> Result<(), String> {
-        let fresh = match page {
-            PageRef::Zero => self.vm.install_zero(gpa)?,
-            PageRef::Raw(b) => self.vm.install_page(gpa, b)?,
-            d => {
-                d.decode(buf).map_err(|e| e.to_string())?;
-                self.vm.install_page(gpa, buf)?
+    /// Installs the run of pages collected in `run` (pushed or pulled); counts each once.
+    fn install_run(&self, run: &mut Run, pulled: bool) -> Result<(), String> {
+        if run.pages == 0 {
+            return Ok(());
+        }
+        let mask = self
+            .vm
+            .install_pages(run.gpa, &run.buf[..run.pages * PAGE])?;
+        let c = if pulled { &self.pulled } else { &self.pushed };
+        for k in 0..run.pages {
+            let gpa = run.gpa + (k * PAGE) as u64;
+            if mask & (1 << k) != 0 && self.set.take(gpa) {
+                c.fetch_add(1, Ordering::Relaxed);
             }
-        };
-        if fresh && self.set.take(gpa) {
-            let c = if pulled { &self.pulled } else { &self.pushed };
-            c.fetch_add(1, Ordering::Relaxed);
         }
-        let asked = self
-            .requested
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&gpa);
-        if let Some(t) = asked {
-            self.latencies_us
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(t.elapsed().as_micros() as u64);
+        let mut r = self.requested.lock().unwrap_or_else(|e| e.into_inner());
+        if !r.is_empty() {
+            for k in 0..run.pages {
+                if let Some(t) = r.remove(&(run.gpa + (k * PAGE) as u64)) {
+                    self.latencies_us
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(t.elapsed().as_micros() as u64);
+                }
+            }
         }
+        run.pages = 0;
         Ok(())
     }
 
-    /// Installs every page of a `Pages` frame.
-    fn install_frame(&self, frame: &[u8], buf: &mut [u8], pulled: bool) -> Result<(), EngineError> {
+    /// Installs every page of a `Pages` frame, consecutive pages a run (one ioctl) at a time.
+    fn install_frame(&self, frame: &[u8], run: &mut Run, pulled: bool) -> Result<(), EngineError> {
+        let pc = EngineError::PostCopy;
         for_each_page(frame, |gpa, d| {
-            self.install(gpa, d, buf, pulled)
-                .map_err(EngineError::PostCopy)
+            let next = run.gpa + (run.pages * PAGE) as u64;
+            if run.pages == RUN_PAGES || (run.pages > 0 && next != gpa) {
+                self.install_run(run, pulled).map_err(pc)?;
+            }
+            if run.pages == 0 {
+                run.gpa = gpa;
+            }
+            let at = run.pages * PAGE;
+            d.decode(&mut run.buf[at..at + PAGE])?;
+            run.pages += 1;
+            Ok::<(), EngineError>(())
         })?;
-        Ok(())
+        self.install_run(run, pulled).map_err(pc)
     }
 
     /// One connection set: receivers on the data connections, a reader on the control
@@ -346,11 +358,11 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
     fn receive_push(&self, s: &mut TcpStream) -> Result<(), EngineError> {
         s.set_read_timeout(None).map_err(ProtocolError::Io)?;
         let mut frame = Vec::new();
-        let mut buf = vec![0u8; PAGE];
+        let mut run = Run::default();
         loop {
             let kind = recv_raw(s, &mut frame)?;
             if kind == KIND_PAGES {
-                self.install_frame(&frame, &mut buf, false)?;
+                self.install_frame(&frame, &mut run, false)?;
                 continue;
             }
             match parse(kind, std::mem::take(&mut frame))? {
@@ -371,11 +383,11 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
     fn receive_answers(&self, c: &mut TcpStream) -> Result<(), EngineError> {
         c.set_read_timeout(None).map_err(ProtocolError::Io)?;
         let mut frame = Vec::new();
-        let mut buf = vec![0u8; PAGE];
+        let mut run = Run::default();
         loop {
             let kind = recv_raw(c, &mut frame)?;
             if kind == KIND_PAGES {
-                self.install_frame(&frame, &mut buf, true)?;
+                self.install_frame(&frame, &mut run, true)?;
                 continue;
             }
             match parse(kind, std::mem::take(&mut frame))? {
@@ -440,6 +452,26 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
                 }
                 Err(e) => tracing::warn!("post-copy reconnect from {peer} failed: {e}"),
             }
+        }
+    }
+}
+
+/// Pages installed with one call at most.
+const RUN_PAGES: usize = 64;
+
+/// Consecutive pages decoded and waiting to be installed together.
+struct Run {
+    gpa: u64,
+    pages: usize,
+    buf: Vec<u8>,
+}
+
+impl Default for Run {
+    fn default() -> Self {
+        Run {
+            gpa: 0,
+            pages: 0,
+            buf: vec![0; RUN_PAGES * PAGE],
         }
     }
 }
