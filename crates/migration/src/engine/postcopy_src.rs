@@ -77,6 +77,8 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
             };
             let e = match r {
                 Ok(f) => break f,
+                // Not the link: this side cannot go on (a page it cannot read).
+                Err(e @ EngineError::PostCopy(_)) => return Err(e),
                 Err(e) => e,
             };
             tracing::warn!("post-copy link lost ({e}); reconnecting");
