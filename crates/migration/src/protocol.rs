@@ -112,6 +112,11 @@ pub enum Message {
     /// from the destination when a post-copy reconnects (before `Welcome`: what is still
     /// missing). Long lists take several frames.
     Missing(Vec<(u64, u64)>),
+    /// Post-copy, source to destination before the pause: pages post-copy will fetch (dirty
+    /// after the last pass): drop them now, while the VM still runs at the source, so the
+    /// switch-over does not wait for it. Answered by `Discarded`, one per frame.
+    Discard(Vec<(u64, u64)>),
+    Discarded,
     /// Post-copy, destination to source on the control connection: pages a vCPU waits for.
     Demand(Vec<u64>),
     /// Post-copy, destination to source: every page is in; the source is released.
@@ -149,6 +154,8 @@ const K_POPULATED: u8 = 11;
 const K_MISSING: u8 = 12;
 const K_DEMAND: u8 = 13;
 const K_POSTCOPY_DONE: u8 = 14;
+const K_DISCARD: u8 = 15;
+const K_DISCARDED: u8 = 16;
 /// Most runs in one `Populated` frame.
 pub const MAX_RANGES: usize = (MAX_FRAME as usize - 4) / 16;
 /// `Pages` frame kind, for receivers that walk page frames in place ([`recv_raw`]).
@@ -172,6 +179,8 @@ pub fn kind_name(k: u8) -> &'static str {
         K_MISSING => "Missing",
         K_DEMAND => "Demand",
         K_POSTCOPY_DONE => "PostCopyDone",
+        K_DISCARD => "Discard",
+        K_DISCARDED => "Discarded",
         _ => "unknown",
     }
 }
@@ -197,6 +206,8 @@ impl Message {
             Message::Missing(_) => K_MISSING,
             Message::Demand(_) => K_DEMAND,
             Message::PostCopyDone(_) => K_POSTCOPY_DONE,
+            Message::Discard(_) => K_DISCARD,
+            Message::Discarded => K_DISCARDED,
         }
     }
 }
@@ -232,7 +243,7 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
             owned = [&pass.to_le_bytes()[..], &[*last as u8]].concat();
             &owned
         }
-        Message::Populated(r) | Message::Missing(r) => {
+        Message::Populated(r) | Message::Missing(r) | Message::Discard(r) => {
             let mut b = Vec::with_capacity(4 + r.len() * 16);
             b.extend_from_slice(&(r.len() as u32).to_le_bytes());
             for (gpa, pages) in r {
@@ -257,7 +268,11 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
         }
         Message::State(s) => s,
         Message::Abort(t) => t.as_bytes(),
-        Message::Welcome | Message::Ready | Message::Commit | Message::Resumed => &[],
+        Message::Welcome
+        | Message::Ready
+        | Message::Commit
+        | Message::Resumed
+        | Message::Discarded => &[],
     };
     send_frame(w, m.kind(), payload)
 }
@@ -392,7 +407,7 @@ pub fn parse(kind: u8, p: Vec<u8>) -> Result<Message, ProtocolError> {
                 },
             })
         }
-        K_POPULATED | K_MISSING => {
+        K_POPULATED | K_MISSING | K_DISCARD => {
             let n = if p.len() >= 4 { u32_at(0) as usize } else { 0 };
             fixed(4 + n * 16)?;
             let u64_at = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().unwrap_or_default());
@@ -408,10 +423,10 @@ pub fn parse(kind: u8, p: Vec<u8>) -> Result<Message, ProtocolError> {
                 }
                 r.push((gpa, pages));
             }
-            Ok(if kind == K_MISSING {
-                Message::Missing(r)
-            } else {
-                Message::Populated(r)
+            Ok(match kind {
+                K_MISSING => Message::Missing(r),
+                K_DISCARD => Message::Discard(r),
+                _ => Message::Populated(r),
             })
         }
         K_DEMAND => {
@@ -436,6 +451,7 @@ pub fn parse(kind: u8, p: Vec<u8>) -> Result<Message, ProtocolError> {
         K_COMMIT => empty(Message::Commit),
         K_ABORT => Ok(Message::Abort(String::from_utf8_lossy(&p).into_owned())),
         K_RESUMED => empty(Message::Resumed),
+        K_DISCARDED => empty(Message::Discarded),
         k => Err(ProtocolError::UnknownKind(k)),
     }
 }
@@ -474,6 +490,8 @@ mod tests {
         roundtrip(Message::Populated(vec![]));
         roundtrip(Message::Missing(vec![(4096, 7), (1 << 30, 1)]));
         roundtrip(Message::Demand(vec![0, 8192, (1 << 39) - 4096]));
+        roundtrip(Message::Discard(vec![(8192, 3)]));
+        roundtrip(Message::Discarded);
         roundtrip(Message::PostCopyDone(PostCopyFigures {
             faults: 3,
             pulled: 2,

@@ -201,10 +201,10 @@ impl DestinationVm for FakeDest {
         self.pc.resumed.store(true, Ordering::SeqCst);
         Ok(())
     }
-    fn begin_postcopy(&self, missing: &[(u64, u64)]) -> Result<(), String> {
+    fn discard(&self, runs: &[(u64, u64)]) -> Result<(), String> {
         let mut mem = self.mem.lock().unwrap();
         let mut m = self.pc.missing.lock().unwrap();
-        for &(gpa, n) in missing {
+        for &(gpa, n) in runs {
             for k in 0..n {
                 let at = (gpa + k * PAGE as u64) as usize;
                 // Dropped, as MADV_DONTNEED would: a stale copy must not survive.
@@ -214,6 +214,9 @@ impl DestinationVm for FakeDest {
                 m.insert(at as u64);
             }
         }
+        Ok(())
+    }
+    fn begin_postcopy(&self) -> Result<(), String> {
         self.pc.active.store(true, Ordering::SeqCst);
         Ok(())
     }

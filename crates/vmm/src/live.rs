@@ -202,8 +202,8 @@ impl DestinationVm for LiveDestination {
             .start()
             .map_err(text)
     }
-    fn begin_postcopy(&self, missing: &[(u64, u64)]) -> Result<(), String> {
-        for &(gpa, pages) in missing {
+    fn discard(&self, runs: &[(u64, u64)]) -> Result<(), String> {
+        for &(gpa, pages) in runs {
             let (host, len) = self.host_range(gpa, pages * 4096)?;
             // SAFETY: [host, host + len) lies inside guest RAM's anonymous private mapping
             // (checked by `host_range`); nothing runs in the VM yet. MADV_DONTNEED drops these
@@ -217,6 +217,9 @@ impl DestinationVm for LiveDestination {
                 ));
             }
         }
+        Ok(())
+    }
+    fn begin_postcopy(&self) -> Result<(), String> {
         let m = MissingPages::register(self.mem()?).map_err(text)?;
         *self.missing.write().map_err(|_| "lock poisoned")? = Some(m);
         Ok(())

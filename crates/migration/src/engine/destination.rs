@@ -99,6 +99,8 @@ fn run_destination<V: DestinationVm>(
     let ack = Mutex::new(ctl.try_clone().map_err(ProtocolError::Io)?);
     let shared: &V = vm;
     let stop_prefault = AtomicBool::new(false);
+    // Pages dropped ahead of a post-copy switch-over (Discard).
+    let mut discarded: Vec<(u64, u64)> = Vec::new();
     let (results, state, streams) = std::thread::scope(|scope| {
         let workers: Vec<_> = data
             .into_iter()
@@ -121,12 +123,29 @@ fn run_destination<V: DestinationVm>(
             let stop = &stop_prefault;
             scope.spawn(move || prefault(shared, hint_rx, stop))
         };
-        let state = wait_state(ctl, &failed, |r| {
-            let _ = hints.send(r);
-        });
+        let mut prefaulter = Some(prefaulter);
+        let state = wait_state(
+            ctl,
+            &failed,
+            |r| {
+                let _ = hints.send(r);
+            },
+            |r| {
+                // Nothing may map these pages again: the prefaulter stops first.
+                stop_prefault.store(true, Ordering::SeqCst);
+                if let Some(p) = prefaulter.take() {
+                    let _ = p.join();
+                }
+                ok(shared.discard(&r))?;
+                discarded.extend(r);
+                Ok(())
+            },
+        );
         stop_prefault.store(true, Ordering::SeqCst);
         drop(hints);
-        let _ = prefaulter.join();
+        if let Some(p) = prefaulter {
+            let _ = p.join();
+        }
         let t_state = Instant::now();
         if state.is_err() {
             barrier.fail();
@@ -175,7 +194,13 @@ fn run_destination<V: DestinationVm>(
     let postcopy = match &missing {
         Some(runs) => {
             let set = PageSet::from_runs(runs).map_err(EngineError::Vm)?;
-            ok(vm.begin_postcopy(runs))?;
+            // What was not dropped ahead (dirtied since, or no Discard at all) goes now.
+            let early = PageSet::from_runs(&discarded).map_err(EngineError::Vm)?;
+            for r in set.runs_except(usize::MAX, Some(&early)) {
+                ok(vm.discard(&r))?;
+            }
+            ok(vm.begin_postcopy())?;
+            tracing::debug!(runs = runs.len(), pages = set.len(), took = ?t.elapsed(), "post-copy: pages dropped, userfaultfd on");
             Some(PostCopyDest::new(vm, set, hello.session))
         }
         None => None,
@@ -220,6 +245,7 @@ fn wait_state(
     ctl: &mut TcpStream,
     failed: &AtomicU8,
     mut hint: impl FnMut(Vec<(u64, u64)>),
+    mut discard: impl FnMut(Vec<(u64, u64)>) -> Result<(), EngineError>,
 ) -> Result<StateAndMissing, EngineError> {
     let mut missing: Option<Vec<(u64, u64)>> = None;
     loop {
@@ -229,6 +255,10 @@ fn wait_state(
         match recv(ctl)? {
             Message::Populated(r) => hint(r),
             Message::Missing(r) => missing.get_or_insert_with(Vec::new).extend(r),
+            Message::Discard(r) => {
+                discard(r)?;
+                send(ctl, &Message::Discarded)?;
+            }
             Message::State(s) => return Ok((s, missing)),
             Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
             m => {
@@ -285,7 +315,14 @@ fn prefault<V: DestinationVm>(
     hints: std::sync::mpsc::Receiver<Vec<(u64, u64)>>,
     stop: &AtomicBool,
 ) {
-    for ranges in hints {
+    loop {
+        let ranges = match hints.recv_timeout(Duration::from_millis(20)) {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !stop.load(Ordering::SeqCst) => {
+                continue
+            }
+            Err(_) => return,
+        };
         for (gpa, pages) in ranges {
             let end = gpa + pages * PAGE as u64;
             let mut at = gpa;

@@ -67,10 +67,14 @@ pub trait DestinationVm: Sync {
     fn prefault(&self, gpa: u64, len: u64) -> Result<(), String>;
     fn load_state(&self, state: &[u8]) -> Result<(), String>;
     fn resume(&self) -> Result<(), String>;
-    /// Post-copy switch-over (VM not started): drops the pages of `missing` (stale copies or
-    /// never sent) and from now on holds any touch of a page that is not present until it is
-    /// installed; [`DestinationVm::next_fault`] names the pages waited for.
-    fn begin_postcopy(&self, missing: &[(u64, u64)]) -> Result<(), String>;
+    /// Post-copy (VM not started, no page being written): drops the pages of `runs` (stale
+    /// copies from earlier passes, or pages mapped ahead), so the next touch finds them
+    /// missing.
+    fn discard(&self, runs: &[(u64, u64)]) -> Result<(), String>;
+    /// Post-copy switch-over (VM not started): from now on any touch of a page that is not
+    /// present waits until it is installed; [`DestinationVm::next_fault`] names the pages
+    /// waited for.
+    fn begin_postcopy(&self) -> Result<(), String>;
     /// The next page a vCPU (or the VMM) waits for; None when none within `timeout`.
     fn next_fault(&self, timeout: Duration) -> Result<Option<u64>, String>;
     /// Installs up to 64 consecutive pages from `gpa` (`data`: a whole number of pages) and

@@ -157,9 +157,17 @@ impl PageSet {
 
     /// The set as (first page, count) runs, in frames of at most `max` runs.
     pub fn runs(&self, max: usize) -> Vec<Vec<(u64, u64)>> {
+        self.runs_except(max, None)
+    }
+
+    /// As [`PageSet::runs`], leaving out the pages of `except`.
+    pub fn runs_except(&self, max: usize, except: Option<&PageSet>) -> Vec<Vec<(u64, u64)>> {
         let mut out: Vec<Vec<(u64, u64)>> = vec![Vec::new()];
         for w in 0..self.words.len() {
-            let bits = self.words[w].load(Ordering::SeqCst);
+            let not = except
+                .and_then(|e| e.words.get(w))
+                .map_or(0, |x| x.load(Ordering::SeqCst));
+            let bits = self.words[w].load(Ordering::SeqCst) & !not;
             for gpa in Self::pages_of(w, bits) {
                 let cur = out.last_mut().expect("never empty");
                 if let Some((start, n)) = cur.last_mut() {
@@ -208,5 +216,10 @@ mod tests {
         assert_eq!(s.len(), 201);
         assert!(s.contains(P * 60) && s.contains(P * 259) && !s.contains(P * 260));
         assert_eq!(s.runs(10), vec![vec![(P * 60, 200), (P * 300, 1)]]);
+        let old = PageSet::from_runs(&[(P * 70, 100)]).unwrap();
+        assert_eq!(
+            s.runs_except(10, Some(&old)),
+            vec![vec![(P * 60, 10), (P * 170, 90), (P * 300, 1)]]
+        );
     }
 }

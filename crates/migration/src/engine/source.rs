@@ -342,6 +342,21 @@ impl<V: SourceVm> Coordinator<'_, V> {
                 report.max_throttle_percent = throttle;
             }
         }
+        if postcopy && !report.passes.is_empty() {
+            // The destination drops its stale copies of what post-copy will fetch while the
+            // VM still runs here: freeing them (~70 ms per GiB here) stays out of the pause.
+            let mut rest = &todo[..];
+            let mut frames = 0;
+            while !rest.is_empty() {
+                let (runs, used) = ranges_upto(rest);
+                send(ctl, &Message::Discard(runs))?;
+                rest = &rest[used..];
+                frames += 1;
+            }
+            for _ in 0..frames {
+                expect(ctl, Message::Discarded)?;
+            }
+        }
         // Switch-over.
         let t_pause = Instant::now();
         ok(vm.pause())?;
