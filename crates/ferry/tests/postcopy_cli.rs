@@ -111,10 +111,16 @@ fn post_copy_survives_a_dead_link_and_resumes_over_a_new_path() {
     let v = wait_phase(&a, "post_copy");
     assert!(v["pass_pages"].as_u64().unwrap() > 0, "{v}");
     dst.wait_line(|l| l.starts_with("H0 "));
-    // A migration cannot be cancelled once the destination runs the VM.
+    // A migration cannot be cancelled once the destination runs the VM, and the source's
+    // paused copy can be neither resumed (two running copies) nor shut down (pages lost).
     let out = ferry(&["vm", "cancel-migration", "--api-socket", &a]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("switch-over"));
+    for op in ["resume", "shutdown"] {
+        let out = ferry(&["vm", op, "--api-socket", &a]);
+        assert_eq!(out.status.code(), Some(1), "{op}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("migration of this VM is running"));
+    }
     std::thread::sleep(Duration::from_millis(500));
     first.kill();
     let v = wait_phase(&a, "post_copy_paused");

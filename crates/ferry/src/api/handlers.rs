@@ -49,7 +49,25 @@ pub async fn info(State(host): State<Arc<Host>>) -> Result<Json<ferry_vmm::VmInf
     Ok(Json(the_vm(&host)?.info()))
 }
 
+/// Refuses what would change the VM's run state under a running migration: a resume while
+/// it is paused for the switch-over, or during post-copy (where the destination runs it),
+/// would leave two running copies; a shutdown in post-copy would lose the pages the
+/// destination still needs.
+fn not_migrating(host: &Host) -> Result<(), ApiError> {
+    match host.migration() {
+        Some(m) if host.migrating() => Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "a live migration of this VM is running (phase {:?}): wait for it, or cancel it                  before its switch-over (ferry vm cancel-migration)",
+                m.status().phase
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 async fn vm_op(host: Arc<Host>, f: fn(&Vm) -> Result<(), VmError>) -> Result<StatusCode, ApiError> {
+    not_migrating(&host)?;
     let vm = the_vm(&host)?;
     blocking(move || Ok(f(&vm)?)).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -133,6 +151,7 @@ pub async fn snapshot(
     State(host): State<Arc<Host>>,
     Json(req): Json<SnapshotRequest>,
 ) -> Result<Json<SnapshotAnswer>, ApiError> {
+    not_migrating(&host)?;
     let vm = the_vm(&host)?;
     Ok(Json(blocking(move || take_snapshot(&vm, req)).await?))
 }
