@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use ferry_vmm::live::LiveDestination;
 use ferry_vmm::snapshot::MemoryCheck;
 use ferry_vmm::{BootSource, GuestExit, Vm, VmConfig};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub const EXIT_ERROR: i32 = 1;
@@ -55,7 +56,7 @@ pub fn main(args: RunArgs) -> Result<i32> {
     }
     let config = config_from(&args)?;
     let vm = Vm::new(config, console(&args.console_log)?)?;
-    serve_and_wait(Arc::new(vm), listener, &args.console_log, true)
+    serve_and_wait(Arc::new(vm), listener, &args.console_log, true, None)
 }
 
 fn bind(p: &Option<std::path::PathBuf>) -> Result<Option<crate::api::server::Bound>> {
@@ -68,8 +69,12 @@ fn serve_and_wait(
     listener: Option<crate::api::server::Bound>,
     console_log: &Option<std::path::PathBuf>,
     start: bool,
+    arriving: Option<Arc<AtomicBool>>,
 ) -> Result<i32> {
-    let host = Host::new(Some(vm.clone()), console_log.clone());
+    let host = match arriving {
+        Some(a) => Host::arriving(vm.clone(), console_log.clone(), a),
+        None => Host::new(Some(vm.clone()), console_log.clone()),
+    };
     let server = listener
         .map(|l| crate::api::server::spawn(l, host))
         .transpose()?;
@@ -112,7 +117,7 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
         },
         t0.elapsed().as_secs_f64() * 1e3
     );
-    serve_and_wait(Arc::new(vm), listener, &args.console_log, true)
+    serve_and_wait(Arc::new(vm), listener, &args.console_log, true, None)
 }
 
 /// Migration sockets give up on a silent peer after this.
@@ -128,35 +133,62 @@ pub fn receive(args: ReceiveArgs) -> Result<i32> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(MIGRATION_IO_TIMEOUT))?;
     s.set_write_timeout(Some(MIGRATION_IO_TIMEOUT))?;
-    let mut dest = LiveDestination::new(console(&args.console_log)?);
-    let got = match ferry_migration::engine::receive(&mut dest, s, &l) {
-        Ok(got) => got,
-        Err(e) if e.committed() => {
-            return Err(anyhow::anyhow!(e).context(format!("post-copy from {peer} failed")))
-        }
-        Err(e) => {
-            return Err(anyhow::anyhow!(e)
-                .context(format!("migration from {peer} failed; nothing was started")))
-        }
+    let dest = LiveDestination::new(console(&args.console_log)?);
+    let (tx, running) = std::sync::mpsc::channel();
+    dest.on_running(move |vm| {
+        let _ = tx.send(vm);
+    });
+    // Set until every page is here: in post-copy the VM runs (and is served) before that.
+    let arriving = Arc::new(AtomicBool::new(true));
+    let worker = {
+        let arriving = arriving.clone();
+        std::thread::spawn(move || {
+            let mut dest = dest;
+            let r = ferry_migration::engine::receive(&mut dest, s, &l);
+            arriving.store(false, Ordering::SeqCst);
+            r
+        })
     };
-    let vm = dest.into_vm().context("migration ended without a VM")?;
-    eprintln!(
-        "ferry: received the VM from {peer} ({} pages in {} passes over {} connections); it runs here now",
-        got.pages, got.passes, got.connections
-    );
-    if let Some(f) = &got.postcopy {
-        eprintln!(
-            "ferry: post-copy: {} demand faults (p50 {:.2} ms, p99 {:.2} ms), {} pages pulled, \
-             {} pushed, {} zero-filled",
-            f.faults,
-            f.latency_p50_us as f64 / 1e3,
-            f.latency_p99_us as f64 / 1e3,
-            f.pulled,
-            f.pushed,
-            f.zero_faults
-        );
+    let Ok(vm) = running.recv() else {
+        // The migration ended before the VM ran here.
+        let e = match worker.join() {
+            Ok(Err(e)) => anyhow::anyhow!(e),
+            Ok(Ok(_)) => anyhow::anyhow!("the migration ended without a VM"),
+            Err(_) => anyhow::anyhow!("the migration thread panicked"),
+        };
+        return Err(e.context(format!("migration from {peer} failed; nothing was started")));
+    };
+    eprintln!("ferry: received the VM from {peer}; it runs here now");
+    // The migration's end (the last handshake, or the post-copy) goes on beside the VM.
+    let done = std::thread::spawn(move || match worker.join() {
+        Ok(Ok(got)) => {
+            eprintln!(
+                "ferry: migration from {peer} complete ({} pages in {} passes over {} connections)",
+                got.pages, got.passes, got.connections
+            );
+            if let Some(f) = &got.postcopy {
+                eprintln!(
+                    "ferry: post-copy: {} demand faults (p50 {:.2} ms, p99 {:.2} ms), {} pages \
+                     pulled, {} pushed, {} zero-filled; every page is here",
+                    f.faults,
+                    f.latency_p50_us as f64 / 1e3,
+                    f.latency_p99_us as f64 / 1e3,
+                    f.pulled,
+                    f.pushed,
+                    f.zero_faults
+                );
+            }
+        }
+        Ok(Err(e)) => eprintln!("ferry: error: migration from {peer}: {e}"),
+        Err(_) => eprintln!("ferry: error: the migration thread panicked"),
+    });
+    let code = serve_and_wait(vm, listener, &args.console_log, false, Some(arriving))?;
+    // A VM that ended during post-copy: let the source be released if it can be soon.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done.is_finished() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    serve_and_wait(Arc::new(vm), listener, &args.console_log, false)
+    Ok(code)
 }
 
 /// Prints how the guest ended (stderr) and maps it to the exit status.

@@ -5,7 +5,7 @@ use crate::uffd::MissingPages;
 use crate::vm::{Incoming, RunState, Vm, VmConfig, VmState};
 use ferry_migration::engine::{DestinationVm, SourceVm};
 use std::io::Write;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// A running (or paused) VM as a migration source.
@@ -87,9 +87,13 @@ pub struct LiveDestination {
     mem: Option<GuestMem>,
     incoming: Mutex<Option<Incoming>>,
     console: Mutex<Option<Box<dyn Write + Send>>>,
-    vm: Mutex<Option<Vm>>,
+    vm: Mutex<Option<Arc<Vm>>>,
     missing: RwLock<Option<MissingPages>>,
+    /// Called with the VM once it runs here (in post-copy, while pages still arrive).
+    on_running: Mutex<Option<OnRunning>>,
 }
+
+type OnRunning = Box<dyn FnOnce(Arc<Vm>) + Send>;
 
 impl LiveDestination {
     pub fn new(console: Box<dyn Write + Send>) -> Self {
@@ -99,12 +103,21 @@ impl LiveDestination {
             console: Mutex::new(Some(console)),
             vm: Mutex::new(None),
             missing: RwLock::new(None),
+            on_running: Mutex::new(None),
         }
     }
 
-    /// The VM, once the migration has committed (running).
+    /// Has `f` called with the VM as soon as it runs here: at the switch-over, before a
+    /// post-copy has brought every page (the caller can serve it meanwhile).
+    pub fn on_running(&self, f: impl FnOnce(Arc<Vm>) + Send + 'static) {
+        *self.on_running.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// The VM, once the migration has committed (running); None also when an `on_running`
+    /// callback still holds it.
     pub fn into_vm(self) -> Option<Vm> {
-        self.vm.into_inner().unwrap_or_else(|e| e.into_inner())
+        let vm = self.vm.into_inner().unwrap_or_else(|e| e.into_inner())?;
+        Arc::try_unwrap(vm).ok()
     }
 
     fn mem(&self) -> Result<&GuestMem, String> {
@@ -190,17 +203,21 @@ impl DestinationVm for LiveDestination {
             .take()
             .ok_or("state loaded twice")?;
         let vm = inc.finish(&state, console).map_err(text)?;
-        *self.vm.lock().map_err(|_| "lock poisoned")? = Some(vm);
+        *self.vm.lock().map_err(|_| "lock poisoned")? = Some(Arc::new(vm));
         Ok(())
     }
     fn resume(&self) -> Result<(), String> {
-        self.vm
+        let vm = self
+            .vm
             .lock()
             .map_err(|_| "lock poisoned")?
-            .as_ref()
-            .ok_or("no VM to resume")?
-            .start()
-            .map_err(text)
+            .clone()
+            .ok_or("no VM to resume")?;
+        vm.start().map_err(text)?;
+        if let Some(f) = self.on_running.lock().map_err(|_| "lock poisoned")?.take() {
+            f(vm);
+        }
+        Ok(())
     }
     fn discard(&self, runs: &[(u64, u64)]) -> Result<(), String> {
         for &(gpa, pages) in runs {

@@ -53,7 +53,7 @@ pub async fn info(State(host): State<Arc<Host>>) -> Result<Json<ferry_vmm::VmInf
 /// it is paused for the switch-over, or during post-copy (where the destination runs it),
 /// would leave two running copies; a shutdown in post-copy would lose the pages the
 /// destination still needs.
-fn not_migrating(host: &Host) -> Result<(), ApiError> {
+pub fn not_migrating(host: &Host) -> Result<(), ApiError> {
     match host.migration() {
         Some(m) if host.migrating() => Err(ApiError(
             StatusCode::CONFLICT,
@@ -64,6 +64,19 @@ fn not_migrating(host: &Host) -> Result<(), ApiError> {
         )),
         _ => Ok(()),
     }
+}
+
+/// Refuses what reads all of the VM's memory while part of it is still at the source.
+pub fn not_arriving(host: &Host) -> Result<(), ApiError> {
+    if host.arriving_now() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "the VM is still arriving by post-copy (part of its memory is at the source): \
+             try again once it has all arrived"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 async fn vm_op(host: Arc<Host>, f: fn(&Vm) -> Result<(), VmError>) -> Result<StatusCode, ApiError> {
@@ -152,6 +165,7 @@ pub async fn snapshot(
     Json(req): Json<SnapshotRequest>,
 ) -> Result<Json<SnapshotAnswer>, ApiError> {
     not_migrating(&host)?;
+    not_arriving(&host)?;
     let vm = the_vm(&host)?;
     Ok(Json(blocking(move || take_snapshot(&vm, req)).await?))
 }

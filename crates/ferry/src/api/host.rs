@@ -3,6 +3,7 @@
 use ferry_migration::engine::Monitor;
 use ferry_vmm::Vm;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 pub struct Host {
@@ -12,6 +13,8 @@ pub struct Host {
     filled: Condvar,
     /// Where a VM created through the API writes its console (None: stdout).
     pub console_log: Option<PathBuf>,
+    /// Set while the VM is still arriving by post-copy (some of its memory is elsewhere).
+    incoming: Arc<AtomicBool>,
 }
 
 impl Host {
@@ -21,7 +24,28 @@ impl Host {
             migration: Mutex::new((None, false)),
             filled: Condvar::new(),
             console_log,
+            incoming: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// A host for a VM still arriving by post-copy until `incoming` turns false.
+    pub fn arriving(
+        vm: Arc<Vm>,
+        console_log: Option<PathBuf>,
+        incoming: Arc<AtomicBool>,
+    ) -> Arc<Host> {
+        Arc::new(Host {
+            vm: Mutex::new(Some(vm)),
+            migration: Mutex::new((None, false)),
+            filled: Condvar::new(),
+            console_log,
+            incoming,
+        })
+    }
+
+    /// True while some of the VM's memory is still at the source (post-copy).
+    pub fn arriving_now(&self) -> bool {
+        self.incoming.load(Ordering::SeqCst)
     }
 
     pub fn vm(&self) -> Option<Arc<Vm>> {

@@ -136,6 +136,7 @@ pub async fn start(
     State(host): State<Arc<Host>>,
     Json(req): Json<MigrateRequest>,
 ) -> Result<Json<Report>, ApiError> {
+    super::handlers::not_arriving(&host)?;
     let vm = the_vm(&host)?;
     let mon = host.begin_migration().ok_or_else(|| {
         ApiError(
