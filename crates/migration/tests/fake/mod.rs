@@ -1,0 +1,390 @@
+//! The fake VM the engine tests run against: a source whose "guest" dirties pages
+//! deterministically between passes, a destination that keeps pages in a vector (and, in
+//! post-copy, a set of missing pages a test "vCPU" can fault on), and a loopback pair with an
+//! optional proxy that tampers with or cuts the source's bytes.
+#![allow(dead_code)]
+use ferry_migration::engine::{
+    migrate, receive, DestinationVm, EngineError, Monitor, Options, SourceVm,
+};
+use ferry_migration::protocol::PAGE;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::thread;
+use std::time::Duration;
+
+/// Source fake: `pages` pages; while running, each `fetch_dirty` first lets the "guest" write
+/// `writes_per_pass` pages (a page's content encodes its index and a version), so what must
+/// arrive is known exactly.
+pub struct FakeSource {
+    pub mem: Mutex<Vec<u8>>,
+    pub dirty: Mutex<BTreeSet<u64>>,
+    pub logging: AtomicBool,
+    pub paused: AtomicBool,
+    pub pauses: AtomicU64,
+    pub version: AtomicU64,
+    pub writes_per_pass: u64,
+    /// Throttle the engine asked for (percent); the guest writes that much less.
+    pub throttle: std::sync::atomic::AtomicU8,
+}
+
+pub fn fill(page: &mut [u8], index: u64, version: u64) {
+    for (i, w) in page.chunks_exact_mut(8).enumerate() {
+        w.copy_from_slice(&((index << 32) ^ (version << 12) ^ i as u64 ^ 0x5a5a).to_le_bytes());
+    }
+}
+
+impl FakeSource {
+    pub fn new(pages: u64, writes_per_pass: u64) -> Self {
+        let mut mem = vec![0u8; (pages as usize) * PAGE];
+        // Every third page touched at start; the rest stay zero.
+        for p in (0..pages).step_by(3) {
+            fill(&mut mem[p as usize * PAGE..(p as usize + 1) * PAGE], p, 0);
+        }
+        FakeSource {
+            mem: Mutex::new(mem),
+            dirty: Mutex::new(BTreeSet::new()),
+            logging: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            pauses: AtomicU64::new(0),
+            version: AtomicU64::new(1),
+            writes_per_pass,
+            throttle: Default::default(),
+        }
+    }
+    pub fn pages(&self) -> u64 {
+        (self.mem.lock().unwrap().len() / PAGE) as u64
+    }
+    pub fn guest_runs(&self) {
+        if self.paused.load(Ordering::SeqCst) {
+            return;
+        }
+        let v = self.version.fetch_add(1, Ordering::SeqCst);
+        let n = self.pages();
+        let writes =
+            self.writes_per_pass * (100 - self.throttle.load(Ordering::SeqCst) as u64) / 100;
+        let mut mem = self.mem.lock().unwrap();
+        for k in 0..writes {
+            let p = (v * 7919 + k * 104729) % n;
+            fill(&mut mem[p as usize * PAGE..(p as usize + 1) * PAGE], p, v);
+            if self.logging.load(Ordering::SeqCst) {
+                self.dirty.lock().unwrap().insert(p * PAGE as u64);
+            }
+        }
+    }
+}
+
+impl SourceVm for FakeSource {
+    fn config(&self) -> Vec<u8> {
+        self.pages().to_le_bytes().to_vec()
+    }
+    fn populated(&self) -> Result<Vec<u64>, String> {
+        Ok((0..self.pages()).map(|p| p * PAGE as u64).collect())
+    }
+    fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        let mem = self.mem.lock().unwrap();
+        buf.copy_from_slice(&mem[gpa as usize..gpa as usize + PAGE]);
+        Ok(())
+    }
+    fn start_dirty_log(&self) -> Result<(), String> {
+        self.logging.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn stop_dirty_log(&self) -> Result<(), String> {
+        self.logging.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+    fn fetch_dirty(&self) -> Result<Vec<u64>, String> {
+        self.guest_runs();
+        Ok(std::mem::take(&mut *self.dirty.lock().unwrap())
+            .into_iter()
+            .collect())
+    }
+    fn pause(&self) -> Result<(), String> {
+        self.paused.store(true, Ordering::SeqCst);
+        self.pauses.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), String> {
+        self.paused.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+    fn throttle(&self, percent: u8) -> Result<(), String> {
+        self.throttle.store(percent, Ordering::SeqCst);
+        Ok(())
+    }
+    fn save_state(&self) -> Result<Vec<u8>, String> {
+        Ok(format!("state v{}", self.version.load(Ordering::SeqCst)).into_bytes())
+    }
+}
+
+#[derive(Default)]
+pub struct FakeDest {
+    pub mem: Mutex<Vec<u8>>,
+    /// Bytes the engine asked to map ahead of the pages.
+    pub hinted: AtomicU64,
+    pub state: Mutex<Vec<u8>>,
+    pub resumed: AtomicBool,
+    /// Post-copy: missing pages and the "vCPU" faults on them (shared with the test).
+    pub pc: std::sync::Arc<Faults>,
+}
+
+/// The destination's missing pages in post-copy, and a "vCPU" that touches pages: a touch of
+/// a missing page queues a fault and waits until the engine installs the page.
+#[derive(Default)]
+pub struct Faults {
+    pub missing: Mutex<BTreeSet<u64>>,
+    pub queue: Mutex<std::collections::VecDeque<u64>>,
+    pub cv: std::sync::Condvar,
+    pub active: AtomicBool,
+    pub resumed: AtomicBool,
+    pub ended: AtomicBool,
+}
+
+impl Faults {
+    /// The guest touches `gpa`: returns at once when present, else after its install.
+    pub fn touch(&self, gpa: u64) -> bool {
+        let mut m = self.missing.lock().unwrap();
+        if !self.active.load(Ordering::SeqCst) || !m.contains(&gpa) {
+            return false;
+        }
+        self.queue.lock().unwrap().push_back(gpa);
+        self.cv.notify_all();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while m.contains(&gpa) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "page {gpa:#x} never came"
+            );
+            m = self
+                .cv
+                .wait_timeout(m, Duration::from_millis(10))
+                .unwrap()
+                .0;
+        }
+        true
+    }
+}
+
+impl DestinationVm for FakeDest {
+    fn prepare(&mut self, config: &[u8]) -> Result<(), String> {
+        let pages = u64::from_le_bytes(config.try_into().map_err(|_| "bad config")?);
+        self.mem = Mutex::new(vec![0u8; pages as usize * PAGE]);
+        Ok(())
+    }
+    fn write_page(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        let at = gpa as usize;
+        self.mem
+            .lock()
+            .unwrap()
+            .get_mut(at..at + PAGE)
+            .ok_or("page outside memory")?
+            .copy_from_slice(data);
+        Ok(())
+    }
+    fn prefault(&self, gpa: u64, len: u64) -> Result<(), String> {
+        // Memory is already allocated; the hint must still lie inside it.
+        let end = gpa.checked_add(len).ok_or("prefault range overflows")?;
+        if end as usize > self.mem.lock().unwrap().len() {
+            return Err(format!("prefault {gpa:#x}+{len} outside memory"));
+        }
+        self.hinted.fetch_add(len, Ordering::SeqCst);
+        Ok(())
+    }
+    fn load_state(&self, state: &[u8]) -> Result<(), String> {
+        *self.state.lock().unwrap() = state.to_vec();
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), String> {
+        self.resumed.store(true, Ordering::SeqCst);
+        self.pc.resumed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn discard(&self, runs: &[(u64, u64)]) -> Result<(), String> {
+        let mut mem = self.mem.lock().unwrap();
+        let mut m = self.pc.missing.lock().unwrap();
+        for &(gpa, n) in runs {
+            for k in 0..n {
+                let at = (gpa + k * PAGE as u64) as usize;
+                // Dropped, as MADV_DONTNEED would: a stale copy must not survive.
+                mem.get_mut(at..at + PAGE)
+                    .ok_or("missing page outside memory")?
+                    .fill(0xEE);
+                m.insert(at as u64);
+            }
+        }
+        Ok(())
+    }
+    fn begin_postcopy(&self) -> Result<(), String> {
+        self.pc.active.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn next_fault(&self, timeout: Duration) -> Result<Option<u64>, String> {
+        let q = self.pc.queue.lock().unwrap();
+        let (mut q, _) = self
+            .pc
+            .cv
+            .wait_timeout_while(q, timeout, |q| q.is_empty())
+            .unwrap();
+        Ok(q.pop_front())
+    }
+    fn install_pages(&self, gpa: u64, data: &[u8]) -> Result<u64, String> {
+        assert!(data.len().is_multiple_of(PAGE) && data.len() <= 64 * PAGE);
+        let mut m = self.pc.missing.lock().unwrap();
+        let mut mask = 0;
+        for (k, page) in data.chunks(PAGE).enumerate() {
+            let g = gpa + (k * PAGE) as u64;
+            if m.remove(&g) {
+                self.mem.lock().unwrap()[g as usize..g as usize + PAGE].copy_from_slice(page);
+                mask |= 1 << k;
+            }
+        }
+        self.pc.cv.notify_all();
+        Ok(mask)
+    }
+    fn install_zero(&self, gpa: u64) -> Result<bool, String> {
+        Ok(self.install_pages(gpa, &[0; PAGE])? != 0)
+    }
+    fn end_postcopy(&self) -> Result<(), String> {
+        let m = self.pc.missing.lock().unwrap();
+        if !m.is_empty() {
+            return Err(format!("post-copy ended with {} pages missing", m.len()));
+        }
+        self.pc.ended.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Sees (connection number in accept order — 0 is the control connection —, bytes already
+/// passed on it, next chunk) of the source→destination bytes; may change the chunk; false cuts
+/// that connection after it.
+pub type Tamper = Box<dyn FnMut(usize, u64, &mut Vec<u8>) -> bool + Send>;
+pub type DestThread = thread::JoinHandle<(FakeDest, Result<(), EngineError>)>;
+
+pub struct Pair {
+    pub ctl: TcpStream,
+    pub addr: std::net::SocketAddr,
+    pub dest: DestThread,
+}
+
+impl Pair {
+    pub fn connect(&self) -> std::io::Result<TcpStream> {
+        let s = TcpStream::connect(self.addr)?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    }
+
+    pub fn migrate(
+        &self,
+        src: &FakeSource,
+        opts: &Options,
+    ) -> Result<ferry_migration::engine::Report, EngineError> {
+        self.migrate_with(src, opts, &Monitor::default())
+    }
+
+    pub fn migrate_with(
+        &self,
+        src: &FakeSource,
+        opts: &Options,
+        mon: &Monitor,
+    ) -> Result<ferry_migration::engine::Report, EngineError> {
+        let ctl = self.ctl.try_clone().unwrap();
+        migrate(src, ctl, &|| self.connect(), opts, mon)
+    }
+
+    pub fn join(self) -> (FakeDest, Result<(), EngineError>) {
+        self.dest.join().unwrap()
+    }
+}
+
+/// Listens on loopback; the destination runs on a thread, behind an optional proxy that may
+/// tamper with the source→destination bytes of every connection.
+pub fn pair(tamper: Option<Tamper>) -> Pair {
+    pair_with(tamper, Default::default())
+}
+
+/// As [`pair`], the destination's post-copy faults shared with the caller.
+pub fn pair_with(tamper: Option<Tamper>, pc: std::sync::Arc<Faults>) -> Pair {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let dest = thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut d = FakeDest {
+            pc,
+            ..FakeDest::default()
+        };
+        let r = receive(&mut d, s, &l).map(|_| ());
+        (d, r)
+    });
+    let Some(tamper) = tamper else {
+        let ctl = TcpStream::connect(addr).unwrap();
+        return Pair { ctl, addr, dest };
+    };
+    // Proxy: the source connects here; bytes to the destination go through `tamper`.
+    let pl = TcpListener::bind("127.0.0.1:0").unwrap();
+    let paddr = pl.local_addr().unwrap();
+    let tamper = std::sync::Arc::new(Mutex::new(tamper));
+    thread::spawn(move || {
+        for (conn, from_src) in pl.incoming().enumerate() {
+            let Ok(mut from_src) = from_src else { break };
+            let tamper = tamper.clone();
+            thread::spawn(move || {
+                let mut to_dst = TcpStream::connect(addr).unwrap();
+                let (mut back_src, mut back_dst) =
+                    (from_src.try_clone().unwrap(), to_dst.try_clone().unwrap());
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut back_dst, &mut back_src);
+                });
+                let mut seen = 0u64;
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let n = match from_src.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let mut chunk = buf[..n].to_vec();
+                    let go_on = (tamper.lock().unwrap())(conn, seen, &mut chunk);
+                    seen += n as u64;
+                    if to_dst.write_all(&chunk).is_err() || !go_on {
+                        break;
+                    }
+                }
+                let _ = to_dst.shutdown(std::net::Shutdown::Both);
+                let _ = from_src.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    let ctl = TcpStream::connect(paddr).unwrap();
+    Pair {
+        ctl,
+        addr: paddr,
+        dest,
+    }
+}
+
+pub fn assert_exact(src: &FakeSource, dst: &FakeDest) {
+    let mem = src.mem.lock().unwrap();
+    let dmem = dst.mem.lock().unwrap();
+    assert_eq!(mem.len(), dmem.len());
+    for (i, (a, b)) in mem.chunks(PAGE).zip(dmem.chunks(PAGE)).enumerate() {
+        assert!(a == b, "page {i} differs");
+    }
+    assert_eq!(*dst.state.lock().unwrap(), src.save_state().unwrap());
+}
+
+pub fn assert_rolled_back(src: &FakeSource, p: Pair) -> EngineError {
+    assert!(!src.paused.load(Ordering::SeqCst), "the source runs");
+    assert!(
+        !src.logging.load(Ordering::SeqCst),
+        "dirty logging off again"
+    );
+    assert_eq!(src.throttle.load(Ordering::SeqCst), 0, "vCPUs unthrottled");
+    let (dst, r) = p.join();
+    assert!(
+        !dst.resumed.load(Ordering::SeqCst),
+        "nothing resumed on the destination"
+    );
+    r.unwrap_err()
+}

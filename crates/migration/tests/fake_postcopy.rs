@@ -1,0 +1,130 @@
+//! Post-copy against the fake VM over real loopback TCP: demand faults served while a slow
+//! push runs, hybrid and automatic post-copy, a data connection cut in the middle and the
+//! link recovered; destination memory compared page by page with the source's.
+mod fake;
+use fake::*;
+use ferry_migration::engine::{Monitor, Options, Phase};
+use ferry_migration::protocol::PAGE;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+/// Touches pages from the top of memory down while the destination runs in post-copy, as a
+/// guest would; returns how many touches had to wait for a page.
+fn touch_from_top(pc: std::sync::Arc<Faults>, pages: u64) -> thread::JoinHandle<u64> {
+    thread::spawn(move || {
+        while !pc.resumed.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(1));
+        }
+        let mut waited = 0;
+        for p in (0..pages).rev().step_by(97) {
+            if pc.ended.load(Ordering::SeqCst) {
+                break;
+            }
+            waited += pc.touch(p * PAGE as u64) as u64;
+            thread::sleep(Duration::from_millis(2));
+        }
+        waited
+    })
+}
+
+#[test]
+fn post_copy_at_once_serves_faults_on_demand_and_arrives_page_exact() {
+    let src = FakeSource::new(4096, 64);
+    let pc = std::sync::Arc::new(Faults::default());
+    let p = pair_with(None, pc.clone());
+    let toucher = touch_from_top(pc.clone(), 4096);
+    let opts = Options {
+        postcopy_after: Some(0),
+        // Slow enough (16 MiB in ~2 s) that the guest touches pages the push has not reached.
+        max_bandwidth: Some(8 << 20),
+        ..Options::default()
+    };
+    let rep = p.migrate(&src, &opts).unwrap();
+    let waited = toucher.join().unwrap();
+    let (dst, r) = p.join();
+    r.unwrap();
+    assert_exact(&src, &dst);
+    assert!(
+        pc.ended.load(Ordering::SeqCst),
+        "post-copy ended on the destination"
+    );
+    assert_eq!(rep.switch_reason, "post-copy requested");
+    assert_eq!(
+        rep.passes.len(),
+        1,
+        "no pre-copy pass, only the empty switch-over"
+    );
+    let pcr = rep.postcopy.expect("post-copy report");
+    let d = &pcr.destination;
+    assert_eq!(pcr.pages, 4096);
+    assert_eq!(d.pushed + d.pulled, 4096, "{pcr:?}");
+    assert!(waited > 0 && d.faults >= waited, "{waited} waits, {pcr:?}");
+    assert!(d.pulled > 0 && pcr.demanded >= d.pulled, "{pcr:?}");
+    assert!(d.latency_p50_us > 0 && d.latency_p99_us >= d.latency_p50_us);
+    assert!(pcr.released_ms >= pcr.postcopy_ms && pcr.recoveries == 0);
+}
+
+#[test]
+fn hybrid_and_automatic_post_copy_arrive_page_exact() {
+    // Two pre-copy passes, then post-copy (a limit no pass can meet, so pre-copy does not
+    // finish by itself first).
+    let src = FakeSource::new(4096, 256);
+    let p = pair(None);
+    let opts = Options {
+        postcopy_after: Some(2),
+        downtime_limit: Duration::from_micros(1),
+        ..Options::default()
+    };
+    let rep = p.migrate(&src, &opts).unwrap();
+    let (dst, r) = p.join();
+    r.unwrap();
+    assert_exact(&src, &dst);
+    assert_eq!(rep.passes.len(), 3);
+    let pcr = rep.postcopy.expect("post-copy report");
+    assert!(pcr.pages > 0 && pcr.pages < 4096, "{pcr:?}");
+    // A guest rewriting more than the passes carry: post-copy instead of a long pause.
+    let src = FakeSource::new(4096, 3000);
+    let p = pair(None);
+    let opts = Options {
+        auto_postcopy: true,
+        downtime_limit: Duration::from_micros(1),
+        ..Options::default()
+    };
+    let rep = p.migrate(&src, &opts).unwrap();
+    let (dst, r) = p.join();
+    r.unwrap();
+    assert_exact(&src, &dst);
+    assert_eq!(rep.switch_reason, "not converging");
+    assert!(rep.passes.len() <= 3, "{} passes", rep.passes.len());
+    assert!(rep.postcopy.is_some());
+}
+
+#[test]
+fn a_link_cut_during_post_copy_is_recovered_page_exact() {
+    let src = FakeSource::new(4096, 64);
+    let pc = std::sync::Arc::new(Faults::default());
+    let cut = std::sync::Arc::new(AtomicBool::new(false));
+    let c = cut.clone();
+    // The first data connection (accept order 1) dies after 4 MiB of the push.
+    let tamper: Tamper = Box::new(move |conn, seen, _| {
+        !(conn == 1 && seen > 4 << 20 && !c.swap(true, Ordering::SeqCst))
+    });
+    let p = pair_with(Some(tamper), pc.clone());
+    let toucher = touch_from_top(pc.clone(), 4096);
+    let opts = Options {
+        postcopy_after: Some(0),
+        max_bandwidth: Some(8 << 20),
+        ..Options::default()
+    };
+    let mon = Monitor::default();
+    let rep = p.migrate_with(&src, &opts, &mon).unwrap();
+    toucher.join().unwrap();
+    let (dst, r) = p.join();
+    r.unwrap();
+    assert!(cut.load(Ordering::SeqCst), "the link was cut");
+    assert_exact(&src, &dst);
+    let pcr = rep.postcopy.expect("post-copy report");
+    assert_eq!(pcr.recoveries, 1, "{pcr:?}");
+    assert_eq!(mon.status().phase, Phase::Completed);
+}
