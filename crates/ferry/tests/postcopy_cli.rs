@@ -184,3 +184,52 @@ fn post_copy_survives_a_dead_link_and_resumes_over_a_new_path() {
     assert!(!dst_lines.iter().any(|l| l.1.contains("BAD")));
     assert_guest_moved_cleanly(&src_lines, &dst_lines);
 }
+
+#[test]
+fn a_destination_killed_in_post_copy_leaves_the_source_paused_never_running_twice() {
+    let s = Scratch::new("postcopy-kill");
+    let (a, b) = (s.path("a.sock"), s.path("b.sock"));
+    let a = a.to_str().unwrap().to_string();
+    let mut src = Running::start(&[
+        "--memory",
+        "256M",
+        "--api-socket",
+        &a,
+        "--guest",
+        "dirty size=32M rate=40M hb=2000",
+    ]);
+    src.wait_line(|l| l == "D0 1");
+    let (mut dst, addr) = receiver(&b);
+    let mig = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["migrate", "--to", &addr, "--api-socket", &a])
+        .args(["--postcopy-after", "0", "--max-bandwidth", "4M", "--quiet"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_phase(&a, "post_copy");
+    dst.wait_line(|l| l.starts_with("H0 "));
+    dst.child.kill().unwrap();
+    let v = wait_phase(&a, "post_copy_paused");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("link lost"),
+        "{v}"
+    );
+    // Part of the VM's newest memory died with the destination: the source never resumes its
+    // older copy by itself, and refuses to be resumed while the migration waits.
+    std::thread::sleep(Duration::from_millis(1500));
+    let info = ferry_ok(&["vm", "info", "--api-socket", &a]);
+    assert!(String::from_utf8_lossy(&info.stdout).contains("paused"));
+    let out = ferry(&["vm", "resume", "--api-socket", &a]);
+    assert_eq!(out.status.code(), Some(1));
+    src.seen.extend(src.lines.try_iter());
+    let n = src.seen.len();
+    std::thread::sleep(Duration::from_millis(500));
+    src.seen.extend(src.lines.try_iter());
+    assert!(
+        !src.seen[n..].iter().any(|l| l.1.starts_with("H0 ")),
+        "the source's guest stays stopped"
+    );
+    src.child.kill().unwrap();
+    let _ = mig.wait_with_output();
+}

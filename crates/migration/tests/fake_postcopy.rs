@@ -128,3 +128,34 @@ fn a_link_cut_during_post_copy_is_recovered_page_exact() {
     assert_eq!(pcr.recoveries, 1, "{pcr:?}");
     assert_eq!(mon.status().phase, Phase::Completed);
 }
+
+#[test]
+fn a_corrupted_frame_during_post_copy_is_never_installed_and_is_sent_again() {
+    let src = FakeSource::new(4096, 64);
+    let pc = std::sync::Arc::new(Faults::default());
+    let flipped = std::sync::Arc::new(AtomicBool::new(false));
+    let f = flipped.clone();
+    // One byte in the middle of the push on the first data connection flips (a page body,
+    // a page header or a frame header: the CRC or the framing catches each).
+    let tamper: Tamper = Box::new(move |conn, seen, chunk| {
+        if conn == 1 && seen > 2 << 20 && !f.swap(true, Ordering::SeqCst) {
+            let i = chunk.len() / 2;
+            chunk[i] ^= 0x40;
+        }
+        true
+    });
+    let p = pair_with(Some(tamper), pc.clone());
+    let toucher = touch_from_top(pc.clone(), 4096);
+    let opts = Options {
+        postcopy_after: Some(0),
+        max_bandwidth: Some(8 << 20),
+        ..Options::default()
+    };
+    let rep = p.migrate(&src, &opts).unwrap();
+    toucher.join().unwrap();
+    let (dst, r) = p.join();
+    r.unwrap();
+    assert!(flipped.load(Ordering::SeqCst));
+    assert_exact(&src, &dst);
+    assert!(rep.postcopy.unwrap().recoveries >= 1);
+}
