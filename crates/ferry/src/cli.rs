@@ -35,13 +35,17 @@ pub enum Command {
     ///
     /// Exit status as for `ferry run`.
     Restore(RestoreArgs),
-    /// Move a running VM to another host. `--to HOST:PORT`: live migration (pre-copy) to a
-    /// `ferry receive` there. `--quick --via DIR`: pause, save to storage both hosts see, stop;
-    /// then `ferry restore --from DIR` on the other host continues it.
+    /// Move a running VM to another host. `--to HOST:PORT`: live migration to a `ferry
+    /// receive` there (pre-copy; with --postcopy / --postcopy-after / --auto-postcopy,
+    /// post-copy). `--quick --via DIR`: pause, save to storage both hosts see, stop; then
+    /// `ferry restore --from DIR` on the other host continues it. `--resume-postcopy`:
+    /// reconnect a post-copy whose link broke.
     Migrate(MigrateArgs),
     /// Wait for one incoming live migration, then run the VM like `ferry run`.
     ///
-    /// Exit status as for `ferry run`; 1 when the migration fails (nothing was started).
+    /// Exit status as for `ferry run`; 1 when the migration fails before the VM runs here
+    /// (nothing was started). In post-copy the VM runs (and its API answers) from the
+    /// switch-over on, while its remaining pages arrive.
     Receive(ReceiveArgs),
     /// Write Ferry's test guest image (a multiboot ELF) to a file, e.g. to boot it in QEMU:
     /// qemu-system-x86_64 -enable-kvm -kernel FILE -append 'heartbeat count=10'
@@ -168,12 +172,13 @@ pub struct MigrateArgs {
     /// What --timeout does: cancel (the VM keeps running here) or switch over at once.
     #[arg(long, value_enum, default_value_t = OnTimeout::Cancel, requires = "timeout")]
     pub on_timeout: OnTimeout,
-    /// Post-copy: switch over right after the first pass; the VM then runs on the destination
-    /// and fetches the pages it lacks from here (on demand, the rest pushed in the
-    /// background). Same as --postcopy-after 1.
+    /// Post-copy: switch over right after the first pass (unless that pass already converged);
+    /// the VM then runs on the destination and fetches the pages it lacks from here (on
+    /// demand, the rest pushed in the background). Same as --postcopy-after 1.
     #[arg(long, conflicts_with = "postcopy_after")]
     pub postcopy: bool,
-    /// Hybrid: post-copy after this many pre-copy passes (0: at once, before any page).
+    /// Hybrid: post-copy after this many pre-copy passes (0: at once, before any page), unless
+    /// pre-copy converges first.
     #[arg(long, value_name = "PASSES")]
     pub postcopy_after: Option<u32>,
     /// Switch to post-copy when pre-copy does not converge (the guest re-dirties more than
@@ -264,4 +269,8 @@ pub struct DemoArgs {
     /// Parallel data connections per migration.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub connections: u32,
+    /// Move by post-copy after one pre-copy pass unless that pass already converged (the VM
+    /// then runs on the destination while the pages dirtied since are fetched).
+    #[arg(long)]
+    pub postcopy: bool,
 }

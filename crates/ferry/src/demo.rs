@@ -112,13 +112,20 @@ fn migrate(
     args: &DemoArgs,
 ) -> Result<Duration> {
     println!(
-        "\n== live migration: host {} -> host {} ==",
-        from.name, to.name
+        "\n== live migration{}: host {} -> host {} ==",
+        if args.postcopy {
+            " (post-copy after one pass unless pre-copy converges first)"
+        } else {
+            ""
+        },
+        from.name,
+        to.name
     );
     let body = serde_json::json!({
         "to": format!("127.0.0.1:{port}"),
         "downtime_limit_ms": args.downtime_limit,
         "connections": args.connections,
+        "postcopy_after": if args.postcopy { Some(1) } else { None },
     });
     let v = call(sock, Method::PUT, "/vm/migrate", Some(body.to_string()))?.context("no report")?;
     print_report(&format!("host {}", to.name), &v);

@@ -313,8 +313,35 @@ fn help_tells_the_truth() {
 
 #[test]
 fn demo_moves_the_vm_there_and_back() {
-    let out = ferry(&["demo", "--dirty", "32M", "--rate", "20M"]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    check_demo(&["demo", "--dirty", "32M", "--rate", "20M"]);
+}
+
+#[test]
+fn demo_moves_the_vm_by_post_copy() {
+    // A limit of 0 ms: pre-copy never counts as converged, so both moves end by post-copy.
+    let text = check_demo(&[
+        "demo",
+        "--dirty",
+        "32M",
+        "--rate",
+        "20M",
+        "--postcopy",
+        "--downtime-limit",
+        "0",
+    ]);
+    assert_eq!(
+        text.matches("switched over: post-copy requested").count(),
+        2,
+        "{text}"
+    );
+    assert_eq!(text.matches("every page is here").count(), 2, "{text}");
+}
+
+/// Runs the demo; checks both moves happened, no heartbeat was lost or repeated, and each
+/// move's guest-observed downtime is printed and sane. Returns its output.
+fn check_demo(args: &[&str]) -> String {
+    let out = ferry(args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -333,6 +360,7 @@ fn demo_moves_the_vm_there_and_back() {
         .collect();
     assert_eq!(gaps.len(), 2, "{text}");
     assert!(gaps.iter().all(|&g| g > 0.0 && g < 2000.0), "{gaps:?}");
+    text
 }
 
 #[test]
