@@ -3,13 +3,14 @@
 //! | method | path          | body | answer |
 //! |--------|---------------|------|--------|
 //! | GET    | /vm           | | 200 VmInfo (state, config, uptime, exit, host_lacks) |
-//! | PUT    | /vm/pause     | | 204; 409 when not running |
-//! | PUT    | /vm/resume    | | 204; 409 when not paused |
-//! | PUT    | /vm/shutdown  | | 204; 409 when already shut down |
-//! | PUT    | /vm/snapshot  | `{"to": DIR, "diff": bool, "then": "resume"\|"pause"\|"stop"}` | 200 report |
-//! | PUT    | /vm/migrate   | `{"to": "HOST:PORT", "downtime_limit_ms", "max_passes", "compress": "none"\|"lz4"\|"zstd", "max_bandwidth", "connections", "auto_converge", "timeout_ms", "on_timeout": "cancel"\|"switch_over"}` | 200 report; the VM then stops here; 409 when cancelled or another migration runs |
-//! | GET    | /vm/migration | | 200 progress of the running or last migration (phase, pass, pages, rate, ETA, throttle, report or error); 404 when none ran |
-//! | PUT    | /vm/migration/cancel | | 202; the migration rolls back (unless committed); 409 when none runs |
+//! | PUT    | /vm/pause     | | 204; 409 when not running, or while a live migration runs |
+//! | PUT    | /vm/resume    | | 204; 409 when not paused, or while a live migration runs |
+//! | PUT    | /vm/shutdown  | | 204; 409 when already shut down, or while a live migration runs |
+//! | PUT    | /vm/snapshot  | `{"to": DIR, "diff": bool, "then": "resume"\|"pause"\|"stop"}` | 200 report; 409 while a live migration runs or the VM still arrives by post-copy |
+//! | PUT    | /vm/migrate   | `{"to": "HOST:PORT", "downtime_limit_ms", "max_passes", "compress": "none"\|"lz4"\|"zstd", "max_bandwidth", "connections", "auto_converge", "timeout_ms", "on_timeout": "cancel"\|"switch_over", "postcopy_after": PASSES, "auto_postcopy": bool}` | 200 report (with `postcopy` figures when it went by post-copy); the VM then stops here; 409 when cancelled, another migration runs, or the VM still arrives by post-copy |
+//! | GET    | /vm/migration | | 200 progress of the running or last migration (phase incl. `post_copy` / `post_copy_paused`, pass, pages, rate, ETA, throttle, report or error); 404 when none ran |
+//! | PUT    | /vm/migration/cancel | | 202; the migration rolls back (unless committed); 409 when none runs or it is in post-copy |
+//! | PUT    | /vm/migration/resume-postcopy | `{"to": "HOST:PORT"}` (optional) | 202; a post-copy whose link broke reconnects now (to `to` from now on); 409 when no post-copy runs |
 //! | PUT    | /vm/restore   | `{"from": DIR, "lazy_check": bool}` | 200 report; 409 when the VMM has a VM |
 //!
 //! Without a VM (an empty VMM, `ferry run --api-socket S`) the VM routes answer 404.
