@@ -30,6 +30,8 @@ pub enum UffdError {
     },
     #[error("page {0:#x} is not guest RAM")]
     NotRam(u64),
+    #[error("a run of {len} bytes at {gpa:#x} is not 1..=64 whole pages")]
+    BadRun { gpa: u64, len: usize },
     #[error("fault at host address {0:#x}, outside guest RAM")]
     Outside(u64),
 }
@@ -148,7 +150,10 @@ impl MissingPages {
     pub fn install_run(&self, gpa: u64, data: &[u8]) -> Result<u64, UffdError> {
         let n = data.len() as u64 / PAGE;
         if n == 0 || n > 64 || data.len() as u64 != n * PAGE {
-            return Err(UffdError::NotRam(gpa));
+            return Err(UffdError::BadRun {
+                gpa,
+                len: data.len(),
+            });
         }
         let host = self.host(gpa)?;
         self.host(gpa + (n - 1) * PAGE)?;
