@@ -33,18 +33,13 @@ import argparse, os, re, shutil, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_snapshot import Qmp  # noqa: E402
-from bench_live import Console, beats, free_port, observed_gap  # noqa: E402
+from bench_live import Console, beats, free_port, observed_gap, warm  # noqa: E402
 
 WORKLOADS = [
     ("1G-50M", "2G", "dirty size=1G rate=50M hb=2000", "D0 1"),
     ("1G-150M", "2G", "dirty size=1G rate=150M hb=2000", "D0 1"),
     ("1G-max", "2G", "dirty size=1G rate=0 hb=2000", "D0 1"),
 ]
-
-
-def warm():
-    """Touches 3 GiB in a child process and frees it (see the module docstring)."""
-    subprocess.run([sys.executable, "-c", "b = bytearray(b'\\x01') * (3 << 30)"], check=True)
 
 
 def rate(console, t0, t1):
