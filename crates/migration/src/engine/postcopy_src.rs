@@ -231,7 +231,10 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
                     for &gpa in &gpas {
                         // Sent even when a pusher has it in flight: the page here no longer
                         // changes, so a second copy is harmless, and the wait is shorter.
-                        set.take(gpa);
+                        if set.take(gpa) {
+                            // Progress counts every page sent for the first time, either way.
+                            self.sh.mon.pass_sent.fetch_add(1, Ordering::Relaxed);
+                        }
                         frame
                             .push_with(gpa, Compression::None, |b| self.vm.read_page(gpa, b))
                             .map_err(EngineError::PostCopy)?;
