@@ -164,7 +164,7 @@ def main():
                         text=True).stdout.split("\n")[0]
     print(f"# {qv}; post-copy, one stream, loopback")
     print("| workload | mode | VMM | guest-observed downtime ms | VMM downtime ms | "
-          "released ms | post-copy ms | heartbeats/s before → during post-copy |")
+          "total ms (start → source released) | switch → source released ms | heartbeats/s before → during post-copy |")
     print("|---|---|---|---|---|---|---|---|")
     details = []
     for name, mem, work, ready in WORKLOADS:
