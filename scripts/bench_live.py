@@ -102,9 +102,8 @@ def observed_gap(src, dst):
     return (d[0][1] - s[-1][1]) * 1e3
 
 
-def run_qemu(a, image, name, mem, work, ready, converge):
-    d = tempfile.mkdtemp(prefix="ferry-bench-q-")
-    port = free_port()
+def qemu_pair(d, image, mem, work):
+    """A QEMU running the test guest (QMP at d/s.sock) and one waiting for it (d/d.sock)."""
     base = ["qemu-system-x86_64", "-enable-kvm", "-m", mem, "-nodefaults", "-display", "none",
             "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-serial", "stdio",
             "-kernel", image, "-append", work]
@@ -112,6 +111,23 @@ def run_qemu(a, image, name, mem, work, ready, converge):
                            stdout=subprocess.PIPE, text=True)
     dst = subprocess.Popen(base + ["-qmp", f"unix:{d}/d.sock,server=on,wait=off",
                                    "-incoming", "defer"], stdout=subprocess.PIPE, text=True)
+    return src, dst
+
+
+def ferry_pair(ferry, d, port, mem, work):
+    """`ferry run` with the test guest (API at d/a.sock) and a `ferry receive` on `port`."""
+    src = subprocess.Popen([ferry, "run", "--memory", mem, "--api-socket", f"{d}/a.sock",
+                            "--guest", work], stdout=subprocess.PIPE, text=True)
+    dst = subprocess.Popen([ferry, "receive", "--listen", f"127.0.0.1:{port}",
+                            "--api-socket", f"{d}/b.sock"], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+    return src, dst
+
+
+def run_qemu(a, image, name, mem, work, ready, converge):
+    d = tempfile.mkdtemp(prefix="ferry-bench-q-")
+    port = free_port()
+    src, dst = qemu_pair(d, image, mem, work)
     try:
         sc, dc = Console(src), Console(dst)
         sc.wait(ready)
@@ -158,11 +174,7 @@ def run_qemu(a, image, name, mem, work, ready, converge):
 def run_ferry(a, name, mem, work, ready, converge):
     d = tempfile.mkdtemp(prefix="ferry-bench-f-")
     port = free_port()
-    src = subprocess.Popen([a.ferry, "run", "--memory", mem, "--api-socket", f"{d}/a.sock",
-                            "--guest", work], stdout=subprocess.PIPE, text=True)
-    dst = subprocess.Popen([a.ferry, "receive", "--listen", f"127.0.0.1:{port}",
-                            "--api-socket", f"{d}/b.sock"], stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL, text=True)
+    src, dst = ferry_pair(a.ferry, d, port, mem, work)
     try:
         sc, dc = Console(src), Console(dst)
         sc.wait(ready)

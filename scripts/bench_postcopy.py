@@ -33,7 +33,8 @@ import argparse, os, re, shutil, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_snapshot import Qmp  # noqa: E402
-from bench_live import Console, beats, free_port, observed_gap, warm  # noqa: E402
+from bench_live import (Console, beats, ferry_pair, free_port, observed_gap,  # noqa: E402
+                        qemu_pair, warm)
 
 WORKLOADS = [
     ("1G-50M", "2G", "dirty size=1G rate=50M hb=2000", "D0 1"),
@@ -51,13 +52,7 @@ def rate(console, t0, t1):
 def run_qemu(a, image, mem, work, ready, mode):
     d = tempfile.mkdtemp(prefix="ferry-bench-pq-")
     port = free_port()
-    base = ["qemu-system-x86_64", "-enable-kvm", "-m", mem, "-nodefaults", "-display", "none",
-            "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-serial", "stdio",
-            "-kernel", image, "-append", work]
-    src = subprocess.Popen(base + ["-qmp", f"unix:{d}/s.sock,server=on,wait=off"],
-                           stdout=subprocess.PIPE, text=True)
-    dst = subprocess.Popen(base + ["-qmp", f"unix:{d}/d.sock,server=on,wait=off",
-                                   "-incoming", "defer"], stdout=subprocess.PIPE, text=True)
+    src, dst = qemu_pair(d, image, mem, work)
     try:
         sc, dc = Console(src), Console(dst)
         sc.wait(ready)
@@ -109,11 +104,7 @@ def run_qemu(a, image, mem, work, ready, mode):
 def run_ferry(a, mem, work, ready, mode):
     d = tempfile.mkdtemp(prefix="ferry-bench-pf-")
     port = free_port()
-    src = subprocess.Popen([a.ferry, "run", "--memory", mem, "--api-socket", f"{d}/a.sock",
-                            "--guest", work], stdout=subprocess.PIPE, text=True)
-    dst = subprocess.Popen([a.ferry, "receive", "--listen", f"127.0.0.1:{port}",
-                            "--api-socket", f"{d}/b.sock"], stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL, text=True)
+    src, dst = ferry_pair(a.ferry, d, port, mem, work)
     try:
         sc, dc = Console(src), Console(dst)
         sc.wait(ready)

@@ -185,19 +185,11 @@ fn progress_is_visible_and_cancel_keeps_the_vm_here() {
     ]);
     src.wait_line(|l| l == "D0 1");
     let (dst, addr) = receiver(&b);
-    let mig = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args([
-            "migrate",
-            "--to",
-            &addr,
-            "--api-socket",
-            a.to_str().unwrap(),
-        ])
-        .args(["--max-bandwidth", "8M", "--connections", "2", "--quiet"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mig = spawn_migrate(
+        &addr,
+        a.to_str().unwrap(),
+        &["--max-bandwidth", "8M", "--connections", "2", "--quiet"],
+    );
     // 64 MiB at 8 MB/s takes ~8 s: watch it, then cancel it.
     let mut progress = serde_json::Value::Null;
     for _ in 0..100 {
@@ -271,19 +263,11 @@ fn a_killed_receiver_leaves_the_source_running_and_exact() {
     ]);
     src.wait_line(|l| l.starts_with("V1 1 ok"));
     let (mut dst, addr) = receiver(&b);
-    let mig = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args([
-            "migrate",
-            "--to",
-            &addr,
-            "--api-socket",
-            a.to_str().unwrap(),
-        ])
-        .args(["--max-bandwidth", "16M", "--quiet"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mig = spawn_migrate(
+        &addr,
+        a.to_str().unwrap(),
+        &["--max-bandwidth", "16M", "--quiet"],
+    );
     std::thread::sleep(std::time::Duration::from_millis(700));
     dst.child.kill().unwrap();
     let out = mig.wait_with_output().unwrap();

@@ -103,13 +103,11 @@ fn post_copy_survives_a_dead_link_and_resumes_over_a_new_path() {
     src.wait_line(|l| l == "D0 1");
     let (mut dst, addr) = receiver(&b);
     let first = Proxy::new(addr.clone());
-    let mig = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["migrate", "--to", &first.addr(), "--api-socket", &a])
-        .args(["--postcopy-after", "0", "--max-bandwidth", "12M", "--quiet"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mig = spawn_migrate(
+        &first.addr(),
+        &a,
+        &["--postcopy-after", "0", "--max-bandwidth", "12M", "--quiet"],
+    );
     // ~85 MiB at 12 MB/s: several seconds of post-copy. The VM runs on the destination, whose
     // API serves it already, but refuses what would read memory that has not arrived.
     let v = wait_phase(&a, "post_copy");
@@ -200,13 +198,11 @@ fn a_destination_killed_in_post_copy_leaves_the_source_paused_never_running_twic
     ]);
     src.wait_line(|l| l == "D0 1");
     let (mut dst, addr) = receiver(&b);
-    let mig = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["migrate", "--to", &addr, "--api-socket", &a])
-        .args(["--postcopy-after", "0", "--max-bandwidth", "4M", "--quiet"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mig = spawn_migrate(
+        &addr,
+        &a,
+        &["--postcopy-after", "0", "--max-bandwidth", "4M", "--quiet"],
+    );
     wait_phase(&a, "post_copy");
     dst.wait_line(|l| l.starts_with("H0 "));
     dst.child.kill().unwrap();

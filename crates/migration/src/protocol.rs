@@ -190,6 +190,14 @@ impl Message {
         kind_name(self.kind())
     }
 
+    /// The error for this message arriving where `want` was expected.
+    pub fn unexpected(&self, want: &'static str) -> ProtocolError {
+        ProtocolError::Unexpected {
+            got: self.name(),
+            want,
+        }
+    }
+
     fn kind(&self) -> u8 {
         match self {
             Message::Hello(_) => K_HELLO,

@@ -28,23 +28,34 @@ fn touch_from_top(pc: std::sync::Arc<Faults>, pages: u64) -> thread::JoinHandle<
     })
 }
 
-#[test]
-fn post_copy_at_once_serves_faults_on_demand_and_arrives_page_exact() {
+/// Post-copy at once of 16 MiB pushed at 8 MB/s (slow enough that the guest touches pages the
+/// push has not reached), through `tamper` if given, with a "vCPU" touching pages from the
+/// top meanwhile. Checks the destination page-exact; returns the report, how many touches had
+/// to wait, and the destination's fault state.
+fn slow_post_copy(
+    tamper: Option<Tamper>,
+    mon: &Monitor,
+) -> (ferry_migration::engine::Report, u64, std::sync::Arc<Faults>) {
     let src = FakeSource::new(4096, 64);
     let pc = std::sync::Arc::new(Faults::default());
-    let p = pair_with(None, pc.clone());
+    let p = pair_with(tamper, pc.clone());
     let toucher = touch_from_top(pc.clone(), 4096);
     let opts = Options {
         postcopy_after: Some(0),
-        // Slow enough (16 MiB in ~2 s) that the guest touches pages the push has not reached.
         max_bandwidth: Some(8 << 20),
         ..Options::default()
     };
-    let rep = p.migrate(&src, &opts).unwrap();
+    let rep = p.migrate_with(&src, &opts, mon).unwrap();
     let waited = toucher.join().unwrap();
     let (dst, r) = p.join();
     r.unwrap();
     assert_exact(&src, &dst);
+    (rep, waited, pc)
+}
+
+#[test]
+fn post_copy_at_once_serves_faults_on_demand_and_arrives_page_exact() {
+    let (rep, waited, pc) = slow_post_copy(None, &Monitor::default());
     assert!(
         pc.ended.load(Ordering::SeqCst),
         "post-copy ended on the destination"
@@ -102,28 +113,15 @@ fn hybrid_and_automatic_post_copy_arrive_page_exact() {
 
 #[test]
 fn a_link_cut_during_post_copy_is_recovered_page_exact() {
-    let src = FakeSource::new(4096, 64);
-    let pc = std::sync::Arc::new(Faults::default());
     let cut = std::sync::Arc::new(AtomicBool::new(false));
     let c = cut.clone();
     // The first data connection (accept order 1) dies after 4 MiB of the push.
     let tamper: Tamper = Box::new(move |conn, seen, _| {
         !(conn == 1 && seen > 4 << 20 && !c.swap(true, Ordering::SeqCst))
     });
-    let p = pair_with(Some(tamper), pc.clone());
-    let toucher = touch_from_top(pc.clone(), 4096);
-    let opts = Options {
-        postcopy_after: Some(0),
-        max_bandwidth: Some(8 << 20),
-        ..Options::default()
-    };
     let mon = Monitor::default();
-    let rep = p.migrate_with(&src, &opts, &mon).unwrap();
-    toucher.join().unwrap();
-    let (dst, r) = p.join();
-    r.unwrap();
+    let (rep, _, _) = slow_post_copy(Some(tamper), &mon);
     assert!(cut.load(Ordering::SeqCst), "the link was cut");
-    assert_exact(&src, &dst);
     let pcr = rep.postcopy.expect("post-copy report");
     assert_eq!(pcr.recoveries, 1, "{pcr:?}");
     assert_eq!(mon.status().phase, Phase::Completed);
@@ -131,8 +129,6 @@ fn a_link_cut_during_post_copy_is_recovered_page_exact() {
 
 #[test]
 fn a_corrupted_frame_during_post_copy_is_never_installed_and_is_sent_again() {
-    let src = FakeSource::new(4096, 64);
-    let pc = std::sync::Arc::new(Faults::default());
     let flipped = std::sync::Arc::new(AtomicBool::new(false));
     let f = flipped.clone();
     // One byte in the middle of the push on the first data connection flips (a page body,
@@ -144,18 +140,7 @@ fn a_corrupted_frame_during_post_copy_is_never_installed_and_is_sent_again() {
         }
         true
     });
-    let p = pair_with(Some(tamper), pc.clone());
-    let toucher = touch_from_top(pc.clone(), 4096);
-    let opts = Options {
-        postcopy_after: Some(0),
-        max_bandwidth: Some(8 << 20),
-        ..Options::default()
-    };
-    let rep = p.migrate(&src, &opts).unwrap();
-    toucher.join().unwrap();
-    let (dst, r) = p.join();
-    r.unwrap();
+    let (rep, _, _) = slow_post_copy(Some(tamper), &Monitor::default());
     assert!(flipped.load(Ordering::SeqCst));
-    assert_exact(&src, &dst);
     assert!(rep.postcopy.unwrap().recoveries >= 1);
 }

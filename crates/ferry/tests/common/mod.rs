@@ -192,3 +192,16 @@ pub fn receiver(sock: &std::path::Path) -> (Running, String) {
     }
     (r, addr)
 }
+
+/// Starts `ferry migrate --to TO --api-socket SOCK EXTRA...` in the background, its output
+/// piped (read it with `wait_with_output`).
+pub fn spawn_migrate(to: &str, sock: &str, extra: &[&str]) -> Child {
+    Command::new(FERRY)
+        .args(["migrate", "--to", to, "--api-socket", sock])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferry migrate")
+}

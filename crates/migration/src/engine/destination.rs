@@ -60,13 +60,7 @@ fn run_destination<V: DestinationVm>(
     let hello = match recv(ctl)? {
         Message::Hello(h) => h,
         Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
-        m => {
-            return Err(ProtocolError::Unexpected {
-                got: m.name(),
-                want: "Hello",
-            }
-            .into())
-        }
+        m => return Err(m.unexpected("Hello").into()),
     };
     if hello.caps & crate::protocol::CAP_RESUME != 0 {
         return Err(ProtocolError::Peer(
@@ -261,13 +255,7 @@ fn wait_state(
             }
             Message::State(s) => return Ok((s, missing)),
             Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
-            m => {
-                return Err(ProtocolError::Unexpected {
-                    got: m.name(),
-                    want: "State",
-                }
-                .into())
-            }
+            m => return Err(m.unexpected("State").into()),
         }
     }
 }
@@ -431,13 +419,7 @@ fn receive_share<V: DestinationVm>(
                 }
             }
             Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
-            m => {
-                return Err(ProtocolError::Unexpected {
-                    got: m.name(),
-                    want: "Pages or EndOfPass",
-                }
-                .into())
-            }
+            m => return Err(m.unexpected("Pages or EndOfPass").into()),
         }
     }
 }

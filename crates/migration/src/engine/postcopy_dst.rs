@@ -282,7 +282,7 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
             for mut s in streams {
                 let fail = &fail;
                 readers.push(scope.spawn(move || {
-                    if let Err(e) = self.receive_push(&mut s) {
+                    if let Err(e) = self.receive_pages(&mut s, false) {
                         fail(e);
                     }
                 }));
@@ -290,7 +290,7 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
             let fail = &fail;
             readers.push(scope.spawn(move || {
                 let mut c = ctl;
-                if let Err(e) = self.receive_answers(&mut c) {
+                if let Err(e) = self.receive_pages(&mut c, true) {
                     fail(e);
                 }
             }));
@@ -354,51 +354,23 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
         }
     }
 
-    /// The background push on one data connection.
-    fn receive_push(&self, s: &mut TcpStream) -> Result<(), EngineError> {
+    /// Installs the pages arriving on one connection: the background push on a data
+    /// connection (until its final EndOfPass), or the demand answers on the control
+    /// connection (`pulled`; until the source closes it).
+    fn receive_pages(&self, s: &mut TcpStream, pulled: bool) -> Result<(), EngineError> {
         s.set_read_timeout(None).map_err(ProtocolError::Io)?;
         let mut frame = Vec::new();
         let mut run = Run::default();
         loop {
             let kind = recv_raw(s, &mut frame)?;
             if kind == KIND_PAGES {
-                self.install_frame(&frame, &mut run, false)?;
+                self.install_frame(&frame, &mut run, pulled)?;
                 continue;
             }
             match parse(kind, std::mem::take(&mut frame))? {
-                Message::EndOfPass { last: true, .. } => return Ok(()),
+                Message::EndOfPass { last: true, .. } if !pulled => return Ok(()),
                 Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
-                m => {
-                    return Err(ProtocolError::Unexpected {
-                        got: m.name(),
-                        want: "Pages or EndOfPass",
-                    }
-                    .into())
-                }
-            }
-        }
-    }
-
-    /// Demand answers on the control connection, until the source closes it.
-    fn receive_answers(&self, c: &mut TcpStream) -> Result<(), EngineError> {
-        c.set_read_timeout(None).map_err(ProtocolError::Io)?;
-        let mut frame = Vec::new();
-        let mut run = Run::default();
-        loop {
-            let kind = recv_raw(c, &mut frame)?;
-            if kind == KIND_PAGES {
-                self.install_frame(&frame, &mut run, true)?;
-                continue;
-            }
-            match parse(kind, std::mem::take(&mut frame))? {
-                Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
-                m => {
-                    return Err(ProtocolError::Unexpected {
-                        got: m.name(),
-                        want: "Pages",
-                    }
-                    .into())
-                }
+                m => return Err(m.unexpected("Pages or EndOfPass").into()),
             }
         }
     }

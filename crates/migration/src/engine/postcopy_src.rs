@@ -258,13 +258,7 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
                 }
                 Message::PostCopyDone(f) => return Ok(f),
                 Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
-                m => {
-                    return Err(ProtocolError::Unexpected {
-                        got: m.name(),
-                        want: "Demand or PostCopyDone",
-                    }
-                    .into())
-                }
+                m => return Err(m.unexpected("Demand or PostCopyDone").into()),
             }
         }
     }
@@ -307,13 +301,7 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
                 Message::Missing(r) => runs.extend(r),
                 Message::Welcome => break,
                 Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
-                m => {
-                    return Err(ProtocolError::Unexpected {
-                        got: m.name(),
-                        want: "Missing or Welcome",
-                    }
-                    .into())
-                }
+                m => return Err(m.unexpected("Missing or Welcome").into()),
             }
         }
         let set = PageSet::from_runs(&runs).map_err(EngineError::PostCopy)?;

@@ -554,11 +554,7 @@ fn expect_ack(ctl: &mut TcpStream, number: u32) -> Result<(), EngineError> {
     match recv(ctl)? {
         Message::EndOfPass { pass, .. } if pass == number => Ok(()),
         Message::Abort(why) => Err(ProtocolError::Peer(why).into()),
-        m => Err(ProtocolError::Unexpected {
-            got: m.name(),
-            want: "EndOfPass",
-        }
-        .into()),
+        m => Err(m.unexpected("EndOfPass").into()),
     }
 }
 
