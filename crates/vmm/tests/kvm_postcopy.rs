@@ -139,3 +139,44 @@ fn a_link_cut_in_the_middle_of_post_copy_is_recovered_with_exact_memory() {
     let pc = show("post-copy with the link cut", &rep);
     assert!(pc.recoveries >= 1, "{pc:?}");
 }
+
+#[test]
+fn four_vcpus_fault_at_once_while_four_connections_push_with_zstd() {
+    // Every vCPU rewrites a region of its own: after the switch all four fault on pages the
+    // push (compressed, over four connections, capped so it takes a while) has not reached.
+    let work = "dirty size=32M rate=40M hb=2000 ; dirty size=32M rate=40M ; \
+                dirty size=32M rate=40M ; dirty size=32M rate=40M";
+    let (src, rx) = boot(4, 512 << 20, work);
+    let mut seen = Vec::new();
+    let ready = ["D0 1", "D1 1", "D2 1", "D3 1"].map(String::from);
+    ferry_guest::console::wait_all(&rx, &mut seen, T, &ready).unwrap();
+    let b = bases(&seen);
+    assert_eq!(b.len(), 4);
+    let (addr, dest) = destination(None);
+    let opts = Options {
+        postcopy_after: Some(0),
+        connections: 4,
+        compression: ferry_migration::protocol::Compression::Zstd,
+        max_bandwidth: Some(64 << 20),
+        ..Options::default()
+    };
+    let rep = send_vm(&src, addr, &opts).expect("migration");
+    let pc = show("4 vCPUs, post-copy at once", &rep);
+    assert!(
+        pc.destination.faults >= 4,
+        "every vCPU waited for pages: {pc:?}"
+    );
+    let (vm, rx2) = hand_over(&src, &rx, &mut seen, dest);
+    let mut after = Vec::new();
+    for c in 0..4 {
+        let p = format!("D{c} ");
+        wait_for(&rx2, &mut after, T, |l| l.starts_with(&p)).unwrap();
+    }
+    vm.pause().unwrap();
+    for base in b {
+        ferry_guest::verify::verify_dirty_region(&reader(&vm), base)
+            .expect("every vCPU's region exact");
+    }
+    vm.shutdown().unwrap();
+    vm.wait();
+}
