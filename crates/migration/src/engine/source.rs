@@ -211,12 +211,6 @@ fn run_source<V: SourceVm>(
     };
     let pc = super::postcopy_src::PostCopySource::new(vm, opts, mon, session, n);
     report.postcopy = Some(pc.run(&pending, ctl, streams, connect, report.downtime_ms)?);
-    let pcr = report
-        .postcopy
-        .as_ref()
-        .map(|p| p.released_ms)
-        .unwrap_or(0.0);
-    tracing::debug!(released_ms = pcr, "post-copy done");
     report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
     report.wire_bytes = mon.wire_bytes.load(Ordering::Relaxed);
     Ok(report)
