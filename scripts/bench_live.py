@@ -17,9 +17,11 @@ Workloads (the test guest runs them on vCPU 0, the only one QEMU starts):
   1G-max      1 GiB rewritten as fast as the vCPU can (faster than the link); auto-converge on
               for both
 
-Before every run the script writes and frees 3 GiB (`--no-warm` to skip): on this nested host
-memory that has not been used recently costs ~10 us per 4 KiB page to touch again, so
-without it a run's figures depend on whether something freed memory just before.
+Right before each migration starts the script writes and frees 2 GiB (`--no-warm` to skip):
+on this nested host memory that has sat free for more than a few seconds costs ~10 us per
+4 KiB page to touch again (the kernel reports free memory to the host it runs on), and a
+destination allocates as it receives, so without it a run's figures depend on whether
+something freed memory just before.
 
 usage: scripts/bench_live.py [--ferry PATH] [--streams N] [--downtime-limit MS] [--only NAME]
        [--no-warm]
@@ -38,9 +40,12 @@ WORKLOADS = [
 ]
 
 
-def warm():
-    """Touches 3 GiB in a child process and frees it (see the module docstring)."""
-    subprocess.run([sys.executable, "-c", "b = bytearray(b'\\x01') * (3 << 30)"], check=True)
+def warm(a):
+    """Unless --no-warm: touches 2 GiB in a child process and frees it, right before a
+    migration starts (see the module docstring)."""
+    if not a.no_warm:
+        subprocess.run([sys.executable, "-c", "b = bytearray(b'\\x01') * (2 << 30)"],
+                       check=True)
 
 
 def free_port():
@@ -132,6 +137,7 @@ def run_qemu(a, image, name, mem, work, ready, converge):
         sc, dc = Console(src), Console(dst)
         sc.wait(ready)
         time.sleep(1)
+        warm(a)
         qs, qd = Qmp(f"{d}/s.sock"), Qmp(f"{d}/d.sock")
         caps = []
         if a.streams > 1:
@@ -179,6 +185,7 @@ def run_ferry(a, name, mem, work, ready, converge):
         sc, dc = Console(src), Console(dst)
         sc.wait(ready)
         time.sleep(1)
+        warm(a)
         cmd = [a.ferry, "migrate", "--to", f"127.0.0.1:{port}", "--api-socket", f"{d}/a.sock",
                "--downtime-limit", str(a.downtime_limit), "--connections", str(a.streams),
                "--max-passes", "0", "--quiet"]
@@ -242,8 +249,6 @@ def main():
             continue
         res = {}
         for vmm in ("QEMU", "Ferry"):
-            if not a.no_warm:
-                warm()
             try:
                 if vmm == "QEMU":
                     r = run_qemu(a, image, name, mem, work, ready, converge)

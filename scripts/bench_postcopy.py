@@ -20,11 +20,11 @@ Per run it reports:
                rate the same guest had before the migration: how much the guest slows
                while its pages are still arriving
 
-Before every run the script writes and frees 3 GiB: on this nested host, memory that has sat
-free (or was never used since boot) costs ~10 us per 4 KiB page to touch again, and post-copy's
-destination allocates a page per page received, so without this the figure depends on which
-VMM happened to run after something freed memory (measured: the same Ferry post-copy of 1 GiB
-took 2.6-2.9 s cold and 0.7 s warm).
+Right before each migration starts the script writes and frees 2 GiB (`--no-warm` to skip):
+on this nested host memory that has sat free for more than a few seconds costs ~10 us per
+4 KiB page to touch again, and post-copy's destination allocates a page per page received, so
+without it the figure depends on which VMM happened to run after something freed memory
+(measured: the same Ferry post-copy of 1 GiB took 2.5-2.9 s cold and 0.7 s warm).
 
 usage: scripts/bench_postcopy.py [--ferry PATH] [--only WORKLOAD] [--modes at-once,after-1]
        [--no-warm]
@@ -64,6 +64,7 @@ def run_qemu(a, image, mem, work, ready, mode):
             q.cmd("migrate-set-parameters", **{"downtime-limit": 30, "max-bandwidth": 1 << 40})
         qd.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
         before = rate(sc, time.monotonic() - 1, time.monotonic())
+        warm(a)
         t0 = time.monotonic()
         qs.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         started = False
@@ -90,9 +91,10 @@ def run_qemu(a, image, mem, work, ready, mode):
             "observed_ms": observed_gap(sc, dc),
             "downtime_ms": st.get("downtime", 0),
             "released_ms": (t_done - t0) * 1e3,
-            "postcopy_ms": (t_done - (t_pc or t_done)) * 1e3,
+            # None: pre-copy finished before the switch to post-copy was taken.
+            "postcopy_ms": (t_done - t_pc) * 1e3 if t_pc else None,
             "hb_before": before,
-            "hb_during": rate(dc, first_dst, t_done),
+            "hb_during": rate(dc, first_dst, t_done) if t_pc else None,
         }
     finally:
         for p in (src, dst):
@@ -113,6 +115,7 @@ def run_ferry(a, mem, work, ready, mode):
                "--downtime-limit", "30", "--quiet",
                "--postcopy-after", "0" if mode == "at-once" else "1"]
         before = rate(sc, time.monotonic() - 1, time.monotonic())
+        warm(a)
         t0 = time.monotonic()
         out = subprocess.run(cmd, capture_output=True, text=True)
         t_done = time.monotonic()
@@ -128,9 +131,9 @@ def run_ferry(a, mem, work, ready, mode):
             "observed_ms": observed_gap(sc, dc),
             "downtime_ms": float(m.group(1)),
             "released_ms": (t_done - t0) * 1e3,
-            "postcopy_ms": float(p.group(1)),
+            "postcopy_ms": float(p.group(1)) if p else None,
             "hb_before": before,
-            "hb_during": rate(dc, first_dst, t_done),
+            "hb_during": rate(dc, first_dst, t_done) if p else None,
             "detail": next((l for l in out.stdout.splitlines() if l.startswith("post-copy:")),
                            ""),
         }
@@ -164,8 +167,6 @@ def main():
         for mode in a.modes.split(","):
             res = {}
             for vmm in ("QEMU", "Ferry"):
-                if not a.no_warm:
-                    warm()
                 try:
                     r = (run_qemu(a, image, mem, work, ready, mode) if vmm == "QEMU"
                          else run_ferry(a, mem, work, ready, mode))
@@ -175,16 +176,22 @@ def main():
                 res[vmm] = r
                 if r.get("detail"):
                     details.append(f"{name} {mode}: {r['detail']}")
+                pc = ("— (pre-copy finished first)" if r["postcopy_ms"] is None
+                      else f"{r['postcopy_ms']:.0f}")
+                during = "—" if r["hb_during"] is None else f"{r['hb_during']:.0f}"
                 print(f"| {name} | {mode} | {vmm} | {r['observed_ms']:.1f} | "
                       f"{r['downtime_ms']:.1f} | {r['released_ms']:.0f} | "
-                      f"{r['postcopy_ms']:.0f} | {r['hb_before']:.0f} → {r['hb_during']:.0f} |",
-                      flush=True)
+                      f"{pc} | {r['hb_before']:.0f} → {during} |", flush=True)
             if len(res) == 2:
                 q, f = res["QEMU"], res["Ferry"]
-                x = lambda k: f[k] / max(q[k], 1e-3)  # noqa: E731
-                print(f"| {name} | {mode} | Ferry/QEMU | {x('observed_ms'):.2f}× | "
-                      f"{x('downtime_ms'):.2f}× | {x('released_ms'):.2f}× | "
-                      f"{x('postcopy_ms'):.2f}× | {x('hb_during'):.2f}× |", flush=True)
+
+                def x(k):
+                    if q[k] is None or f[k] is None:
+                        return "—"
+                    return f"{f[k] / max(q[k], 1e-3):.2f}×"
+                print(f"| {name} | {mode} | Ferry/QEMU | {x('observed_ms')} | "
+                      f"{x('downtime_ms')} | {x('released_ms')} | "
+                      f"{x('postcopy_ms')} | {x('hb_during')} |", flush=True)
     for l in details:
         print(f"# {l}")
     shutil.rmtree(d, ignore_errors=True)
