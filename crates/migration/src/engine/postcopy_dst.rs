@@ -10,7 +10,7 @@ use super::destination::accept_data;
 use super::pageset::PageSet;
 use super::{ok, DestinationVm, EngineError};
 use crate::protocol::{
-    for_each_page, parse, recv, recv_raw, send, Message, PostCopyFigures, ProtocolError,
+    for_each_page, parse, recv, recv_raw, send, Message, PageRef, PostCopyFigures, ProtocolError,
     CAP_RESUME, KIND_PAGES, MAX_CONNECTIONS, MAX_RANGES, PAGE,
 };
 use std::collections::HashMap;
@@ -199,7 +199,7 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
         }
     }
 
-    /// Installs the run of pages collected in `run` (pushed or pulled); counts each once.
+    /// Installs the run of pages collected in `run` (pushed or pulled).
     fn install_run(&self, run: &mut Run, pulled: bool) -> Result<(), String> {
         if run.pages == 0 {
             return Ok(());
@@ -207,35 +207,43 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
         let mask = self
             .vm
             .install_pages(run.gpa, &run.buf[..run.pages * PAGE])?;
-        let c = if pulled { &self.pulled } else { &self.pushed };
         for k in 0..run.pages {
-            let gpa = run.gpa + (k * PAGE) as u64;
-            if mask & (1 << k) != 0 && self.set.take(gpa) {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let mut r = self.requested.lock().unwrap_or_else(|e| e.into_inner());
-        if !r.is_empty() {
-            for k in 0..run.pages {
-                if let Some(t) = r.remove(&(run.gpa + (k * PAGE) as u64)) {
-                    self.latencies_us
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(t.elapsed().as_micros() as u64);
-                }
-            }
+            self.arrived(run.gpa + (k * PAGE) as u64, mask & (1 << k) != 0, pulled);
         }
         run.pages = 0;
         Ok(())
     }
 
-    /// Installs every page of a `Pages` frame, consecutive pages a run (one ioctl) at a time.
+    /// Books a page that arrived: counted once (by whoever installed it first), and the
+    /// latency of a demand that waited for it.
+    fn arrived(&self, gpa: u64, installed: bool, pulled: bool) {
+        if installed && self.set.take(gpa) {
+            let c = if pulled { &self.pulled } else { &self.pushed };
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut r = self.requested.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = r.remove(&gpa) {
+            self.latencies_us
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(t.elapsed().as_micros() as u64);
+        }
+    }
+
+    /// Installs every page of a `Pages` frame: consecutive data pages a run (one ioctl) at a
+    /// time, zero pages as the shared zero page (no memory allocated for them).
     fn install_frame(&self, frame: &[u8], run: &mut Run, pulled: bool) -> Result<(), EngineError> {
         let pc = EngineError::PostCopy;
         for_each_page(frame, |gpa, d| {
             let next = run.gpa + (run.pages * PAGE) as u64;
-            if run.pages == RUN_PAGES || (run.pages > 0 && next != gpa) {
+            let zero = matches!(d, PageRef::Zero);
+            if run.pages == RUN_PAGES || (run.pages > 0 && (next != gpa || zero)) {
                 self.install_run(run, pulled).map_err(pc)?;
+            }
+            if zero {
+                let installed = self.vm.install_zero(gpa).map_err(pc)?;
+                self.arrived(gpa, installed, pulled);
+                return Ok(());
             }
             if run.pages == 0 {
                 run.gpa = gpa;
