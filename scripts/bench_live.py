@@ -225,19 +225,31 @@ def iperf3(streams):
         srv.wait(timeout=10)
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def common_args(ap):
+    """The options every side-by-side script takes."""
     ap.add_argument("--ferry", default="target/release/ferry")
-    ap.add_argument("--streams", type=int, default=1)
-    ap.add_argument("--downtime-limit", type=int, default=30)
     ap.add_argument("--only", help="run only this workload")
     ap.add_argument("--no-warm", action="store_true", help="do not warm memory before runs")
-    a = ap.parse_args()
+
+
+def guest_image(a):
+    """Writes the test guest image to a new temporary directory; returns the directory, the
+    image's path and QEMU's version line."""
     d = tempfile.mkdtemp(prefix="ferry-bench-img-")
     image = f"{d}/guest.elf"
     subprocess.run([a.ferry, "guest-image", "-o", image], check=True, capture_output=True)
     qv = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
                         text=True).stdout.split("\n")[0]
+    return d, image, qv
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    common_args(ap)
+    ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--downtime-limit", type=int, default=30)
+    a = ap.parse_args()
+    d, image, qv = guest_image(a)
     link = iperf3(a.streams)
     print(f"# {qv}; streams {a.streams}; downtime limit {a.downtime_limit} ms; "
           f"iperf3 loopback {link / 1e6:.0f} MB/s")

@@ -33,8 +33,8 @@ import argparse, os, re, shutil, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_snapshot import Qmp  # noqa: E402
-from bench_live import (Console, beats, ferry_pair, free_port, observed_gap,  # noqa: E402
-                        qemu_pair, warm)
+from bench_live import (Console, beats, common_args, ferry_pair, free_port,  # noqa: E402
+                        guest_image, observed_gap, qemu_pair, warm)
 
 WORKLOADS = [
     ("1G-50M", "2G", "dirty size=1G rate=50M hb=2000", "D0 1"),
@@ -146,16 +146,10 @@ def run_ferry(a, mem, work, ready, mode):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ferry", default="target/release/ferry")
-    ap.add_argument("--only", help="run only this workload")
+    common_args(ap)
     ap.add_argument("--modes", default="at-once,after-1")
-    ap.add_argument("--no-warm", action="store_true", help="do not warm memory before runs")
     a = ap.parse_args()
-    d = tempfile.mkdtemp(prefix="ferry-bench-img-")
-    image = f"{d}/guest.elf"
-    subprocess.run([a.ferry, "guest-image", "-o", image], check=True, capture_output=True)
-    qv = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
-                        text=True).stdout.split("\n")[0]
+    d, image, qv = guest_image(a)
     print(f"# {qv}; post-copy, one stream, loopback")
     print("| workload | mode | VMM | guest-observed downtime ms | VMM downtime ms | "
           "total ms (start → source released) | switch → source released ms | heartbeats/s before → during post-copy |")

@@ -71,10 +71,11 @@ fn serve_and_wait(
     start: bool,
     arriving: Option<Arc<AtomicBool>>,
 ) -> Result<i32> {
-    let host = match arriving {
-        Some(a) => Host::arriving(vm.clone(), console_log.clone(), a),
-        None => Host::new(Some(vm.clone()), console_log.clone()),
-    };
+    let host = Host::arriving(
+        Some(vm.clone()),
+        console_log.clone(),
+        arriving.unwrap_or_default(),
+    );
     let server = listener
         .map(|l| crate::api::server::spawn(l, host))
         .transpose()?;

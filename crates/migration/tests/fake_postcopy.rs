@@ -78,34 +78,35 @@ fn post_copy_at_once_serves_faults_on_demand_and_arrives_page_exact() {
 
 #[test]
 fn hybrid_and_automatic_post_copy_arrive_page_exact() {
-    // Two pre-copy passes, then post-copy (a limit no pass can meet, so pre-copy does not
-    // finish by itself first).
-    let src = FakeSource::new(4096, 256);
-    let p = pair(None);
+    // A limit no pass can meet, so pre-copy does not finish by itself first.
+    let move_exact = |writes_per_pass, opts: Options| {
+        let src = FakeSource::new(4096, writes_per_pass);
+        let p = pair(None);
+        let opts = Options {
+            downtime_limit: Duration::from_micros(1),
+            ..opts
+        };
+        let rep = p.migrate(&src, &opts).unwrap();
+        let (dst, r) = p.join();
+        r.unwrap();
+        assert_exact(&src, &dst);
+        rep
+    };
+    // Two pre-copy passes, then post-copy.
     let opts = Options {
         postcopy_after: Some(2),
-        downtime_limit: Duration::from_micros(1),
         ..Options::default()
     };
-    let rep = p.migrate(&src, &opts).unwrap();
-    let (dst, r) = p.join();
-    r.unwrap();
-    assert_exact(&src, &dst);
+    let rep = move_exact(256, opts);
     assert_eq!(rep.passes.len(), 3);
     let pcr = rep.postcopy.expect("post-copy report");
     assert!(pcr.pages > 0 && pcr.pages < 4096, "{pcr:?}");
     // A guest rewriting more than the passes carry: post-copy instead of a long pause.
-    let src = FakeSource::new(4096, 3000);
-    let p = pair(None);
     let opts = Options {
         auto_postcopy: true,
-        downtime_limit: Duration::from_micros(1),
         ..Options::default()
     };
-    let rep = p.migrate(&src, &opts).unwrap();
-    let (dst, r) = p.join();
-    r.unwrap();
-    assert_exact(&src, &dst);
+    let rep = move_exact(3000, opts);
     assert_eq!(rep.switch_reason, "not converging");
     assert!(rep.passes.len() <= 3, "{} passes", rep.passes.len());
     assert!(rep.postcopy.is_some());

@@ -126,21 +126,33 @@ impl LiveDestination {
             .ok_or_else(|| "the VM was not built yet".to_string())
     }
 
-    /// Host address and length of `[gpa, gpa + len)`, which must lie in one RAM region.
-    fn host_range(&self, gpa: u64, len: u64) -> Result<(*mut u8, usize), String> {
+    /// `madvise(advice)` over `[gpa, gpa + len)`, clamped to the end of the RAM region `gpa`
+    /// lies in; returns the bytes advised.
+    fn advise(&self, gpa: u64, len: u64, advice: libc::c_int) -> Result<u64, String> {
         let mem = self.mem()?;
         let region = mem
             .find_region(GuestAddress(gpa))
             .ok_or_else(|| format!("{gpa:#x} is not guest RAM"))?;
         let offset = gpa - region.start_addr().0;
-        if len > region.len() - offset {
-            return Err(format!("{gpa:#x} + {len:#x} runs past its RAM region"));
+        let len = len.min(region.len() - offset);
+        // SAFETY: [offset, offset + len) lies inside this region's anonymous private mapping
+        // (offset < region.len(), len clamped to the rest), which lives as long as
+        // `self.mem`. madvise changes no mapping, only what backs its pages; which advice is
+        // right when is the callers' contract (`prefault`, `discard`).
+        let r = unsafe {
+            libc::madvise(
+                region.as_ptr().add(offset as usize) as *mut libc::c_void,
+                len as usize,
+                advice,
+            )
+        };
+        if r != 0 {
+            return Err(format!(
+                "{gpa:#x}+{len:#x}: {}",
+                std::io::Error::last_os_error()
+            ));
         }
-        // SAFETY: offset < region.len(), so the pointer stays inside the region's mapping.
-        Ok((
-            unsafe { region.as_ptr().add(offset as usize) },
-            len as usize,
-        ))
+        Ok(len)
     }
 
     fn with_missing<T>(
@@ -171,22 +183,9 @@ impl DestinationVm for LiveDestination {
             .map_err(|e| format!("page {gpa:#x}: {e}"))
     }
     fn prefault(&self, gpa: u64, len: u64) -> Result<(), String> {
-        let region_left = {
-            let mem = self.mem()?;
-            let r = mem
-                .find_region(GuestAddress(gpa))
-                .ok_or_else(|| format!("{gpa:#x} is not guest RAM"))?;
-            r.len() - (gpa - r.start_addr().0)
-        };
-        let (host, len) = self.host_range(gpa, len.min(region_left))?;
-        // SAFETY: `host_range` checked [host, host + len) lies inside one region's anonymous
-        // mapping, which lives as long as `self.mem`. MADV_POPULATE_WRITE only maps its pages
-        // (zero-filled where absent, untouched where present); it never changes contents.
-        let r = unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error().to_string());
-        }
-        Ok(())
+        // MADV_POPULATE_WRITE only maps pages (zero-filled where absent, untouched where
+        // present); it never changes contents.
+        self.advise(gpa, len, libc::MADV_POPULATE_WRITE).map(|_| ())
     }
     fn load_state(&self, state: &[u8]) -> Result<(), String> {
         let state: VmState = postcard::from_bytes(state).map_err(|e| format!("VM state: {e}"))?;
@@ -220,18 +219,15 @@ impl DestinationVm for LiveDestination {
         Ok(())
     }
     fn discard(&self, runs: &[(u64, u64)]) -> Result<(), String> {
+        // Nothing runs in the VM yet: MADV_DONTNEED drops these pages (stale copies from
+        // earlier passes, or pages mapped ahead), so the next touch of each finds it missing.
         for &(gpa, pages) in runs {
-            let (host, len) = self.host_range(gpa, pages * 4096)?;
-            // SAFETY: [host, host + len) lies inside guest RAM's anonymous private mapping
-            // (checked by `host_range`); nothing runs in the VM yet. MADV_DONTNEED drops these
-            // pages (stale copies from earlier passes, or zero pages mapped ahead), so the
-            // next touch of each finds it missing.
-            let r = unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_DONTNEED) };
-            if r != 0 {
-                return Err(format!(
-                    "dropping {gpa:#x}+{pages} pages: {}",
-                    std::io::Error::last_os_error()
-                ));
+            let len = pages * 4096;
+            let done = self
+                .advise(gpa, len, libc::MADV_DONTNEED)
+                .map_err(|e| format!("dropping pages: {e}"))?;
+            if done != len {
+                return Err(format!("{gpa:#x}+{pages} pages run past their RAM region"));
             }
         }
         Ok(())

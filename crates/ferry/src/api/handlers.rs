@@ -58,7 +58,8 @@ pub fn not_migrating(host: &Host) -> Result<(), ApiError> {
         Some(m) if host.migrating() => Err(ApiError(
             StatusCode::CONFLICT,
             format!(
-                "a live migration of this VM is running (phase {:?}): wait for it, or cancel it                  before its switch-over (ferry vm cancel-migration)",
+                "a live migration of this VM is running (phase {:?}): wait for it, or cancel it \
+                 before its switch-over (ferry vm cancel-migration)",
                 m.status().phase
             ),
         )),

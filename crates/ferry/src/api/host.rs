@@ -19,23 +19,17 @@ pub struct Host {
 
 impl Host {
     pub fn new(vm: Option<Arc<Vm>>, console_log: Option<PathBuf>) -> Arc<Host> {
-        Arc::new(Host {
-            vm: Mutex::new(vm),
-            migration: Mutex::new((None, false)),
-            filled: Condvar::new(),
-            console_log,
-            incoming: Arc::new(AtomicBool::new(false)),
-        })
+        Self::arriving(vm, console_log, Arc::default())
     }
 
-    /// A host for a VM still arriving by post-copy until `incoming` turns false.
+    /// A host whose VM is still arriving by post-copy while `incoming` is true.
     pub fn arriving(
-        vm: Arc<Vm>,
+        vm: Option<Arc<Vm>>,
         console_log: Option<PathBuf>,
         incoming: Arc<AtomicBool>,
     ) -> Arc<Host> {
         Arc::new(Host {
-            vm: Mutex::new(Some(vm)),
+            vm: Mutex::new(vm),
             migration: Mutex::new((None, false)),
             filled: Condvar::new(),
             console_log,

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use ferry_migration::engine::TimeoutPolicy;
-use ferry_migration::engine::{migrate, EngineError, Monitor, Options, Phase, Report, Status};
+use ferry_migration::engine::{migrate, EngineError, Monitor, Options, Report, Status};
 use ferry_migration::protocol::Compression;
 use ferry_vmm::{RunState, Vm};
 use std::net::TcpStream;
@@ -163,10 +163,7 @@ pub async fn resume_postcopy(
     Json(req): Json<ResumeRequest>,
 ) -> Result<StatusCode, ApiError> {
     match host.migration() {
-        Some(m)
-            if host.migrating()
-                && matches!(m.status().phase, Phase::PostCopy | Phase::PostCopyPaused) =>
-        {
+        Some(m) if host.migrating() && m.status().phase.is_postcopy() => {
             m.resume_postcopy(req.to);
             Ok(StatusCode::ACCEPTED)
         }
@@ -180,10 +177,11 @@ pub async fn resume_postcopy(
 /// Cancels the running migration; it rolls back unless it has already committed.
 pub async fn cancel(State(host): State<Arc<Host>>) -> Result<StatusCode, ApiError> {
     if let Some(m) = host.migration() {
-        if matches!(m.status().phase, Phase::PostCopy | Phase::PostCopyPaused) {
+        if m.status().phase.is_postcopy() {
             return Err(ApiError(
                 StatusCode::CONFLICT,
-                "the VM already runs on the destination (post-copy): a migration cannot be                  cancelled after its switch-over"
+                "the VM already runs on the destination (post-copy): a migration cannot be \
+                 cancelled after its switch-over"
                     .into(),
             ));
         }

@@ -336,41 +336,52 @@ pub(super) fn accept_data(
     let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
     let mut have = 0;
     let deadline = Instant::now() + JOIN_TIMEOUT;
-    l.set_nonblocking(true).map_err(ProtocolError::Io)?;
-    let r = loop {
-        if have == n {
-            break Ok(());
-        }
-        match l.accept() {
-            Ok((mut s, _)) => {
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let _ = s.set_nodelay(true);
-                if let Ok(Message::Join { session: id, index }) = recv(&mut s) {
-                    if id == session && index < n && slots[index as usize].is_none() {
-                        let _ = s.set_read_timeout(Some(IDLE_TIMEOUT));
-                        slots[index as usize] = Some(s);
-                        have += 1;
-                    }
-                }
+    while have < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some((mut s, _)) = accept_within(l, left).map_err(ProtocolError::Io)? else {
+            return Err(ProtocolError::Malformed {
+                what: "Join",
+                why: format!("only {have} of {n} data connections joined within {JOIN_TIMEOUT:?}"),
             }
+            .into());
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.set_nodelay(true);
+        if let Ok(Message::Join { session: id, index }) = recv(&mut s) {
+            if id == session && index < n && slots[index as usize].is_none() {
+                let _ = s.set_read_timeout(Some(IDLE_TIMEOUT));
+                slots[index as usize] = Some(s);
+                have += 1;
+            }
+        }
+    }
+    Ok(slots.into_iter().flatten().collect())
+}
+
+/// Accepts one connection (blocking), waiting at most `wait`; None when none came.
+pub(super) fn accept_within(
+    l: &TcpListener,
+    wait: Duration,
+) -> std::io::Result<Option<(TcpStream, std::net::SocketAddr)>> {
+    l.set_nonblocking(true)?;
+    let until = Instant::now() + wait;
+    let r = loop {
+        match l.accept() {
+            Ok(x) => break Ok(Some(x)),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    break Err(EngineError::Protocol(ProtocolError::Malformed {
-                        what: "Join",
-                        why: format!(
-                            "only {have} of {n} data connections joined within {JOIN_TIMEOUT:?}"
-                        ),
-                    }));
+                if Instant::now() >= until {
+                    break Ok(None);
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
-            Err(e) => break Err(ProtocolError::Io(e).into()),
+            Err(e) => break Err(e),
         }
     };
     let _ = l.set_nonblocking(false);
-    r?;
-    Ok(slots.into_iter().flatten().collect())
+    if let Ok(Some((s, _))) = &r {
+        s.set_nonblocking(false)?;
+    }
+    r
 }
 
 /// One data connection: pages go straight from the frame into the VM. Returns the pages

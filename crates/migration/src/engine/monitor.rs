@@ -23,6 +23,14 @@ pub enum Phase {
     Cancelled,
 }
 
+impl Phase {
+    /// After a post-copy switch-over: the VM runs on the destination, part of its memory is
+    /// still here.
+    pub fn is_postcopy(self) -> bool {
+        matches!(self, Phase::PostCopy | Phase::PostCopyPaused)
+    }
+}
+
 /// Snapshot of a migration's progress.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {

@@ -133,11 +133,6 @@ impl PageSet {
         bits
     }
 
-    /// Gives back pages claimed but not delivered (a connection broke under them).
-    pub fn put_back(&self, gpa: u64) {
-        let _ = self.insert(gpa);
-    }
-
     /// The first word at or after `from` with a page in it.
     pub fn next_word(&self, from: usize) -> Option<usize> {
         (from..self.words.len()).find(|&w| self.words[w].load(Ordering::SeqCst) != 0)
@@ -206,7 +201,7 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert_eq!(s.next_word(0), Some(1));
         assert_eq!(s.runs(10), vec![vec![(P * 70, 2)]]);
-        s.put_back(P * 5);
+        let s = PageSet::from_runs(&[(P * 5, 1), (P * 70, 2)]).unwrap();
         assert_eq!(s.runs(1), vec![vec![(P * 5, 1)], vec![(P * 70, 2)]]);
         assert!(PageSet::from_runs(&[(MAX_GUEST_ADDR, 1)]).is_err());
         assert!(PageSet::from_pages([4097]).is_err());

@@ -6,7 +6,7 @@
 //! page wakes whoever waits for it. When the link breaks, vCPUs that touch a missing page wait
 //! (the others run on) and the listener waits for the source to reconnect; the pages still
 //! missing are named to it and the transfer goes on.
-use super::destination::accept_data;
+use super::destination::{accept_data, accept_within};
 use super::pageset::PageSet;
 use super::{ok, DestinationVm, EngineError};
 use crate::protocol::{
@@ -207,26 +207,30 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
         let mask = self
             .vm
             .install_pages(run.gpa, &run.buf[..run.pages * PAGE])?;
-        for k in 0..run.pages {
-            self.arrived(run.gpa + (k * PAGE) as u64, mask & (1 << k) != 0, pulled);
-        }
+        self.arrived(run.gpa, run.pages, mask, pulled);
         run.pages = 0;
         Ok(())
     }
 
-    /// Books a page that arrived: counted once (by whoever installed it first), and the
-    /// latency of a demand that waited for it.
-    fn arrived(&self, gpa: u64, installed: bool, pulled: bool) {
-        if installed && self.set.take(gpa) {
-            let c = if pulled { &self.pulled } else { &self.pushed };
-            c.fetch_add(1, Ordering::Relaxed);
+    /// Books `pages` consecutive pages from `gpa` that arrived (`installed`: bit k set when
+    /// page k was installed by this call): each counted once, by whoever installed it first,
+    /// and the latency of any demand that waited for one.
+    fn arrived(&self, gpa: u64, pages: usize, installed: u64, pulled: bool) {
+        let c = if pulled { &self.pulled } else { &self.pushed };
+        for k in 0..pages {
+            if installed & (1 << k) != 0 && self.set.take(gpa + (k * PAGE) as u64) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let mut r = self.requested.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = r.remove(&gpa) {
-            self.latencies_us
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(t.elapsed().as_micros() as u64);
+        if r.is_empty() {
+            return;
+        }
+        let mut l = self.latencies_us.lock().unwrap_or_else(|e| e.into_inner());
+        for k in 0..pages {
+            if let Some(t) = r.remove(&(gpa + (k * PAGE) as u64)) {
+                l.push(t.elapsed().as_micros() as u64);
+            }
         }
     }
 
@@ -242,7 +246,7 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
             }
             if zero {
                 let installed = self.vm.install_zero(gpa).map_err(pc)?;
-                self.arrived(gpa, installed, pulled);
+                self.arrived(gpa, 1, installed as u64, pulled);
                 return Ok(());
             }
             if run.pages == 0 {
@@ -454,30 +458,4 @@ impl Default for Run {
             buf: vec![0; RUN_PAGES * PAGE],
         }
     }
-}
-
-/// Accepts one connection, waiting at most `wait`.
-fn accept_within(
-    l: &TcpListener,
-    wait: Duration,
-) -> std::io::Result<Option<(TcpStream, std::net::SocketAddr)>> {
-    l.set_nonblocking(true)?;
-    let until = Instant::now() + wait;
-    let r = loop {
-        match l.accept() {
-            Ok(x) => break Ok(Some(x)),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= until {
-                    break Ok(None);
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => break Err(e),
-        }
-    };
-    let _ = l.set_nonblocking(false);
-    if let Ok(Some((s, _))) = &r {
-        s.set_nonblocking(false)?;
-    }
-    r
 }

@@ -196,12 +196,13 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
                 frame
                     .push_with(gpa, self.sh.opts.compression, |b| self.vm.read_page(gpa, b))
                     .map_err(EngineError::PostCopy)?;
-                self.pushed.fetch_add(1, Ordering::Relaxed);
-                self.sh.mon.pass_sent.fetch_add(1, Ordering::Relaxed);
                 if frame.pages() >= MAX_BATCH {
                     flush(&mut s, &mut frame, &self.sh)?;
                 }
             }
+            let n = bits.count_ones() as u64;
+            self.pushed.fetch_add(n, Ordering::Relaxed);
+            self.sh.mon.pass_sent.fetch_add(n, Ordering::Relaxed);
         }
         flush(&mut s, &mut frame, &self.sh)?;
         send(

@@ -339,14 +339,7 @@ impl<V: SourceVm> Coordinator<'_, V> {
         if postcopy && !report.passes.is_empty() {
             // The destination drops its stale copies of what post-copy will fetch while the
             // VM still runs here: freeing them (~70 ms per GiB here) stays out of the pause.
-            let mut rest = &todo[..];
-            let mut frames = 0;
-            while !rest.is_empty() {
-                let (runs, used) = ranges_upto(rest);
-                send(ctl, &Message::Discard(runs))?;
-                rest = &rest[used..];
-                frames += 1;
-            }
+            let frames = send_runs(ctl, &todo, Message::Discard)?;
             for _ in 0..frames {
                 expect(ctl, Message::Discarded)?;
             }
@@ -381,12 +374,7 @@ impl<V: SourceVm> Coordinator<'_, V> {
         let state = ok(vm.save_state())?;
         let t_state = t_pause.elapsed();
         if let Some(p) = &pending {
-            let mut rest = &p[..];
-            while !rest.is_empty() {
-                let (runs, used) = ranges_upto(rest);
-                send(ctl, &Message::Missing(runs))?;
-                rest = &rest[used..];
-            }
+            send_runs(ctl, p, Message::Missing)?;
         }
         send(ctl, &Message::State(state))?;
         expect_ack(ctl, number)?;
@@ -523,6 +511,22 @@ impl<V: SourceVm> Coordinator<'_, V> {
 /// Ascending page addresses as (first page, page count) runs, at most what one frame holds.
 fn ranges(pages: &[u64]) -> Vec<(u64, u64)> {
     ranges_upto(pages).0
+}
+
+/// Sends ascending `pages` as runs, as many `message` frames as they take; returns how many.
+fn send_runs(
+    ctl: &mut TcpStream,
+    pages: &[u64],
+    message: fn(Vec<(u64, u64)>) -> Message,
+) -> Result<usize, ProtocolError> {
+    let (mut rest, mut frames) = (pages, 0);
+    while !rest.is_empty() {
+        let (runs, used) = ranges_upto(rest);
+        send(ctl, &message(runs))?;
+        rest = &rest[used..];
+        frames += 1;
+    }
+    Ok(frames)
 }
 
 /// As [`ranges`], with how many of `pages` the runs cover.
