@@ -3,6 +3,7 @@
 pub mod boot;
 pub mod cpuid;
 pub mod devices;
+pub mod dirty;
 pub mod live;
 pub mod memory;
 pub mod snapshot;

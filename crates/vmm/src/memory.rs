@@ -1,13 +1,13 @@
 //! Guest RAM: layout, allocation (sparse anonymous mappings) and VMM-side dirty tracking.
 //!
 //! Every write the VMM makes through the [`GuestMem`] API (loaders, devices) sets a bit in the
-//! region's [`AtomicBitmap`]; [`crate::Vm::fetch_dirty`] merges those bits with KVM's log.
+//! region's [`LazyBitmap`]; [`crate::Vm::fetch_dirty`] merges those bits with KVM's log.
+pub use crate::dirty::LazyBitmap;
 use serde::{Deserialize, Serialize};
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 /// Guest memory with a dirty bitmap per region for writes made by the VMM.
-pub type GuestMem = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMem = vm_memory::GuestMemoryMmap<LazyBitmap>;
 
 /// Guest page size.
 pub const PAGE_SIZE: u64 = 4096;
@@ -146,13 +146,6 @@ impl DirtyBitmap {
             r.bits[(i / 64) as usize] & (1 << (i % 64)) != 0
         })
     }
-}
-
-/// Takes (and clears) the VMM-side write bitmap of every region, as page bits.
-pub(crate) fn take_vmm_dirty(mem: &GuestMem) -> Vec<Vec<u64>> {
-    mem.iter()
-        .map(|r| std::ops::Deref::deref(r).bitmap().get_and_reset())
-        .collect()
 }
 
 /// Clears the VMM-side write bitmaps.

@@ -2,11 +2,12 @@
 use crate::boot::{self, cpu, linux, multiboot, BootError, Entry, ImageKind};
 use crate::devices::DevicesState;
 use crate::devices::{ConsoleOut, IoBus, Serial};
+use crate::dirty::{DirtyError, DirtyLog};
 use crate::memory::{self, DirtyBitmap, GuestMem, MemoryError, RamRange, RangeBitmap, PAGE_SIZE};
 use crate::vcpu::{self, Control, GuestExit, SharedVcpu, WANT_PAUSE, WANT_RUN};
 use crate::vcpu_state::{self, Capabilities, StateError, VcpuState};
 use crate::vm_state::{self, KvmVmState};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::kvm_pit_config;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -96,6 +97,8 @@ pub enum VmError {
     Saved(#[from] StateError),
     #[error("device state: {0}")]
     Devices(#[from] crate::devices::SerialStateError),
+    #[error("dirty log: {0}")]
+    Dirty(#[from] DirtyError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -144,6 +147,7 @@ struct Base {
     layout: Vec<RamRange>,
     serial_irq: vmm_sys_util::eventfd::EventFd,
     caps: Capabilities,
+    dirty: DirtyLog,
 }
 
 /// A virtual machine on KVM.
@@ -158,7 +162,9 @@ pub struct Vm {
     bus: Arc<IoBus>,
     ctl: Arc<Control>,
     life: Mutex<Lifecycle>,
+    /// A dirty-tracking baseline is kept (snapshots: `fetch_dirty` reports what changed).
     logging: AtomicBool,
+    dirty: DirtyLog,
     snap: Mutex<crate::snapshot::SnapshotTrack>,
 }
 
@@ -199,7 +205,11 @@ impl Vm {
             setup_vcpu(&v, i, config.cpus, entry, &supported)?;
             vcpus.push(v);
         }
-        memory::reset_vmm_dirty(&base.mem);
+        if !base.dirty.manual() {
+            // With manual protection the loader's writes stay: they are part of what the
+            // dirty log knows the guest's memory holds.
+            memory::reset_vmm_dirty(&base.mem);
+        }
         Vm::assemble(config, base, vcpus, bus)
     }
 
@@ -255,6 +265,7 @@ impl Vm {
                 handles: Vec::new(),
             }),
             logging: AtomicBool::new(false),
+            dirty: base.dirty,
             snap: Mutex::new(Default::default()),
         })
     }
@@ -469,55 +480,98 @@ impl Vm {
         exit
     }
 
-    /// Starts KVM dirty logging on every slot and clears the VMM-side write bitmap.
+    /// Starts a dirty-tracking baseline: from now on [`Vm::fetch_dirty`] reports the pages
+    /// written after this call. Legacy log: switches KVM's log on (write-protecting every
+    /// page); manual protection: clears what the log holds.
     pub fn start_dirty_log(&self) -> Result<(), VmError> {
         memory::reset_vmm_dirty(&self.mem);
-        for (slot, region) in self.mem.iter().enumerate() {
-            set_slot(&self.vm, slot as u32, region, true)?;
+        if self.dirty.manual() {
+            self.dirty.clear_all(&self.vm, &self.mem)?;
+            self.dirty.forget_history();
+        } else {
+            self.dirty.set_logging(&self.vm, true)?;
         }
         self.logging.store(true, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Stops KVM dirty logging.
+    /// Ends the baseline (legacy log: KVM stops logging; manual protection logs always).
     pub fn stop_dirty_log(&self) -> Result<(), VmError> {
-        for (slot, region) in self.mem.iter().enumerate() {
-            set_slot(&self.vm, slot as u32, region, false)?;
-        }
+        self.dirty.set_logging(&self.vm, false)?;
         self.logging.store(false, Ordering::SeqCst);
         Ok(())
     }
 
+    /// A baseline is kept ([`Vm::start_dirty_log`]).
     pub fn dirty_logging(&self) -> bool {
         self.logging.load(Ordering::SeqCst)
     }
 
-    /// Pages dirtied since the last call (or since logging started): KVM's log for guest
-    /// writes merged with the VMM's own writes. Fetching clears both.
+    /// Pages dirtied since the last call (or since the baseline started): KVM's log for
+    /// guest writes merged with the VMM's own writes. Fetching clears both (with manual
+    /// protection, every page reported is write-protected again).
     pub fn fetch_dirty(&self) -> Result<DirtyBitmap, VmError> {
-        let logging = self.dirty_logging();
-        let vmm = memory::take_vmm_dirty(&self.mem);
         let mut out = DirtyBitmap::default();
-        for (slot, (region, vmm_bits)) in self.mem.iter().zip(vmm).enumerate() {
-            let len = region.len() as usize;
-            let pages = len as u64 / PAGE_SIZE;
-            let mut bits = if logging {
-                self.vm
-                    .get_dirty_log(slot as u32, len)
-                    .map_err(kvm_err("get dirty log"))?
-            } else {
-                vec![0; pages.div_ceil(64) as usize]
-            };
-            for (b, v) in bits.iter_mut().zip(vmm_bits) {
-                *b |= v;
-            }
+        for region in self.mem.iter() {
+            let pages = region.len() / PAGE_SIZE;
             out.ranges.push(RangeBitmap {
                 start: region.start_addr().0,
                 pages,
-                bits,
+                bits: vec![0; pages.div_ceil(64) as usize],
             });
         }
+        let mut cleared = Vec::new();
+        self.dirty.harvest(&self.vm, &self.mem, |first, words| {
+            let gpa = first as u64 * 64 * PAGE_SIZE;
+            if let Some(r) = out
+                .ranges
+                .iter_mut()
+                .find(|r| gpa >= r.start && gpa < r.start + r.pages * PAGE_SIZE)
+            {
+                let at = ((gpa - r.start) / PAGE_SIZE / 64) as usize;
+                for (b, w) in r.bits[at..].iter_mut().zip(words) {
+                    *b |= w;
+                }
+            }
+            if self.dirty.manual() && words.iter().any(|&w| w != 0) {
+                cleared.push((first, words.to_vec()));
+            }
+        })?;
+        for (first, words) in cleared {
+            self.dirty.clear(&self.vm, first, &words)?;
+        }
         Ok(out)
+    }
+
+    /// For the migration engine: calls `f(first_word, words)` with the pages dirtied since
+    /// they were last re-armed ([`Vm::rearm_dirty`]; legacy log: since the last harvest),
+    /// word `first_word + i` holding pages `64 (first_word + i) ..` from guest address 0.
+    /// Manual protection leaves KVM's log as it is; the VMM's own bits are taken.
+    pub fn harvest_dirty(&self, f: impl FnMut(usize, &[u64])) -> Result<(), VmError> {
+        Ok(self.dirty.harvest(&self.vm, &self.mem, f)?)
+    }
+
+    /// For the migration engine, right before reading the pages `words` names: clears them
+    /// from KVM's log and write-protects them again (manual protection; a no-op otherwise).
+    pub fn rearm_dirty(&self, first: usize, words: &[u64]) -> Result<(), VmError> {
+        Ok(self.dirty.clear(&self.vm, first, words)?)
+    }
+
+    /// KVM's manual dirty-log protection is in use.
+    pub fn manual_dirty_log(&self) -> bool {
+        self.dirty.manual()
+    }
+
+    /// [`Vm::harvest_dirty`] names every page written since the VM was created (manual
+    /// protection, nothing cleared yet): the populated pages without scanning memory.
+    pub fn dirty_history(&self) -> bool {
+        self.dirty.has_history()
+    }
+
+    /// Memory was filled behind the dirty log's back (userfaultfd, file mappings): the log no
+    /// longer names every populated page.
+    pub fn forget_dirty_history(&self) {
+        self.dirty.forget_history()
     }
 
     /// Host address of a guest physical page, for bulk access.
@@ -584,7 +638,11 @@ impl Incoming {
             vcpu_state::restore(&v, s, &base.caps)?;
             vcpus.push(v);
         }
-        memory::reset_vmm_dirty(&base.mem);
+        if !base.dirty.manual() {
+            // With manual protection the pages written into this VM so far stay marked: the
+            // dirty log knows them as populated.
+            memory::reset_vmm_dirty(&base.mem);
+        }
         Vm::assemble(self.config, base, vcpus, bus)
     }
 }
@@ -605,9 +663,7 @@ impl Base {
         };
         vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
         let mem = memory::allocate(&layout)?;
-        for (slot, region) in mem.iter().enumerate() {
-            set_slot(&vm, slot as u32, region, false)?;
-        }
+        let dirty = DirtyLog::register(&vm, &mem)?;
         let serial_irq =
             vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Thread)?;
         vm.register_irqfd(&serial_irq, 4)
@@ -619,29 +675,9 @@ impl Base {
             layout,
             serial_irq,
             caps,
+            dirty,
         })
     }
-}
-
-fn set_slot(
-    vm: &VmFd,
-    slot: u32,
-    region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>,
-    log: bool,
-) -> Result<(), VmError> {
-    let host = region
-        .get_host_address(MemoryRegionAddress(0))
-        .map_err(|_| VmError::Memory(MemoryError::BadSize("region without host mapping".into())))?;
-    let r = kvm_userspace_memory_region {
-        slot,
-        flags: if log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-        guest_phys_addr: region.start_addr().0,
-        memory_size: region.len(),
-        userspace_addr: host as u64,
-    };
-    // SAFETY: the mapping behind `host` lives as long as the VM (both are owned by `Vm`, and
-    // the memory is dropped after the VM fd); the range does not overlap other slots.
-    unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))
 }
 
 fn load_boot(mem: &GuestMem, layout: &[RamRange], boot: &BootSource) -> Result<Entry, VmError> {

@@ -40,13 +40,22 @@ use std::time::Duration;
 pub trait SourceVm: Sync {
     /// The VM's configuration, sent so the destination builds an identical VM.
     fn config(&self) -> Vec<u8>;
-    /// Pages the guest may have written (the first pass sends these; the rest are zero).
-    fn populated(&self) -> Result<Vec<u64>, String>;
+    /// Guest addresses end below this (sizes the engine's page sets).
+    fn memory_end(&self) -> u64;
+    /// Adds every page the guest may have written to `into` (the first pass sends these;
+    /// the rest are zero).
+    fn populated(&self, into: &PageSet) -> Result<(), String>;
     fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
     fn start_dirty_log(&self) -> Result<(), String>;
     fn stop_dirty_log(&self) -> Result<(), String>;
-    /// Pages dirtied since the last call (or since logging started), in ascending order.
-    fn fetch_dirty(&self) -> Result<Vec<u64>, String>;
+    /// Adds the pages dirtied since the last call (or since logging started) to `into`.
+    fn fetch_dirty(&self, into: &PageSet) -> Result<(), String>;
+    /// Called right before the pages named by `words` (word `first + i` holds 64 pages from
+    /// page `64 (first + i)`) are read for sending: a write from now on must show in the next
+    /// [`SourceVm::fetch_dirty`]. With KVM's manual dirty-log protection this is where those
+    /// pages are write-protected again, a few at a time over the pass instead of all at
+    /// once at the harvest.
+    fn rearm(&self, first: usize, words: &[u64]) -> Result<(), String>;
     fn pause(&self) -> Result<(), String>;
     fn resume(&self) -> Result<(), String>;
     /// Slows the running vCPUs to `100 - percent` % of their time (0: full speed).
@@ -174,6 +183,10 @@ pub struct Pass {
     /// Bytes not sent thanks to zero pages and compression.
     pub saved_bytes: u64,
     pub ms: f64,
+    /// Time taken to collect the pages dirtied during the pass (the dirty-log harvest); for
+    /// the switch-over, the pause and the last harvest.
+    #[serde(default)]
+    pub harvest_ms: f64,
     /// Pages per second the guest dirtied during this pass (what the next pass must carry).
     pub dirty_pages_per_s: f64,
     /// vCPU throttle in force during the pass (percent).

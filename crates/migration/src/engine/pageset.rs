@@ -1,22 +1,52 @@
-//! A set of guest pages both sides of a post-copy share between threads: which pages the
-//! destination still lacks. One bit per 4 KiB page, in atomic 64-bit words so senders,
-//! receivers, the fault thread and the demand server claim pages without a lock; claiming a
-//! whole word hands a sender the next 64 neighbouring pages at once.
+//! A set of guest pages shared between threads: what a pre-copy pass still has to send, or,
+//! in post-copy, which pages the destination still lacks. One bit per 4 KiB page, in atomic
+//! 64-bit words so senders, receivers, the fault thread and the demand server claim pages
+//! without a lock; claiming a whole word hands a sender the next 64 neighbouring pages at once.
+//!
+//! Cost follows what is in the set, not the size of guest memory: the words are allocated
+//! zeroed by the kernel (untouched pages of the bitmap take no memory), and a summary level
+//! (one bit per word, set whenever the word may hold a page) lets every scan skip 4096 empty
+//! pages (16 MiB of guest memory) per summary bit it finds clear. A 512 GiB guest needs a
+//! 16 MiB bitmap when every page is in the set, 32 KiB of summary, and nothing more.
 use crate::protocol::{MAX_GUEST_ADDR, PAGE};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct PageSet {
-    words: Vec<AtomicU64>,
+    words: Box<[AtomicU64]>,
+    /// Bit `w % 64` of `summary[w / 64]` is set whenever `words[w]` may be non-zero.
+    summary: Box<[AtomicU64]>,
     count: AtomicU64,
 }
 
 const P: u64 = PAGE as u64;
 
+/// `n` zeroed atomic words, from the kernel's zero pages (no page is touched until written).
+fn zeroed(n: usize) -> Box<[AtomicU64]> {
+    let b: Box<[u64]> = vec![0u64; n].into_boxed_slice();
+    // SAFETY: AtomicU64 has the same size, alignment and bit validity as u64 (documented in
+    // std), so a boxed slice of u64 is a valid boxed slice of AtomicU64 of the same length,
+    // freed with the same layout.
+    unsafe { Box::from_raw(Box::into_raw(b) as *mut [AtomicU64]) }
+}
+
 impl PageSet {
+    /// An empty set for guest addresses below `end` (at most [`MAX_GUEST_ADDR`]).
+    pub fn new(end: u64) -> Result<Self, String> {
+        if end > MAX_GUEST_ADDR {
+            return Err(format!("page {:#x} is beyond guest memory", end - P));
+        }
+        let words = end.div_ceil(P * 64) as usize;
+        Ok(PageSet {
+            words: zeroed(words),
+            summary: zeroed(words.div_ceil(64)),
+            count: AtomicU64::new(0),
+        })
+    }
+
     /// The set of `pages` (ascending or not, page-aligned, below [`MAX_GUEST_ADDR`]).
     pub fn from_pages(pages: impl IntoIterator<Item = u64> + Clone) -> Result<Self, String> {
         let end = pages.clone().into_iter().max().map_or(0, |g| g + P);
-        let set = Self::with_end(end)?;
+        let set = Self::new(end)?;
         for gpa in pages {
             set.insert(gpa)?;
         }
@@ -26,22 +56,16 @@ impl PageSet {
     /// The set of every page of `runs` ((first page, count) pairs).
     pub fn from_runs(runs: &[(u64, u64)]) -> Result<Self, String> {
         let end = runs.iter().map(|&(g, n)| g + n * P).max().unwrap_or(0);
-        let set = Self::with_end(end)?;
+        let set = Self::new(end)?;
         for &(gpa, n) in runs {
             set.insert_run(gpa, n)?;
         }
         Ok(set)
     }
 
-    fn with_end(end: u64) -> Result<Self, String> {
-        if end > MAX_GUEST_ADDR {
-            return Err(format!("page {:#x} is beyond guest memory", end - P));
-        }
-        let words = end.div_ceil(P * 64) as usize;
-        Ok(PageSet {
-            words: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-        })
+    /// Guest addresses this set can hold end here.
+    pub fn end(&self) -> u64 {
+        self.words.len() as u64 * 64 * P
     }
 
     fn at(&self, gpa: u64) -> Option<(&AtomicU64, u64)> {
@@ -50,30 +74,46 @@ impl PageSet {
         Some((w, 1u64 << (page % 64)))
     }
 
-    fn insert(&self, gpa: u64) -> Result<(), String> {
+    fn mark(&self, w: usize) {
+        if let Some(s) = self.summary.get(w / 64) {
+            s.fetch_or(1 << (w % 64), Ordering::SeqCst);
+        }
+    }
+
+    /// Adds the pages `bits` of word `w` (64 pages from page `w * 64`); false when `w` is out
+    /// of range.
+    pub fn insert_word(&self, w: usize, bits: u64) -> bool {
+        let Some(word) = self.words.get(w) else {
+            return bits == 0;
+        };
+        if bits == 0 {
+            return true;
+        }
+        let old = word.fetch_or(bits, Ordering::SeqCst);
+        self.count
+            .fetch_add((bits & !old).count_ones() as u64, Ordering::SeqCst);
+        self.mark(w);
+        true
+    }
+
+    pub fn insert(&self, gpa: u64) -> Result<(), String> {
         if !gpa.is_multiple_of(P) {
             return Err(format!("{gpa:#x} is not a page address"));
         }
-        let (w, bit) = self
-            .at(gpa)
-            .ok_or_else(|| format!("page {gpa:#x} out of range"))?;
-        if w.fetch_or(bit, Ordering::SeqCst) & bit == 0 {
-            self.count.fetch_add(1, Ordering::SeqCst);
+        let page = gpa / P;
+        if !self.insert_word((page / 64) as usize, 1 << (page % 64)) {
+            return Err(format!("page {gpa:#x} out of range"));
         }
         Ok(())
     }
 
     /// Inserts `n` pages from `gpa`, a word at a time where it can.
-    fn insert_run(&self, gpa: u64, n: u64) -> Result<(), String> {
+    pub fn insert_run(&self, gpa: u64, n: u64) -> Result<(), String> {
         if !gpa.is_multiple_of(P) {
             return Err(format!("{gpa:#x} is not a page address"));
         }
         let (mut page, end) = (gpa / P, gpa / P + n);
         while page < end {
-            let w = self
-                .words
-                .get((page / 64) as usize)
-                .ok_or_else(|| format!("page {:#x} out of range", page * P))?;
             let from = page % 64;
             let k = (64 - from).min(end - page);
             let mask = if k == 64 {
@@ -81,9 +121,9 @@ impl PageSet {
             } else {
                 ((1u64 << k) - 1) << from
             };
-            let old = w.fetch_or(mask, Ordering::SeqCst);
-            self.count
-                .fetch_add((mask & !old).count_ones() as u64, Ordering::SeqCst);
+            if !self.insert_word((page / 64) as usize, mask) {
+                return Err(format!("page {:#x} out of range", page * P));
+            }
             page += k;
         }
         Ok(())
@@ -133,9 +173,54 @@ impl PageSet {
         bits
     }
 
+    /// Number of groups of 64 words (4096 pages) that [`PageSet::take_group`] claims.
+    pub fn groups(&self) -> usize {
+        self.summary.len()
+    }
+
+    /// Claims every page of group `g` (words `64 g .. 64 g + 64`): calls `f(word, bits)` for
+    /// each word with pages in it, in ascending order. Only words the summary names are
+    /// looked at.
+    pub fn take_group(&self, g: usize, mut f: impl FnMut(usize, u64)) {
+        let Some(s) = self.summary.get(g) else {
+            return;
+        };
+        let mut marks = s.swap(0, Ordering::SeqCst);
+        while marks != 0 {
+            let w = g * 64 + marks.trailing_zeros() as usize;
+            marks &= marks - 1;
+            let bits = self.take_word(w);
+            if bits != 0 {
+                f(w, bits);
+            }
+        }
+    }
+
     /// The first word at or after `from` with a page in it.
     pub fn next_word(&self, from: usize) -> Option<usize> {
-        (from..self.words.len()).find(|&w| self.words[w].load(Ordering::SeqCst) != 0)
+        let mut g = from / 64;
+        let mut low = from % 64;
+        while g < self.summary.len() {
+            let s = &self.summary[g];
+            let mut marks = s.load(Ordering::SeqCst) & (u64::MAX << low);
+            while marks != 0 {
+                let b = marks.trailing_zeros();
+                marks &= marks - 1;
+                let w = g * 64 + b as usize;
+                if self.words[w].load(Ordering::SeqCst) != 0 {
+                    return Some(w);
+                }
+                // Stale mark: drop it, unless a page arrived meanwhile (then keep both).
+                s.fetch_and(!(1 << b), Ordering::SeqCst);
+                if self.words[w].load(Ordering::SeqCst) != 0 {
+                    s.fetch_or(1 << b, Ordering::SeqCst);
+                    return Some(w);
+                }
+            }
+            g += 1;
+            low = 0;
+        }
+        None
     }
 
     /// The pages of word `w` named by `bits`.
@@ -157,30 +242,62 @@ impl PageSet {
 
     /// As [`PageSet::runs`], leaving out the pages of `except`.
     pub fn runs_except(&self, max: usize, except: Option<&PageSet>) -> Vec<Vec<(u64, u64)>> {
-        let mut out: Vec<Vec<(u64, u64)>> = vec![Vec::new()];
-        for w in 0..self.words.len() {
+        let mut out = Vec::new();
+        let r: Result<(), ()> = self.for_each_frame(max, except, |f| {
+            out.push(f);
+            Ok(())
+        });
+        let _ = r;
+        if out.is_empty() {
+            out.push(Vec::new());
+        }
+        out
+    }
+
+    /// Hands the set (less `except`) to `f` as frames of at most `max` ascending (first page,
+    /// count) runs, one frame at a time; stops at the first error. Nothing is removed.
+    pub fn for_each_frame<E>(
+        &self,
+        max: usize,
+        except: Option<&PageSet>,
+        mut f: impl FnMut(Vec<(u64, u64)>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut cur: Vec<(u64, u64)> = Vec::new();
+        let mut w = 0;
+        while let Some(x) = self.next_word(w) {
+            w = x + 1;
             let not = except
-                .and_then(|e| e.words.get(w))
-                .map_or(0, |x| x.load(Ordering::SeqCst));
-            let bits = self.words[w].load(Ordering::SeqCst) & !not;
-            for gpa in Self::pages_of(w, bits) {
-                let cur = out.last_mut().expect("never empty");
+                .and_then(|e| e.words.get(x))
+                .map_or(0, |v| v.load(Ordering::SeqCst));
+            let mut bits = self.words[x].load(Ordering::SeqCst) & !not;
+            while bits != 0 {
+                // A run of consecutive set bits inside this word.
+                let b = bits.trailing_zeros() as u64;
+                let len = (!(bits >> b)).trailing_zeros() as u64;
+                bits &= if b + len >= 64 {
+                    0
+                } else {
+                    u64::MAX << (b + len)
+                };
+                let gpa = (x as u64 * 64 + b) * P;
                 if let Some((start, n)) = cur.last_mut() {
                     if *start + *n * P == gpa {
-                        *n += 1;
+                        *n += len;
                         continue;
                     }
                 }
                 if cur.len() == max {
-                    out.push(Vec::new());
+                    f(std::mem::take(&mut cur))?;
                 }
-                out.last_mut().expect("never empty").push((gpa, 1));
+                cur.push((gpa, len));
             }
         }
-        out
+        if !cur.is_empty() {
+            f(cur)?;
+        }
+        Ok(())
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,7 +53,7 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
     /// downtime (pause to resume), the start of the "released" clock.
     pub(super) fn run(
         &self,
-        pending: &[u64],
+        pending: PageSet,
         ctl: &mut TcpStream,
         streams: Vec<TcpStream>,
         connect: Connect,
@@ -61,8 +61,7 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
     ) -> Result<PostCopyReport, EngineError> {
         let t0 = Instant::now();
         let mon = self.sh.mon;
-        let mut set =
-            PageSet::from_pages(pending.iter().copied()).map_err(EngineError::PostCopy)?;
+        let mut set = pending;
         let pages = set.len();
         let mut recoveries = 0u32;
         let mut link = match ctl.try_clone() {

@@ -4,7 +4,7 @@
 //! optional proxy that tampers with or cuts the source's bytes.
 #![allow(dead_code)]
 use ferry_migration::engine::{
-    migrate, receive, DestinationVm, EngineError, Monitor, Options, SourceVm,
+    migrate, receive, DestinationVm, EngineError, Monitor, Options, PageSet, SourceVm,
 };
 use ferry_migration::protocol::PAGE;
 use std::collections::BTreeSet;
@@ -28,6 +28,12 @@ pub struct FakeSource {
     pub writes_per_pass: u64,
     /// Throttle the engine asked for (percent); the guest writes that much less.
     pub throttle: std::sync::atomic::AtomicU8,
+    /// Models KVM's manual dirty-log protection: a fetch leaves the log as it is, and only
+    /// `rearm` clears pages from it; the "guest" writes the first page of every re-armed
+    /// group just before it is cleared, so an engine that read a page before re-arming it
+    /// would lose that write.
+    pub manual: bool,
+    pub rearmed: AtomicU64,
 }
 
 pub fn fill(page: &mut [u8], index: u64, version: u64) {
@@ -52,6 +58,25 @@ impl FakeSource {
             version: AtomicU64::new(1),
             writes_per_pass,
             throttle: Default::default(),
+            manual: false,
+            rearmed: AtomicU64::new(0),
+        }
+    }
+
+    /// As [`FakeSource::new`], with manual dirty-log protection.
+    pub fn new_manual(pages: u64, writes_per_pass: u64) -> Self {
+        FakeSource {
+            manual: true,
+            ..Self::new(pages, writes_per_pass)
+        }
+    }
+
+    fn write_page(&self, p: u64) {
+        let v = self.version.fetch_add(1, Ordering::SeqCst);
+        let mut mem = self.mem.lock().unwrap();
+        fill(&mut mem[p as usize * PAGE..(p as usize + 1) * PAGE], p, v);
+        if self.logging.load(Ordering::SeqCst) || self.manual {
+            self.dirty.lock().unwrap().insert(p * PAGE as u64);
         }
     }
     pub fn pages(&self) -> u64 {
@@ -69,7 +94,7 @@ impl FakeSource {
         for k in 0..writes {
             let p = (v * 7919 + k * 104729) % n;
             fill(&mut mem[p as usize * PAGE..(p as usize + 1) * PAGE], p, v);
-            if self.logging.load(Ordering::SeqCst) {
+            if self.logging.load(Ordering::SeqCst) || self.manual {
                 self.dirty.lock().unwrap().insert(p * PAGE as u64);
             }
         }
@@ -80,8 +105,11 @@ impl SourceVm for FakeSource {
     fn config(&self) -> Vec<u8> {
         self.pages().to_le_bytes().to_vec()
     }
-    fn populated(&self) -> Result<Vec<u64>, String> {
-        Ok((0..self.pages()).map(|p| p * PAGE as u64).collect())
+    fn memory_end(&self) -> u64 {
+        self.pages() * PAGE as u64
+    }
+    fn populated(&self, into: &PageSet) -> Result<(), String> {
+        into.insert_run(0, self.pages())
     }
     fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
         let mem = self.mem.lock().unwrap();
@@ -96,11 +124,37 @@ impl SourceVm for FakeSource {
         self.logging.store(false, Ordering::SeqCst);
         Ok(())
     }
-    fn fetch_dirty(&self) -> Result<Vec<u64>, String> {
+    fn fetch_dirty(&self, into: &PageSet) -> Result<(), String> {
         self.guest_runs();
-        Ok(std::mem::take(&mut *self.dirty.lock().unwrap())
-            .into_iter()
-            .collect())
+        let mut dirty = self.dirty.lock().unwrap();
+        for &gpa in dirty.iter() {
+            into.insert(gpa)?;
+        }
+        if !self.manual {
+            dirty.clear();
+        }
+        Ok(())
+    }
+    fn rearm(&self, first: usize, words: &[u64]) -> Result<(), String> {
+        if !self.manual {
+            return Ok(());
+        }
+        self.rearmed.fetch_add(1, Ordering::SeqCst);
+        let pages: Vec<u64> = words
+            .iter()
+            .enumerate()
+            .flat_map(|(k, &w)| PageSet::pages_of(first + k, w))
+            .collect();
+        if let Some(&p) = pages.first() {
+            if !self.paused.load(Ordering::SeqCst) {
+                self.write_page(p / PAGE as u64);
+            }
+        }
+        let mut dirty = self.dirty.lock().unwrap();
+        for p in pages {
+            dirty.remove(&p);
+        }
+        Ok(())
     }
     fn pause(&self) -> Result<(), String> {
         self.paused.store(true, Ordering::SeqCst);

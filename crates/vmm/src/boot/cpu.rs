@@ -92,6 +92,7 @@ pub fn boot_registers(entry: Entry, index: u8, mut sregs: kvm_sregs) -> (kvm_reg
             sregs.cr4 = 0;
             sregs.efer = 0;
             regs.rip = entry as u64;
+            regs.rsp = multiboot::BOOT_STACK as u64;
             if index == 0 {
                 regs.rax = multiboot::BOOT_MAGIC as u64;
                 regs.rbx = info as u64;

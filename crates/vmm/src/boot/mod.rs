@@ -36,6 +36,8 @@ pub enum BootError {
         what: String,
         source: linux_loader::loader::Error,
     },
+    #[error("multiboot: {0}")]
+    Multiboot(String),
     #[error("kernel command line: {0}")]
     Cmdline(String),
     #[error("initrd of {size} bytes does not fit in guest memory below {limit:#x}")]
@@ -69,8 +71,12 @@ pub fn detect<R: Read + Seek>(f: &mut R, name: &str) -> Result<ImageKind, BootEr
         }
     }
     head.truncate(n);
-    if multiboot::find_header(&head).is_some() && head.starts_with(b"\x7fELF") {
-        return Ok(ImageKind::Multiboot);
+    if let Some(at) = multiboot::find_header(&head) {
+        // As QEMU: a header with address fields boots whatever the file is; without them
+        // the file must be an ELF.
+        if head.starts_with(b"\x7fELF") || multiboot::has_addresses(&head, at) {
+            return Ok(ImageKind::Multiboot);
+        }
     }
     if head.len() >= 0x206 && &head[0x202..0x206] == b"HdrS" {
         return Ok(ImageKind::BzImage);
