@@ -6,8 +6,9 @@ same stream count.
 
 For each workload and both VMMs it reports the guest-observed downtime (largest gap between
 heartbeat lines, timestamped as they arrive from the source and then the destination
-console — measured the same way for both), the VMM's own downtime figure, total time and
-bytes sent.
+console — measured the same way for both), the largest gap between heartbeats on the source
+while pre-copy runs (from the migrate command to the source's last beat: the stall a user
+feels before any switch-over), the VMM's own downtime figure, total time and bytes sent.
 
 Workloads (the test guest runs them on vCPU 0, the only one QEMU starts):
   idle-4G     4 GiB VM, heartbeat only
@@ -16,6 +17,8 @@ Workloads (the test guest runs them on vCPU 0, the only one QEMU starts):
   1G-150M     1 GiB rewritten at 150 MB/s
   1G-max      1 GiB rewritten as fast as the vCPU can (faster than the link); auto-converge on
               for both
+  512G-max    the same guest and workload in a 512 GiB VM (QEMU: a memory backend with
+              reserve=off, as MAP_NORESERVE is what lets both run it on this host)
 
 Right before each migration starts the script writes and frees 2 GiB (`--no-warm` to skip):
 on this nested host memory that has sat free for more than a few seconds costs ~10 us per
@@ -37,7 +40,15 @@ WORKLOADS = [
     ("1G-50M", "2G", "dirty size=1G rate=50M hb=2000", "D0 1", False),
     ("1G-150M", "2G", "dirty size=1G rate=150M hb=2000", "D0 1", False),
     ("1G-max", "2G", "dirty size=1G rate=0 hb=2000", "D0 1", True),
+    ("512G-max", "512G", "dirty size=1G rate=0 hb=2000", "D0 1", True),
 ]
+
+
+def source_stall(src, since):
+    """Largest gap between consecutive heartbeats on the source from `since` (the migration's
+    start) to its last beat: what the guest felt during pre-copy, before the switch-over."""
+    b = [at for _, at in beats(src) if at >= since]
+    return max((y - x for x, y in zip(b, b[1:])), default=0) * 1e3
 
 
 def warm(a):
@@ -109,7 +120,10 @@ def observed_gap(src, dst):
 
 def qemu_pair(d, image, mem, work):
     """A QEMU running the test guest (QMP at d/s.sock) and one waiting for it (d/d.sock)."""
-    base = ["qemu-system-x86_64", "-enable-kvm", "-m", mem, "-nodefaults", "-display", "none",
+    big = ["-object", f"memory-backend-ram,id=ram,size={mem},reserve=off",
+           "-machine", "memory-backend=ram"] if mem.endswith("G") and int(mem[:-1]) > 16 else []
+    base = ["qemu-system-x86_64", "-enable-kvm", "-m", mem] + big + [
+            "-nodefaults", "-display", "none",
             "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-serial", "stdio",
             "-kernel", image, "-append", work]
     src = subprocess.Popen(base + ["-qmp", f"unix:{d}/s.sock,server=on,wait=off"],
@@ -152,6 +166,7 @@ def run_qemu(a, image, name, mem, work, ready, converge):
                 q.cmd("migrate-set-capabilities", capabilities=caps)
             q.cmd("migrate-set-parameters", **params)
         qd.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        t0 = time.monotonic()
         qs.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         while True:
             st = qs.cmd("query-migrate")
@@ -165,6 +180,7 @@ def run_qemu(a, image, name, mem, work, ready, converge):
         time.sleep(0.5)
         return {
             "observed_ms": observed_gap(sc, dc),
+            "stall_ms": source_stall(sc, t0),
             "downtime_ms": st.get("downtime", 0),
             "total_ms": st.get("total-time", 0),
             "bytes": st["ram"]["transferred"],
@@ -191,6 +207,7 @@ def run_ferry(a, name, mem, work, ready, converge):
                "--max-passes", "0", "--quiet"]
         if converge:
             cmd.append("--auto-converge")
+        t0 = time.monotonic()
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"ferry migrate: {out.stderr}")
@@ -201,6 +218,7 @@ def run_ferry(a, name, mem, work, ready, converge):
         time.sleep(0.5)
         return {
             "observed_ms": observed_gap(sc, dc),
+            "stall_ms": source_stall(sc, t0),
             "downtime_ms": float(m.group(2)),
             "total_ms": float(m.group(1)),
             "bytes": int(float(m.group(3)) * (1 << 20)),
@@ -253,9 +271,9 @@ def main():
     link = iperf3(a.streams)
     print(f"# {qv}; streams {a.streams}; downtime limit {a.downtime_limit} ms; "
           f"iperf3 loopback {link / 1e6:.0f} MB/s")
-    print("| workload | VMM | guest-observed downtime ms | VMM downtime ms | total ms | "
-          "MB sent | link MB/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workload | VMM | guest-observed downtime ms | source stall in pre-copy ms | "
+          "VMM downtime ms | total ms | MB sent | link MB/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, mem, work, ready, converge in WORKLOADS:
         if a.only and a.only != name:
             continue
@@ -267,15 +285,17 @@ def main():
                 else:
                     r = run_ferry(a, name, mem, work, ready, converge)
             except Exception as e:  # one failed run should not hide the others
-                print(f"| {name} | {vmm} | failed: {e} | | | | |")
+                print(f"| {name} | {vmm} | failed: {e} | | | | | |")
                 continue
             res[vmm] = r
-            print(f"| {name} | {vmm} | {r['observed_ms']:.1f} | {r['downtime_ms']:.1f} | "
+            print(f"| {name} | {vmm} | {r['observed_ms']:.1f} | {r['stall_ms']:.1f} | "
+                  f"{r['downtime_ms']:.1f} | "
                   f"{r['total_ms']:.0f} | {r['bytes'] / 1e6:.0f} | {r['mbps'] / 8:.0f} |",
                   flush=True)
         if len(res) == 2:
             q, f = res["QEMU"], res["Ferry"]
             print(f"| {name} | Ferry/QEMU | {f['observed_ms'] / max(q['observed_ms'], 1e-3):.2f}× "
+                  f"| {f['stall_ms'] / max(q['stall_ms'], 1e-3):.2f}× "
                   f"| {f['downtime_ms'] / max(q['downtime_ms'], 1e-3):.2f}× | "
                   f"{f['total_ms'] / max(q['total_ms'], 1e-3):.2f}× | | "
                   f"{f['mbps'] / 8 * 1e6 / link * 100:.0f} % of iperf3 |", flush=True)

@@ -334,4 +334,43 @@ mod tests {
             vec![vec![(P * 60, 10), (P * 170, 90), (P * 300, 1)]]
         );
     }
+
+    fn rss() -> u64 {
+        let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+        s.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096
+    }
+
+    #[test]
+    fn a_512_gib_set_costs_what_is_in_it() {
+        let before = rss();
+        let s = PageSet::new(513 << 30).unwrap();
+        // Pages far apart: one word and one summary word touched each.
+        for g in [0u64, 7 << 30, 300 << 30, 512 << 30] {
+            s.insert_run(g, 3).unwrap();
+        }
+        assert!(
+            rss() - before < 4 << 20,
+            "grew {} KiB",
+            (rss() - before) >> 10
+        );
+        assert_eq!(s.len(), 12);
+        assert_eq!(s.next_word(1), Some(PageSet::word_of(7 << 30)));
+        let frames = s.runs(2);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0], vec![(0, 3), (7 << 30, 3)]);
+        // Claiming by groups finds exactly the words with pages.
+        let mut got = Vec::new();
+        for g in 0..s.groups() {
+            s.take_group(g, |w, bits| got.push((w, bits)));
+        }
+        assert_eq!(got.len(), 4);
+        assert!(got.iter().all(|&(_, b)| b == 0b111));
+        assert!(s.is_empty() && s.next_word(0).is_none());
+        // A run spanning words comes back as one run; a full word as 64 pages.
+        let s = PageSet::new(1 << 20).unwrap();
+        s.insert_run(P * 60, 70).unwrap();
+        assert!(s.insert_word(3, u64::MAX));
+        assert!(!s.insert_word(1 << 20, 1), "beyond the end");
+        assert_eq!(s.runs(10), vec![vec![(P * 60, 70), (P * 192, 64)]]);
+    }
 }
