@@ -304,6 +304,28 @@ impl DirtyLog {
         &self,
         vm: &VmFd,
         mem: &GuestMem,
+        f: impl FnMut(usize, &[u64]),
+    ) -> Result<(), DirtyError> {
+        self.harvest_then(vm, mem, false, f)
+    }
+
+    /// As [`DirtyLog::harvest`], and in manual mode every page reported is cleared and
+    /// write-protected again right after `f` has seen it (what a snapshot's fetch needs: each
+    /// write reported once).
+    pub fn harvest_clearing(
+        &self,
+        vm: &VmFd,
+        mem: &GuestMem,
+        f: impl FnMut(usize, &[u64]),
+    ) -> Result<(), DirtyError> {
+        self.harvest_then(vm, mem, true, f)
+    }
+
+    fn harvest_then(
+        &self,
+        vm: &VmFd,
+        mem: &GuestMem,
+        clear: bool,
         mut f: impl FnMut(usize, &[u64]),
     ) -> Result<(), DirtyError> {
         let kvm_on = self.manual || self.on.load(Ordering::SeqCst);
@@ -327,6 +349,10 @@ impl DirtyLog {
                     .take_into((s.region_page / 64) as usize, &mut buf);
             }
             f((s.gpa / PAGE_SIZE / 64) as usize, &buf);
+            if clear && self.manual && buf.iter().any(|&w| w != 0) {
+                self.history.store(false, Ordering::SeqCst);
+                self.clear_in(vm, s, 0, &buf)?;
+            }
         }
         Ok(())
     }
@@ -342,60 +368,55 @@ impl DirtyLog {
         let (mut w, end) = (first, first + words.len());
         while w < end {
             let page = w as u64 * 64;
-            let s = self
-                .slots
-                .iter()
-                .find(|s| page >= s.gpa / PAGE_SIZE && page < s.gpa / PAGE_SIZE + s.pages)
+            // Slots are in ascending address order: the last one starting at or below `page`.
+            let i = self.slots.partition_point(|s| s.gpa / PAGE_SIZE <= page);
+            let s = i
+                .checked_sub(1)
+                .map(|i| &self.slots[i])
+                .filter(|s| page < s.gpa / PAGE_SIZE + s.pages)
                 .ok_or(DirtyError::OutOfRange(w))?;
             let first_page = page - s.gpa / PAGE_SIZE;
-            let slot_words = (s.pages - first_page).div_ceil(64) as usize;
-            let n = slot_words.min(end - w);
-            let part = &words[w - first..w - first + n];
-            let arg = KvmClearDirtyLog {
-                slot: s.id,
-                num_pages: (n as u64 * 64).min(s.pages - first_page) as u32,
-                first_page,
-                bitmap: part.as_ptr() as u64,
-            };
-            ioctl(vm, KVM_CLEAR_DIRTY_LOG, &arg, "clear dirty log")?;
+            let n = ((s.pages - first_page).div_ceil(64) as usize).min(end - w);
+            self.clear_in(vm, s, first_page, &words[w - first..w - first + n])?;
             w += n;
         }
         Ok(())
     }
 
+    /// `KVM_CLEAR_DIRTY_LOG` of `words` from page `first_page` of slot `s` (a whole number of
+    /// words, or up to the slot's end).
+    fn clear_in(
+        &self,
+        vm: &VmFd,
+        s: &Slot,
+        first_page: u64,
+        words: &[u64],
+    ) -> Result<(), DirtyError> {
+        let arg = KvmClearDirtyLog {
+            slot: s.id,
+            num_pages: (words.len() as u64 * 64).min(s.pages - first_page) as u32,
+            first_page,
+            bitmap: words.as_ptr() as u64,
+        };
+        ioctl(vm, KVM_CLEAR_DIRTY_LOG, &arg, "clear dirty log")
+    }
+
     /// Clears everything the log holds now (manual mode; what a snapshot baseline needs).
     pub fn clear_all(&self, vm: &VmFd, mem: &GuestMem) -> Result<(), DirtyError> {
-        let mut parts = Vec::new();
-        self.harvest(vm, mem, |first, words| {
-            if words.iter().any(|&w| w != 0) {
-                parts.push((first, words.to_vec()));
-            }
-        })?;
-        for (first, words) in parts {
-            self.clear(vm, first, &words)?;
-        }
-        Ok(())
+        self.harvest_clearing(vm, mem, |_, _| {})
     }
-
-    /// Guest address `gpa` lies in a registered slot.
-    pub fn covers(&self, gpa: u64) -> bool {
-        self.slots
-            .iter()
-            .any(|s| gpa >= s.gpa && gpa < s.gpa + s.pages * PAGE_SIZE)
-    }
-}
-
-/// Writes `data` at `gpa` through the VMM path (tracked as a VMM write).
-#[cfg(test)]
-fn vmm_write(mem: &GuestMem, gpa: u64, data: &[u8]) {
-    use vm_memory::Bytes;
-    mem.write_slice(data, vm_memory::GuestAddress(gpa)).unwrap();
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::memory::{allocate, ram_layout};
+
+    /// Writes `data` at `gpa` through the VMM path (tracked as a VMM write).
+    fn vmm_write(mem: &GuestMem, gpa: u64, data: &[u8]) {
+        use vm_memory::Bytes;
+        mem.write_slice(data, vm_memory::GuestAddress(gpa)).unwrap();
+    }
 
     #[test]
     fn lazy_bitmap_allocates_only_what_is_written_and_takes_words() {

@@ -205,11 +205,6 @@ impl Vm {
             setup_vcpu(&v, i, config.cpus, entry, &supported)?;
             vcpus.push(v);
         }
-        if !base.dirty.manual() {
-            // With manual protection the loader's writes stay: they are part of what the
-            // dirty log knows the guest's memory holds.
-            memory::reset_vmm_dirty(&base.mem);
-        }
         Vm::assemble(config, base, vcpus, bus)
     }
 
@@ -249,6 +244,12 @@ impl Vm {
         bus: IoBus,
     ) -> Result<Vm, VmError> {
         vcpu::install_kick_handler().map_err(kvm_err("install signal handler"))?;
+        if !base.dirty.manual() {
+            // The VM starts clean. With manual protection the VMM's writes so far (the loader's,
+            // or the pages received into it) stay marked: they are part of what the dirty log
+            // knows the guest's memory holds.
+            memory::reset_vmm_dirty(&base.mem);
+        }
         Ok(Vm {
             config,
             _kvm: base.kvm,
@@ -520,26 +521,20 @@ impl Vm {
                 bits: vec![0; pages.div_ceil(64) as usize],
             });
         }
-        let mut cleared = Vec::new();
-        self.dirty.harvest(&self.vm, &self.mem, |first, words| {
-            let gpa = first as u64 * 64 * PAGE_SIZE;
-            if let Some(r) = out
-                .ranges
-                .iter_mut()
-                .find(|r| gpa >= r.start && gpa < r.start + r.pages * PAGE_SIZE)
-            {
-                let at = ((gpa - r.start) / PAGE_SIZE / 64) as usize;
-                for (b, w) in r.bits[at..].iter_mut().zip(words) {
-                    *b |= w;
+        self.dirty
+            .harvest_clearing(&self.vm, &self.mem, |first, words| {
+                let gpa = first as u64 * 64 * PAGE_SIZE;
+                if let Some(r) = out
+                    .ranges
+                    .iter_mut()
+                    .find(|r| gpa >= r.start && gpa < r.start + r.pages * PAGE_SIZE)
+                {
+                    let at = ((gpa - r.start) / PAGE_SIZE / 64) as usize;
+                    for (b, w) in r.bits[at..].iter_mut().zip(words) {
+                        *b |= w;
+                    }
                 }
-            }
-            if self.dirty.manual() && words.iter().any(|&w| w != 0) {
-                cleared.push((first, words.to_vec()));
-            }
-        })?;
-        for (first, words) in cleared {
-            self.dirty.clear(&self.vm, first, &words)?;
-        }
+            })?;
         Ok(out)
     }
 
@@ -637,11 +632,6 @@ impl Incoming {
                 .map_err(kvm_err("create vCPU"))?;
             vcpu_state::restore(&v, s, &base.caps)?;
             vcpus.push(v);
-        }
-        if !base.dirty.manual() {
-            // With manual protection the pages written into this VM so far stay marked: the
-            // dirty log knows them as populated.
-            memory::reset_vmm_dirty(&base.mem);
         }
         Vm::assemble(self.config, base, vcpus, bus)
     }

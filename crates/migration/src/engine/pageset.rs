@@ -96,6 +96,20 @@ impl PageSet {
         true
     }
 
+    /// Adds the pages of `words` (word `first + i` holding pages `64 (first + i) ..`); an error
+    /// names the first word with pages beyond the set's end.
+    pub fn insert_words(&self, first: usize, words: &[u64]) -> Result<(), String> {
+        for (i, &bits) in words.iter().enumerate() {
+            if bits != 0 && !self.insert_word(first + i, bits) {
+                return Err(format!(
+                    "page {:#x} is beyond the page set",
+                    (first + i) as u64 * 64 * P
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn insert(&self, gpa: u64) -> Result<(), String> {
         if !gpa.is_multiple_of(P) {
             return Err(format!("{gpa:#x} is not a page address"));
@@ -243,11 +257,10 @@ impl PageSet {
     /// As [`PageSet::runs`], leaving out the pages of `except`.
     pub fn runs_except(&self, max: usize, except: Option<&PageSet>) -> Vec<Vec<(u64, u64)>> {
         let mut out = Vec::new();
-        let r: Result<(), ()> = self.for_each_frame(max, except, |f| {
+        let _ = self.for_each_frame(max, except, |f| {
             out.push(f);
-            Ok(())
+            Ok::<_, ()>(())
         });
-        let _ = r;
         if out.is_empty() {
             out.push(Vec::new());
         }

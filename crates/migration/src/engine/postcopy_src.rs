@@ -49,11 +49,11 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
         }
     }
 
-    /// Sends `pending` until the destination holds every page; `down_ms` is the switch-over's
+    /// Sends the pages of `set` until the destination holds every page; `down_ms` is the switch-over's
     /// downtime (pause to resume), the start of the "released" clock.
     pub(super) fn run(
         &self,
-        pending: PageSet,
+        mut set: PageSet,
         ctl: &mut TcpStream,
         streams: Vec<TcpStream>,
         connect: Connect,
@@ -61,7 +61,6 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
     ) -> Result<PostCopyReport, EngineError> {
         let t0 = Instant::now();
         let mon = self.sh.mon;
-        let mut set = pending;
         let pages = set.len();
         let mut recoveries = 0u32;
         let mut link = match ctl.try_clone() {

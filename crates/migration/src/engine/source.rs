@@ -19,9 +19,9 @@ const GOOD_ENOUGH: Duration = Duration::from_millis(1);
 /// Words (of 64 pages) re-armed for dirty tracking at once, right before they are read: the
 /// guest's writes to at most 2 MiB wait on one re-protection.
 const REARM_WORDS: usize = 8;
-/// What the switch-over costs besides the pages and the last harvest (vCPU and device state
-/// saved, sent and loaded, Ready and Commit exchanged), per vCPU, as measured here (about
-/// 0.3 ms for one vCPU, ~0.15 ms for each further vCPU); the prediction adds it.
+/// What the switch-over costs besides the pages, the last harvest and one round trip (vCPU and
+/// device state saved, sent and loaded, Commit and Resumed exchanged): a flat figure from this
+/// host's switch-over timelines with the test guest; the prediction adds it.
 const SWITCH_FIXED: Duration = Duration::from_micros(600);
 /// First throttle step of auto-converge, the step after it, and the ceiling (percent).
 const THROTTLE_START: u8 = 20;

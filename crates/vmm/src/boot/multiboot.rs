@@ -13,7 +13,7 @@ use super::{e820, BootError, Entry};
 use crate::memory::{GuestMem, RamRange};
 use linux_loader::loader::{Elf, KernelLoader};
 use std::io::{Read, Seek, SeekFrom};
-use vm_memory::{Bytes, GuestAddress, ReadVolatile};
+use vm_memory::{Bytes, GuestAddress};
 
 const HEADER_MAGIC: u32 = 0x1BAD_B002;
 /// Header flag: the address fields are valid (the "a.out kludge").
@@ -172,7 +172,7 @@ fn load_elf32(mem: &GuestMem, f: &[u8], name: &str) -> Result<u32, BootError> {
 
 /// Loads a multiboot kernel and writes the information structure (memory map and command
 /// line).
-pub fn load<F: Read + ReadVolatile + Seek>(
+pub fn load<F: Read + Seek>(
     mem: &GuestMem,
     layout: &[RamRange],
     image: &mut F,
@@ -187,14 +187,10 @@ pub fn load<F: Read + ReadVolatile + Seek>(
     } else if file.starts_with(b"\x7fELF") && file.get(4) == Some(&1) {
         load_elf32(mem, &file, name)?
     } else if file.starts_with(b"\x7fELF") {
-        image
-            .seek(SeekFrom::Start(0))
-            .map_err(|source| BootError::Io {
-                what: name.to_string(),
-                source,
-            })?;
+        // The image is in memory already: linux-loader reads it from there, not the file.
+        let mut bytes = std::io::Cursor::new(file.as_slice());
         let loaded =
-            Elf::load(mem, None, image, Some(GuestAddress(0x100000))).map_err(|source| {
+            Elf::load(mem, None, &mut bytes, Some(GuestAddress(0x100000))).map_err(|source| {
                 BootError::Loader {
                     what: name.to_string(),
                     source,
