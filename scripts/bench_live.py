@@ -7,8 +7,8 @@ same stream count.
 For each workload and both VMMs it reports the guest-observed downtime (largest gap between
 heartbeat lines, timestamped as they arrive from the source and then the destination
 console — measured the same way for both), the largest gap between heartbeats on the source
-while pre-copy runs (from the migrate command to the source's last beat: the stall a user
-feels before any switch-over), the VMM's own downtime figure, total time and bytes sent.
+while pre-copy runs (from the migrate command to the source's last beat, by the guest's own
+TSC: the stall a user feels before any switch-over), the VMM's own downtime figure, total time and bytes sent.
 
 Workloads (the test guest runs them on vCPU 0, the only one QEMU starts):
   idle-4G     4 GiB VM, heartbeat only
@@ -27,7 +27,7 @@ destination allocates as it receives, so without it a run's figures depend on wh
 something freed memory just before.
 
 usage: scripts/bench_live.py [--ferry PATH] [--streams N] [--downtime-limit MS] [--only NAME]
-       [--no-warm]
+       [--no-warm] [--copy-priority normal|low]
 """
 import argparse, json, os, re, shutil, socket, subprocess, sys, tempfile, threading, time
 
@@ -46,9 +46,18 @@ WORKLOADS = [
 
 def source_stall(src, since):
     """Largest gap between consecutive heartbeats on the source from `since` (the migration's
-    start) to its last beat: what the guest felt during pre-copy, before the switch-over."""
-    b = [at for _, at in beats(src) if at >= since]
-    return max((y - x for x, y in zip(b, b[1:])), default=0) * 1e3
+    start) to its last beat: what the guest felt during pre-copy, before the switch-over.
+    Measured by the guest's own clock (the TSC in each line, scaled by host time over the
+    whole window), so a line that reached the host late does not count as a stall."""
+    b = []
+    for at, l in src.lines:
+        m = re.match(r"H0 \d+ ([0-9a-f]+)", l)
+        if m and at >= since:
+            b.append((at, int(m.group(1), 16)))
+    if len(b) < 3:
+        return 0
+    s_per_tick = (b[-1][0] - b[0][0]) / max(b[-1][1] - b[0][1], 1)
+    return max(y[1] - x[1] for x, y in zip(b, b[1:])) * s_per_tick * 1e3
 
 
 def warm(a):
@@ -204,7 +213,7 @@ def run_ferry(a, name, mem, work, ready, converge):
         warm(a)
         cmd = [a.ferry, "migrate", "--to", f"127.0.0.1:{port}", "--api-socket", f"{d}/a.sock",
                "--downtime-limit", str(a.downtime_limit), "--connections", str(a.streams),
-               "--max-passes", "0", "--quiet"]
+               "--max-passes", "0", "--copy-priority", a.copy_priority, "--quiet"]
         if converge:
             cmd.append("--auto-converge")
         t0 = time.monotonic()
@@ -266,10 +275,13 @@ def main():
     common_args(ap)
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--downtime-limit", type=int, default=30)
+    ap.add_argument("--copy-priority", choices=["normal", "low"], default="normal",
+                    help="Ferry's --copy-priority (QEMU has no such setting)")
     a = ap.parse_args()
     d, image, qv = guest_image(a)
     link = iperf3(a.streams)
     print(f"# {qv}; streams {a.streams}; downtime limit {a.downtime_limit} ms; "
+          f"Ferry --copy-priority {a.copy_priority}; "
           f"iperf3 loopback {link / 1e6:.0f} MB/s")
     print("| workload | VMM | guest-observed downtime ms | source stall in pre-copy ms | "
           "VMM downtime ms | total ms | MB sent | link MB/s |")

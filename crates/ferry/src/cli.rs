@@ -190,9 +190,21 @@ pub struct MigrateArgs {
     /// here wait.
     #[arg(long, conflicts_with_all = ["quick", "postcopy", "postcopy_after", "auto_postcopy"])]
     pub resume_postcopy: bool,
+    /// CPU priority of the threads that copy pages here while the guest runs: normal (the
+    /// vCPUs' own) or low (they yield to the vCPUs, so the guest does not stall where they
+    /// share cores; but on a host whose cores are all busy with guests the copy gets little
+    /// CPU and the migration can take very long).
+    #[arg(long, value_enum, default_value_t = Priority::Normal)]
+    pub copy_priority: Priority,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    Low,
+    Normal,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

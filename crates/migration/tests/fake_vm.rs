@@ -4,7 +4,7 @@
 //! version mismatch, cancel and timeout.
 mod fake;
 use fake::*;
-use ferry_migration::engine::{EngineError, Monitor, Options, Phase, TimeoutPolicy};
+use ferry_migration::engine::{CopyPriority, EngineError, Monitor, Options, Phase, TimeoutPolicy};
 use ferry_migration::protocol::{send, Compression, Hello, Message, ProtocolError, MAGIC};
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
@@ -63,6 +63,23 @@ fn four_connections_with_each_compression_arrive_page_exact() {
                 "{compression:?}: {rep:?}"
             );
         }
+    }
+}
+
+#[test]
+fn low_copy_priority_puts_the_senders_behind_the_vcpus() {
+    for (priority, want) in [(CopyPriority::Normal, nice()), (CopyPriority::Low, 19)] {
+        let src = FakeSource::new(1024, 16);
+        let p = pair(None);
+        let opts = Options {
+            copy_priority: priority,
+            ..Options::default()
+        };
+        p.migrate(&src, &opts).unwrap();
+        let (dst, r) = p.join();
+        r.unwrap();
+        assert_exact(&src, &dst);
+        assert_eq!(src.reader_nice.load(Ordering::SeqCst), want, "{priority:?}");
     }
 }
 

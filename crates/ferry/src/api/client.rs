@@ -1,5 +1,7 @@
 //! `ferry vm|snapshot|migrate`: a small HTTP/1.1 client over the API's Unix socket (hyper).
-use crate::cli::{Compress, MigrateArgs, OnTimeout, SnapshotArgs, Then, VmAction, VmArgs};
+use crate::cli::{
+    Compress, MigrateArgs, OnTimeout, Priority, SnapshotArgs, Then, VmAction, VmArgs,
+};
 use anyhow::{bail, Context, Result};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
@@ -178,6 +180,10 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
         },
         "postcopy_after": if args.postcopy { Some(1) } else { args.postcopy_after },
         "auto_postcopy": args.auto_postcopy,
+        "copy_priority": match args.copy_priority {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+        },
     });
     if args.timeout.is_some_and(|t| !(t > 0.0 && t < 1e9)) {
         bail!("--timeout must be a positive number of seconds");

@@ -6,8 +6,8 @@ use super::host::Host;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use ferry_migration::engine::TimeoutPolicy;
 use ferry_migration::engine::{migrate, EngineError, Monitor, Options, Report, Status};
+use ferry_migration::engine::{CopyPriority, TimeoutPolicy};
 use ferry_migration::protocol::Compression;
 use ferry_vmm::{RunState, Vm};
 use std::net::TcpStream;
@@ -39,6 +39,8 @@ pub struct MigrateRequest {
     postcopy_after: Option<u32>,
     #[serde(default)]
     auto_postcopy: bool,
+    #[serde(default)]
+    copy_priority: CopyPriority,
 }
 
 /// `PUT /vm/migration/resume-postcopy` body.
@@ -107,6 +109,7 @@ fn live_migrate(vm: &Vm, req: MigrateRequest, mon: &Monitor) -> Result<Report, A
         on_timeout: req.on_timeout,
         postcopy_after: req.postcopy_after,
         auto_postcopy: req.auto_postcopy,
+        copy_priority: req.copy_priority,
     };
     let to = req.to.clone();
     let source = ferry_vmm::live::LiveSource::new(vm);

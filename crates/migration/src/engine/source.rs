@@ -566,6 +566,7 @@ fn sender<'s, V: SourceVm>(
     jobs: mpsc::Receiver<Arc<Job<'s>>>,
     done: mpsc::Sender<Done>,
 ) -> TcpStream {
+    sh.opts.copy_priority.apply();
     let mut frame = PagesBuf::default();
     while let Ok(job) = jobs.recv() {
         let r = send_share(vm, &mut s, sh, &job, &mut frame);

@@ -34,6 +34,14 @@ pub struct FakeSource {
     /// would lose that write.
     pub manual: bool,
     pub rearmed: AtomicU64,
+    /// Nice value of the last thread that read a page (the senders' CPU priority).
+    pub reader_nice: std::sync::atomic::AtomicI32,
+}
+
+/// The calling thread's nice value.
+pub fn nice() -> i32 {
+    // SAFETY: getpriority has no memory effects; `who` = 0 is the calling thread.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
 }
 
 pub fn fill(page: &mut [u8], index: u64, version: u64) {
@@ -60,6 +68,7 @@ impl FakeSource {
             throttle: Default::default(),
             manual: false,
             rearmed: AtomicU64::new(0),
+            reader_nice: Default::default(),
         }
     }
 
@@ -112,6 +121,7 @@ impl SourceVm for FakeSource {
         into.insert_run(0, self.pages())
     }
     fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.reader_nice.store(nice(), Ordering::SeqCst);
         let mem = self.mem.lock().unwrap();
         buf.copy_from_slice(&mem[gpa as usize..gpa as usize + PAGE]);
         Ok(())
