@@ -172,6 +172,47 @@ fn ten_ping_pong_migrations_through_the_cli() {
 }
 
 #[test]
+fn a_copy_behind_the_vcpus_still_moves_the_vm_intact() {
+    let s = Scratch::new("lowprio");
+    let (a, b) = (s.path("a.sock"), s.path("b.sock"));
+    let mut src = Running::start(&[
+        "--memory",
+        "128M",
+        "--api-socket",
+        a.to_str().unwrap(),
+        "--guest",
+        "verify size=16M hb=2000",
+    ]);
+    src.wait_line(|l| l.starts_with("V0 1 ok"));
+    let (mut dst, addr) = receiver(&b);
+    let out = ferry_ok(&[
+        "migrate",
+        "--to",
+        &addr,
+        "--api-socket",
+        a.to_str().unwrap(),
+        "--copy-priority",
+        "low",
+        "--quiet",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("downtime"));
+    let (code, err, src_lines) = src.finish();
+    assert_eq!(code, 0, "the source stops after the hand-off: {err}");
+    // The guest's own checksum of its memory goes on passing there.
+    let n = dst.seen.len();
+    dst.wait_line(|l| l.starts_with("V0 ") && l.contains(" ok "));
+    assert!(dst.seen.len() > n);
+    ferry_ok(&["vm", "shutdown", "--api-socket", b.to_str().unwrap()]);
+    let (code, err, dst_lines) = dst.finish();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !dst_lines.iter().any(|l| l.1.contains("BAD")),
+        "the guest's memory check failed"
+    );
+    assert_guest_moved_cleanly(&src_lines, &dst_lines);
+}
+
+#[test]
 fn progress_is_visible_and_cancel_keeps_the_vm_here() {
     let s = Scratch::new("cancel");
     let (a, b) = (s.path("a.sock"), s.path("b.sock"));
