@@ -1,6 +1,6 @@
 //! The sending side: a coordinator (this thread) decides passes and switch-over; one sender
-//! thread per data connection reads, encodes and sends pages, taking chunks of the pass's page
-//! list from a shared cursor so fast connections carry more.
+//! thread per data connection re-arms, reads, encodes and sends pages, claiming the pass's
+//! page set 4096 pages at a time from a shared cursor so fast connections carry more.
 use super::{
     ok, EngineError, Monitor, Options, PageSet, Pass, Phase, Report, SourceVm, TimeoutPolicy,
 };
