@@ -81,6 +81,32 @@ impl Control {
     }
 }
 
+/// Where each thread of this process is in the kernel (name, state, wait channel), for a
+/// report when vCPUs do not stop.
+pub(crate) fn thread_report() -> String {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return "no /proc/self/task".into();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let p = e.path();
+        let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        let comm = read("comm");
+        let state = read("stat")
+            .rsplit(") ")
+            .next()
+            .and_then(|r| r.split(' ').next().map(str::to_string))
+            .unwrap_or_default();
+        out.push(format!(
+            "{}[{}:{}]",
+            comm.trim(),
+            state,
+            read("wchan").trim()
+        ));
+    }
+    out.join(" ")
+}
+
 /// Signal used to interrupt KVM_RUN.
 pub(crate) fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()

@@ -4,7 +4,7 @@ use crate::devices::DevicesState;
 use crate::devices::{ConsoleOut, IoBus, Serial};
 use crate::dirty::{DirtyError, DirtyLog};
 use crate::memory::{self, DirtyBitmap, GuestMem, MemoryError, RamRange, RangeBitmap, PAGE_SIZE};
-use crate::vcpu::{self, Control, GuestExit, SharedVcpu, WANT_PAUSE, WANT_RUN};
+use crate::vcpu::{self, Control, GuestExit, SharedVcpu, WANT_PAUSE, WANT_RUN, WANT_STOP};
 use crate::vcpu_state::{self, Capabilities, StateError, VcpuState};
 use crate::vm_state::{self, KvmVmState};
 use kvm_bindings::kvm_pit_config;
@@ -467,8 +467,30 @@ impl Vm {
     /// Blocks until every vCPU has stopped; returns how the VM ended.
     pub fn wait(&self) -> GuestExit {
         let mut s = self.ctl.lock();
+        let mut stopping_since: Option<Instant> = None;
+        let mut reported = false;
         while s.alive > 0 {
-            s = self.ctl.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+            if self.ctl.want.load(Ordering::SeqCst) == WANT_STOP {
+                // A kick that lands between a vCPU's check of `want` and its KVM_RUN is lost;
+                // kick again until every vCPU has left its loop (as pause does).
+                vcpu::kick(&s.threads);
+                let since = *stopping_since.get_or_insert_with(Instant::now);
+                if !reported && since.elapsed() > Duration::from_secs(20) {
+                    reported = true;
+                    // stderr, not only tracing: this is the report a hung test or user needs.
+                    eprintln!(
+                        "ferry: {} vCPU(s) still running 20 s after stop: {}",
+                        s.alive,
+                        vcpu::thread_report()
+                    );
+                }
+            }
+            s = self
+                .ctl
+                .cv
+                .wait_timeout(s, Duration::from_millis(5))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         let exit = s.exit.clone().unwrap_or(GuestExit::Stopped);
         drop(s);

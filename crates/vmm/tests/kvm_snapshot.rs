@@ -199,3 +199,40 @@ fn diff_needs_a_parent_and_a_paused_vm() {
     vm.shutdown().unwrap();
     vm.wait();
 }
+
+/// A stop right after start reaches every vCPU, even one that never exits to the VMM again
+/// (a restored idle guest): a kick that lands just before KVM_RUN must not be lost.
+#[test]
+fn a_stop_right_after_start_ends_a_vm_that_never_exits() {
+    let d = scratch("stopnow");
+    let (vm, rx) = boot(4, 64 << 20, "idle");
+    let mut seen = Vec::new();
+    let want: Vec<String> = (0..4).map(|c| format!("S{c} idle")).collect();
+    wait_all(&rx, &mut seen, T, &want).unwrap();
+    vm.pause().unwrap();
+    vm.snapshot(&d.0, false).unwrap();
+    vm.shutdown().unwrap();
+    vm.wait();
+    for round in 0..100u32 {
+        let (vm2, _rx2) = restored(&d.0);
+        vm2.start().unwrap();
+        // Stop at a different point of the vCPU threads' start each round.
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_micros((round as u64 * 7) % 400) {
+            std::hint::spin_loop();
+        }
+        vm2.shutdown().unwrap();
+        let (tx, done) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _ = tx.send(vm2.wait());
+            });
+            let r = done.recv_timeout(Duration::from_secs(30));
+            if r.is_err() {
+                eprintln!("round {round}: the VM did not stop within 30 s");
+                std::process::abort();
+            }
+            assert_eq!(r.unwrap(), GuestExit::Stopped);
+        });
+    }
+}
