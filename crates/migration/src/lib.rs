@@ -2,6 +2,9 @@
 //! of KVM: it drives a VM through the [`engine::SourceVm`] and [`engine::DestinationVm`]
 //! traits, so its logic is tested against an in-memory fake VM (tests/fake_vm.rs) and, through
 //! ferry-vmm, end to end on real KVM.
+pub mod certs;
 pub mod engine;
 pub mod pages;
 pub mod protocol;
+pub mod tls;
+pub mod transport;

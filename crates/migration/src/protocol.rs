@@ -299,6 +299,7 @@ pub(crate) fn send_frame(
     h[8..12].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     w.write_all(&h)?;
     w.write_all(payload)?;
+    w.flush()?; // under TLS: seals the last partial record
     Ok(())
 }
 

@@ -158,6 +158,39 @@ pub struct Options {
     /// CPU priority of the page-copying threads against the vCPUs.
     #[serde(default)]
     pub copy_priority: CopyPriority,
+    /// A send or receive that makes no progress for this long fails the migration (a
+    /// destination that stopped reading, or answering, without closing).
+    #[serde(default = "default_io_timeout")]
+    pub io_timeout: Duration,
+}
+
+/// Default of [`Options::io_timeout`] and [`Limits::io_timeout`].
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn default_io_timeout() -> Duration {
+    IO_TIMEOUT
+}
+
+/// What the destination tolerates from the connections it accepts.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A migration whose connections all stay silent this long is given up; so is a send
+    /// the source does not read.
+    pub io_timeout: Duration,
+    /// A new connection must have sent its first frame (Hello or Join) within this.
+    pub hello_timeout: Duration,
+    /// New connections waiting for their first frame at once; more are closed at once.
+    pub max_pending: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            io_timeout: IO_TIMEOUT,
+            hello_timeout: Duration::from_secs(5),
+            max_pending: 16,
+        }
+    }
 }
 
 impl Default for Options {
@@ -174,6 +207,7 @@ impl Default for Options {
             postcopy_after: None,
             auto_postcopy: false,
             copy_priority: CopyPriority::Normal,
+            io_timeout: IO_TIMEOUT,
         }
     }
 }
