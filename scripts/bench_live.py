@@ -146,7 +146,7 @@ def ferry_pair(ferry, d, port, mem, work):
     """`ferry run` with the test guest (API at d/a.sock) and a `ferry receive` on `port`."""
     src = subprocess.Popen([ferry, "run", "--memory", mem, "--api-socket", f"{d}/a.sock",
                             "--guest", work], stdout=subprocess.PIPE, text=True)
-    dst = subprocess.Popen([ferry, "receive", "--listen", f"127.0.0.1:{port}",
+    dst = subprocess.Popen([ferry, "receive", "--insecure", "--listen", f"127.0.0.1:{port}",
                             "--api-socket", f"{d}/b.sock"], stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL, text=True)
     return src, dst
@@ -211,7 +211,7 @@ def run_ferry(a, name, mem, work, ready, converge):
         sc.wait(ready)
         time.sleep(1)
         warm(a)
-        cmd = [a.ferry, "migrate", "--to", f"127.0.0.1:{port}", "--api-socket", f"{d}/a.sock",
+        cmd = [a.ferry, "migrate", "--insecure", "--to", f"127.0.0.1:{port}", "--api-socket", f"{d}/a.sock",
                "--downtime-limit", str(a.downtime_limit), "--connections", str(a.streams),
                "--max-passes", "0", "--copy-priority", a.copy_priority, "--quiet"]
         if converge:

@@ -111,7 +111,7 @@ def run_ferry(a, mem, work, ready, mode):
         sc, dc = Console(src), Console(dst)
         sc.wait(ready)
         time.sleep(1)
-        cmd = [a.ferry, "migrate", "--to", f"127.0.0.1:{port}", "--api-socket", f"{d}/a.sock",
+        cmd = [a.ferry, "migrate", "--insecure", "--to", f"127.0.0.1:{port}", "--api-socket", f"{d}/a.sock",
                "--downtime-limit", "30", "--quiet",
                "--postcopy-after", "0" if mode == "at-once" else "1"]
         before = rate(sc, time.monotonic() - 1, time.monotonic())

@@ -47,6 +47,10 @@ pub enum Command {
     /// (nothing was started). In post-copy the VM runs (and its API answers) from the
     /// switch-over on, while its remaining pages arrive.
     Receive(ReceiveArgs),
+    /// Make a CA and host certificates for TLS migrations (a quick start; any X.509 CA
+    /// works): `ferry certs init --dir D`, then `ferry certs issue NAME --dir D` per host, and
+    /// copy D/ca.pem, D/NAME.pem and D/NAME.key to that host.
+    Certs(CertsArgs),
     /// Write Ferry's test guest image (a multiboot ELF) to a file, e.g. to boot it in QEMU:
     /// qemu-system-x86_64 -enable-kvm -kernel FILE -append 'heartbeat count=10'
     ///   -device isa-debug-exit,iobase=0xf4,iosize=4 -serial stdio -display none
@@ -125,8 +129,10 @@ pub struct RestoreArgs {
     /// Serve the control API on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
-    /// Start before checking the memory files' CRCs and check them in the background (a bad
-    /// one stops the VM). Default: check everything before starting.
+    /// Start before checking the memory files' CRCs: each memory run is checked when the guest
+    /// first touches it, before it can read it, and the rest in the background; a corrupt run
+    /// stops the VM. Snapshots and migrations wait until all memory is in. Default: check
+    /// everything before starting.
     #[arg(long)]
     pub lazy_check: bool,
 }
@@ -199,6 +205,63 @@ pub struct MigrateArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// How migration connections are secured: TLS 1.3 with certificates on both sides, or
+/// (explicitly) plain TCP.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// This host's certificate chain (PEM), e.g. from `ferry certs issue`.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM; refused if group or others can read it).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA the peer's certificate must chain to (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// A name (DNS name or IP address) the peer's certificate must be valid for; repeat for
+    /// several. Default: `ferry migrate` checks the host of --to; `ferry receive` accepts any
+    /// certificate the CA signed.
+    #[arg(long = "tls-peer", requires = "tls_cert", value_name = "NAME")]
+    pub tls_peers: Vec<String>,
+    /// Plain TCP: the peer is not authenticated and the VM's memory crosses the network in
+    /// clear. Only for a network nobody else can reach.
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub insecure: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CertsArgs {
+    #[command(subcommand)]
+    pub action: CertsAction,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsAction {
+    /// Create a CA (DIR/ca.pem, DIR/ca.key, key mode 0600).
+    Init {
+        /// Where the CA lives.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a certificate for host NAME (its DNS name or IP address, as peers will name it):
+    /// DIR/NAME.pem and DIR/NAME.key, good for both ends of a migration.
+    Issue {
+        /// The host's name or address.
+        name: String,
+        /// The CA's directory (from `ferry certs init`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -231,6 +294,8 @@ pub struct ReceiveArgs {
     /// Serve the control API on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -244,7 +309,9 @@ pub struct VmArgs {
     /// Snapshot directory (restore only).
     #[arg(long, required_if_eq("action", "restore"))]
     pub from: Option<PathBuf>,
-    /// Check the memory files' CRCs in the background after starting (restore only).
+    /// Start at once and check the memory files' CRCs as the guest first touches each run
+    /// (before it can read it) and in the background; a corrupt run stops the VM (restore
+    /// only).
     #[arg(long)]
     pub lazy_check: bool,
 }
@@ -285,4 +352,7 @@ pub struct DemoArgs {
     /// then runs on the destination while the pages dirtied since are fetched).
     #[arg(long)]
     pub postcopy: bool,
+    /// Migrate over plain TCP instead of TLS with a CA made for the demo.
+    #[arg(long)]
+    pub insecure: bool,
 }

@@ -54,19 +54,87 @@ fn spawn(name: &'static str, args: &[&str]) -> Result<Host> {
     })
 }
 
+/// How the demo's hosts secure their migrations: TLS with a CA made for the demo (each host
+/// allows only the other's name), or plain TCP with --insecure.
+struct Security {
+    /// The CA's directory; None: plain TCP.
+    pki: Option<PathBuf>,
+}
+
+fn host_name(h: &str) -> String {
+    format!("host-{}.demo", h.to_lowercase())
+}
+
+impl Security {
+    fn new(args: &DemoArgs, dir: &Path) -> Result<Self> {
+        if args.insecure {
+            println!("migrations: plain TCP (--insecure): not authenticated, not encrypted");
+            return Ok(Security { pki: None });
+        }
+        let pki = dir.join("pki");
+        ferry_migration::certs::init_ca(&pki, 1)?;
+        for h in ["A", "B"] {
+            ferry_migration::certs::issue(&pki, &host_name(h), 1)?;
+        }
+        println!(
+            "migrations: TLS 1.3, mutual certificates from a CA made for the demo ({} <-> {}; \
+             --insecure for plain TCP)",
+            host_name("A"),
+            host_name("B")
+        );
+        Ok(Security { pki: Some(pki) })
+    }
+
+    /// `ferry receive` arguments for host `me` accepting only `peer`.
+    fn receive_args(&self, me: &str, peer: &str) -> Vec<String> {
+        let Some(pki) = &self.pki else {
+            return vec!["--insecure".into()];
+        };
+        let (cert, key) = ferry_migration::certs::host_paths(pki, &host_name(me));
+        let ca = ferry_migration::certs::ca_paths(pki).0;
+        [
+            "--tls-cert".into(),
+            cert.to_string_lossy().into_owned(),
+            "--tls-key".into(),
+            key.to_string_lossy().into_owned(),
+            "--tls-ca".into(),
+            ca.to_string_lossy().into_owned(),
+            "--tls-peer".into(),
+            host_name(peer),
+        ]
+        .to_vec()
+    }
+
+    /// The migrate request's security members for host `me` sending to `peer`.
+    fn request(&self, me: &str, peer: &str) -> serde_json::Value {
+        let Some(pki) = &self.pki else {
+            return serde_json::json!({ "insecure": true });
+        };
+        let (cert, key) = ferry_migration::certs::host_paths(pki, &host_name(me));
+        let ca = ferry_migration::certs::ca_paths(pki).0;
+        serde_json::json!({ "tls": {
+            "cert": cert, "key": key, "ca": ca, "peers": [host_name(peer)],
+        }})
+    }
+}
+
 /// Starts `ferry receive` and waits until it listens.
-fn receiver(name: &'static str, port: u16, sock: &Path) -> Result<Host> {
+fn receiver(
+    name: &'static str,
+    port: u16,
+    sock: &Path,
+    sec: &Security,
+    peer: &str,
+) -> Result<Host> {
     let listen = format!("127.0.0.1:{port}");
-    let mut h = spawn(
-        name,
-        &[
-            "receive",
-            "--listen",
-            &listen,
-            "--api-socket",
-            &sock.to_string_lossy(),
-        ],
-    )?;
+    let mut argv: Vec<String> = ["receive", "--listen", &listen, "--api-socket"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    argv.push(sock.to_string_lossy().into_owned());
+    argv.extend(sec.receive_args(name, peer));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut h = spawn(name, &argv)?;
     let mut err = BufReader::new(h.child.stderr.take().context("stderr")?);
     let mut first = String::new();
     err.read_line(&mut first)?;
@@ -110,6 +178,7 @@ fn migrate(
     sock: &Path,
     port: u16,
     args: &DemoArgs,
+    sec: &Security,
 ) -> Result<Duration> {
     println!(
         "\n== live migration{}: host {} -> host {} ==",
@@ -121,12 +190,17 @@ fn migrate(
         from.name,
         to.name
     );
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "to": format!("127.0.0.1:{port}"),
         "downtime_limit_ms": args.downtime_limit,
         "connections": args.connections,
         "postcopy_after": if args.postcopy { Some(1) } else { None },
     });
+    if let (Some(b), serde_json::Value::Object(extra)) =
+        (body.as_object_mut(), sec.request(from.name, to.name))
+    {
+        b.extend(extra);
+    }
     let v = call(sock, Method::PUT, "/vm/migrate", Some(body.to_string()))?.context("no report")?;
     print_report(&format!("host {}", to.name), &v);
     from.child.wait()?;
@@ -158,6 +232,7 @@ fn run(args: &DemoArgs, dir: &Path) -> Result<()> {
     let workload = format!("dirty size={} rate={} hb=2000", args.dirty, args.rate);
     println!("ferry demo: host A runs the test guest ('{workload}', 1 vCPU, 1 GiB);");
     println!("it moves to host B and back while it keeps writing memory and beating every 2 ms.");
+    let sec = Security::new(args, dir)?;
     let mut a = spawn(
         "A",
         &[
@@ -178,13 +253,13 @@ fn run(args: &DemoArgs, dir: &Path) -> Result<()> {
     );
 
     let pb = free_port()?;
-    let mut b = receiver("B", pb, &sock("b.sock"))?;
-    let gap1 = migrate(&mut a, &mut b, &sock("a.sock"), pb, args)?;
+    let mut b = receiver("B", pb, &sock("b.sock"), &sec, "A")?;
+    let gap1 = migrate(&mut a, &mut b, &sock("a.sock"), pb, args, &sec)?;
     wait_for(&b.lines, &mut b.seen, WAIT, |l| l.starts_with("D0 ")).map_err(anyhow::Error::msg)?;
 
     let pa = free_port()?;
-    let mut a2 = receiver("A", pa, &sock("a2.sock"))?;
-    let gap2 = migrate(&mut b, &mut a2, &sock("b.sock"), pa, args)?;
+    let mut a2 = receiver("A", pa, &sock("a2.sock"), &sec, "B")?;
+    let gap2 = migrate(&mut b, &mut a2, &sock("b.sock"), pa, args, &sec)?;
     wait_for(&a2.lines, &mut a2.seen, WAIT, |l| l.starts_with("D0 "))
         .map_err(anyhow::Error::msg)?;
     call(&sock("a2.sock"), Method::PUT, "/vm/shutdown", None)?;

@@ -54,6 +54,7 @@ fn main() {
         cli::Command::Migrate(args) => api::client::migrate(args).map(|()| 0),
         cli::Command::Restore(args) => run::restore(args),
         cli::Command::Receive(args) => run::receive(args),
+        cli::Command::Certs(args) => run::certs(args).map(|()| 0),
         cli::Command::GuestImage { output } => std::fs::write(&output, ferry_guest::IMAGE)
             .map(|()| 0)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", output.display())),

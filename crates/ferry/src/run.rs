@@ -2,6 +2,8 @@
 use crate::api::host::Host;
 use crate::cli::{ReceiveArgs, RestoreArgs, RunArgs};
 use anyhow::{Context, Result};
+use ferry_migration::engine::{Acceptor, Limits};
+use ferry_migration::tls::{TlsFiles, TlsServer};
 use ferry_vmm::live::LiveDestination;
 use ferry_vmm::snapshot::MemoryCheck;
 use ferry_vmm::{BootSource, GuestExit, Vm, VmConfig};
@@ -114,7 +116,7 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
         if rep.memory_verified_before_start {
             "verified"
         } else {
-            "checked in the background"
+            "checked page run by page run as it is first touched, and in the background"
         },
         t0.elapsed().as_secs_f64() * 1e3
     );
@@ -122,18 +124,81 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
 }
 
 /// Migration sockets give up on a silent peer after this.
-pub const MIGRATION_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+pub const MIGRATION_IO_TIMEOUT: std::time::Duration = ferry_migration::engine::IO_TIMEOUT;
+
+/// The TLS files given on the command line, made absolute (the VMM process that opens them
+/// may run elsewhere); None for `--insecure`; an error when neither was given.
+pub fn tls_files(a: &crate::cli::TlsArgs) -> Result<Option<TlsFiles>> {
+    let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    match (&a.tls_cert, &a.tls_key, &a.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsFiles {
+            cert: abs(cert),
+            key: abs(key),
+            ca: abs(ca),
+            peers: a.tls_peers.clone(),
+        })),
+        _ if a.insecure => Ok(None),
+        _ => anyhow::bail!(
+            "migration connections need TLS (--tls-cert, --tls-key, --tls-ca; `ferry certs` \
+             makes them) or an explicit --insecure for plain TCP"
+        ),
+    }
+}
+
+/// `ferry certs`.
+pub fn certs(args: crate::cli::CertsArgs) -> Result<()> {
+    use ferry_migration::certs;
+    match args.action {
+        crate::cli::CertsAction::Init { dir, days } => {
+            let (c, k) = certs::init_ca(&dir, days)?;
+            println!(
+                "CA certificate: {}\nCA key:         {} (keep it off the hosts)",
+                c.display(),
+                k.display()
+            );
+        }
+        crate::cli::CertsAction::Issue { name, dir, days } => {
+            let (c, k) = certs::issue(&dir, &name, days)?;
+            println!(
+                "certificate for {name}: {}\nkey:                  {}\nuse: --tls-cert {} --tls-key {} --tls-ca {}",
+                c.display(),
+                k.display(),
+                c.display(),
+                k.display(),
+                certs::ca_paths(&dir).0.display()
+            );
+        }
+    }
+    Ok(())
+}
 
 /// `ferry receive`.
 pub fn receive(args: ReceiveArgs) -> Result<i32> {
+    let tls = match tls_files(&args.tls)? {
+        Some(f) => Some(Arc::new(TlsServer::new(&f)?)),
+        None => None,
+    };
     let listener = bind(&args.api_socket)?;
     let l = std::net::TcpListener::bind(&args.listen)
         .with_context(|| format!("--listen {}", args.listen))?;
-    eprintln!("ferry: waiting for a migration on {}", l.local_addr()?);
-    let (s, peer) = l.accept().context("accepting the migration connection")?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(MIGRATION_IO_TIMEOUT))?;
-    s.set_write_timeout(Some(MIGRATION_IO_TIMEOUT))?;
+    let limits = Limits {
+        io_timeout: MIGRATION_IO_TIMEOUT,
+        ..Limits::default()
+    };
+    let acc = Acceptor::new(l, tls, limits)?;
+    eprintln!(
+        "ferry: waiting for a migration on {} ({})",
+        acc.local_addr(),
+        if acc.is_tls() {
+            "TLS 1.3, peers must present a certificate of the CA"
+        } else {
+            "plain TCP, --insecure: not authenticated, not encrypted"
+        }
+    );
+    let first = acc
+        .next_hello(None)
+        .context("waiting for the migration connection")?;
+    let peer = first.peer;
     let dest = LiveDestination::new(console(&args.console_log)?);
     let (tx, running) = std::sync::mpsc::channel();
     dest.on_running(move |vm| {
@@ -145,7 +210,7 @@ pub fn receive(args: ReceiveArgs) -> Result<i32> {
         let arriving = arriving.clone();
         std::thread::spawn(move || {
             let mut dest = dest;
-            let r = ferry_migration::engine::receive(&mut dest, s, &l);
+            let r = ferry_migration::engine::receive(&mut dest, first, &acc);
             arriving.store(false, Ordering::SeqCst);
             r
         })

@@ -116,7 +116,14 @@ fn post_copy_survives_a_dead_link_and_resumes_over_a_new_path() {
     let b_sock = b.to_str().unwrap();
     let out = ferry_ok(&["vm", "info", "--api-socket", b_sock]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("running"));
-    let out = ferry(&["migrate", "--api-socket", b_sock, "--to", "127.0.0.1:1"]);
+    let out = ferry(&[
+        "migrate",
+        "--insecure",
+        "--api-socket",
+        b_sock,
+        "--to",
+        "127.0.0.1:1",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("still arriving by post-copy"));
     // A migration cannot be cancelled once the destination runs the VM, and the source's
@@ -150,6 +157,7 @@ fn post_copy_survives_a_dead_link_and_resumes_over_a_new_path() {
     let second = Proxy::new(addr);
     let out = ferry_ok(&[
         "migrate",
+        "--insecure",
         "--api-socket",
         &a,
         "--resume-postcopy",

@@ -23,6 +23,7 @@ fn a_512_gib_vm_moves_with_bounded_source_memory() {
     let (mut dst, addr) = receiver(&b);
     let out = ferry_ok(&[
         "migrate",
+        "--insecure",
         "--to",
         &addr,
         "--api-socket",

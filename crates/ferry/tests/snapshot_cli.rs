@@ -62,6 +62,7 @@ fn quick_migration_continues_the_guest_on_the_other_host() {
 
     let out = ferry_ok(&[
         "migrate",
+        "--insecure",
         "--quick",
         "--via",
         via.to_str().unwrap(),

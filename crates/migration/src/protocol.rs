@@ -28,8 +28,11 @@ pub const PAGE_HEADER_LEN: usize = 13;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
+    /// Not a `source`: the text is in the message once (error chains printed it twice).
     #[error("connection: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+    #[error("the peer made no progress within the I/O timeout (it stopped reading or sending without closing the connection)")]
+    Stalled,
     #[error("the peer closed the connection")]
     Closed,
     #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
@@ -51,6 +54,16 @@ pub enum ProtocolError {
     },
     #[error("the peer reported an error: {0}")]
     Peer(String),
+}
+
+impl From<std::io::Error> for ProtocolError {
+    fn from(e: std::io::Error) -> Self {
+        match e.kind() {
+            // What a socket timeout (SO_RCVTIMEO / SO_SNDTIMEO) reports.
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ProtocolError::Stalled,
+            _ => ProtocolError::Io(e),
+        }
+    }
 }
 
 /// Opening message of the source (on the control connection).

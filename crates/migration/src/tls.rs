@@ -443,16 +443,27 @@ impl Handshaking for UnbufferedClientConnection {
     }
 }
 
-/// Drives a handshake to its end on `sock`. Returns the connection and the bytes read past
-/// the handshake (records the peer sent right after it, still sealed).
-fn drive<C: Handshaking>(mut c: C, sock: &TcpStream, peer: &str) -> Result<(C, Vec<u8>), TlsError> {
+/// What a handshake leaves behind: records the peer sent right behind its Finished, opened by
+/// rustls (plaintext) and not yet opened (sealed).
+struct Leftover {
+    plain: Vec<u8>,
+    sealed: Vec<u8>,
+}
+
+/// Drives a handshake to its end on `sock`.
+fn drive<C: Handshaking>(
+    mut c: C,
+    sock: &TcpStream,
+    peer: &str,
+) -> Result<(C, Leftover), TlsError> {
+    let mut plain = Vec::new();
     let mut incoming = vec![0u8; 2 * MAX_CIPHERTEXT];
     let mut used = 0usize;
     let mut out = vec![0u8; 2 * MAX_CIPHERTEXT];
     let mut out_used = 0usize;
     let err = |e: rustls::Error| handshake_err(peer, e);
     loop {
-        let UnbufferedStatus { discard, state } = c.process(&mut incoming[..used]);
+        let UnbufferedStatus { mut discard, state } = c.process(&mut incoming[..used]);
         let mut done = false;
         match state.map_err(err)? {
             ConnectionState::EncodeTlsData(mut e) => loop {
@@ -500,10 +511,18 @@ fn drive<C: Handshaking>(mut c: C, sock: &TcpStream, peer: &str) -> Result<(C, V
                 used += n;
             }
             ConnectionState::WriteTraffic(_) => done = true,
-            ConnectionState::ReadTraffic(_) | ConnectionState::ReadEarlyData(_) => {
+            // The client's first frame right behind its Finished (the server side).
+            ConnectionState::ReadTraffic(mut r) => {
+                while let Some(rec) = r.next_record() {
+                    let rec = rec.map_err(err)?;
+                    discard += rec.discard;
+                    plain.extend_from_slice(rec.payload);
+                }
+            }
+            ConnectionState::ReadEarlyData(_) => {
                 return Err(TlsError::Handshake {
                     peer: peer.into(),
-                    why: "data arrived before the handshake ended".into(),
+                    why: "0-RTT data offered (not accepted here)".into(),
                 })
             }
             ConnectionState::PeerClosed | ConnectionState::Closed => {
@@ -526,7 +545,13 @@ fn drive<C: Handshaking>(mut c: C, sock: &TcpStream, peer: &str) -> Result<(C, V
                 (&*sock).write_all(&out[..out_used])?;
             }
             incoming.truncate(used);
-            return Ok((c, incoming));
+            return Ok((
+                c,
+                Leftover {
+                    plain,
+                    sealed: incoming,
+                },
+            ));
         }
     }
 }
@@ -601,7 +626,7 @@ impl TlsSession {
     fn new(
         secrets: rustls::ExtractedSecrets,
         kernel: Kernel,
-        leftover: Vec<u8>,
+        leftover: Leftover,
         peer_name: String,
         peer: &str,
         rekey: Option<u64>,
@@ -634,8 +659,8 @@ impl TlsSession {
             rx: Mutex::new(Rx {
                 open: t13.aead_alg.decrypter(rk, riv),
                 seq: secrets.rx.0,
-                sealed: leftover,
-                plain: Vec::new(),
+                sealed: leftover.sealed,
+                plain: leftover.plain,
                 at: 0,
                 closed: false,
             }),
@@ -793,6 +818,16 @@ impl TlsSession {
                     rx.seq = seq;
                 }
                 ContentType::Alert if plain.payload == [1, 0] => rx.closed = true,
+                ContentType::Alert if plain.payload.len() == 2 => {
+                    let what = rustls::AlertDescription::from(plain.payload[1]);
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionRefused,
+                        format!(
+                            "the peer ended the TLS session ({what:?}): if it refused this \
+                             host, check this host's certificate and the peer's allowed names"
+                        ),
+                    ));
+                }
                 t => {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,

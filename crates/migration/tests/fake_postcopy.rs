@@ -118,7 +118,7 @@ fn a_link_cut_during_post_copy_is_recovered_page_exact() {
     let c = cut.clone();
     // The first data connection (accept order 1) dies after 4 MiB of the push.
     let tamper: Tamper = Box::new(move |conn, seen, _| {
-        !(conn == 1 && seen > 4 << 20 && !c.swap(true, Ordering::SeqCst))
+        (!(conn == 1 && seen > 4 << 20 && !c.swap(true, Ordering::SeqCst))).into()
     });
     let mon = Monitor::default();
     let (rep, _, _) = slow_post_copy(Some(tamper), &mon);
@@ -139,7 +139,7 @@ fn a_corrupted_frame_during_post_copy_is_never_installed_and_is_sent_again() {
             let i = chunk.len() / 2;
             chunk[i] ^= 0x40;
         }
-        true
+        Flow::Go
     });
     let (rep, _, _) = slow_post_copy(Some(tamper), &Monitor::default());
     assert!(flipped.load(Ordering::SeqCst));

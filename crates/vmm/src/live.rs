@@ -43,6 +43,9 @@ impl SourceVm for LiveSource<'_> {
             .unwrap_or(0)
     }
     fn populated(&self, into: &PageSet) -> Result<(), String> {
+        if self.vm.memory_loading() {
+            return Err(crate::snapshot::SnapshotError::Loading.to_string());
+        }
         if self.vm.manual_dirty_log() {
             // The log names what was written since it was last cleared; with its history
             // whole (nothing cleared since the VM was created) that is every populated page,

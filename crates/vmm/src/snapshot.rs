@@ -3,12 +3,13 @@
 //! memory size.
 use crate::memory::{DirtyBitmap, RangeBitmap, PAGE_SIZE};
 use crate::vm::{RunState, Vm, VmError, VmState};
-use crate::GuestExit;
 use ferry_snapshot::{FormatError, ParentRef, RunData, Snapshot, Writer, MAX_RUN_PAGES};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -33,6 +34,8 @@ pub enum SnapshotError {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("the VM's memory is still being loaded and checked from its snapshot (--lazy-check): try again in a moment")]
+    Loading,
 }
 
 /// What a snapshot wrote.
@@ -71,6 +74,8 @@ pub struct RestoreReport {
 pub struct SnapshotTrack {
     pub last: Option<(u64, PathBuf)>,
     pub file_backed: Vec<(u64, u64)>,
+    /// Set while a lazy restore still loads memory (`MemoryCheck::Background`).
+    pub loading: Option<Arc<AtomicBool>>,
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -161,6 +166,17 @@ fn pages_at(vm: &Vm, gpa: u64, n: u32) -> Result<&[u8], SnapshotError> {
 }
 
 impl Vm {
+    /// A lazy restore is still loading (and checking) this VM's memory: snapshots and
+    /// migrations, which read all of it, must wait.
+    pub fn memory_loading(&self) -> bool {
+        self.snapshot_track()
+            .loading
+            .as_ref()
+            .is_some_and(|l| l.load(Ordering::SeqCst))
+    }
+}
+
+impl Vm {
     /// Writes a snapshot of this (paused) VM to `dir`. With `diff`, only pages dirtied since
     /// the previous snapshot (taken or restored here) are stored.
     pub fn snapshot(&self, dir: &Path, diff: bool) -> Result<SnapshotReport, SnapshotError> {
@@ -168,6 +184,9 @@ impl Vm {
         let st = self.state();
         if !matches!(st, RunState::Paused | RunState::Created) {
             return Err(SnapshotError::NotPaused(st));
+        }
+        if self.memory_loading() {
+            return Err(SnapshotError::Loading);
         }
         let last = self.snapshot_track().last.clone();
         let parent = match (diff, &last) {
@@ -399,8 +418,15 @@ pub fn restore(
     })?;
     let mut mapped = Vec::new();
     let incoming = Vm::incoming(&state.config)?;
-    map_chain(incoming.memory(), &chain, &mut mapped)?;
+    if check == MemoryCheck::BeforeStart {
+        map_chain(incoming.memory(), &chain, &mut mapped)?;
+    }
     let vm = incoming.finish(&state, console)?;
+    if check == MemoryCheck::Background {
+        // Each run is checked when first touched, before the guest can read it.
+        let lazy = crate::lazy::start(vm.memory(), &chain, vm.abort_handle())?;
+        vm.snapshot_track().loading = Some(lazy.loading);
+    }
     tracing::debug!("restore: VM rebuilt at {:?}", t0.elapsed());
     {
         let mut t = vm.snapshot_track();
@@ -416,20 +442,5 @@ pub fn restore(
         memory_verified_before_start: check == MemoryCheck::BeforeStart,
         ready_ms: t0.elapsed().as_secs_f64() * 1e3,
     };
-    if check == MemoryCheck::Background {
-        let abort = vm.abort_handle();
-        std::thread::Builder::new()
-            .name("snapshot-verify".into())
-            .spawn(move || {
-                for s in &chain {
-                    if let Err(e) = s.verify_memory() {
-                        abort.abort(GuestExit::Crashed {
-                            reason: format!("snapshot memory is corrupt: {e}"),
-                        });
-                        return;
-                    }
-                }
-            })?;
-    }
     Ok((vm, report))
 }

@@ -150,10 +150,11 @@ fn a_64_gib_vm_with_256_mib_touched_makes_a_small_snapshot() {
 }
 
 #[test]
-fn corrupt_memory_is_refused_before_start_or_stops_the_vm() {
+fn corrupt_memory_is_refused_before_start_or_stops_the_vm_before_it_is_read() {
     let d = scratch("corrupt");
-    let (vm, rx) = boot(1, 128 << 20, "dirty size=4M");
-    wait_for(&rx, &mut Vec::new(), T, |l| l == "D0 1").unwrap();
+    // vCPU 1 checksums its region over and over: a corrupt page it read would print BAD.
+    let (vm, rx) = boot(2, 128 << 20, "dirty size=4M ; verify size=4M");
+    wait_for(&rx, &mut Vec::new(), T, |l| l.starts_with("V1 2 ")).unwrap();
     vm.pause().unwrap();
     vm.snapshot(&d.0, false).unwrap();
     let mem = d.0.join("memory.bin");
@@ -165,7 +166,9 @@ fn corrupt_memory_is_refused_before_start_or_stops_the_vm() {
         .err()
         .expect("refused");
     assert!(e.to_string().contains("CRC mismatch in memory run"), "{e}");
-    let (vm2, _) = restore(&d.0, Box::new(std::io::sink()), MemoryCheck::Background).unwrap();
+    let (sink, rx2) = LineSink::new();
+    let (vm2, _) = restore(&d.0, Box::new(sink), MemoryCheck::Background).unwrap();
+    assert!(vm2.memory_loading());
     vm2.start().unwrap();
     match vm2.wait() {
         GuestExit::Crashed { reason } => {
@@ -173,6 +176,53 @@ fn corrupt_memory_is_refused_before_start_or_stops_the_vm() {
         }
         other => panic!("{other:?}"),
     }
+    let lines: Vec<String> = rx2.try_iter().map(|l| l.1).collect();
+    assert!(
+        !lines.iter().any(|l| l.contains("BAD")),
+        "the guest read corrupt memory: {lines:?}"
+    );
+}
+
+#[test]
+fn a_lazily_checked_restore_of_a_diff_chain_is_page_exact() {
+    let d = scratch("lazy");
+    let (vm, rx) = boot(1, 256 << 20, "dirty size=32M rate=40M hb=5000");
+    let mut seen = Vec::new();
+    wait_for(&rx, &mut seen, T, |l| l == "D0 1").unwrap();
+    let base = bases(&seen)[0];
+    let p0 = snap(&vm, &d.0.join("full"), false, base);
+    std::thread::sleep(Duration::from_millis(300));
+    let p1 = snap(&vm, &d.0.join("d1"), true, base);
+    assert_ne!((p0.pass, p0.next), (p1.pass, p1.next));
+    vm.shutdown().unwrap();
+    vm.wait();
+    let (vm2, rx2) = {
+        let (sink, rx) = LineSink::new();
+        let (vm, _) = restore(&d.0.join("d1"), Box::new(sink), MemoryCheck::Background).unwrap();
+        (vm, rx)
+    };
+    // Snapshots wait until memory is complete.
+    let e = vm2
+        .snapshot(&d.0.join("early"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("still being loaded"), "{e}");
+    // Read through the VMM before any vCPU runs: each page is loaded (and checked) on touch.
+    let p = verify_dirty_region(&reader(&vm2), base).expect("restored memory is exact");
+    assert_eq!((p.pass, p.next), (p1.pass, p1.next));
+    vm2.start().unwrap();
+    let mut after = Vec::new();
+    wait_for(&rx2, &mut after, T, |l| l.starts_with("D0 ")).unwrap();
+    let t = std::time::Instant::now();
+    while vm2.memory_loading() {
+        assert!(t.elapsed() < T, "memory never completed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm2.pause().unwrap();
+    verify_dirty_region(&reader(&vm2), base).expect("exact after the background load");
+    vm2.snapshot(&d.0.join("after"), false).unwrap();
+    vm2.shutdown().unwrap();
+    vm2.wait();
 }
 
 #[test]

@@ -184,6 +184,10 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
             Priority::Low => "low",
             Priority::Normal => "normal",
         },
+        "tls": crate::run::tls_files(&args.tls)?.map(|f| serde_json::json!({
+            "cert": f.cert, "key": f.key, "ca": f.ca, "peers": f.peers,
+        })),
+        "insecure": args.tls.insecure,
     });
     if args.timeout.is_some_and(|t| !(t > 0.0 && t < 1e9)) {
         bail!("--timeout must be a positive number of seconds");

@@ -1,4 +1,5 @@
 //! API request handlers. Blocking VM operations run in `spawn_blocking`.
+use super::extract::{ApiJson, NoBody};
 use super::host::Host;
 use crate::cli::Then;
 use axum::extract::State;
@@ -69,6 +70,12 @@ pub fn not_migrating(host: &Host) -> Result<(), ApiError> {
 
 /// Refuses what reads all of the VM's memory while part of it is still at the source.
 pub fn not_arriving(host: &Host) -> Result<(), ApiError> {
+    if host.vm().is_some_and(|vm| vm.memory_loading()) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            ferry_vmm::snapshot::SnapshotError::Loading.to_string(),
+        ));
+    }
     if host.arriving_now() {
         return Err(ApiError(
             StatusCode::CONFLICT,
@@ -87,20 +94,21 @@ async fn vm_op(host: Arc<Host>, f: fn(&Vm) -> Result<(), VmError>) -> Result<Sta
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn pause(State(host): State<Arc<Host>>) -> Result<StatusCode, ApiError> {
+pub async fn pause(State(host): State<Arc<Host>>, _: NoBody) -> Result<StatusCode, ApiError> {
     vm_op(host, Vm::pause).await
 }
 
-pub async fn resume(State(host): State<Arc<Host>>) -> Result<StatusCode, ApiError> {
+pub async fn resume(State(host): State<Arc<Host>>, _: NoBody) -> Result<StatusCode, ApiError> {
     vm_op(host, Vm::resume).await
 }
 
-pub async fn shutdown(State(host): State<Arc<Host>>) -> Result<StatusCode, ApiError> {
+pub async fn shutdown(State(host): State<Arc<Host>>, _: NoBody) -> Result<StatusCode, ApiError> {
     vm_op(host, Vm::shutdown).await
 }
 
 /// `PUT /vm/snapshot` body.
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {
     to: PathBuf,
     #[serde(default)]
@@ -163,7 +171,7 @@ fn take_snapshot(vm: &Vm, req: SnapshotRequest) -> Result<SnapshotAnswer, ApiErr
 
 pub async fn snapshot(
     State(host): State<Arc<Host>>,
-    Json(req): Json<SnapshotRequest>,
+    ApiJson(req): ApiJson<SnapshotRequest>,
 ) -> Result<Json<SnapshotAnswer>, ApiError> {
     not_migrating(&host)?;
     not_arriving(&host)?;
@@ -173,6 +181,7 @@ pub async fn snapshot(
 
 /// `PUT /vm/restore` body.
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RestoreRequest {
     from: PathBuf,
     #[serde(default)]
@@ -182,7 +191,7 @@ pub struct RestoreRequest {
 /// Restores a VM into this (empty) VMM and starts it.
 pub async fn restore(
     State(host): State<Arc<Host>>,
-    Json(req): Json<RestoreRequest>,
+    ApiJson(req): ApiJson<RestoreRequest>,
 ) -> Result<Json<ferry_vmm::snapshot::RestoreReport>, ApiError> {
     if host.vm().is_some() {
         return Err(ApiError(

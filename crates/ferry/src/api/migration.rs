@@ -1,6 +1,7 @@
 //! Live migration through the API: `PUT /vm/migrate` runs it (the answer is the report),
 //! `GET /vm/migration` shows its progress during and after, `PUT /vm/migration/cancel` stops
 //! it (the VM keeps running here).
+use super::extract::{ApiJson, NoBody};
 use super::handlers::{blocking, the_vm, ApiError};
 use super::host::Host;
 use axum::extract::State;
@@ -9,8 +10,10 @@ use axum::Json;
 use ferry_migration::engine::{migrate, EngineError, Monitor, Options, Report, Status};
 use ferry_migration::engine::{CopyPriority, TimeoutPolicy};
 use ferry_migration::protocol::Compression;
+use ferry_migration::tls::{TlsClient, TlsFiles};
+use ferry_migration::transport::Conn;
 use ferry_vmm::{RunState, Vm};
-use std::net::TcpStream;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +44,25 @@ pub struct MigrateRequest {
     auto_postcopy: bool,
     #[serde(default)]
     copy_priority: CopyPriority,
+    /// TLS credentials (paths on this host); required unless `insecure`.
+    #[serde(default)]
+    tls: Option<TlsRequest>,
+    /// Plain TCP: no authentication, no encryption.
+    #[serde(default)]
+    insecure: bool,
+}
+
+/// The `tls` member of a migrate request.
+#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TlsRequest {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// Names the destination's certificate must be valid for (one is enough); empty: the host
+    /// of `to`.
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// `PUT /vm/migration/resume-postcopy` body.
@@ -65,12 +87,8 @@ fn default_connections() -> u32 {
     Options::default().connections
 }
 
-fn connect(to: &str) -> std::io::Result<TcpStream> {
-    let s = TcpStream::connect(to)?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(crate::run::MIGRATION_IO_TIMEOUT))?;
-    s.set_write_timeout(Some(crate::run::MIGRATION_IO_TIMEOUT))?;
-    Ok(s)
+fn connect(to: &str, tls: Option<&TlsClient>) -> std::io::Result<Conn> {
+    Conn::connect(to, tls, crate::run::MIGRATION_IO_TIMEOUT).map_err(std::io::Error::other)
 }
 
 fn live_migrate(vm: &Vm, req: MigrateRequest, mon: &Monitor) -> Result<Report, ApiError> {
@@ -89,7 +107,32 @@ fn live_migrate(vm: &Vm, req: MigrateRequest, mon: &Monitor) -> Result<Report, A
             ),
         ));
     }
-    let ctl = connect(&req.to).map_err(|e| {
+    let tls =
+        match (&req.tls, req.insecure) {
+            (Some(_), true) => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    "give either tls or insecure, not both".into(),
+                ))
+            }
+            (None, false) => return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "a migration needs TLS credentials (tls: cert, key, ca; see `ferry certs`) or an \
+                 explicit insecure: true for plain TCP"
+                    .into(),
+            )),
+            (Some(t), false) => Some(
+                TlsClient::new(&TlsFiles {
+                    cert: t.cert.clone(),
+                    key: t.key.clone(),
+                    ca: t.ca.clone(),
+                    peers: t.peers.clone(),
+                })
+                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?,
+            ),
+            (None, true) => None,
+        };
+    let ctl = connect(&req.to, tls.as_ref()).map_err(|e| {
         ApiError(
             StatusCode::BAD_GATEWAY,
             format!(
@@ -110,11 +153,12 @@ fn live_migrate(vm: &Vm, req: MigrateRequest, mon: &Monitor) -> Result<Report, A
         postcopy_after: req.postcopy_after,
         auto_postcopy: req.auto_postcopy,
         copy_priority: req.copy_priority,
+        io_timeout: crate::run::MIGRATION_IO_TIMEOUT,
     };
     let to = req.to.clone();
     let source = ferry_vmm::live::LiveSource::new(vm);
     // A post-copy that reconnects goes where `--resume-postcopy --to` last said, if it did.
-    let connect_now = || connect(&mon.target().unwrap_or_else(|| to.clone()));
+    let connect_now = || connect(&mon.target().unwrap_or_else(|| to.clone()), tls.as_ref());
     match migrate(&source, ctl, &connect_now, &opts, mon) {
         Ok(report) => {
             vm.shutdown_after_handoff()?;
@@ -137,7 +181,7 @@ fn live_migrate(vm: &Vm, req: MigrateRequest, mon: &Monitor) -> Result<Report, A
 /// Live-migrates the VM; on success this VMM's VM stops (its process exits).
 pub async fn start(
     State(host): State<Arc<Host>>,
-    Json(req): Json<MigrateRequest>,
+    ApiJson(req): ApiJson<MigrateRequest>,
 ) -> Result<Json<Report>, ApiError> {
     super::handlers::not_arriving(&host)?;
     let vm = the_vm(&host)?;
@@ -163,7 +207,7 @@ pub async fn status(State(host): State<Arc<Host>>) -> Result<Json<Status>, ApiEr
 /// Asks a post-copy whose link broke to reconnect now (to a new address if given).
 pub async fn resume_postcopy(
     State(host): State<Arc<Host>>,
-    Json(req): Json<ResumeRequest>,
+    ApiJson(req): ApiJson<ResumeRequest>,
 ) -> Result<StatusCode, ApiError> {
     match host.migration() {
         Some(m) if host.migrating() && m.status().phase.is_postcopy() => {
@@ -178,7 +222,7 @@ pub async fn resume_postcopy(
 }
 
 /// Cancels the running migration; it rolls back unless it has already committed.
-pub async fn cancel(State(host): State<Arc<Host>>) -> Result<StatusCode, ApiError> {
+pub async fn cancel(State(host): State<Arc<Host>>, _: NoBody) -> Result<StatusCode, ApiError> {
     if let Some(m) = host.migration() {
         if m.status().phase.is_postcopy() {
             return Err(ApiError(

@@ -14,8 +14,11 @@
 //! | PUT    | /vm/restore   | `{"from": DIR, "lazy_check": bool}` | 200 report; 409 when the VMM has a VM |
 //!
 //! Without a VM (an empty VMM, `ferry run --api-socket S`) the VM routes answer 404.
-//! Errors carry `{"error": "..."}`.
+//! Every error, unknown routes and wrong methods included, carries `{"error": "..."}` with
+//! its status; bodies are JSON (`Content-Type: application/json`, at most 64 KiB, unknown
+//! fields refused), and routes listed without a body refuse one (400).
 pub mod client;
+mod extract;
 mod handlers;
 pub mod host;
 mod migration;

@@ -93,6 +93,11 @@ pub fn spawn(bound: Bound, host: Arc<Host>) -> Result<Server> {
             "/vm/migration/resume-postcopy",
             put(super::migration::resume_postcopy),
         )
+        .fallback(super::extract::not_found)
+        .method_not_allowed_fallback(super::extract::wrong_method)
+        .layer(axum::extract::DefaultBodyLimit::max(
+            super::extract::MAX_BODY,
+        ))
         .with_state(host);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = rt.spawn(async move {

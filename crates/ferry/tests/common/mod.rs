@@ -185,7 +185,13 @@ pub fn receiver(sock: &std::path::Path) -> (Running, String) {
     let addr = format!("127.0.0.1:{port}");
     let r = Running::start_cmd(
         "receive",
-        &["--listen", &addr, "--api-socket", sock.to_str().unwrap()],
+        &[
+            "--insecure",
+            "--listen",
+            &addr,
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
     );
     // The receiver takes the first connection as its migration: wait for its socket file,
     // not its port.
@@ -202,7 +208,7 @@ pub fn receiver(sock: &std::path::Path) -> (Running, String) {
 /// piped (read it with `wait_with_output`).
 pub fn spawn_migrate(to: &str, sock: &str, extra: &[&str]) -> Child {
     Command::new(FERRY)
-        .args(["migrate", "--to", to, "--api-socket", sock])
+        .args(["migrate", "--insecure", "--to", to, "--api-socket", sock])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

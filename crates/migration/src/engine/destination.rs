@@ -1,22 +1,21 @@
 //! The receiving side: the control connection carries the handshake and the switch-over; one
 //! receiver thread per data connection writes pages straight from the frame into the VM, and
 //! the receivers meet at every end of pass so passes never overtake each other.
+use super::acceptor::{Acceptor, Incoming};
 use super::postcopy_dst::PostCopyDest;
 use super::{ok, DestinationVm, EngineError, PageSet};
 use crate::protocol::{
-    expect, for_each_page, parse, recv, recv_raw, send, Message, PageRef, PostCopyFigures,
+    expect, for_each_page, parse, recv, recv_raw, send, Hello, Message, PageRef, PostCopyFigures,
     ProtocolError, KIND_PAGES, MAX_CONNECTIONS, PAGE,
 };
+use crate::transport::Conn;
 use serde::{Deserialize, Serialize};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long the data connections have to join after Welcome.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// A data connection silent for this long is given up.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// After a data connection ended, how long the control connection may take to say why.
 const ABORT_GRACE: Duration = Duration::from_secs(2);
 
@@ -31,19 +30,26 @@ pub struct Received {
     pub postcopy: Option<PostCopyFigures>,
 }
 
-/// Receives a VM into `vm`: `ctl` is the accepted control connection, `listener` accepts the
-/// data connections. The VM is resumed only after the source's Commit; on any error before it,
-/// it is left unstarted (the caller discards it) and the source is told why. In post-copy this
-/// returns once every page is in, the VM running since the switch-over; a broken link is
-/// waited out (the source reconnects through `listener`).
+/// Receives a VM into `vm`: `first` is the control connection with the source's Hello (from
+/// [`Acceptor::next_hello`]), through which `acc` also takes the data connections. The VM
+/// is resumed only after the source's Commit; on any error before it, it is left unstarted
+/// (the caller discards it) and the source is told why. In post-copy this returns once every
+/// page is in, the VM running since the switch-over; a broken link is waited out (the source
+/// reconnects through `acc`).
 pub fn receive<V: DestinationVm>(
     vm: &mut V,
-    mut ctl: TcpStream,
-    listener: &TcpListener,
+    first: Incoming,
+    acc: &Acceptor,
 ) -> Result<Received, EngineError> {
-    // Small frames (acknowledgements, post-copy demand requests) must not wait for Nagle.
-    let _ = ctl.set_nodelay(true);
-    let r = run_destination(vm, &mut ctl, listener);
+    let Incoming {
+        conn: mut ctl,
+        first,
+        ..
+    } = first;
+    let Message::Hello(hello) = first else {
+        return Err(first.unexpected("Hello").into());
+    };
+    let r = run_destination(vm, &mut ctl, hello, acc);
     if let Err(e) = &r {
         if !matches!(e, EngineError::Protocol(ProtocolError::Peer(_))) {
             let _ = send(&mut ctl, &Message::Abort(e.to_string()));
@@ -54,14 +60,10 @@ pub fn receive<V: DestinationVm>(
 
 fn run_destination<V: DestinationVm>(
     vm: &mut V,
-    ctl: &mut TcpStream,
-    listener: &TcpListener,
+    ctl: &mut Conn,
+    hello: Hello,
+    acc: &Acceptor,
 ) -> Result<Received, EngineError> {
-    let hello = match recv(ctl)? {
-        Message::Hello(h) => h,
-        Message::Abort(why) => return Err(ProtocolError::Peer(why).into()),
-        m => return Err(m.unexpected("Hello").into()),
-    };
     if hello.caps & crate::protocol::CAP_RESUME != 0 {
         return Err(ProtocolError::Peer(
             "the source wants to resume a post-copy this host is not running".into(),
@@ -78,19 +80,28 @@ fn run_destination<V: DestinationVm>(
     }
     ok(vm.prepare(&hello.config))?;
     send(ctl, &Message::Welcome)?;
-    let data = accept_data(listener, hello.session, n)?;
-    let handles: Vec<TcpStream> = data.iter().filter_map(|s| s.try_clone().ok()).collect();
+    let data = accept_data(acc, hello.session, n, false)?;
+    let handles: Vec<Conn> = data.iter().filter_map(|s| s.try_clone().ok()).collect();
     let failed = AtomicU8::new(OK);
     let stop_all = |how: u8| {
         failed.fetch_max(how, Ordering::SeqCst);
         for h in &handles {
-            let _ = h.shutdown(Shutdown::Both);
+            h.shutdown();
         }
     };
+    // When anything last arrived on any connection (ms since `t0`): the control connection
+    // is quiet during pre-copy, the data connections after it.
+    let t0 = Instant::now();
+    let activity = Activity {
+        t0,
+        last_ms: AtomicU64::new(0),
+    };
+    let io_timeout = acc.limits().io_timeout;
     let barrier = PassBarrier::new(n as usize);
     // The last receiver to finish a pass acknowledges it on the control connection, so the
     // source times passes end to end (its rate includes the destination's work).
     let ack = Mutex::new(ctl.try_clone().map_err(ProtocolError::Io)?);
+    let activity = &activity;
     let shared: &V = vm;
     let stop_prefault = AtomicBool::new(false);
     // Pages dropped ahead of a post-copy switch-over (Discard).
@@ -101,7 +112,7 @@ fn run_destination<V: DestinationVm>(
             .map(|mut s| {
                 let (barrier, stop_all, ack) = (&barrier, &stop_all, &ack);
                 scope.spawn(move || {
-                    let r = receive_share(shared, &mut s, barrier, ack);
+                    let r = receive_share(shared, &mut s, barrier, ack, activity);
                     if let Err(e) = &r {
                         barrier.fail();
                         stop_all(if is_echo(e) { ECHO } else { FAULT });
@@ -121,6 +132,7 @@ fn run_destination<V: DestinationVm>(
         let state = wait_state(
             ctl,
             &failed,
+            (activity, io_timeout),
             |r| {
                 let _ = hints.send(r);
             },
@@ -211,7 +223,7 @@ fn run_destination<V: DestinationVm>(
         return Ok(got);
     };
     let ctl = ctl.try_clone().map_err(ProtocolError::Io)?;
-    got.postcopy = Some(pc.run(ctl, streams, listener)?);
+    got.postcopy = Some(pc.run(ctl, streams, acc)?);
     Ok(got)
 }
 
@@ -224,7 +236,10 @@ const FAULT: u8 = 2;
 fn is_echo(e: &EngineError) -> bool {
     matches!(
         e,
-        EngineError::Aborted | EngineError::Protocol(ProtocolError::Closed | ProtocolError::Io(_))
+        EngineError::Aborted
+            | EngineError::Protocol(
+                ProtocolError::Closed | ProtocolError::Io(_) | ProtocolError::Stalled
+            )
     )
 }
 
@@ -236,17 +251,18 @@ type StateAndMissing = (Vec<u8>, Option<Vec<(u64, u64)>>);
 /// in short steps: when a receiver has failed, the source's reason (its Abort) gets a moment
 /// to arrive, then the wait ends.
 fn wait_state(
-    ctl: &mut TcpStream,
+    ctl: &mut Conn,
     failed: &AtomicU8,
+    idle: (&Activity, Duration),
     mut hint: impl FnMut(Vec<(u64, u64)>),
     mut discard: impl FnMut(Vec<(u64, u64)>) -> Result<(), EngineError>,
 ) -> Result<StateAndMissing, EngineError> {
     let mut missing: Option<Vec<(u64, u64)>> = None;
     loop {
-        wait_readable(ctl, failed)?;
-        ctl.set_read_timeout(Some(IDLE_TIMEOUT))
-            .map_err(ProtocolError::Io)?;
-        match recv(ctl)? {
+        wait_readable(ctl, failed, idle)?;
+        let m = recv(ctl)?;
+        idle.0.touch();
+        match m {
             Message::Populated(r) => hint(r),
             Message::Missing(r) => missing.get_or_insert_with(Vec::new).extend(r),
             Message::Discard(r) => {
@@ -260,36 +276,57 @@ fn wait_state(
     }
 }
 
-/// Returns once the control connection has something to read (or has ended), or fails
-/// when the receivers have.
-fn wait_readable(ctl: &mut TcpStream, failed: &AtomicU8) -> Result<(), EngineError> {
+/// When anything last arrived on any connection of a migration.
+struct Activity {
+    t0: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms
+            .fetch_max(self.t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle(&self) -> Duration {
+        self.t0
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Returns once the control connection has something to read (or has ended); fails when the
+/// receivers have, or when nothing has arrived on any connection for the I/O timeout (a
+/// source that stopped sending without closing).
+fn wait_readable(
+    ctl: &Conn,
+    failed: &AtomicU8,
+    (activity, io_timeout): (&Activity, Duration),
+) -> Result<(), EngineError> {
     let mut grace = None;
-    ctl.set_read_timeout(Some(Duration::from_millis(20)))
-        .map_err(ProtocolError::Io)?;
     loop {
-        match ctl.peek(&mut [0u8]) {
-            Ok(_) => break,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                let f = failed.load(Ordering::SeqCst);
-                if f == FAULT {
-                    return Err(EngineError::Aborted);
-                }
-                if f == ECHO {
-                    let until = *grace.get_or_insert_with(|| Instant::now() + ABORT_GRACE);
-                    if Instant::now() >= until {
-                        return Err(EngineError::Aborted);
-                    }
-                }
+        if ctl
+            .readable(Duration::from_millis(20))
+            .map_err(ProtocolError::Io)?
+        {
+            return Ok(());
+        }
+        let f = failed.load(Ordering::SeqCst);
+        if f == FAULT {
+            return Err(EngineError::Aborted);
+        }
+        if f == ECHO {
+            let until = *grace.get_or_insert_with(|| Instant::now() + ABORT_GRACE);
+            if Instant::now() >= until {
+                return Err(EngineError::Aborted);
             }
-            Err(e) => return Err(ProtocolError::Io(e).into()),
+        }
+        if activity.idle() > io_timeout {
+            return Err(EngineError::Stalled(format!(
+                "nothing arrived from the source on any connection for {io_timeout:?}"
+            )));
         }
     }
-    Ok(())
 }
 
 /// Bytes mapped per prefault call: a stop (State has arrived) is noticed within one call,
@@ -326,71 +363,57 @@ fn prefault<V: DestinationVm>(
     }
 }
 
-/// Accepts the `n` data connections of `session`. A connection that does not open with the
-/// right `Join` (a port probe, another migration) is closed and does not count.
+/// Takes the `n` data connections of `session` from the acceptor (Joins of other sessions
+/// are closed). With `abandon_on_hello` (a post-copy resume), a newer Hello from the source
+/// ends the wait at once: this attempt is stale.
 pub(super) fn accept_data(
-    l: &TcpListener,
+    acc: &Acceptor,
     session: u64,
     n: u32,
-) -> Result<Vec<TcpStream>, EngineError> {
-    let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    abandon_on_hello: bool,
+) -> Result<Vec<Conn>, EngineError> {
+    let mut slots: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
     let mut have = 0;
     let deadline = Instant::now() + JOIN_TIMEOUT;
     while have < n {
+        if abandon_on_hello && acc.hello_waiting() {
+            return Err(EngineError::Stalled(
+                "a newer reconnect from the source arrived; this one is abandoned".into(),
+            ));
+        }
         let left = deadline.saturating_duration_since(Instant::now());
-        let Some((mut s, _)) = accept_within(l, left).map_err(ProtocolError::Io)? else {
-            return Err(ProtocolError::Malformed {
-                what: "Join",
-                why: format!("only {have} of {n} data connections joined within {JOIN_TIMEOUT:?}"),
-            }
-            .into());
+        if left.is_zero() {
+            return Err(EngineError::Stalled(format!(
+                "only {have} of {n} data connections joined within {JOIN_TIMEOUT:?}"
+            )));
+        }
+        let Some(i) = acc.next_join(left.min(Duration::from_millis(50))) else {
+            continue;
         };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = s.set_nodelay(true);
-        if let Ok(Message::Join { session: id, index }) = recv(&mut s) {
-            if id == session && index < n && slots[index as usize].is_none() {
-                let _ = s.set_read_timeout(Some(IDLE_TIMEOUT));
-                slots[index as usize] = Some(s);
+        match i.first {
+            Message::Join { session: id, index }
+                if id == session && index < n && slots[index as usize].is_none() =>
+            {
+                slots[index as usize] = Some(i.conn);
                 have += 1;
             }
+            _ => tracing::warn!(
+                "closed a data connection from {} that belongs to no migration here",
+                i.peer
+            ),
         }
     }
     Ok(slots.into_iter().flatten().collect())
-}
-
-/// Accepts one connection (blocking), waiting at most `wait`; None when none came.
-pub(super) fn accept_within(
-    l: &TcpListener,
-    wait: Duration,
-) -> std::io::Result<Option<(TcpStream, std::net::SocketAddr)>> {
-    l.set_nonblocking(true)?;
-    let until = Instant::now() + wait;
-    let r = loop {
-        match l.accept() {
-            Ok(x) => break Ok(Some(x)),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= until {
-                    break Ok(None);
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => break Err(e),
-        }
-    };
-    let _ = l.set_nonblocking(false);
-    if let Ok(Some((s, _))) = &r {
-        s.set_nonblocking(false)?;
-    }
-    r
 }
 
 /// One data connection: pages go straight from the frame into the VM. Returns the pages
 /// written and the passes seen.
 fn receive_share<V: DestinationVm>(
     vm: &V,
-    s: &mut TcpStream,
+    s: &mut Conn,
     barrier: &PassBarrier,
-    ack: &Mutex<TcpStream>,
+    ack: &Mutex<Conn>,
+    activity: &Activity,
 ) -> Result<(u64, u32), EngineError> {
     let mut frame = Vec::new();
     let mut page = vec![0u8; PAGE];
@@ -398,6 +421,7 @@ fn receive_share<V: DestinationVm>(
     let mut passes = 0u32;
     loop {
         let kind = recv_raw(s, &mut frame)?;
+        activity.touch();
         if kind == KIND_PAGES {
             pages += for_each_page(&frame, |gpa, d| {
                 let data = match d {

@@ -19,6 +19,7 @@
 //! k+1 on another. Each data connection ends its share of a pass with `EndOfPass`, and the
 //! destination's receivers wait for each other there, so no page of pass k+1 is written before
 //! every page of pass k.
+mod acceptor;
 mod destination;
 mod monitor;
 mod pageset;
@@ -26,6 +27,7 @@ mod postcopy_dst;
 mod postcopy_src;
 mod source;
 
+pub use acceptor::{Acceptor, Incoming};
 pub use destination::{receive, Received};
 pub use monitor::{Monitor, Phase, Status};
 pub use pageset::PageSet;
@@ -106,6 +108,9 @@ pub enum EngineError {
     Cancelled,
     #[error("stopped: another connection of this migration failed")]
     Aborted,
+    /// The peer went quiet, or a step it had to take did not come in time.
+    #[error("{0}")]
+    Stalled(String),
     #[error("timed out after {0:?} (policy: cancel)")]
     Timeout(Duration),
     #[error("migration committed, but the destination did not confirm it runs the VM ({0}); the source VM stays paused: check the destination before resuming it")]

@@ -6,15 +6,16 @@
 //! page wakes whoever waits for it. When the link breaks, vCPUs that touch a missing page wait
 //! (the others run on) and the listener waits for the source to reconnect; the pages still
 //! missing are named to it and the transfer goes on.
-use super::destination::{accept_data, accept_within};
+use super::acceptor::Acceptor;
+use super::destination::accept_data;
 use super::pageset::PageSet;
 use super::{ok, DestinationVm, EngineError};
 use crate::protocol::{
-    for_each_page, parse, recv, recv_raw, send, Message, PageRef, PostCopyFigures, ProtocolError,
+    for_each_page, parse, recv_raw, send, Message, PageRef, PostCopyFigures, ProtocolError,
     CAP_RESUME, KIND_PAGES, MAX_CONNECTIONS, MAX_RANGES, PAGE,
 };
+use crate::transport::Conn;
 use std::collections::HashMap;
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -38,7 +39,7 @@ pub(super) struct PostCopyDest<'a, V> {
     pulled: AtomicU64,
     pushed: AtomicU64,
     /// Where demand requests go (None while the link is down).
-    ctl_out: Mutex<Option<TcpStream>>,
+    ctl_out: Mutex<Option<Conn>>,
     stop: AtomicBool,
     fatal: Mutex<Option<String>>,
 }
@@ -65,14 +66,14 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
     /// every page is in.
     pub(super) fn run(
         &self,
-        ctl: TcpStream,
-        streams: Vec<TcpStream>,
-        listener: &TcpListener,
+        ctl: Conn,
+        streams: Vec<Conn>,
+        acc: &Acceptor,
     ) -> Result<PostCopyFigures, EngineError> {
         let t0 = Instant::now();
         let r = std::thread::scope(|scope| {
             let faults = scope.spawn(|| self.fault_loop());
-            let r = self.resume_and_serve(ctl, streams, listener);
+            let r = self.resume_and_serve(ctl, streams, acc);
             self.stop.store(true, Ordering::SeqCst);
             let _ = faults.join();
             r
@@ -86,9 +87,9 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
 
     fn resume_and_serve(
         &self,
-        mut ctl: TcpStream,
-        streams: Vec<TcpStream>,
-        listener: &TcpListener,
+        mut ctl: Conn,
+        streams: Vec<Conn>,
+        acc: &Acceptor,
     ) -> Result<PostCopyFigures, EngineError> {
         ok(self.vm.resume())?;
         // From here on the VM runs here: a failure below is waited out, never rolled back.
@@ -111,7 +112,7 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
                     ),
                 }
             }
-            link = Some(self.accept_resume(listener)?);
+            link = Some(self.accept_resume(acc)?);
         }
     }
 
@@ -262,9 +263,8 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
 
     /// One connection set: receivers on the data connections, a reader on the control
     /// connection. Ok once every page is in and the source has been told.
-    fn round(&self, ctl: TcpStream, streams: Vec<TcpStream>) -> Result<(), EngineError> {
-        let mut handles: Vec<TcpStream> =
-            streams.iter().filter_map(|s| s.try_clone().ok()).collect();
+    fn round(&self, ctl: Conn, streams: Vec<Conn>) -> Result<(), EngineError> {
+        let mut handles: Vec<Conn> = streams.iter().filter_map(|s| s.try_clone().ok()).collect();
         handles.push(ctl.try_clone().map_err(ProtocolError::Io)?);
         *self.ctl_out.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(ctl.try_clone().map_err(ProtocolError::Io)?);
@@ -309,7 +309,7 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
             let r = self.watch(&broken, &done);
             if r.is_err() {
                 for h in &handles {
-                    let _ = h.shutdown(Shutdown::Both);
+                    h.shutdown();
                 }
             } else {
                 // Let the source read PostCopyDone and close first; then make sure.
@@ -318,7 +318,7 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 for h in &handles {
-                    let _ = h.shutdown(Shutdown::Both);
+                    h.shutdown();
                 }
             }
             for r in readers {
@@ -357,10 +357,9 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
                 .min()
                 .copied();
             if oldest.is_some_and(|t| t.elapsed() > DEMAND_TIMEOUT) {
-                return Err(EngineError::Protocol(ProtocolError::Malformed {
-                    what: "Demand",
-                    why: format!("no answer within {DEMAND_TIMEOUT:?}: the link is dead"),
-                }));
+                return Err(EngineError::Stalled(format!(
+                    "a page asked for {DEMAND_TIMEOUT:?} ago has not come: the link is dead"
+                )));
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -369,7 +368,7 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
     /// Installs the pages arriving on one connection: the background push on a data
     /// connection (until its final EndOfPass), or the demand answers on the control
     /// connection (`pulled`; until the source closes it).
-    fn receive_pages(&self, s: &mut TcpStream, pulled: bool) -> Result<(), EngineError> {
+    fn receive_pages(&self, s: &mut Conn, pulled: bool) -> Result<(), EngineError> {
         s.set_read_timeout(None).map_err(ProtocolError::Io)?;
         let mut frame = Vec::new();
         let mut run = Run::default();
@@ -387,26 +386,20 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
         }
     }
 
-    /// Waits for the source to reconnect: its `Hello` must name this migration. Anything
-    /// else that connects is turned away.
-    fn accept_resume(
-        &self,
-        listener: &TcpListener,
-    ) -> Result<(TcpStream, Vec<TcpStream>), EngineError> {
+    /// Waits for the source to reconnect: its `Hello` must name this migration. Any other
+    /// Hello is turned away; a reconnect whose data connections do not all join is abandoned
+    /// as soon as a newer Hello arrives.
+    fn accept_resume(&self, acc: &Acceptor) -> Result<(Conn, Vec<Conn>), EngineError> {
         loop {
             if let Some(e) = self.fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 return Err(EngineError::PostCopy(e));
             }
-            let (mut c, peer) = match accept_within(listener, Duration::from_millis(200)) {
-                Ok(Some(x)) => x,
-                Ok(None) => continue,
-                Err(e) => return Err(EngineError::PostCopy(format!("listening: {e}"))),
+            let Some(i) = acc.next_hello(Some(Duration::from_millis(200))) else {
+                continue;
             };
-            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = c.set_nodelay(true);
-            let hello = match recv(&mut c) {
-                Ok(Message::Hello(h)) => h,
-                _ => continue,
+            let (mut c, peer) = (i.conn, i.peer);
+            let Message::Hello(hello) = i.first else {
+                continue;
             };
             let n = hello.connections;
             if hello.caps & CAP_RESUME == 0
@@ -427,7 +420,7 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
                     send(&mut c, &Message::Missing(runs))?;
                 }
                 send(&mut c, &Message::Welcome)?;
-                accept_data(listener, self.session, n)
+                accept_data(acc, self.session, n, true)
             })();
             match r {
                 Ok(data) => {

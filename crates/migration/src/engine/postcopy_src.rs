@@ -7,13 +7,13 @@
 //! second, or at once when asked through [`Monitor::resume_postcopy`]), the destination names
 //! the pages it still lacks, and the push goes on from there.
 use super::pageset::PageSet;
-use super::source::{flush, join_data, Shared};
+use super::source::{deadlines, flush, join_data, Connect, Shared};
 use super::{EngineError, Monitor, Options, Phase, PostCopyReport, SourceVm};
 use crate::protocol::{
     recv, send, Compression, Hello, Message, PagesBuf, PostCopyFigures, ProtocolError, CAP_RESUME,
     MAGIC, MAX_BATCH, VERSION,
 };
-use std::net::{Shutdown, TcpStream};
+use crate::transport::Conn;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -28,8 +28,6 @@ pub(super) struct PostCopySource<'a, V> {
     pushed: AtomicU64,
     demanded: AtomicU64,
 }
-
-type Connect<'c> = &'c (dyn Fn() -> std::io::Result<TcpStream> + Sync);
 
 impl<'a, V: SourceVm> PostCopySource<'a, V> {
     pub(super) fn new(
@@ -54,8 +52,8 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
     pub(super) fn run(
         &self,
         mut set: PageSet,
-        ctl: &mut TcpStream,
-        streams: Vec<TcpStream>,
+        ctl: &mut Conn,
+        streams: Vec<Conn>,
         connect: Connect,
         down_ms: f64,
     ) -> Result<PostCopyReport, EngineError> {
@@ -108,19 +106,18 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
     fn round(
         &self,
         set: &PageSet,
-        ctl: &mut TcpStream,
-        streams: Vec<TcpStream>,
+        ctl: &mut Conn,
+        streams: Vec<Conn>,
     ) -> Result<PostCopyFigures, EngineError> {
         let cursor = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let done = AtomicBool::new(false);
-        let mut handles: Vec<TcpStream> =
-            streams.iter().filter_map(|s| s.try_clone().ok()).collect();
+        let mut handles: Vec<Conn> = streams.iter().filter_map(|s| s.try_clone().ok()).collect();
         handles.extend(ctl.try_clone().ok());
         let stop_all = || {
             failed.store(true, Ordering::SeqCst);
             for h in &handles {
-                let _ = h.shutdown(Shutdown::Both);
+                h.shutdown();
             }
         };
         std::thread::scope(|scope| {
@@ -169,7 +166,7 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
         &self,
         set: &PageSet,
         cursor: &AtomicUsize,
-        mut s: TcpStream,
+        mut s: Conn,
         failed: &AtomicBool,
     ) -> Result<(), EngineError> {
         let mut frame = PagesBuf::default();
@@ -219,7 +216,7 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
         &self,
         set: &PageSet,
         cursor: &AtomicUsize,
-        ctl: &mut TcpStream,
+        ctl: &mut Conn,
         failed: &AtomicBool,
     ) -> Result<PostCopyFigures, EngineError> {
         let mut frame = PagesBuf::default();
@@ -264,7 +261,7 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
 
     /// Re-establishes the link: retries every [`RETRY`] (or at once when asked) until the
     /// destination takes it back. Returns the new connections and what is still missing.
-    fn reconnect(&self, connect: Connect) -> (TcpStream, Vec<TcpStream>, PageSet) {
+    fn reconnect(&self, connect: Connect) -> (Conn, Vec<Conn>, PageSet) {
         let mon = self.sh.mon;
         loop {
             mon.wait_resume_request(RETRY);
@@ -278,11 +275,9 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
         }
     }
 
-    fn try_reconnect(
-        &self,
-        connect: Connect,
-    ) -> Result<(TcpStream, Vec<TcpStream>, PageSet), EngineError> {
+    fn try_reconnect(&self, connect: Connect) -> Result<(Conn, Vec<Conn>, PageSet), EngineError> {
         let mut c = connect().map_err(ProtocolError::Io)?;
+        deadlines(&c, self.sh.opts.io_timeout)?;
         send(
             &mut c,
             &Message::Hello(Hello {
@@ -304,7 +299,12 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
             }
         }
         let set = PageSet::from_runs(&runs).map_err(EngineError::PostCopy)?;
-        let streams = join_data(connect, self.session, self.connections)?;
+        let streams = join_data(
+            connect,
+            self.session,
+            self.connections,
+            self.sh.opts.io_timeout,
+        )?;
         tracing::info!(missing = set.len(), "post-copy link re-established");
         Ok((c, streams, set))
     }
@@ -312,25 +312,16 @@ impl<'a, V: SourceVm> PostCopySource<'a, V> {
 
 /// Waits until the control connection has something to read; fails when a pusher has failed.
 /// The control connection may stay quiet for long (no faults) without that meaning anything.
-fn wait_readable(ctl: &mut TcpStream, failed: &AtomicBool) -> Result<(), EngineError> {
-    ctl.set_read_timeout(Some(Duration::from_millis(50)))
-        .map_err(ProtocolError::Io)?;
-    let r = loop {
+fn wait_readable(ctl: &Conn, failed: &AtomicBool) -> Result<(), EngineError> {
+    loop {
         if failed.load(Ordering::SeqCst) {
-            break Err(EngineError::Aborted);
+            return Err(EngineError::Aborted);
         }
-        match ctl.peek(&mut [0u8]) {
-            Ok(0) => break Err(ProtocolError::Closed.into()),
-            Ok(_) => break Ok(()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => break Err(ProtocolError::Io(e).into()),
+        if ctl
+            .readable(Duration::from_millis(50))
+            .map_err(ProtocolError::Io)?
+        {
+            return Ok(());
         }
-    };
-    ctl.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(ProtocolError::Io)?;
-    r
+    }
 }

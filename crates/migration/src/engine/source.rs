@@ -8,7 +8,7 @@ use crate::protocol::{
     expect, recv, send, Hello, Message, PagesBuf, ProtocolError, KIND_ABORT, MAGIC, MAX_BATCH,
     MAX_CONNECTIONS, MAX_RANGES, PAGE, PAGE_HEADER_LEN, VERSION,
 };
-use std::net::{Shutdown, TcpStream};
+use crate::transport::{Conn, Peek};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -61,19 +61,39 @@ impl<'a> Shared<'a> {
 
 type Done = Result<Pass, EngineError>;
 
+/// Opens one more connection to the destination (a data connection, or a post-copy
+/// reconnect).
+pub type Connect<'c> = &'c (dyn Fn() -> std::io::Result<Conn> + Sync);
+
+/// Every send and receive on `c` fails after `t` without progress.
+pub(super) fn deadlines(c: &Conn, t: Duration) -> Result<(), ProtocolError> {
+    c.set_nodelay(true).map_err(ProtocolError::Io)?;
+    c.set_read_timeout(Some(t)).map_err(ProtocolError::Io)?;
+    c.set_write_timeout(Some(t)).map_err(ProtocolError::Io)?;
+    Ok(())
+}
+
 /// Sends `vm` to the destination whose control connection is `ctl`; `connect` opens each data
 /// connection. On error before commit the VM is running again (unthrottled) when this returns.
 pub fn migrate<V: SourceVm>(
     vm: &V,
-    mut ctl: TcpStream,
-    connect: &(dyn Fn() -> std::io::Result<TcpStream> + Sync),
+    mut ctl: Conn,
+    connect: Connect,
     opts: &Options,
     mon: &Monitor,
 ) -> Result<Report, EngineError> {
     let mut undo = Undo::default();
-    let _ = ctl.set_nodelay(true);
+    let r = deadlines(&ctl, opts.io_timeout);
+    if let Err(e) = r {
+        let r = Err(e.into());
+        mon.finish(&r);
+        return r;
+    }
     let mut r = run_source(vm, &mut ctl, connect, opts, mon, &mut undo);
-    if let Err(EngineError::Protocol(ProtocolError::Io(_) | ProtocolError::Closed)) = &r {
+    if let Err(EngineError::Protocol(
+        ProtocolError::Io(_) | ProtocolError::Closed | ProtocolError::Stalled,
+    )) = &r
+    {
         // A connection broke: the destination may have said why on the control connection.
         let _ = ctl.set_read_timeout(Some(Duration::from_secs(2)));
         if let Ok(Message::Abort(why)) = recv(&mut ctl) {
@@ -115,13 +135,15 @@ struct Undo {
 
 /// Opens the `n` data connections of `session`.
 pub(super) fn join_data(
-    connect: &(dyn Fn() -> std::io::Result<TcpStream> + Sync),
+    connect: Connect,
     session: u64,
     n: u32,
-) -> Result<Vec<TcpStream>, EngineError> {
+    io_timeout: Duration,
+) -> Result<Vec<Conn>, EngineError> {
     let mut streams = Vec::new();
     for index in 0..n {
         let mut s = connect().map_err(ProtocolError::Io)?;
+        deadlines(&s, io_timeout)?;
         send(&mut s, &Message::Join { session, index })?;
         streams.push(s);
     }
@@ -138,8 +160,8 @@ fn session_id() -> u64 {
 
 fn run_source<V: SourceVm>(
     vm: &V,
-    ctl: &mut TcpStream,
-    connect: &(dyn Fn() -> std::io::Result<TcpStream> + Sync),
+    ctl: &mut Conn,
+    connect: Connect,
     opts: &Options,
     mon: &Monitor,
     undo: &mut Undo,
@@ -159,9 +181,9 @@ fn run_source<V: SourceVm>(
         }),
     )?;
     expect(ctl, Message::Welcome)?;
-    let streams = join_data(connect, session, n)?;
+    let streams = join_data(connect, session, n, opts.io_timeout)?;
     // Clones to unblock senders stuck in a write when the migration fails.
-    let handles: Vec<TcpStream> = streams.iter().filter_map(|s| s.try_clone().ok()).collect();
+    let handles: Vec<Conn> = streams.iter().filter_map(|s| s.try_clone().ok()).collect();
     // Post-copy at once sends no pass: what to fetch is read after the pause, so no dirty
     // log (its first harvest write-protects all of memory: ~60 ms per GiB here).
     let at_once = opts.postcopy_after == Some(0);
@@ -196,7 +218,9 @@ fn run_source<V: SourceVm>(
         if let Err(e) = &r {
             if !matches!(
                 e,
-                EngineError::Protocol(ProtocolError::Io(_) | ProtocolError::Closed)
+                EngineError::Protocol(
+                    ProtocolError::Io(_) | ProtocolError::Closed | ProtocolError::Stalled
+                )
             ) {
                 // Our own reason goes first, before the data connections close under the
                 // destination.
@@ -204,11 +228,11 @@ fn run_source<V: SourceVm>(
                 undo.told = true;
             }
             for h in &handles {
-                let _ = h.shutdown(Shutdown::Both);
+                h.shutdown();
             }
         }
         drop(coord);
-        let streams: Vec<TcpStream> = senders.into_iter().filter_map(|h| h.join().ok()).collect();
+        let streams: Vec<Conn> = senders.into_iter().filter_map(|h| h.join().ok()).collect();
         (r, streams)
     });
     let (mut report, postcopy) = r?;
@@ -234,9 +258,9 @@ struct Coordinator<'a, 's, V> {
     jobs: Vec<mpsc::Sender<Arc<Job<'s>>>>,
     done: mpsc::Receiver<Done>,
     /// The control connection, watched during passes for the destination's Abort or end.
-    watch: Option<TcpStream>,
+    watch: Option<Conn>,
     /// The data connections, shut down to free senders stuck in a write.
-    handles: &'a [TcpStream],
+    handles: &'a [Conn],
     /// What the next pass sends: filled by the harvests, emptied by the senders.
     set: &'s PageSet,
     /// An empty set: the last pass of a post-copy carries no page.
@@ -248,7 +272,7 @@ impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
     /// to post-copy (the pages the destination still lacks are then left in `self.set`).
     fn run(
         &self,
-        ctl: &mut TcpStream,
+        ctl: &mut Conn,
         t0: Instant,
         paused: &mut bool,
     ) -> Result<(Report, bool), EngineError> {
@@ -441,19 +465,14 @@ impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
     /// end, means it is gone. An acknowledgement waiting there is left for its reader.
     fn destination_gone(&self) -> Option<EngineError> {
         let c = self.watch.as_ref()?;
-        c.set_nonblocking(true).ok()?;
-        let mut b = [0u8];
-        let r = c.peek(&mut b);
-        let _ = c.set_nonblocking(false);
-        match r {
-            Ok(0) => Some(ProtocolError::Closed.into()),
-            Ok(_) if b[0] == KIND_ABORT => match recv(&mut &*c) {
+        match c.peek_now() {
+            Ok(Peek::Closed) => Some(ProtocolError::Closed.into()),
+            Ok(Peek::Byte(KIND_ABORT)) => match recv(&mut &*c) {
                 Ok(Message::Abort(why)) => Some(ProtocolError::Peer(why).into()),
                 Ok(_) => None,
                 Err(e) => Some(e.into()),
             },
             Ok(_) => None,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
             Err(e) => Some(ProtocolError::Io(e).into()),
         }
     }
@@ -495,6 +514,13 @@ impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
                 Ok(Err(e)) => {
                     got += 1;
                     job.cut.store(true, Ordering::SeqCst);
+                    if first_err.is_none() {
+                        // The migration has failed: a sender blocked on a connection nobody
+                        // reads any more must not keep the source waiting.
+                        for h in self.handles {
+                            h.shutdown();
+                        }
+                    }
                     first_err.get_or_insert(e);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -503,7 +529,7 @@ impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
                             // Senders may be blocked on full buffers nobody reads any more.
                             job.cut.store(true, Ordering::SeqCst);
                             for h in self.handles {
-                                let _ = h.shutdown(Shutdown::Both);
+                                h.shutdown();
                             }
                             first_err = Some(e);
                         }
@@ -536,7 +562,7 @@ impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
 
 /// Sends `set` as runs, as many `message` frames as they take; returns how many.
 fn send_runs(
-    ctl: &mut TcpStream,
+    ctl: &mut Conn,
     set: &PageSet,
     message: fn(Vec<(u64, u64)>) -> Message,
 ) -> Result<usize, ProtocolError> {
@@ -549,7 +575,7 @@ fn send_runs(
 }
 
 /// Waits for the destination to confirm it has written every page of pass `number`.
-fn expect_ack(ctl: &mut TcpStream, number: u32) -> Result<(), EngineError> {
+fn expect_ack(ctl: &mut Conn, number: u32) -> Result<(), EngineError> {
     match recv(ctl)? {
         Message::EndOfPass { pass, .. } if pass == number => Ok(()),
         Message::Abort(why) => Err(ProtocolError::Peer(why).into()),
@@ -561,11 +587,11 @@ fn expect_ack(ctl: &mut TcpStream, number: u32) -> Result<(), EngineError> {
 /// Gives its connection back (post-copy goes on with it).
 fn sender<'s, V: SourceVm>(
     vm: &V,
-    mut s: TcpStream,
+    mut s: Conn,
     sh: &Shared,
     jobs: mpsc::Receiver<Arc<Job<'s>>>,
     done: mpsc::Sender<Done>,
-) -> TcpStream {
+) -> Conn {
     sh.opts.copy_priority.apply();
     let mut frame = PagesBuf::default();
     while let Ok(job) = jobs.recv() {
@@ -580,7 +606,7 @@ fn sender<'s, V: SourceVm>(
 
 fn send_share<V: SourceVm>(
     vm: &V,
-    s: &mut TcpStream,
+    s: &mut Conn,
     sh: &Shared,
     job: &Job,
     frame: &mut PagesBuf,
@@ -646,11 +672,7 @@ fn send_share<V: SourceVm>(
 }
 
 /// Sends the frame, then sleeps as long as the bandwidth cap asks.
-pub(super) fn flush(
-    s: &mut TcpStream,
-    frame: &mut PagesBuf,
-    sh: &Shared,
-) -> Result<(), EngineError> {
+pub(super) fn flush(s: &mut Conn, frame: &mut PagesBuf, sh: &Shared) -> Result<(), EngineError> {
     let n = frame.send(s)? as u64;
     sh.mon.wire_bytes.fetch_add(n, Ordering::Relaxed);
     let sent = sh.sent.fetch_add(n, Ordering::Relaxed) + n;

@@ -4,9 +4,11 @@
 //! optional proxy that tampers with or cuts the source's bytes.
 #![allow(dead_code)]
 use ferry_migration::engine::{
-    migrate, receive, DestinationVm, EngineError, Monitor, Options, PageSet, SourceVm,
+    migrate, receive, Acceptor, DestinationVm, EngineError, Limits, Monitor, Options, PageSet,
+    SourceVm,
 };
 use ferry_migration::protocol::PAGE;
+use ferry_migration::transport::Conn;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -321,23 +323,45 @@ impl DestinationVm for FakeDest {
     }
 }
 
+/// What the proxy does with a connection after a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Passes the chunk on and goes on.
+    Go,
+    /// Passes the chunk on, then closes the connection both ways.
+    Cut,
+    /// Passes the chunk on, then stops reading from the source without closing anything (a
+    /// peer that hangs): the source's sends block once the buffers are full.
+    Stall,
+}
+
+impl From<bool> for Flow {
+    fn from(go: bool) -> Self {
+        if go {
+            Flow::Go
+        } else {
+            Flow::Cut
+        }
+    }
+}
+
 /// Sees (connection number in accept order — 0 is the control connection —, bytes already
-/// passed on it, next chunk) of the source→destination bytes; may change the chunk; false cuts
-/// that connection after it.
-pub type Tamper = Box<dyn FnMut(usize, u64, &mut Vec<u8>) -> bool + Send>;
+/// passed on it, next chunk) of the source→destination bytes; may change the chunk; says what
+/// happens next on that connection.
+pub type Tamper = Box<dyn FnMut(usize, u64, &mut Vec<u8>) -> Flow + Send>;
 pub type DestThread = thread::JoinHandle<(FakeDest, Result<(), EngineError>)>;
 
 pub struct Pair {
-    pub ctl: TcpStream,
+    pub ctl: Conn,
     pub addr: std::net::SocketAddr,
     pub dest: DestThread,
 }
 
 impl Pair {
-    pub fn connect(&self) -> std::io::Result<TcpStream> {
+    pub fn connect(&self) -> std::io::Result<Conn> {
         let s = TcpStream::connect(self.addr)?;
         s.set_nodelay(true)?;
-        Ok(s)
+        Ok(Conn::plain(s))
     }
 
     pub fn migrate(
@@ -371,19 +395,25 @@ pub fn pair(tamper: Option<Tamper>) -> Pair {
 
 /// As [`pair`], the destination's post-copy faults shared with the caller.
 pub fn pair_with(tamper: Option<Tamper>, pc: std::sync::Arc<Faults>) -> Pair {
+    pair_limits(tamper, pc, Limits::default())
+}
+
+/// As [`pair_with`], with the destination's limits.
+pub fn pair_limits(tamper: Option<Tamper>, pc: std::sync::Arc<Faults>, limits: Limits) -> Pair {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
+    let acc = Acceptor::new(l, None, limits).unwrap();
     let dest = thread::spawn(move || {
-        let (s, _) = l.accept().unwrap();
+        let first = acc.next_hello(None).unwrap();
         let mut d = FakeDest {
             pc,
             ..FakeDest::default()
         };
-        let r = receive(&mut d, s, &l).map(|_| ());
+        let r = receive(&mut d, first, &acc).map(|_| ());
         (d, r)
     });
     let Some(tamper) = tamper else {
-        let ctl = TcpStream::connect(addr).unwrap();
+        let ctl = Conn::plain(TcpStream::connect(addr).unwrap());
         return Pair { ctl, addr, dest };
     };
     // Proxy: the source connects here; bytes to the destination go through `tamper`.
@@ -409,9 +439,14 @@ pub fn pair_with(tamper: Option<Tamper>, pc: std::sync::Arc<Faults>) -> Pair {
                         Ok(n) => n,
                     };
                     let mut chunk = buf[..n].to_vec();
-                    let go_on = (tamper.lock().unwrap())(conn, seen, &mut chunk);
+                    let flow = (tamper.lock().unwrap())(conn, seen, &mut chunk);
                     seen += n as u64;
-                    if to_dst.write_all(&chunk).is_err() || !go_on {
+                    if to_dst.write_all(&chunk).is_err() || flow == Flow::Cut {
+                        break;
+                    }
+                    if flow == Flow::Stall {
+                        // Hold both ends open, reading nothing, until the test is long over.
+                        thread::sleep(Duration::from_secs(600));
                         break;
                     }
                 }
@@ -420,7 +455,7 @@ pub fn pair_with(tamper: Option<Tamper>, pc: std::sync::Arc<Faults>) -> Pair {
             });
         }
     });
-    let ctl = TcpStream::connect(paddr).unwrap();
+    let ctl = Conn::plain(TcpStream::connect(paddr).unwrap());
     Pair {
         ctl,
         addr: paddr,

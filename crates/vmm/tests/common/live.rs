@@ -4,7 +4,10 @@ use super::*;
 use ferry_guest::console::{wait_for, LineSink, TimedLine};
 use ferry_guest::heartbeat::{parse_line, GuestLine, HeartbeatLog};
 use ferry_guest::verify::verify_dirty_region;
-use ferry_migration::engine::{migrate, receive, EngineError, Monitor, Options, Report};
+use ferry_migration::engine::{
+    migrate, receive, Acceptor, EngineError, Limits, Monitor, Options, Report,
+};
+use ferry_migration::transport::Conn;
 use ferry_vmm::live::{LiveDestination, LiveSource};
 use ferry_vmm::Vm;
 use std::net::{TcpListener, TcpStream};
@@ -23,11 +26,12 @@ pub type Hook = Box<dyn FnMut(usize, u8, &mut Vec<u8>) -> bool + Send>;
 pub fn destination(hook: Option<Hook>) -> (std::net::SocketAddr, Dest) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
+    let acc = Acceptor::new(l, None, Limits::default()).unwrap();
     let h = thread::spawn(move || {
-        let (s, _) = l.accept().unwrap();
+        let first = acc.next_hello(None).unwrap();
         let (sink, rx) = LineSink::new();
         let mut d = LiveDestination::new(Box::new(sink));
-        let r = receive(&mut d, s, &l).map(|_| ());
+        let r = receive(&mut d, first, &acc).map(|_| ());
         (r, d.into_vm(), rx)
     });
     match hook {
@@ -90,12 +94,12 @@ pub fn proxy(to: std::net::SocketAddr, hook: Hook) -> std::net::SocketAddr {
 
 /// Live-migrates `vm` to `addr` with `opts`.
 pub fn send_vm(vm: &Vm, addr: std::net::SocketAddr, opts: &Options) -> Result<Report, EngineError> {
-    let connect = || -> std::io::Result<TcpStream> {
+    let connect = || -> std::io::Result<Conn> {
         let s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         s.set_write_timeout(Some(Duration::from_secs(30)))?;
-        Ok(s)
+        Ok(Conn::plain(s))
     };
     let ctl = connect().map_err(|e| EngineError::Vm(e.to_string()))?;
     migrate(
