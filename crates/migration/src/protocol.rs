@@ -33,6 +33,9 @@ pub enum ProtocolError {
     Io(std::io::Error),
     #[error("the peer made no progress within the I/O timeout (it stopped reading or sending without closing the connection)")]
     Stalled,
+    /// A TLS record failed its check (altered on the way) or broke the protocol.
+    #[error("{0}")]
+    Tls(String),
     #[error("the peer closed the connection")]
     Closed,
     #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
@@ -61,6 +64,9 @@ impl From<std::io::Error> for ProtocolError {
         match e.kind() {
             // What a socket timeout (SO_RCVTIMEO / SO_SNDTIMEO) reports.
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ProtocolError::Stalled,
+            std::io::ErrorKind::InvalidData if e.to_string().starts_with("TLS:") => {
+                ProtocolError::Tls(e.to_string())
+            }
             _ => ProtocolError::Io(e),
         }
     }

@@ -765,10 +765,12 @@ impl TlsSession {
         Ok(())
     }
 
-    /// True when opened plaintext waits (false too when a reader holds the receive side).
+    /// True when something already read from the socket waits here: opened plaintext, or
+    /// sealed bytes (a record read along with the previous one, which the socket will not
+    /// announce again). False too when a reader holds the receive side.
     pub(crate) fn has_plaintext(&self) -> bool {
         match self.rx.try_lock() {
-            Ok(rx) => rx.at < rx.plain.len() || rx.closed,
+            Ok(rx) => rx.at < rx.plain.len() || rx.closed || !rx.sealed.is_empty(),
             Err(_) => false,
         }
     }
@@ -798,7 +800,13 @@ impl TlsSession {
                 ProtocolVersion::TLSv1_2,
                 &mut body,
             );
-            let plain = rx.open.decrypt(msg, seq).map_err(tls_io)?;
+            let plain = rx.open.decrypt(msg, seq).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "TLS: a record failed its integrity check (altered on the way, or not sent \
+                     by the authenticated peer)",
+                )
+            })?;
             rx.seq += 1;
             match plain.typ {
                 ContentType::ApplicationData => {

@@ -11,6 +11,51 @@ use ferry_migration::engine::{EngineError, Options};
 use ferry_vmm::{GuestExit, RunState};
 use std::time::Duration;
 
+/// CA and host certificates for a TLS migration between "src.test" and "dst.test".
+fn tls_pair(
+    tag: &str,
+) -> (
+    Dir,
+    ferry_migration::tls::TlsServer,
+    ferry_migration::tls::TlsClient,
+) {
+    use ferry_migration::{certs, tls};
+    let d = scratch(tag);
+    certs::init_ca(&d.0, 1).unwrap();
+    for n in ["src.test", "dst.test"] {
+        certs::issue(&d.0, n, 1).unwrap();
+    }
+    let files = |me: &str, peer: &str| {
+        let (cert, key) = certs::host_paths(&d.0, me);
+        tls::TlsFiles {
+            cert,
+            key,
+            ca: certs::ca_paths(&d.0).0,
+            peers: vec![peer.into()],
+        }
+    };
+    let s = tls::TlsServer::new(&files("dst.test", "src.test")).unwrap();
+    let c = tls::TlsClient::new(&files("src.test", "dst.test")).unwrap();
+    (d, s, c)
+}
+
+#[test]
+fn a_tls_migration_of_a_writing_guest_is_page_exact() {
+    let (_d, server, client) = tls_pair("tls");
+    let (src, rx, mut seen, base) = boot_dirtying(2, 512 << 20, "dirty size=64M rate=50M hb=2000");
+    let (addr, dest) = destination_with(None, Some(std::sync::Arc::new(server)));
+    let opts = Options {
+        connections: 2,
+        ..Options::default()
+    };
+    let report = send_vm_with(&src, addr, &opts, Some(&client)).expect("TLS migration");
+    assert!(report.passes.len() >= 2, "{report:?}");
+    let (vm, rx2) = hand_over(&src, &rx, &mut seen, dest);
+    let mut after = Vec::new();
+    wait_for(&rx2, &mut after, T, |l| l.starts_with("D0 ")).unwrap();
+    stop_exact_and_continuous(vm, &rx2, after, &seen, base);
+}
+
 #[test]
 fn a_dirtying_vm_moves_with_exact_memory_and_a_continuous_heartbeat() {
     let (src, rx, mut seen, base) = boot_dirtying(1, 512 << 20, "dirty size=128M rate=50M hb=2000");

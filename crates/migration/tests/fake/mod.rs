@@ -8,6 +8,7 @@ use ferry_migration::engine::{
     SourceVm,
 };
 use ferry_migration::protocol::PAGE;
+use ferry_migration::tls::{TlsClient, TlsServer};
 use ferry_migration::transport::Conn;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -355,13 +356,13 @@ pub struct Pair {
     pub ctl: Conn,
     pub addr: std::net::SocketAddr,
     pub dest: DestThread,
+    /// The source's TLS side, when the pair runs TLS.
+    pub tls: Option<std::sync::Arc<TlsClient>>,
 }
 
 impl Pair {
     pub fn connect(&self) -> std::io::Result<Conn> {
-        let s = TcpStream::connect(self.addr)?;
-        s.set_nodelay(true)?;
-        Ok(Conn::plain(s))
+        open(self.addr, self.tls.as_deref())
     }
 
     pub fn migrate(
@@ -387,6 +388,17 @@ impl Pair {
     }
 }
 
+/// One connection to `addr`, under TLS with `tls` if given.
+fn open(addr: std::net::SocketAddr, tls: Option<&TlsClient>) -> std::io::Result<Conn> {
+    let s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    match tls {
+        Some(t) => t.handshake(s, "127.0.0.1").map_err(std::io::Error::other),
+        None => Ok(Conn::plain(s)),
+    }
+}
+
 /// Listens on loopback; the destination runs on a thread, behind an optional proxy that may
 /// tamper with the source→destination bytes of every connection.
 pub fn pair(tamper: Option<Tamper>) -> Pair {
@@ -400,9 +412,33 @@ pub fn pair_with(tamper: Option<Tamper>, pc: std::sync::Arc<Faults>) -> Pair {
 
 /// As [`pair_with`], with the destination's limits.
 pub fn pair_limits(tamper: Option<Tamper>, pc: std::sync::Arc<Faults>, limits: Limits) -> Pair {
+    pair_full(tamper, pc, limits, None)
+}
+
+/// As [`pair`], the destination accepting TLS with `server`, the source connecting with
+/// `client`.
+pub fn pair_tls(tamper: Option<Tamper>, server: TlsServer, client: TlsClient) -> Pair {
+    pair_full(
+        tamper,
+        Default::default(),
+        Limits::default(),
+        Some((std::sync::Arc::new(server), std::sync::Arc::new(client))),
+    )
+}
+
+pub fn pair_full(
+    tamper: Option<Tamper>,
+    pc: std::sync::Arc<Faults>,
+    limits: Limits,
+    tls: Option<(std::sync::Arc<TlsServer>, std::sync::Arc<TlsClient>)>,
+) -> Pair {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    let acc = Acceptor::new(l, None, limits).unwrap();
+    let (server, client) = match tls {
+        Some((s, c)) => (Some(s), Some(c)),
+        None => (None, None),
+    };
+    let acc = Acceptor::new(l, server, limits).unwrap();
     let dest = thread::spawn(move || {
         let first = acc.next_hello(None).unwrap();
         let mut d = FakeDest {
@@ -413,8 +449,13 @@ pub fn pair_limits(tamper: Option<Tamper>, pc: std::sync::Arc<Faults>, limits: L
         (d, r)
     });
     let Some(tamper) = tamper else {
-        let ctl = Conn::plain(TcpStream::connect(addr).unwrap());
-        return Pair { ctl, addr, dest };
+        let ctl = open(addr, client.as_deref()).unwrap();
+        return Pair {
+            ctl,
+            addr,
+            dest,
+            tls: client,
+        };
     };
     // Proxy: the source connects here; bytes to the destination go through `tamper`.
     let pl = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -455,11 +496,11 @@ pub fn pair_limits(tamper: Option<Tamper>, pc: std::sync::Arc<Faults>, limits: L
             });
         }
     });
-    let ctl = Conn::plain(TcpStream::connect(paddr).unwrap());
     Pair {
-        ctl,
+        ctl: open(paddr, client.as_deref()).unwrap(),
         addr: paddr,
         dest,
+        tls: client,
     }
 }
 

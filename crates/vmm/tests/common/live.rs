@@ -24,9 +24,17 @@ pub type Hook = Box<dyn FnMut(usize, u8, &mut Vec<u8>) -> bool + Send>;
 
 /// A destination VM on its own thread, reached directly or through a frame-aware proxy.
 pub fn destination(hook: Option<Hook>) -> (std::net::SocketAddr, Dest) {
+    destination_with(hook, None)
+}
+
+/// As [`destination`], accepting TLS connections with `tls`.
+pub fn destination_with(
+    hook: Option<Hook>,
+    tls: Option<std::sync::Arc<ferry_migration::tls::TlsServer>>,
+) -> (std::net::SocketAddr, Dest) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    let acc = Acceptor::new(l, None, Limits::default()).unwrap();
+    let acc = Acceptor::new(l, tls, Limits::default()).unwrap();
     let h = thread::spawn(move || {
         let first = acc.next_hello(None).unwrap();
         let (sink, rx) = LineSink::new();
@@ -94,12 +102,19 @@ pub fn proxy(to: std::net::SocketAddr, hook: Hook) -> std::net::SocketAddr {
 
 /// Live-migrates `vm` to `addr` with `opts`.
 pub fn send_vm(vm: &Vm, addr: std::net::SocketAddr, opts: &Options) -> Result<Report, EngineError> {
+    send_vm_with(vm, addr, opts, None)
+}
+
+/// As [`send_vm`], over TLS with `tls`.
+pub fn send_vm_with(
+    vm: &Vm,
+    addr: std::net::SocketAddr,
+    opts: &Options,
+    tls: Option<&ferry_migration::tls::TlsClient>,
+) -> Result<Report, EngineError> {
     let connect = || -> std::io::Result<Conn> {
-        let s = TcpStream::connect(addr)?;
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        s.set_write_timeout(Some(Duration::from_secs(30)))?;
-        Ok(Conn::plain(s))
+        Conn::connect(&addr.to_string(), tls, Duration::from_secs(30))
+            .map_err(std::io::Error::other)
     };
     let ctl = connect().map_err(|e| EngineError::Vm(e.to_string()))?;
     migrate(
