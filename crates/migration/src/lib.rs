@@ -4,6 +4,8 @@
 //! ferry-vmm, end to end on real KVM.
 pub mod certs;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod pages;
 pub mod protocol;
 pub mod tls;

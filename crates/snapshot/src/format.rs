@@ -191,6 +191,14 @@ impl Snapshot {
             }
             let (kind, len, crc) = (u32_at(&sh, 0), u64_at(&sh, 8), u32_at(&sh, 16));
             let name = section_name(kind);
+            if sh[4..8] != [0; 4] || sh[20..].iter().any(|&b| b != 0) {
+                // Reserved: a writer of this version leaves them zero; anything else was
+                // altered (no CRC covers the section header itself).
+                return Err(FormatError::Invalid {
+                    path,
+                    what: format!("section {name}: reserved header bytes are not zero"),
+                });
+            }
             if len > MAX_SECTION {
                 return Err(FormatError::Oversized {
                     path,

@@ -10,6 +10,8 @@
 //! runs, since they may overwrite non-zero parent pages); restore applies the chain from the
 //! full snapshot up. This crate knows nothing of KVM.
 mod format;
+#[doc(hidden)]
+pub mod fuzz;
 mod write;
 
 pub use format::*;

@@ -438,12 +438,17 @@ pub fn pair_full(
         Some((s, c)) => (Some(s), Some(c)),
         None => (None, None),
     };
+    // A test's destination waits for its migration's Hello a bounded time (a real receiver
+    // waits as long as it takes).
+    let hello_wait = limits.hello_timeout * 5;
     let acc = Acceptor::new(l, server, limits).unwrap();
     let dest = thread::spawn(move || {
-        let first = acc.next_hello(None).unwrap();
         let mut d = FakeDest {
             pc,
             ..FakeDest::default()
+        };
+        let Some(first) = acc.next_hello(Some(hello_wait)) else {
+            return (d, Err(EngineError::Stalled("no Hello came".into())));
         };
         let r = receive(&mut d, first, &acc).map(|_| ());
         (d, r)
