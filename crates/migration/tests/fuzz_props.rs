@@ -11,7 +11,6 @@ use ferry_migration::protocol::{
 };
 use proptest::prelude::*;
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
