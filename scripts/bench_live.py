@@ -127,35 +127,66 @@ def observed_gap(src, dst):
     return (d[0][1] - s[-1][1]) * 1e3
 
 
-def qemu_pair(d, image, mem, work):
-    """A QEMU running the test guest (QMP at d/s.sock) and one waiting for it (d/d.sock)."""
+def qemu_pair(d, image, mem, work, tls=None):
+    """A QEMU running the test guest (QMP at d/s.sock) and one waiting for it (d/d.sock);
+    with `tls` (a PKI from make_pki), each has x509 credentials (id tls0) for TLS migration."""
     big = ["-object", f"memory-backend-ram,id=ram,size={mem},reserve=off",
            "-machine", "memory-backend=ram"] if mem.endswith("G") and int(mem[:-1]) > 16 else []
     base = ["qemu-system-x86_64", "-enable-kvm", "-m", mem] + big + [
             "-nodefaults", "-display", "none",
             "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-serial", "stdio",
             "-kernel", image, "-append", work]
-    src = subprocess.Popen(base + ["-qmp", f"unix:{d}/s.sock,server=on,wait=off"],
+    creds = lambda side, end: ["-object", f"tls-creds-x509,id=tls0,dir={tls}/qemu-{side},"
+                                          f"endpoint={end},verify-peer=on"] if tls else []
+    src = subprocess.Popen(base + creds("src", "client") +
+                           ["-qmp", f"unix:{d}/s.sock,server=on,wait=off"],
                            stdout=subprocess.PIPE, text=True)
-    dst = subprocess.Popen(base + ["-qmp", f"unix:{d}/d.sock,server=on,wait=off",
-                                   "-incoming", "defer"], stdout=subprocess.PIPE, text=True)
+    dst = subprocess.Popen(base + creds("dst", "server") +
+                           ["-qmp", f"unix:{d}/d.sock,server=on,wait=off",
+                            "-incoming", "defer"], stdout=subprocess.PIPE, text=True)
     return src, dst
 
 
-def ferry_pair(ferry, d, port, mem, work):
+def make_pki(ferry, d):
+    """A CA and certificates for src.bench and dst.bench made by `ferry certs`, also laid
+    out the way QEMU's tls-creds-x509 wants them (d/qemu-src, d/qemu-dst)."""
+    subprocess.run([ferry, "certs", "init", "--dir", d], check=True, capture_output=True)
+    for n in ("src.bench", "dst.bench"):
+        subprocess.run([ferry, "certs", "issue", n, "--dir", d], check=True,
+                       capture_output=True)
+    for side, me, role in (("src", "src.bench", "client"), ("dst", "dst.bench", "server")):
+        q = f"{d}/qemu-{side}"
+        os.makedirs(q)
+        shutil.copy(f"{d}/ca.pem", f"{q}/ca-cert.pem")
+        shutil.copy(f"{d}/{me}.pem", f"{q}/{role}-cert.pem")
+        shutil.copy(f"{d}/{me}.key", f"{q}/{role}-key.pem")
+    return d
+
+
+def ferry_tls(tls, me, peer):
+    """`ferry receive`/`ferry migrate` security arguments: TLS as host `me` allowing
+    `peer`, or --insecure."""
+    if not tls:
+        return ["--insecure"]
+    return ["--tls-cert", f"{tls}/{me}.pem", "--tls-key", f"{tls}/{me}.key",
+            "--tls-ca", f"{tls}/ca.pem", "--tls-peer", peer]
+
+
+def ferry_pair(ferry, d, port, mem, work, tls=None):
     """`ferry run` with the test guest (API at d/a.sock) and a `ferry receive` on `port`."""
     src = subprocess.Popen([ferry, "run", "--memory", mem, "--api-socket", f"{d}/a.sock",
                             "--guest", work], stdout=subprocess.PIPE, text=True)
-    dst = subprocess.Popen([ferry, "receive", "--insecure", "--listen", f"127.0.0.1:{port}",
-                            "--api-socket", f"{d}/b.sock"], stdout=subprocess.PIPE,
+    dst = subprocess.Popen([ferry, "receive", "--listen", f"127.0.0.1:{port}",
+                            "--api-socket", f"{d}/b.sock"] +
+                           ferry_tls(tls, "dst.bench", "src.bench"), stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL, text=True)
     return src, dst
 
 
-def run_qemu(a, image, name, mem, work, ready, converge):
+def run_qemu(a, image, name, mem, work, ready, converge, tls=None):
     d = tempfile.mkdtemp(prefix="ferry-bench-q-")
     port = free_port()
-    src, dst = qemu_pair(d, image, mem, work)
+    src, dst = qemu_pair(d, image, mem, work, tls)
     try:
         sc, dc = Console(src), Console(dst)
         sc.wait(ready)
@@ -170,10 +201,14 @@ def run_qemu(a, image, name, mem, work, ready, converge):
         params = {"downtime-limit": a.downtime_limit, "max-bandwidth": 1 << 40}
         if a.streams > 1:
             params["multifd-channels"] = a.streams
+        if tls:
+            params["tls-creds"] = "tls0"
         for q in (qs, qd):
             if caps:
                 q.cmd("migrate-set-capabilities", capabilities=caps)
             q.cmd("migrate-set-parameters", **params)
+        if tls:
+            qs.cmd("migrate-set-parameters", **{"tls-hostname": "dst.bench"})
         qd.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
         t0 = time.monotonic()
         qs.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
@@ -202,18 +237,19 @@ def run_qemu(a, image, name, mem, work, ready, converge):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def run_ferry(a, name, mem, work, ready, converge):
+def run_ferry(a, name, mem, work, ready, converge, tls=None):
     d = tempfile.mkdtemp(prefix="ferry-bench-f-")
     port = free_port()
-    src, dst = ferry_pair(a.ferry, d, port, mem, work)
+    src, dst = ferry_pair(a.ferry, d, port, mem, work, tls)
     try:
         sc, dc = Console(src), Console(dst)
         sc.wait(ready)
         time.sleep(1)
         warm(a)
-        cmd = [a.ferry, "migrate", "--insecure", "--to", f"127.0.0.1:{port}", "--api-socket", f"{d}/a.sock",
+        cmd = [a.ferry, "migrate", "--to", f"127.0.0.1:{port}", "--api-socket", f"{d}/a.sock",
                "--downtime-limit", str(a.downtime_limit), "--connections", str(a.streams),
                "--max-passes", "0", "--copy-priority", a.copy_priority, "--quiet"]
+        cmd += ferry_tls(tls, "src.bench", "dst.bench")
         if converge:
             cmd.append("--auto-converge")
         t0 = time.monotonic()

@@ -68,9 +68,10 @@ pub struct TlsFiles {
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
     // AES-GCM only (AES-NI on x86): the suites whose secrets the record layer here handles.
+    // AES-128 first: ~12 % faster than AES-256 here (openssl speed: 2.27 vs 2.02 GB/s).
     p.cipher_suites = vec![
-        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
         rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
     ];
     Arc::new(p)
 }
@@ -593,15 +594,41 @@ struct Tx {
     updates: u64,
 }
 
+/// The receive side. One buffer holds what was read from the socket: records are opened in
+/// place, and the plaintext of the last one opened is served from where it lies, so a byte
+/// is copied once (to the reader) after the kernel's copy.
 struct Rx {
     open: Box<dyn MessageDecrypter>,
     seq: u64,
-    /// Ciphertext read but not yet opened (at most part of a record past what was opened).
-    sealed: Vec<u8>,
-    plain: Vec<u8>,
-    at: usize,
+    buf: Vec<u8>,
+    /// Plaintext not yet read: `buf[plain.0..plain.1]`.
+    plain: (usize, usize),
+    /// Sealed bytes not yet opened: `buf[sealed.0..sealed.1]`.
+    sealed: (usize, usize),
     /// The peer sent close_notify.
     closed: bool,
+}
+
+/// Room for several records per socket read.
+const RX_BUF: usize = 256 * 1024;
+
+impl Rx {
+    fn has_plaintext(&self) -> bool {
+        self.plain.0 < self.plain.1
+    }
+
+    /// Makes room to read more: what is not yet opened moves to the front (called only when
+    /// no plaintext is pending). Returns the free tail.
+    fn room(&mut self) -> &mut [u8] {
+        let (s, e) = self.sealed;
+        if self.buf.len() - e < MAX_CIPHERTEXT + HEADER || (s > 0 && s == e) {
+            self.buf.copy_within(s..e, 0);
+            self.sealed = (0, e - s);
+            self.plain = (0, 0);
+        }
+        let end = self.sealed.1;
+        &mut self.buf[end..]
+    }
 }
 
 /// One connection's TLS state after the handshake: each direction under its own lock.
@@ -659,9 +686,18 @@ impl TlsSession {
             rx: Mutex::new(Rx {
                 open: t13.aead_alg.decrypter(rk, riv),
                 seq: secrets.rx.0,
-                sealed: leftover.sealed,
-                plain: leftover.plain,
-                at: 0,
+                buf: {
+                    let mut b = leftover.plain.clone();
+                    b.extend_from_slice(&leftover.sealed);
+                    let n = b.len();
+                    b.resize(RX_BUF.max(n + MAX_CIPHERTEXT), 0);
+                    b
+                },
+                plain: (0, leftover.plain.len()),
+                sealed: (
+                    leftover.plain.len(),
+                    leftover.plain.len() + leftover.sealed.len(),
+                ),
                 closed: false,
             }),
             peer_name,
@@ -770,18 +806,19 @@ impl TlsSession {
     /// announce again). False too when a reader holds the receive side.
     pub(crate) fn has_plaintext(&self) -> bool {
         match self.rx.try_lock() {
-            Ok(rx) => rx.at < rx.plain.len() || rx.closed || !rx.sealed.is_empty(),
+            Ok(rx) => rx.has_plaintext() || rx.closed || rx.sealed.0 < rx.sealed.1,
             Err(_) => false,
         }
     }
 
-    /// Opens every whole record in `rx.sealed`; stops at the first with plaintext.
+    /// Opens whole records from `rx.sealed` until one has plaintext (or none is whole).
     fn open_ready(&self, rx: &mut Rx) -> std::io::Result<()> {
-        while rx.at == rx.plain.len() && !rx.closed {
-            if rx.sealed.len() < HEADER {
+        while !rx.has_plaintext() && !rx.closed {
+            let (s, e) = rx.sealed;
+            if e - s < HEADER {
                 return Ok(());
             }
-            let h = &rx.sealed[..HEADER];
+            let h = &rx.buf[s..s + HEADER];
             let len = u16::from_be_bytes([h[3], h[4]]) as usize;
             if h[0] != u8::from(ContentType::ApplicationData) || len > MAX_CIPHERTEXT {
                 return Err(std::io::Error::new(
@@ -789,16 +826,16 @@ impl TlsSession {
                     "TLS: malformed record",
                 ));
             }
-            if rx.sealed.len() < HEADER + len {
+            if e - s < HEADER + len {
                 return Ok(());
             }
             let seq = rx.seq;
-            let mut body = rx.sealed[HEADER..HEADER + len].to_vec();
-            rx.sealed.drain(..HEADER + len);
+            rx.sealed.0 = s + HEADER + len;
+            let base = rx.buf.as_ptr() as usize;
             let msg = InboundOpaqueMessage::new(
                 ContentType::ApplicationData,
                 ProtocolVersion::TLSv1_2,
-                &mut body,
+                &mut rx.buf[s + HEADER..s + HEADER + len],
             );
             let plain = rx.open.decrypt(msg, seq).map_err(|_| {
                 std::io::Error::new(
@@ -810,9 +847,9 @@ impl TlsSession {
             rx.seq += 1;
             match plain.typ {
                 ContentType::ApplicationData => {
-                    rx.plain.clear();
-                    rx.plain.extend_from_slice(plain.payload);
-                    rx.at = 0;
+                    // Opened in place: the plaintext lies inside this record's bytes.
+                    let at = plain.payload.as_ptr() as usize - base;
+                    rx.plain = (at, at + plain.payload.len());
                 }
                 ContentType::Handshake if plain.payload.first() == Some(&KEY_UPDATE[0]) => {
                     let (seq, s) = self
@@ -852,23 +889,21 @@ impl TlsSession {
         let rx = &mut *rx;
         loop {
             self.open_ready(rx)?;
-            if rx.at < rx.plain.len() {
-                let n = (rx.plain.len() - rx.at).min(buf.len());
-                buf[..n].copy_from_slice(&rx.plain[rx.at..rx.at + n]);
-                rx.at += n;
+            if rx.has_plaintext() {
+                let (a, b) = rx.plain;
+                let n = (b - a).min(buf.len());
+                buf[..n].copy_from_slice(&rx.buf[a..a + n]);
+                rx.plain.0 += n;
                 return Ok(n);
             }
             if rx.closed {
                 return Ok(0);
             }
-            let have = rx.sealed.len();
-            rx.sealed.resize(have + 2 * MAX_CIPHERTEXT, 0);
-            let r = (&*sock).read(&mut rx.sealed[have..]);
-            rx.sealed.truncate(have + *r.as_ref().unwrap_or(&0));
-            match r? {
-                0 => return Ok(0),
-                _ => continue,
+            let n = (&*sock).read(rx.room())?;
+            if n == 0 {
+                return Ok(0);
             }
+            rx.sealed.1 += n;
         }
     }
 
@@ -880,28 +915,18 @@ impl TlsSession {
         let rx = &mut *rx;
         loop {
             self.open_ready(rx)?;
-            if rx.at < rx.plain.len() {
-                return Ok(Peek::Byte(rx.plain[rx.at]));
+            if rx.has_plaintext() {
+                return Ok(Peek::Byte(rx.buf[rx.plain.0]));
             }
             if rx.closed {
                 return Ok(Peek::Closed);
             }
-            let have = rx.sealed.len();
-            rx.sealed.resize(have + 2 * MAX_CIPHERTEXT, 0);
             let fd = std::os::fd::AsRawFd::as_raw_fd(sock);
-            let room = rx.sealed.len() - have;
-            // SAFETY: the buffer has `room` writable bytes from `have`; MSG_DONTWAIT makes
-            // this one call non-blocking without changing the socket for other handles.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    rx.sealed.as_mut_ptr().add(have).cast(),
-                    room,
-                    libc::MSG_DONTWAIT,
-                )
-            };
+            let room = rx.room();
+            // SAFETY: `room` is writable memory of its length; MSG_DONTWAIT makes this one
+            // call non-blocking without changing the socket for other handles.
+            let n = unsafe { libc::recv(fd, room.as_mut_ptr().cast(), room.len(), libc::MSG_DONTWAIT) };
             if n < 0 {
-                rx.sealed.truncate(have);
                 let e = std::io::Error::last_os_error();
                 return match e.kind() {
                     std::io::ErrorKind::WouldBlock => Ok(Peek::Nothing),
@@ -909,10 +934,10 @@ impl TlsSession {
                     _ => Err(e),
                 };
             }
-            rx.sealed.truncate(have + n as usize);
             if n == 0 {
                 return Ok(Peek::Closed);
             }
+            rx.sealed.1 += n as usize;
         }
     }
 }
