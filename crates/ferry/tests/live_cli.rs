@@ -254,17 +254,7 @@ fn progress_is_visible_and_cancel_keeps_the_vm_here() {
 fn a_killed_receiver_leaves_the_source_running_and_exact() {
     let s = Scratch::new("killdst");
     let (a, b) = (s.path("a.sock"), s.path("b.sock"));
-    let mut src = Running::start(&[
-        "--cpus",
-        "2",
-        "--memory",
-        "256M",
-        "--api-socket",
-        a.to_str().unwrap(),
-        "--guest",
-        "dirty size=32M rate=10M hb=5000 ; verify size=32M",
-    ]);
-    src.wait_line(|l| l.starts_with("V1 1 ok"));
+    let mut src = source_vm(&a, "dirty size=32M rate=10M hb=5000 ; verify size=32M");
     let (mut dst, addr) = receiver(&b);
     let mig = spawn_migrate(
         &addr,

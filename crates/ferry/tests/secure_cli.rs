@@ -16,18 +16,7 @@ fn wait_for_socket(p: &std::path::Path) {
 }
 
 fn source(sock: &std::path::Path) -> Running {
-    let mut src = Running::start(&[
-        "--cpus",
-        "2",
-        "--memory",
-        "256M",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--guest",
-        "dirty size=16M rate=20M hb=2000 ; verify size=8M",
-    ]);
-    src.wait_line(|l| l.starts_with("V1 1 ok"));
-    src
+    source_vm(sock, "dirty size=16M rate=20M hb=2000 ; verify size=8M")
 }
 
 /// The receiver's stderr lines that report an ignored connection.

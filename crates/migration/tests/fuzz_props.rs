@@ -6,57 +6,16 @@ mod fake;
 use fake::*;
 use ferry_migration::engine::{Limits, Options};
 use ferry_migration::fuzz;
-use ferry_migration::protocol::{
-    send, Compression, Hello, Message, PageData, MAGIC, PAGE, VERSION,
-};
+use ferry_migration::protocol::Compression;
 use proptest::prelude::*;
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// One valid frame of every kind, back to back.
+/// One valid frame of every kind, back to back, and how many.
 fn every_frame() -> (Vec<u8>, usize) {
-    let page: Vec<u8> = (0..PAGE).map(|i| (i * 7 / 3) as u8).collect();
-    let msgs = vec![
-        Message::Hello(Hello {
-            magic: MAGIC,
-            version: VERSION,
-            caps: 0,
-            session: 42,
-            connections: 2,
-            config: vec![9; 8],
-        }),
-        Message::Welcome,
-        Message::Join {
-            session: 42,
-            index: 1,
-        },
-        Message::Pages(vec![
-            (0, PageData::encode(&page, Compression::None)),
-            (4096, PageData::encode(&page, Compression::Lz4)),
-            (8192, PageData::encode(&page, Compression::Zstd)),
-            (12288, PageData::encode(&[0; PAGE], Compression::None)),
-        ]),
-        Message::EndOfPass {
-            pass: 1,
-            last: false,
-        },
-        Message::Populated(vec![(0, 4), (1 << 20, 2)]),
-        Message::Missing(vec![(4096, 1)]),
-        Message::Demand(vec![8192]),
-        Message::Discard(vec![(0, 1)]),
-        Message::Discarded,
-        Message::State(vec![1, 2, 3, 4]),
-        Message::Ready,
-        Message::Commit,
-        Message::Resumed,
-        Message::Abort("no".into()),
-    ];
-    let mut b = Vec::new();
-    for m in &msgs {
-        send(&mut b, m).unwrap();
-    }
-    (b, msgs.len())
+    let msgs = fuzz::sample_messages();
+    (fuzz::frames(&msgs), msgs.len())
 }
 
 proptest! {

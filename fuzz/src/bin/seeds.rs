@@ -1,40 +1,20 @@
 //! Writes starting inputs for the fuzz targets: every protocol message as a frame (and all of
 //! them as one stream), and a real snapshot in the snapshot target's input format.
-use ferry_migration::protocol::{send, Compression, Hello, Message, PageData, MAGIC, PAGE, VERSION};
+use ferry_migration::protocol::{send, PAGE};
 use std::path::Path;
 
 fn main() -> std::io::Result<()> {
-    let out = std::env::args().nth(1).unwrap_or_else(|| "fuzz/seeds".into());
-    let (p, s) = (Path::new(&out).join("protocol"), Path::new(&out).join("snapshot"));
+    let out = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "fuzz/seeds".into());
+    let (p, s) = (
+        Path::new(&out).join("protocol"),
+        Path::new(&out).join("snapshot"),
+    );
     std::fs::create_dir_all(&p)?;
     std::fs::create_dir_all(&s)?;
     let page: Vec<u8> = (0..PAGE).map(|i| (i * 7 / 3) as u8).collect();
-    let msgs = vec![
-        Message::Hello(Hello {
-            magic: MAGIC,
-            version: VERSION,
-            caps: 0,
-            session: 42,
-            connections: 2,
-            config: vec![9; 8],
-        }),
-        Message::Welcome,
-        Message::Join { session: 42, index: 1 },
-        Message::Pages(vec![
-            (0, PageData::encode(&page, Compression::None)),
-            (4096, PageData::encode(&page, Compression::Lz4)),
-            (8192, PageData::encode(&page, Compression::Zstd)),
-            (12288, PageData::encode(&[0; PAGE], Compression::None)),
-        ]),
-        Message::EndOfPass { pass: 1, last: true },
-        Message::Populated(vec![(0, 4), (1 << 20, 2)]),
-        Message::Missing(vec![(4096, 1)]),
-        Message::Demand(vec![8192]),
-        Message::Discard(vec![(0, 1)]),
-        Message::State(vec![1, 2, 3, 4]),
-        Message::Commit,
-        Message::Abort("no".into()),
-    ];
+    let msgs = ferry_migration::fuzz::sample_messages();
     let mut all = Vec::new();
     for (i, m) in msgs.iter().enumerate() {
         let mut b = Vec::new();
@@ -48,7 +28,8 @@ fn main() -> std::io::Result<()> {
     w.add_pages(0x1000, &[page.clone(), page.clone()].concat())
         .map_err(std::io::Error::other)?;
     w.add_zero(0x5000, 3);
-    w.finish(None, b"state bytes").map_err(std::io::Error::other)?;
+    w.finish(None, b"state bytes")
+        .map_err(std::io::Error::other)?;
     let st = std::fs::read(d.join(ferry_snapshot::STATE_FILE))?;
     let mem = std::fs::read(d.join(ferry_snapshot::MEMORY_FILE))?;
     let mut input = (st.len() as u32).to_le_bytes().to_vec();

@@ -179,6 +179,23 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A 2-vCPU, 256 MiB `ferry run` with API socket `sock` running `guest` (vCPU 1 verifying
+/// its region), once vCPU 1 has checked its region once.
+pub fn source_vm(sock: &std::path::Path, guest: &str) -> Running {
+    let mut src = Running::start(&[
+        "--cpus",
+        "2",
+        "--memory",
+        "256M",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--guest",
+        guest,
+    ]);
+    src.wait_line(|l| l.starts_with("V1 1 ok"));
+    src
+}
+
 /// Starts `ferry receive` on a free port with an API socket; returns it and its address.
 pub fn receiver(sock: &std::path::Path) -> (Running, String) {
     let port = free_port();
