@@ -121,6 +121,32 @@ impl Pki {
             let out = ferry_ok(&["certs", "issue", n, "--dir", dir]);
             assert!(String::from_utf8_lossy(&out.stdout).contains("--tls-cert"));
         }
+        // "foreign": src.test's name from another CA; "old": src.test from this CA, expired.
+        let other = s.path("other-ca");
+        ferry_ok(&["certs", "init", "--dir", other.to_str().unwrap()]);
+        ferry_ok(&[
+            "certs",
+            "issue",
+            "src.test",
+            "--dir",
+            other.to_str().unwrap(),
+        ]);
+        let old = s.path("old");
+        std::fs::create_dir_all(&old).unwrap();
+        for f in ["ca.pem", "ca.key"] {
+            std::fs::copy(d.join(f), old.join(f)).unwrap();
+        }
+        let past = time::OffsetDateTime::now_utc() - time::Duration::days(100);
+        ferry_migration::certs::issue_at(&old, "src.test", past, 30).unwrap();
+        for (from, to) in [(&other, "foreign"), (&old, "old")] {
+            for ext in ["pem", "key"] {
+                std::fs::copy(
+                    from.join(format!("src.test.{ext}")),
+                    d.join(format!("{to}.{ext}")),
+                )
+                .unwrap();
+            }
+        }
         Pki(d)
     }
 
@@ -203,13 +229,15 @@ fn tls_migration_with_ferry_certs_refuses_every_wrong_peer_first() {
     // A source whose name the receiver does not allow; a destination the source does not
     // expect; plain TCP against TLS: each refused, the VM runs on here.
     for (me, peer, want) in [
-        ("other.test", "dst.test", ""),
+        ("other.test", "dst.test", "refused this host"),
+        ("foreign", "dst.test", "alert UnknownCA"),
+        ("old", "dst.test", "refused this host"),
         (
             "src.test",
             "elsewhere.test",
             "allowed peers (elsewhere.test)",
         ),
-        ("", "", ""),
+        ("", "", "does it expect TLS"),
     ] {
         let out = migrate(me, peer, &[]);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -243,5 +271,8 @@ fn tls_migration_with_ferry_certs_refuses_every_wrong_peer_first() {
             .any(|l| l.contains("none of the allowed peers (src.test)")),
         "{err}"
     );
-    assert!(lines.len() >= 3, "{err}");
+    for why in ["UnknownIssuer", "certificate expired"] {
+        assert!(lines.iter().any(|l| l.contains(why)), "{why}: {err}");
+    }
+    assert!(lines.len() >= 5, "{err}");
 }

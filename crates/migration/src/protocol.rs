@@ -445,7 +445,9 @@ pub fn parse(kind: u8, p: Vec<u8>) -> Result<Message, ProtocolError> {
                 let bad = gpa % PAGE as u64 != 0
                     || pages == 0
                     || pages > MAX_GUEST_ADDR / PAGE as u64
-                    || gpa + pages * PAGE as u64 > MAX_GUEST_ADDR;
+                    || gpa
+                        .checked_add(pages * PAGE as u64)
+                        .is_none_or(|end| end > MAX_GUEST_ADDR);
                 if bad {
                     return Err(malformed(name, format!("run {gpa:#x} + {pages} pages")));
                 }
@@ -613,6 +615,19 @@ mod tests {
             recv(&mut bad.as_slice()),
             Err(ProtocolError::BadMagic)
         ));
+    }
+
+    #[test]
+    fn a_run_past_the_end_of_the_address_space_is_refused_not_wrapped() {
+        // Found by afl: gpa + pages overflowed (a panic with overflow checks, a wrapped sum
+        // that passed the check without them).
+        for kind in [K_POPULATED, K_MISSING, K_DISCARD] {
+            let mut p = 1u32.to_le_bytes().to_vec();
+            p.extend((u64::MAX & !(PAGE as u64 - 1)).to_le_bytes());
+            p.extend(16u64.to_le_bytes());
+            let e = parse(kind, p).unwrap_err().to_string();
+            assert!(e.contains("run 0xfffffffffffff000"), "{e}");
+        }
     }
 
     #[test]

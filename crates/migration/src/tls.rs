@@ -456,7 +456,18 @@ fn drive<C: Handshaking>(
     loop {
         let UnbufferedStatus { mut discard, state } = c.process(&mut incoming[..used]);
         let mut done = false;
-        match state.map_err(err)? {
+        let state = match state {
+            Ok(s) => s,
+            Err(e) => {
+                // Tell the peer why (rustls queues the alert for the next call, which must
+                // see the same buffer less what it consumed), so its error names the cause.
+                incoming.copy_within(discard..used, 0);
+                used -= discard;
+                send_alert(&mut c, sock, &mut incoming[..used]);
+                return Err(err(e));
+            }
+        };
+        match state {
             ConnectionState::EncodeTlsData(mut e) => loop {
                 match e.encode(&mut out[out_used..]) {
                     Ok(n) => {
@@ -545,6 +556,26 @@ fn drive<C: Handshaking>(
             ));
         }
     }
+}
+
+/// Sends the alert rustls queued after a handshake error, if it did (best effort; a panic in
+/// this path of rustls must not take the thread with it).
+fn send_alert<C: Handshaking>(c: &mut C, sock: &TcpStream, incoming: &mut [u8]) {
+    let mut out = vec![0u8; 1024];
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for _ in 0..4 {
+            let UnbufferedStatus { state, .. } = c.process(incoming);
+            match state {
+                Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                    if let Ok(n) = e.encode(&mut out) {
+                        let _ = (&*sock).write_all(&out[..n]);
+                    }
+                }
+                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
+                _ => return,
+            }
+        }
+    }));
 }
 
 enum Kernel {
@@ -858,8 +889,8 @@ impl TlsSession {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::ConnectionRefused,
                         format!(
-                            "the peer ended the TLS session ({what:?}): if it refused this \
-                             host, check this host's certificate and the peer's allowed names"
+                            "the peer ended the TLS session with alert {what:?} (it does not \
+                             accept this host's certificate or name)"
                         ),
                     ));
                 }

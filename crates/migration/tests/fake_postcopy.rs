@@ -145,3 +145,32 @@ fn a_corrupted_frame_during_post_copy_is_never_installed_and_is_sent_again() {
     assert!(flipped.load(Ordering::SeqCst));
     assert!(rep.postcopy.unwrap().recoveries >= 1);
 }
+
+#[test]
+fn a_reconnect_whose_data_connection_fails_does_not_hold_up_the_next_one() {
+    // The push's data connection (accept order 1) dies after 4 MiB; the first reconnect's
+    // data connection (accept order 3: control 2, data 3) dies before its Join arrives. The
+    // destination must take the source's next reconnect at once, not wait out the stale one.
+    use std::sync::atomic::AtomicUsize;
+    let step = std::sync::Arc::new(AtomicUsize::new(0));
+    let s = step.clone();
+    let tamper: Tamper = Box::new(move |conn, seen, chunk: &mut Vec<u8>| {
+        if conn == 1 && seen > 4 << 20 && s.fetch_max(1, Ordering::SeqCst) == 0 {
+            return Flow::Cut;
+        }
+        if conn == 3 && s.fetch_max(2, Ordering::SeqCst) < 2 {
+            chunk.clear(); // not even the Join gets through
+            return Flow::Cut;
+        }
+        Flow::Go
+    });
+    let t = std::time::Instant::now();
+    let mon = Monitor::default();
+    let (rep, _, _) = slow_post_copy(Some(tamper), &mon);
+    let took = t.elapsed();
+    assert_eq!(step.load(Ordering::SeqCst), 2, "both cuts happened");
+    let pcr = rep.postcopy.expect("post-copy report");
+    assert!(pcr.recoveries >= 2, "{pcr:?}");
+    // 16 MiB at 8 MB/s is ~2 s; the stale join used to cost 10 s more.
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+}

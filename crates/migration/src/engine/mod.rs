@@ -108,6 +108,9 @@ pub enum EngineError {
     Cancelled,
     #[error("stopped: another connection of this migration failed")]
     Aborted,
+    /// The destination turned this host away before the migration began.
+    #[error("the destination refused this host before the migration began: {0}; its log says why")]
+    Refused(String),
     /// The peer went quiet, or a step it had to take did not come in time.
     #[error("{0}")]
     Stalled(String),

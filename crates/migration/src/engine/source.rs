@@ -180,7 +180,14 @@ fn run_source<V: SourceVm>(
             config: vm.config(),
         }),
     )?;
-    expect(ctl, Message::Welcome)?;
+    expect(ctl, Message::Welcome).map_err(|e| match e {
+        // Before Welcome the destination has not looked at the VM: it refused the connection.
+        ProtocolError::Closed => EngineError::Refused(
+            "it closed the connection: does it expect TLS, or plain TCP (--insecure)?".into(),
+        ),
+        ProtocolError::Io(e) => EngineError::Refused(e.to_string()),
+        e => e.into(),
+    })?;
     let streams = join_data(connect, session, n, opts.io_timeout)?;
     // Clones to unblock senders stuck in a write when the migration fails.
     let handles: Vec<Conn> = streams.iter().filter_map(|s| s.try_clone().ok()).collect();
