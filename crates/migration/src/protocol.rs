@@ -623,7 +623,7 @@ mod tests {
         // that passed the check without them).
         for kind in [K_POPULATED, K_MISSING, K_DISCARD] {
             let mut p = 1u32.to_le_bytes().to_vec();
-            p.extend((u64::MAX & !(PAGE as u64 - 1)).to_le_bytes());
+            p.extend((!(PAGE as u64 - 1)).to_le_bytes());
             p.extend(16u64.to_le_bytes());
             let e = parse(kind, p).unwrap_err().to_string();
             assert!(e.contains("run 0xfffffffffffff000"), "{e}");
