@@ -610,7 +610,9 @@ struct Tx {
     /// Plaintext not yet sealed (less than a record).
     pending: Vec<u8>,
     /// Sealed records not yet written.
-    out: Vec<u8>,
+    out: Vec<Vec<u8>>,
+    /// Bytes in `out`.
+    out_len: usize,
     /// Key updates sent.
     updates: u64,
 }
@@ -663,6 +665,38 @@ pub(crate) struct TlsSession {
     peer_name: String,
 }
 
+/// Writes the sealed records with one gathering write where the socket takes them all (no
+/// copy into one buffer), and empties `tx.out`.
+fn write_records(sock: &TcpStream, tx: &mut Tx) -> std::io::Result<()> {
+    let (mut rec, mut at) = (0usize, 0usize);
+    while rec < tx.out.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&tx.out[rec][at..])
+            .chain(tx.out[rec + 1..].iter().map(|r| &r[..]))
+            .map(std::io::IoSlice::new)
+            .collect();
+        let mut n = match (&*sock).write_vectored(&slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while rec < tx.out.len() && n > 0 {
+            let left = tx.out[rec].len() - at;
+            if n >= left {
+                n -= left;
+                rec += 1;
+                at = 0;
+            } else {
+                at += n;
+                n = 0;
+            }
+        }
+    }
+    tx.out.clear();
+    tx.out_len = 0;
+    Ok(())
+}
+
 /// The KeyUpdate handshake message, update_not_requested (RFC 8446 §4.6.3).
 const KEY_UPDATE: [u8; 5] = [24, 0, 0, 1, 0];
 
@@ -701,7 +735,8 @@ impl TlsSession {
                 seal: t13.aead_alg.encrypter(tk, tiv),
                 seq: secrets.tx.0,
                 pending: Vec::with_capacity(RECORD),
-                out: Vec::with_capacity(WRITE_BATCH + MAX_CIPHERTEXT),
+                out: Vec::with_capacity(WRITE_BATCH / RECORD + 2),
+                out_len: 0,
                 updates: 0,
             }),
             rx: Mutex::new(Rx {
@@ -756,7 +791,9 @@ impl TlsSession {
                 payload: OutboundChunks::Single(&KEY_UPDATE),
             };
             let rec = tx.seal.encrypt(m, tx.seq).map_err(tls_io)?;
-            tx.out.extend_from_slice(&rec.encode());
+            let rec = rec.encode();
+            tx.out_len += rec.len();
+            tx.out.push(rec);
             let (seq, s) = self
                 .kernel
                 .lock()
@@ -775,7 +812,9 @@ impl TlsSession {
         };
         let rec = tx.seal.encrypt(m, tx.seq).map_err(tls_io)?;
         tx.seq += 1;
-        tx.out.extend_from_slice(&rec.encode());
+        let rec = rec.encode();
+        tx.out_len += rec.len();
+        tx.out.push(rec);
         Ok(())
     }
 
@@ -798,9 +837,8 @@ impl TlsSession {
                     tx.pending.clear();
                 }
             }
-            if tx.out.len() >= WRITE_BATCH {
-                (&*sock).write_all(&tx.out)?;
-                tx.out.clear();
+            if tx.out_len >= WRITE_BATCH {
+                write_records(sock, tx)?;
             }
         }
         Ok(buf.len())
@@ -816,8 +854,7 @@ impl TlsSession {
             tx.pending.clear();
         }
         if !tx.out.is_empty() {
-            (&*sock).write_all(&tx.out)?;
-            tx.out.clear();
+            write_records(sock, tx)?;
         }
         Ok(())
     }
