@@ -31,7 +31,8 @@ fn opts(connections: u32) -> Options {
 /// Runs a migration whose source→destination bytes go through `tamper`; returns the source's
 /// and the destination's errors and how long the source took.
 fn stalled(tamper: Tamper, connections: u32) -> (EngineError, EngineError, Duration) {
-    let src = FakeSource::new(4096, 64);
+    // Four groups of 4096 pages: both connections carry some.
+    let src = FakeSource::new(16384, 64);
     let p = pair_limits(Some(tamper), Default::default(), limits());
     let t = Instant::now();
     let e = p.migrate(&src, &opts(connections)).unwrap_err();
@@ -40,17 +41,31 @@ fn stalled(tamper: Tamper, connections: u32) -> (EngineError, EngineError, Durat
     (e, de, took)
 }
 
+/// Stalls the first data connection to carry more than 1 MiB (the senders claim pages in
+/// large groups, so which connection carries a given share is not fixed) and, when `cut`,
+/// cuts another one past 2 MiB.
+fn stall_one(cut: bool) -> Tamper {
+    let stalled = std::sync::Mutex::new(None::<usize>);
+    Box::new(move |conn, seen, _| {
+        if conn == 0 {
+            return Flow::Go;
+        }
+        let mut s = stalled.lock().unwrap();
+        match *s {
+            None if seen > 1 << 20 => {
+                *s = Some(conn);
+                Flow::Stall
+            }
+            Some(c) if cut && c != conn && seen > 2 << 20 => Flow::Cut,
+            _ => Flow::Go,
+        }
+    })
+}
+
 #[test]
 fn a_cut_connection_beside_one_nobody_reads_ends_the_migration_at_once() {
     // The reported hang: one data connection truncated, the other no longer read (open).
-    let (e, de, took) = stalled(
-        Box::new(|conn, seen, _| match conn {
-            1 if seen > 2 << 20 => Flow::Cut,
-            2 if seen > 1 << 20 => Flow::Stall,
-            _ => Flow::Go,
-        }),
-        2,
-    );
+    let (e, de, took) = stalled(stall_one(true), 2);
     // Not the I/O timeout: the failed connection ends the migration.
     assert!(took < IO * 3, "took {took:?}: {e}");
     assert!(!e.committed(), "{e}");
@@ -59,16 +74,7 @@ fn a_cut_connection_beside_one_nobody_reads_ends_the_migration_at_once() {
 
 #[test]
 fn a_data_connection_nobody_reads_is_given_up_after_the_io_timeout() {
-    let (e, de, took) = stalled(
-        Box::new(|conn, seen, _| {
-            if conn == 1 && seen > 1 << 20 {
-                Flow::Stall
-            } else {
-                Flow::Go
-            }
-        }),
-        2,
-    );
+    let (e, de, took) = stalled(stall_one(false), 2);
     assert!(took < IO * 6, "took {took:?}");
     let all = format!("{e} / {de}");
     assert!(

@@ -84,6 +84,7 @@ fn replay(src: &FakeSource, streams: &[Vec<u8>]) -> (bool, bool) {
     let limits = Limits {
         io_timeout: Duration::from_millis(400),
         hello_timeout: Duration::from_millis(400),
+        join_timeout: Duration::from_millis(800),
         ..Limits::default()
     };
     let p = pair_limits(None, Default::default(), limits);

@@ -14,8 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// How long the data connections have to join after Welcome.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a data connection ended, how long the control connection may take to say why.
 const ABORT_GRACE: Duration = Duration::from_secs(2);
 
@@ -374,7 +372,8 @@ pub(super) fn accept_data(
 ) -> Result<Vec<Conn>, EngineError> {
     let mut slots: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
     let mut have = 0;
-    let deadline = Instant::now() + JOIN_TIMEOUT;
+    let join_timeout = acc.limits().join_timeout;
+    let deadline = Instant::now() + join_timeout;
     while have < n {
         if abandon_on_hello && acc.hello_waiting() {
             return Err(EngineError::Stalled(
@@ -384,7 +383,7 @@ pub(super) fn accept_data(
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(EngineError::Stalled(format!(
-                "only {have} of {n} data connections joined within {JOIN_TIMEOUT:?}"
+                "only {have} of {n} data connections joined within {join_timeout:?}"
             )));
         }
         let Some(i) = acc.next_join(left.min(Duration::from_millis(50))) else {

@@ -189,6 +189,8 @@ pub struct Limits {
     pub hello_timeout: Duration,
     /// New connections waiting for their first frame at once; more are closed at once.
     pub max_pending: usize,
+    /// How long the data connections have to join after Welcome.
+    pub join_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -197,6 +199,7 @@ impl Default for Limits {
             io_timeout: IO_TIMEOUT,
             hello_timeout: Duration::from_secs(5),
             max_pending: 16,
+            join_timeout: Duration::from_secs(10),
         }
     }
 }
