@@ -59,6 +59,17 @@ pub enum ProtocolError {
     Peer(String),
 }
 
+impl ProtocolError {
+    /// The connection ended, failed or went silent: nothing wrong was found in the stream
+    /// itself (the cause is probably told on another connection).
+    pub fn is_connection_loss(&self) -> bool {
+        matches!(
+            self,
+            ProtocolError::Io(_) | ProtocolError::Closed | ProtocolError::Stalled
+        )
+    }
+}
+
 impl From<std::io::Error> for ProtocolError {
     fn from(e: std::io::Error) -> Self {
         match e.kind() {

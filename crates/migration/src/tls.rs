@@ -248,24 +248,14 @@ impl TlsServer {
         let peer = peer_of(&sock);
         let c = UnbufferedServerConnection::new(self.config.clone())
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        let (c, leftover) = drive(c, &sock, &peer)?;
-        let name = c
-            .peer_certificates()
-            .and_then(|certs| certs.first())
-            .and_then(|ee| allowed_name(ee, &self.peers))
-            .unwrap_or_else(|| "a certificate of the CA".into());
-        let (secrets, kernel) = c
-            .dangerous_into_kernel_connection()
-            .map_err(|e| handshake_err(&peer, e))?;
-        let s = TlsSession::new(
-            secrets,
-            Kernel::Server(kernel),
-            leftover,
-            name,
+        establish(
+            c,
+            sock,
             &peer,
+            &self.peers,
+            "a certificate of the CA".into(),
             self.rekey,
-        )?;
-        Ok(Conn::with_tls(sock, Arc::new(s)))
+        )
     }
 }
 
@@ -374,24 +364,7 @@ impl TlsClient {
         let shown = name.to_str().into_owned();
         let c = UnbufferedClientConnection::new(self.config.clone(), name)
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        let (c, leftover) = drive(c, &sock, &peer)?;
-        let shown = c
-            .peer_certificates()
-            .and_then(|certs| certs.first())
-            .and_then(|ee| allowed_name(ee, &self.peers))
-            .unwrap_or(shown);
-        let (secrets, kernel) = c
-            .dangerous_into_kernel_connection()
-            .map_err(|e| handshake_err(&peer, e))?;
-        let s = TlsSession::new(
-            secrets,
-            Kernel::Client(kernel),
-            leftover,
-            shown,
-            &peer,
-            self.rekey,
-        )?;
-        Ok(Conn::with_tls(sock, Arc::new(s)))
+        establish(c, sock, &peer, &self.peers, shown, self.rekey)
     }
 }
 
@@ -418,12 +391,21 @@ fn handshake_err(peer: &str, e: impl std::fmt::Display) -> TlsError {
 trait Handshaking {
     type Data;
     fn process<'c, 'i>(&'c mut self, buf: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn peer_certs(&self) -> Option<&[CertificateDer<'static>]>;
+    fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Kernel), rustls::Error>;
 }
 
 impl Handshaking for UnbufferedServerConnection {
     type Data = rustls::server::ServerConnectionData;
     fn process<'c, 'i>(&'c mut self, buf: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(buf)
+    }
+    fn peer_certs(&self) -> Option<&[CertificateDer<'static>]> {
+        self.peer_certificates()
+    }
+    fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Kernel), rustls::Error> {
+        let (s, k) = self.dangerous_into_kernel_connection()?;
+        Ok((s, Kernel::Server(k)))
     }
 }
 
@@ -432,6 +414,35 @@ impl Handshaking for UnbufferedClientConnection {
     fn process<'c, 'i>(&'c mut self, buf: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(buf)
     }
+    fn peer_certs(&self) -> Option<&[CertificateDer<'static>]> {
+        self.peer_certificates()
+    }
+    fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Kernel), rustls::Error> {
+        let (s, k) = self.dangerous_into_kernel_connection()?;
+        Ok((s, Kernel::Client(k)))
+    }
+}
+
+/// Either side's handshake to its end, then its secrets handed to a [`TlsSession`]. The
+/// session is named by the first allowed name the peer's certificate is valid for (else
+/// `fallback`).
+fn establish<C: Handshaking>(
+    c: C,
+    sock: TcpStream,
+    peer: &str,
+    allowed: &[ServerName<'static>],
+    fallback: String,
+    rekey: Option<u64>,
+) -> Result<Conn, TlsError> {
+    let (c, leftover) = drive(c, &sock, peer)?;
+    let name = c
+        .peer_certs()
+        .and_then(|certs| certs.first())
+        .and_then(|ee| allowed_name(ee, allowed))
+        .unwrap_or(fallback);
+    let (secrets, kernel) = c.into_kernel().map_err(|e| handshake_err(peer, e))?;
+    let s = TlsSession::new(secrets, kernel, leftover, name, peer, rekey)?;
+    Ok(Conn::with_tls(sock, Arc::new(s)))
 }
 
 /// What a handshake leaves behind: records the peer sent right behind its Finished, opened by

@@ -7,6 +7,13 @@ use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// See [`Conn::set_io_timeout`] (also for a socket before its TLS handshake).
+pub(crate) fn set_io_timeout(s: &TcpStream, t: Duration) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(t))?;
+    s.set_write_timeout(Some(t))
+}
+
 /// What is waiting on a connection, looked at without blocking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peek {
@@ -49,10 +56,7 @@ impl Conn {
         for a in addrs {
             match TcpStream::connect_timeout(&a, io_timeout) {
                 Ok(s) => {
-                    s.set_nodelay(true).map_err(TlsError::Io)?;
-                    s.set_read_timeout(Some(io_timeout)).map_err(TlsError::Io)?;
-                    s.set_write_timeout(Some(io_timeout))
-                        .map_err(TlsError::Io)?;
+                    set_io_timeout(&s, io_timeout).map_err(TlsError::Io)?;
                     let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
                     let host = host.trim_start_matches('[').trim_end_matches(']');
                     return match tls {
@@ -104,6 +108,12 @@ impl Conn {
 
     pub fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.sock.set_write_timeout(t)
+    }
+
+    /// No Nagle delay (small frames: acknowledgements, demands), and every send and receive
+    /// failing after `t` without progress.
+    pub fn set_io_timeout(&self, t: Duration) -> std::io::Result<()> {
+        set_io_timeout(&self.sock, t)
     }
 
     pub fn set_nodelay(&self, on: bool) -> std::io::Result<()> {

@@ -181,11 +181,7 @@ fn classify(s: TcpStream, peer: SocketAddr, inner: &Inner) {
     let lim = &inner.limits;
     let r = (|| -> Result<Incoming, String> {
         s.set_nonblocking(false).map_err(|e| e.to_string())?;
-        s.set_nodelay(true).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(lim.hello_timeout))
-            .map_err(|e| e.to_string())?;
-        s.set_write_timeout(Some(lim.hello_timeout))
-            .map_err(|e| e.to_string())?;
+        crate::transport::set_io_timeout(&s, lim.hello_timeout).map_err(|e| e.to_string())?;
         let conn = match &inner.tls {
             Some(t) => t.accept(s).map_err(|e| e.to_string())?,
             None => Conn::plain(s),
@@ -211,9 +207,7 @@ fn classify(s: TcpStream, peer: SocketAddr, inner: &Inner) {
             }
             Err(e) => return Err(format!("not a migration ({e})")),
         };
-        conn.set_read_timeout(Some(lim.io_timeout))
-            .map_err(|e| e.to_string())?;
-        conn.set_write_timeout(Some(lim.io_timeout))
+        conn.set_io_timeout(lim.io_timeout)
             .map_err(|e| e.to_string())?;
         Ok(Incoming { conn, peer, first })
     })();

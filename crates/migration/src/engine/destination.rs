@@ -232,13 +232,11 @@ const ECHO: u8 = 1;
 const FAULT: u8 = 2;
 
 fn is_echo(e: &EngineError) -> bool {
-    matches!(
-        e,
-        EngineError::Aborted
-            | EngineError::Protocol(
-                ProtocolError::Closed | ProtocolError::Io(_) | ProtocolError::Stalled
-            )
-    )
+    match e {
+        EngineError::Aborted => true,
+        EngineError::Protocol(p) => p.is_connection_loss(),
+        _ => false,
+    }
 }
 
 /// The VM's state, and for post-copy the pages the destination lacks.

@@ -67,10 +67,7 @@ pub type Connect<'c> = &'c (dyn Fn() -> std::io::Result<Conn> + Sync);
 
 /// Every send and receive on `c` fails after `t` without progress.
 pub(super) fn deadlines(c: &Conn, t: Duration) -> Result<(), ProtocolError> {
-    c.set_nodelay(true).map_err(ProtocolError::Io)?;
-    c.set_read_timeout(Some(t)).map_err(ProtocolError::Io)?;
-    c.set_write_timeout(Some(t)).map_err(ProtocolError::Io)?;
-    Ok(())
+    c.set_io_timeout(t).map_err(ProtocolError::Io)
 }
 
 /// Sends `vm` to the destination whose control connection is `ctl`; `connect` opens each data
@@ -90,10 +87,7 @@ pub fn migrate<V: SourceVm>(
         return r;
     }
     let mut r = run_source(vm, &mut ctl, connect, opts, mon, &mut undo);
-    if let Err(EngineError::Protocol(
-        ProtocolError::Io(_) | ProtocolError::Closed | ProtocolError::Stalled,
-    )) = &r
-    {
+    if matches!(&r, Err(EngineError::Protocol(e)) if e.is_connection_loss()) {
         // A connection broke: the destination may have said why on the control connection.
         let _ = ctl.set_read_timeout(Some(Duration::from_secs(2)));
         if let Ok(Message::Abort(why)) = recv(&mut ctl) {
@@ -223,12 +217,7 @@ fn run_source<V: SourceVm>(
         };
         let r = coord.run(ctl, t0, &mut undo.paused);
         if let Err(e) = &r {
-            if !matches!(
-                e,
-                EngineError::Protocol(
-                    ProtocolError::Io(_) | ProtocolError::Closed | ProtocolError::Stalled
-                )
-            ) {
+            if !matches!(e, EngineError::Protocol(p) if p.is_connection_loss()) {
                 // Our own reason goes first, before the data connections close under the
                 // destination.
                 let _ = send(ctl, &Message::Abort(e.to_string()));
