@@ -174,3 +174,72 @@ fn a_reconnect_whose_data_connection_fails_does_not_hold_up_the_next_one() {
     // 16 MiB at 8 MB/s is ~2 s; the stale join used to cost 10 s more.
     assert!(took < Duration::from_secs(8), "took {took:?}");
 }
+
+#[test]
+fn a_link_back_after_a_long_outage_is_not_taken_for_dead_at_once() {
+    // The push's data connection dies after 4 MiB and the source cannot reach the destination
+    // for 11 s, longer than a page demand may wait on a live link. The vCPU's demands from
+    // before the outage are sent again on the new link: it must serve them, not be declared
+    // dead at once for their age (which looped reconnect after reconnect for ever).
+    use std::sync::Mutex;
+    let outage: std::sync::Arc<Mutex<Option<std::time::Instant>>> = Default::default();
+    let o = outage.clone();
+    let slowed = std::sync::Arc::new(AtomicBool::new(false));
+    let sl = slowed.clone();
+    let tamper: Tamper = Box::new(move |conn, seen, _| {
+        let mut o = o.lock().unwrap();
+        if conn == 1 && seen > 4 << 20 && o.is_none() {
+            *o = Some(std::time::Instant::now() + Duration::from_secs(11));
+            return Flow::Cut;
+        }
+        // The new control connection (2) carries the answers to the demands sent again:
+        // the first comes 200 ms late, as on a loaded host or a longer link.
+        if conn == 2 && seen > 0 && !sl.swap(true, Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(200));
+        }
+        Flow::Go
+    });
+    let src = FakeSource::new(4096, 64);
+    let pc = std::sync::Arc::new(Faults::default());
+    let p = pair_with(Some(tamper), pc.clone());
+    let toucher = touch_from_top(pc.clone(), 4096);
+    // A vCPU that touches a page the push has not reached while the link is down.
+    let (o, f) = (outage.clone(), pc.clone());
+    let late = thread::spawn(move || {
+        while o.lock().unwrap().is_none() {
+            thread::sleep(Duration::from_millis(5));
+        }
+        thread::sleep(Duration::from_millis(100));
+        let last = f.missing.lock().unwrap().last().copied();
+        last.is_some_and(|gpa| f.touch(gpa))
+    });
+    let opts = Options {
+        postcopy_after: Some(0),
+        max_bandwidth: Some(8 << 20),
+        ..Options::default()
+    };
+    let connect = || match *outage.lock().unwrap() {
+        Some(until) if std::time::Instant::now() < until => {
+            Err(std::io::Error::other("no route to host (test outage)"))
+        }
+        _ => p.connect(),
+    };
+    let ctl = p.ctl.try_clone().unwrap();
+    let t = std::time::Instant::now();
+    let rep =
+        ferry_migration::engine::migrate(&src, ctl, &connect, &opts, &Monitor::default()).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(40),
+        "took {:?}",
+        t.elapsed()
+    );
+    toucher.join().unwrap();
+    assert!(late.join().unwrap(), "the late touch waited for its page");
+    let (dst, r) = p.join();
+    r.unwrap();
+    assert_exact(&src, &dst);
+    let pcr = rep.postcopy.expect("post-copy report");
+    assert_eq!(pcr.recoveries, 1, "{pcr:?}");
+    assert!(pcr.destination.pulled > 0, "{pcr:?}");
+    assert!(slowed.load(Ordering::SeqCst), "an answer was slowed");
+}

@@ -279,6 +279,8 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
         for chunk in waiting.chunks(4096) {
             self.demand(chunk);
         }
+        // Those demands are as old as this link, whatever their vCPUs have waited.
+        let asked = Instant::now();
         let broken: Mutex<Option<EngineError>> = Mutex::new(None);
         let done = AtomicBool::new(false);
         let fail = |e: EngineError| {
@@ -306,7 +308,7 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
                     fail(e);
                 }
             }));
-            let r = self.watch(&broken, &done);
+            let r = self.watch(&broken, &done, asked);
             if r.is_err() {
                 for h in &handles {
                     h.shutdown();
@@ -329,11 +331,14 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
         })
     }
 
-    /// Waits until every page is in (then tells the source) or the link breaks.
+    /// Waits until every page is in (then tells the source) or the link breaks: a page asked
+    /// for on this link (whose demands were all sent again at `asked`) that does not come
+    /// within [`DEMAND_TIMEOUT`] means the link is dead.
     fn watch(
         &self,
         broken: &Mutex<Option<EngineError>>,
         done: &AtomicBool,
+        asked: Instant,
     ) -> Result<(), EngineError> {
         loop {
             if let Some(e) = self.fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -356,7 +361,7 @@ impl<'a, V: DestinationVm> PostCopyDest<'a, V> {
                 .values()
                 .min()
                 .copied();
-            if oldest.is_some_and(|t| t.elapsed() > DEMAND_TIMEOUT) {
+            if oldest.is_some_and(|t| t.max(asked).elapsed() > DEMAND_TIMEOUT) {
                 return Err(EngineError::Stalled(format!(
                     "a page asked for {DEMAND_TIMEOUT:?} ago has not come: the link is dead"
                 )));

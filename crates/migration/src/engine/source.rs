@@ -9,9 +9,9 @@ use crate::protocol::{
     MAX_CONNECTIONS, MAX_RANGES, PAGE, PAGE_HEADER_LEN, VERSION,
 };
 use crate::transport::{Conn, Peek};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A predicted downtime so short that another pass is not worth it.
@@ -43,19 +43,33 @@ struct Job<'s> {
 pub(super) struct Shared<'a> {
     pub(super) opts: &'a Options,
     pub(super) mon: &'a Monitor,
-    pub(super) started: Instant,
-    /// Bytes sent by all senders (for the bandwidth cap).
-    pub(super) sent: AtomicU64,
+    /// When the bytes sent so far by all senders are due at the bandwidth cap.
+    due: Mutex<Instant>,
 }
+
+/// Credit an idle link may bank under a bandwidth cap: after a pause (a post-copy reconnect,
+/// a pass waiting for the dirty log) the senders go at the cap, not in a burst above it.
+const BURST: Duration = Duration::from_millis(50);
 
 impl<'a> Shared<'a> {
     pub(super) fn new(opts: &'a Options, mon: &'a Monitor) -> Self {
         Shared {
             opts,
             mon,
-            started: Instant::now(),
-            sent: AtomicU64::new(0),
+            due: Mutex::new(Instant::now()),
         }
+    }
+
+    /// Books `n` bytes against the cap; returns how long the sender should wait.
+    fn pace(&self, n: u64, cap: u64) -> Option<Duration> {
+        let now = Instant::now();
+        let mut due = self.due.lock().unwrap_or_else(|e| e.into_inner());
+        let from = match now.checked_sub(BURST) {
+            Some(floor) => (*due).max(floor),
+            None => *due,
+        };
+        *due = from + Duration::from_secs_f64(n as f64 / cap as f64);
+        due.checked_duration_since(now)
     }
 }
 
@@ -671,12 +685,31 @@ fn send_share<V: SourceVm>(
 pub(super) fn flush(s: &mut Conn, frame: &mut PagesBuf, sh: &Shared) -> Result<(), EngineError> {
     let n = frame.send(s)? as u64;
     sh.mon.wire_bytes.fetch_add(n, Ordering::Relaxed);
-    let sent = sh.sent.fetch_add(n, Ordering::Relaxed) + n;
     if let Some(cap) = sh.opts.max_bandwidth.filter(|&c| c > 0) {
-        let due = Duration::from_secs_f64(sent as f64 / cap as f64);
-        if let Some(wait) = due.checked_sub(sh.started.elapsed()) {
+        if let Some(wait) = sh.pace(n, cap) {
             std::thread::sleep(wait);
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_capped_link_banks_no_more_than_a_burst() {
+        let (opts, mon) = (Options::default(), Monitor::default());
+        let sh = Shared::new(&opts, &mon);
+        std::thread::sleep(Duration::from_millis(300));
+        // 1 MB at 1 MB/s after 300 ms idle: 50 ms of credit, then the sender waits the rest.
+        let w = sh.pace(1_000_000, 1_000_000).expect("a wait");
+        assert!(
+            w > Duration::from_millis(900) && w <= Duration::from_secs(1),
+            "{w:?}"
+        );
+        // Back to back, the next megabyte is due a second later still.
+        let w = sh.pace(1_000_000, 1_000_000).expect("a wait");
+        assert!(w > Duration::from_millis(1900), "{w:?}");
+    }
 }

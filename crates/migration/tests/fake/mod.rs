@@ -426,12 +426,23 @@ pub fn pair_tls(tamper: Option<Tamper>, server: TlsServer, client: TlsClient) ->
     )
 }
 
+/// Logs the engine's tracing to stderr when `FERRY_TEST_LOG` names a filter (e.g. `info`).
+fn log_if_asked() {
+    if let Ok(filter) = std::env::var("FERRY_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
 pub fn pair_full(
     tamper: Option<Tamper>,
     pc: std::sync::Arc<Faults>,
     limits: Limits,
     tls: Option<(std::sync::Arc<TlsServer>, std::sync::Arc<TlsClient>)>,
 ) -> Pair {
+    log_if_asked();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let (server, client) = match tls {
@@ -474,8 +485,15 @@ pub fn pair_full(
                 let mut to_dst = TcpStream::connect(addr).unwrap();
                 let (mut back_src, mut back_dst) =
                     (from_src.try_clone().unwrap(), to_dst.try_clone().unwrap());
+                let stalled = std::sync::Arc::new(AtomicBool::new(false));
+                let held = stalled.clone();
                 thread::spawn(move || {
                     let _ = std::io::copy(&mut back_dst, &mut back_src);
+                    // The destination closed: its FIN reaches the source, as over a real
+                    // link (unless this connection plays a hung peer).
+                    if !held.load(Ordering::SeqCst) {
+                        let _ = back_src.shutdown(std::net::Shutdown::Write);
+                    }
                 });
                 let mut seen = 0u64;
                 let mut buf = vec![0u8; 65536];
@@ -491,6 +509,7 @@ pub fn pair_full(
                         break;
                     }
                     if flow == Flow::Stall {
+                        stalled.store(true, Ordering::SeqCst);
                         // Hold both ends open, reading nothing, until the test is long over.
                         thread::sleep(Duration::from_secs(600));
                         break;
