@@ -7,9 +7,10 @@ sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
 
 # Debian packages: QEMU (side-by-side runs), tools to unpack the Linux test kernel, iperf3,
-# libclang-dev (the userfaultfd crate generates its kernel bindings with bindgen at build time).
+# libclang-dev (the userfaultfd crate generates its kernel bindings with bindgen at build time),
+# qemu-utils (qemu-img: the oracle the disk-image tests check against).
 need=()
-for p in qemu-system-x86 lz4 zstd xz-utils python3 iperf3 libclang-dev; do
+for p in qemu-system-x86 qemu-utils lz4 zstd xz-utils python3 iperf3 libclang-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

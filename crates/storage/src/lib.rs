@@ -1,0 +1,97 @@
+//! Disk images behind one trait, [`Image`]: what a virtual disk needs of its backing file
+//! (positional reads and writes, flush, discard, write-zeroes), and nothing of virtio or KVM.
+//!
+//! Guarantees:
+//! - An image is locked while it is open (open file description locks, as QEMU takes them):
+//!   a writable image excludes every other opener, from any process; a read-only image
+//!   excludes writers. A second opener gets [`StorageError::Locked`], never a shared image.
+//! - A write is acknowledged (`Ok`) only once the host file holds it; `flush` makes every
+//!   acknowledged write durable (`fdatasync`).
+//! - Out-of-range requests are refused with [`StorageError::OutOfRange`] before any I/O.
+mod lock;
+mod raw;
+
+pub use lock::{lock_file, LockMode};
+pub use raw::RawImage;
+
+use std::path::{Path, PathBuf};
+
+/// Why an image operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is in use by another process (locked for {held}); stop that VM or open the \
+         image read-only"
+    )]
+    Locked { path: PathBuf, held: &'static str },
+    #[error("{path}: {why}")]
+    Format { path: PathBuf, why: String },
+    #[error("request of {len} bytes at {offset} lies outside the {size}-byte image")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("the image is read-only")]
+    ReadOnly,
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Disk image formats Ferry opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Raw,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            other => Err(format!("unknown disk format {other:?} (known: raw)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Raw => "raw",
+        })
+    }
+}
+
+/// A virtual disk's backing store. Offsets and lengths are in bytes.
+pub trait Image: Send + Sync {
+    /// Size the guest sees, in bytes.
+    fn size(&self) -> u64;
+    fn readonly(&self) -> bool;
+    /// Fills `buf` from `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError>;
+    /// Writes `buf` at `offset`; Ok once the host file holds it.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), StorageError>;
+    /// Makes every acknowledged write durable.
+    fn flush(&self) -> Result<(), StorageError>;
+    /// The range's contents no longer matter (it reads back as zeroes here).
+    fn discard(&self, offset: u64, len: u64) -> Result<(), StorageError>;
+    /// The range reads back as zeroes; `unmap` lets the image free the space.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), StorageError>;
+}
+
+/// Opens `path` as `format`, locked for writing unless `readonly`.
+pub fn open(path: &Path, format: Format, readonly: bool) -> Result<Box<dyn Image>, StorageError> {
+    match format {
+        Format::Raw => Ok(Box::new(RawImage::open(path, readonly)?)),
+    }
+}
+
+/// Checks a request against the image size.
+pub(crate) fn in_range(offset: u64, len: u64, size: u64) -> Result<(), StorageError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(StorageError::OutOfRange { offset, len, size }),
+    }
+}

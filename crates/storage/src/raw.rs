@@ -1,0 +1,152 @@
+//! Raw images: the file is the disk, byte for byte. Holes stay holes: discard punches one,
+//! write-zeroes with unmap punches one, without unmap zeroes the range in place.
+use crate::lock::{lock_file, LockMode};
+use crate::{in_range, Image, StorageError};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+pub struct RawImage {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    readonly: bool,
+}
+
+impl RawImage {
+    /// Opens and locks `path` (for reading only when `readonly`).
+    pub fn open(path: &Path, readonly: bool) -> Result<Self, StorageError> {
+        let err = |source| StorageError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(path)
+            .map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        if !meta.is_file() {
+            return Err(StorageError::Format {
+                path: path.to_owned(),
+                why: "not a regular file".into(),
+            });
+        }
+        let mode = if readonly {
+            LockMode::Read
+        } else {
+            LockMode::Write
+        };
+        match lock_file(&file, mode) {
+            Ok(()) => {}
+            Err(Ok(held)) => {
+                return Err(StorageError::Locked {
+                    path: path.to_owned(),
+                    held,
+                })
+            }
+            Err(Err(e)) => return Err(err(e)),
+        }
+        Ok(RawImage {
+            file,
+            path: path.to_owned(),
+            size: meta.len(),
+            readonly,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn writable(&self, offset: u64, len: u64) -> Result<(), StorageError> {
+        if self.readonly {
+            return Err(StorageError::ReadOnly);
+        }
+        in_range(offset, len, self.size)
+    }
+
+    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+        // SAFETY: plain syscall on an open fd; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
+impl Image for RawImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
+        in_range(offset, buf.len() as u64, self.size)?;
+        self.file.read_exact_at(buf, offset)?;
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), StorageError> {
+        self.writable(offset, buf.len() as u64)?;
+        self.file.write_all_at(buf, offset)?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        if !self.readonly {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), StorageError> {
+        self.writable(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )?;
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), StorageError> {
+        self.writable(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mode = if unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        if self.fallocate(mode, offset, len).is_ok() {
+            return Ok(());
+        }
+        // The file system cannot: write the zeroes.
+        let zero = vec![0u8; 1 << 20];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zero.len() as u64) as usize;
+            self.file.write_all_at(&zero[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
