@@ -39,7 +39,9 @@ pub fn stream_with_crcs(data: &[u8]) -> usize {
     while at + HEADER_LEN <= d.len() {
         let len = u32::from_le_bytes([d[at + 4], d[at + 5], d[at + 6], d[at + 7]]) as usize;
         let end = (at + HEADER_LEN).saturating_add(len).min(d.len());
-        let crc = crc32c::crc32c(&d[at + HEADER_LEN..end]);
+        let mut h = [0u8; HEADER_LEN];
+        h.copy_from_slice(&d[at..at + HEADER_LEN]);
+        let crc = crate::protocol::frame_crc(&h, &d[at + HEADER_LEN..end]);
         d[at + 8..at + 12].copy_from_slice(&crc.to_le_bytes());
         at = end;
     }

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 /// Protocol magic sent in [`Hello`].
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 /// Protocol version this code speaks.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// [`Hello::caps`] bit: this connection reopens the interrupted post-copy of `session`.
 pub const CAP_RESUME: u64 = 1;
 /// Highest guest page address (exclusive) a page list may name: 1 TiB.
@@ -326,7 +326,8 @@ pub(crate) fn send_frame(
     let mut h = [0u8; HEADER_LEN];
     h[0] = kind;
     h[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    h[8..12].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    let crc = frame_crc(&h, payload);
+    h[8..12].copy_from_slice(&crc.to_le_bytes());
     w.write_all(&h)?;
     w.write_all(payload)?;
     w.flush()?; // under TLS: seals the last partial record
@@ -373,10 +374,21 @@ pub fn recv_raw(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<u8, Protocol
     let crc = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
     payload.resize(len as usize, 0);
     r.read_exact(payload).map_err(eof_is_closed)?;
-    if crc32c::crc32c(payload) != crc {
-        return Err(ProtocolError::Crc(name));
+    if frame_crc(&h, payload) != crc {
+        // Versions 1 to 3 covered the payload only: let their Hello through, so that the
+        // peer hears which version it met rather than of a CRC error.
+        let older_hello = kind == K_HELLO && crc32c::crc32c(payload) == crc;
+        if !older_hello {
+            return Err(ProtocolError::Crc(name));
+        }
     }
     Ok(kind)
+}
+
+/// A frame's CRC32C: over the header's kind, reserved and length bytes (0..8), then the
+/// payload, so a flipped kind cannot turn one well-formed message into another.
+pub fn frame_crc(header: &[u8; HEADER_LEN], payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&header[..8]), payload)
 }
 
 /// Reads one frame as a [`Message`].
@@ -611,8 +623,26 @@ mod tests {
             recv(&mut b.as_slice()),
             Err(ProtocolError::Version { peer: 1 })
         ));
+        // Framed as versions 1–3 framed it (the CRC over the payload only): still named.
+        let mut old = b.clone();
+        old[8..12].copy_from_slice(&crc32c::crc32c(&p).to_le_bytes());
+        assert!(matches!(
+            recv(&mut old.as_slice()),
+            Err(ProtocolError::Version { peer: 1 })
+        ));
+        // Any other kind framed that way is a CRC error.
+        let mut w = Vec::new();
+        send_frame(&mut w, K_WELCOME, &[]).unwrap();
+        w[8..12].copy_from_slice(&crc32c::crc32c(&[]).to_le_bytes());
+        assert!(matches!(
+            recv(&mut w.as_slice()),
+            Err(ProtocolError::Crc(_))
+        ));
         let e = ProtocolError::Version { peer: 1 }.to_string();
-        assert!(e.contains("version 1") && e.contains("speaks 3"), "{e}");
+        assert!(
+            e.contains("version 1") && e.contains(&format!("speaks {VERSION}")),
+            "{e}"
+        );
         let mut bad = Vec::new();
         let p = postcard::to_stdvec(&V1 {
             magic: *b"NOTFERRY",
@@ -673,10 +703,12 @@ mod tests {
         p.extend_from_slice(&0u64.to_le_bytes());
         p.push(ENC_ZERO);
         p.extend_from_slice(&0u32.to_le_bytes());
-        let mut f = vec![K_PAGES, 0, 0, 0];
-        f.extend_from_slice(&(p.len() as u32).to_le_bytes());
-        f.extend_from_slice(&crc32c::crc32c(&p).to_le_bytes());
-        f.extend_from_slice(&[0; 4]);
+        let mut h = [0u8; HEADER_LEN];
+        h[0] = K_PAGES;
+        h[4..8].copy_from_slice(&(p.len() as u32).to_le_bytes());
+        let crc = frame_crc(&h, &p);
+        h[8..12].copy_from_slice(&crc.to_le_bytes());
+        let mut f = h.to_vec();
         f.extend_from_slice(&p);
         assert!(matches!(
             recv(&mut f.as_slice()),

@@ -331,7 +331,7 @@ fn version_mismatch_is_a_clear_error_and_the_receiver_goes_on() {
         &mut p.ctl,
         &Message::Hello(Hello {
             magic: MAGIC,
-            version: 4,
+            version: ferry_migration::protocol::VERSION + 1,
             caps: 0,
             session: 1,
             connections: 1,
@@ -342,7 +342,11 @@ fn version_mismatch_is_a_clear_error_and_the_receiver_goes_on() {
     // The source side hears why.
     match ferry_migration::protocol::recv(&mut p.ctl) {
         Ok(Message::Abort(why)) => assert!(
-            why.contains("peer speaks migration protocol version 4, this Ferry speaks 3"),
+            why.contains(&format!(
+                "peer speaks migration protocol version {}, this Ferry speaks {}",
+                ferry_migration::protocol::VERSION + 1,
+                ferry_migration::protocol::VERSION
+            )),
             "{why}"
         ),
         other => panic!("{other:?}"),
