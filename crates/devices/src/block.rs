@@ -42,10 +42,13 @@ pub struct BlockState {
 }
 
 pub struct Block {
-    image: Box<dyn Image>,
+    /// None while released (the VM is paused and another host may own the image).
+    image: Option<Box<dyn Image>>,
     id: String,
     path: PathBuf,
     format: Format,
+    size: u64,
+    readonly: bool,
     sizes: [u16; 1],
     buf: Vec<u8>,
     /// Requests completed with an error status (for tests and metrics).
@@ -63,7 +66,9 @@ enum Status {
 impl Block {
     pub fn new(image: Box<dyn Image>, id: String, path: PathBuf, format: Format) -> Self {
         Block {
-            image,
+            size: image.size(),
+            readonly: image.readonly(),
+            image: Some(image),
             id,
             path,
             format,
@@ -106,18 +111,23 @@ impl Block {
             id: self.id.clone(),
             path: self.path.clone(),
             format: self.format,
-            readonly: self.image.readonly(),
-            size: self.image.size(),
+            readonly: self.readonly,
+            size: self.size,
         }
     }
 
-    pub fn image(&self) -> &dyn Image {
-        &*self.image
+    /// The image, unless released.
+    pub fn image(&self) -> Option<&dyn Image> {
+        self.image.as_deref()
+    }
+
+    fn img(&self) -> Result<&dyn Image, StorageError> {
+        self.image.as_deref().ok_or(StorageError::Released)
     }
 
     fn config(&self) -> [u8; 60] {
         let mut c = [0u8; 60];
-        c[0..8].copy_from_slice(&(self.image.size() / SECTOR).to_le_bytes());
+        c[0..8].copy_from_slice(&(self.size / SECTOR).to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
         c[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors
@@ -194,7 +204,11 @@ impl Block {
                 while done < data_len {
                     let n = (data_len - done).min(CHUNK);
                     self.buf.resize(n, 0);
-                    if let Err(e) = self.image.read_at(&mut self.buf, offset + done as u64) {
+                    let r = match self.image.as_deref() {
+                        Some(i) => i.read_at(&mut self.buf, offset + done as u64),
+                        None => Err(StorageError::Released),
+                    };
+                    if let Err(e) = r {
                         return io(e);
                     }
                     if w.write_all(&self.buf).is_err() {
@@ -209,7 +223,7 @@ impl Block {
                 if !(len as u64).is_multiple_of(SECTOR) {
                     return Status::IoErr;
                 }
-                if self.image.readonly() {
+                if self.readonly {
                     return Status::IoErr;
                 }
                 let mut done = 0usize;
@@ -219,14 +233,17 @@ impl Block {
                     if r.read_exact(&mut self.buf).is_err() {
                         return Status::IoErr;
                     }
-                    if let Err(e) = self.image.write_at(&self.buf, offset + done as u64) {
+                    let r = self
+                        .img()
+                        .and_then(|i| i.write_at(&self.buf, offset + done as u64));
+                    if let Err(e) = r {
                         return io(e);
                     }
                     done += n;
                 }
                 Status::Ok
             }
-            VIRTIO_BLK_T_FLUSH => match self.image.flush() {
+            VIRTIO_BLK_T_FLUSH => match self.img().and_then(|i| i.flush()) {
                 Ok(()) => Status::Ok,
                 Err(e) => io(e),
             },
@@ -252,7 +269,7 @@ impl Block {
         if len == 0 || !len.is_multiple_of(16) || len / 16 > MAX_RANGE_SEGS as usize {
             return Status::IoErr;
         }
-        if self.image.readonly() {
+        if self.readonly {
             return Status::IoErr;
         }
         let mut segs = Vec::with_capacity(len / 16);
@@ -277,20 +294,19 @@ impl Block {
                 return Status::IoErr;
             };
             let n = count as u64 * SECTOR;
-            if offset
-                .checked_add(n)
-                .is_none_or(|end| end > self.image.size())
-            {
+            if offset.checked_add(n).is_none_or(|end| end > self.size) {
                 return Status::IoErr;
             }
             segs.push((offset, n, unmap));
         }
         for (offset, n, unmap) in segs {
-            let r = if ty == VIRTIO_BLK_T_DISCARD {
-                self.image.discard(offset, n)
-            } else {
-                self.image.write_zeroes(offset, n, unmap)
-            };
+            let r = self.img().and_then(|i| {
+                if ty == VIRTIO_BLK_T_DISCARD {
+                    i.discard(offset, n)
+                } else {
+                    i.write_zeroes(offset, n, unmap)
+                }
+            });
             if let Err(e) = r {
                 tracing::warn!("virtio-blk {}: {e}", self.id);
                 return Status::IoErr;
@@ -319,7 +335,7 @@ where
             | (1 << VIRTIO_BLK_F_DISCARD)
             | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC);
-        if self.image.readonly() {
+        if self.readonly {
             f |= 1 << VIRTIO_BLK_F_RO;
         }
         f
@@ -368,8 +384,35 @@ where
     }
 
     fn flush(&mut self) -> Result<(), String> {
-        self.image
-            .flush()
-            .map_err(|e| format!("{}: {e}", self.path.display()))
+        match &self.image {
+            Some(i) => i
+                .flush()
+                .map_err(|e| format!("{}: {e}", self.path.display())),
+            None => Ok(()),
+        }
+    }
+
+    fn release(&mut self) -> Result<(), String> {
+        VirtioDevice::<M>::flush(self)?;
+        self.image = None;
+        Ok(())
+    }
+
+    fn reacquire(&mut self) -> Result<(), String> {
+        if self.image.is_some() {
+            return Ok(());
+        }
+        let img = ferry_storage::open(&self.path, self.format, self.readonly)
+            .map_err(|e| e.to_string())?;
+        if img.size() != self.size {
+            return Err(format!(
+                "{}: the image is now {} bytes, the VM had {}",
+                self.path.display(),
+                img.size(),
+                self.size
+            ));
+        }
+        self.image = Some(img);
+        Ok(())
     }
 }

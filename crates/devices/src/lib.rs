@@ -70,4 +70,14 @@ pub trait VirtioDevice<M>: Send {
     fn flush(&mut self) -> Result<(), String> {
         Ok(())
     }
+    /// Flushes and lets go of the backend (its image lock), so another host may open it;
+    /// only while the VM is paused.
+    fn release(&mut self) -> Result<(), String> {
+        self.flush()
+    }
+    /// Takes the backend back after [`release`](Self::release) (a migration that failed
+    /// before commit).
+    fn reacquire(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }

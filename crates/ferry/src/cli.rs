@@ -89,6 +89,10 @@ pub struct RunArgs {
     /// Serve the control API (HTTP/JSON) on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    /// A virtio-blk disk: path=FILE[,format=raw][,readonly=on][,id=NAME] (repeatable; the
+    /// image is locked while the VM runs).
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disks: Vec<String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

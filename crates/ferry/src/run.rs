@@ -4,6 +4,7 @@ use crate::cli::{ReceiveArgs, RestoreArgs, RunArgs};
 use anyhow::{Context, Result};
 use ferry_migration::engine::{Acceptor, Limits};
 use ferry_migration::tls::{TlsFiles, TlsServer};
+use ferry_vmm::devices::DiskConfig;
 use ferry_vmm::live::LiveDestination;
 use ferry_vmm::snapshot::MemoryCheck;
 use ferry_vmm::{BootSource, GuestExit, Vm, VmConfig};
@@ -29,10 +30,19 @@ pub fn config_from(args: &RunArgs) -> Result<VmConfig> {
         },
         (None, None) => anyhow::bail!("one of --guest or --kernel is required"),
     };
+    let mut disks = Vec::new();
+    for (i, d) in args.disks.iter().enumerate() {
+        let d = DiskConfig::parse(d, i).map_err(|e| anyhow::anyhow!("--disk {d}: {e}"))?;
+        if disks.iter().any(|o: &DiskConfig| o.id == d.id) {
+            anyhow::bail!("--disk: two disks have the id {:?}", d.id);
+        }
+        disks.push(d);
+    }
     Ok(VmConfig {
         cpus: args.cpus,
         memory,
         boot,
+        disks,
     })
 }
 

@@ -35,6 +35,8 @@ pub enum StorageError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("the image is read-only")]
     ReadOnly,
+    #[error("the image is released (the VM is paused for a hand-over to another host)")]
+    Released,
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }

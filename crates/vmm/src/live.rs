@@ -7,6 +7,7 @@ use ferry_migration::engine::{DestinationVm, PageSet, SourceVm};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// A running (or paused) VM as a migration source.
@@ -103,6 +104,10 @@ impl SourceVm for LiveSource<'_> {
         self.vm.pause().map_err(text)
     }
     fn resume(&self) -> Result<(), String> {
+        // The hand-over failed before commit: the disks come back to this host first.
+        self.vm
+            .reacquire_disks(Duration::from_secs(5))
+            .map_err(text)?;
         if self.was_paused {
             return Ok(());
         }
@@ -112,7 +117,10 @@ impl SourceVm for LiveSource<'_> {
         self.vm.set_throttle(percent).map_err(text)
     }
     fn save_state(&self) -> Result<Vec<u8>, String> {
-        postcard::to_stdvec(&self.vm.save_state().map_err(text)?).map_err(text)
+        let state = postcard::to_stdvec(&self.vm.save_state().map_err(text)?).map_err(text)?;
+        // Shared storage: flushed and unlocked before the destination opens the images.
+        self.vm.release_disks().map_err(text)?;
+        Ok(state)
     }
 }
 

@@ -162,13 +162,15 @@ pub(crate) fn run_loop(shared: SharedVcpu, index: u8, bus: Arc<IoBus>, ctl: Arc<
                 bus.read(port, data);
                 Ok(None)
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                bus.mmio_read(addr, data);
                 Ok(None)
             }
-            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) => {
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                bus.mmio_write(addr, data);
                 Ok(None)
             }
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) => Ok(None),
             Ok(VcpuExit::Shutdown) => Err("triple fault".into()),
             Ok(VcpuExit::FailEntry(reason, cpu)) => Err(format!(
                 "KVM entry failed (hardware reason {reason:#x}, cpu {cpu})"

@@ -1,7 +1,7 @@
 //! A KVM virtual machine: creation, boot, vCPU threads, pause/resume/shutdown, dirty logging.
 use crate::boot::{self, cpu, linux, multiboot, BootError, Entry, ImageKind};
-use crate::devices::DevicesState;
-use crate::devices::{ConsoleOut, IoBus, Serial};
+use crate::devices::{ConsoleOut, DiskConfig, IoBus, Serial, VirtioSlot};
+use crate::devices::{DevicesError, DevicesState, VirtioError};
 use crate::dirty::{DirtyError, DirtyLog};
 use crate::memory::{self, DirtyBitmap, GuestMem, MemoryError, RamRange, RangeBitmap, PAGE_SIZE};
 use crate::vcpu::{self, Control, GuestExit, SharedVcpu, WANT_PAUSE, WANT_RUN, WANT_STOP};
@@ -45,6 +45,9 @@ pub struct VmConfig {
     /// Bytes of RAM.
     pub memory: u64,
     pub boot: BootSource,
+    /// virtio-blk disks, in order (their MMIO windows and GSIs follow this order).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Lifecycle state, as reported by the API.
@@ -96,7 +99,11 @@ pub enum VmError {
     #[error(transparent)]
     Saved(#[from] StateError),
     #[error("device state: {0}")]
-    Devices(#[from] crate::devices::SerialStateError),
+    Devices(#[from] DevicesError),
+    #[error(transparent)]
+    Virtio(#[from] VirtioError),
+    #[error("disk: {0}")]
+    Disk(String),
     #[error("dirty log: {0}")]
     Dirty(#[from] DirtyError),
 }
@@ -122,7 +129,7 @@ struct Lifecycle {
     handles: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// Everything that makes up a VM's state (version 1): configuration, memory layout, KVM's
+/// Everything that makes up a VM's state (version 2: virtio devices): configuration, memory layout, KVM's
 /// VM-wide devices, every vCPU, every VMM device. Guest RAM is saved beside it by the caller
 /// (snapshot file, migration stream). The struct names every component, so a component
 /// cannot be left out without a compile error.
@@ -137,7 +144,7 @@ pub struct VmState {
 }
 
 /// Version of [`VmState`].
-pub const VM_STATE_VERSION: u32 = 1;
+pub const VM_STATE_VERSION: u32 = 2;
 
 /// The parts every VM has, before its vCPUs exist.
 struct Base {
@@ -187,11 +194,17 @@ impl Vm {
         }
         let layout = memory::ram_layout(config.memory)?;
         let base = Base::create(layout)?;
-        let bus = IoBus::new(Serial::new(
-            base.serial_irq.try_clone().map_err(VmError::Thread)?,
-            ConsoleOut::new(console),
-        ));
-        let entry = load_boot(&base.mem, &base.layout, &config.boot)?;
+        let virtio = VirtioSlot::create_all(&base.vm, &config.disks)?;
+        let extra: Vec<String> = virtio.iter().map(VirtioSlot::linux_cmdline).collect();
+        let bus = IoBus::new(
+            Serial::new(
+                base.serial_irq.try_clone().map_err(VmError::Thread)?,
+                ConsoleOut::new(console),
+            ),
+            virtio,
+            base.mem.clone(),
+        );
+        let entry = load_boot(&base.mem, &base.layout, &config.boot, &extra)?;
         let supported = base
             .kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -292,6 +305,46 @@ impl Vm {
             vcpus,
             devices: self.bus.save(),
         })
+    }
+
+    /// Flushes every disk and lets go of its image (and lock) for a hand-over to another host.
+    /// The VM must be paused; [`reacquire_disks`](Self::reacquire_disks) undoes it.
+    pub fn release_disks(&self) -> Result<(), VmError> {
+        let state = self.state();
+        if !matches!(state, RunState::Paused | RunState::Created) {
+            return Err(VmError::State {
+                op: "release disks",
+                state,
+            });
+        }
+        for d in self.bus.virtio() {
+            d.release().map_err(VmError::Disk)?;
+        }
+        Ok(())
+    }
+
+    /// Opens the released images again. Another host that opened them meanwhile (a hand-over
+    /// that failed late) may still be closing them: retried for up to `patience`.
+    pub fn reacquire_disks(&self, patience: Duration) -> Result<(), VmError> {
+        let until = Instant::now() + patience;
+        for d in self.bus.virtio() {
+            loop {
+                match d.reacquire() {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() >= until => return Err(VmError::Disk(e)),
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every disk's acknowledged writes durable.
+    pub fn flush_disks(&self) -> Result<(), VmError> {
+        for d in self.bus.virtio() {
+            d.flush().map_err(VmError::Disk)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn snapshot_track(
@@ -644,6 +697,8 @@ impl Incoming {
             &state.devices,
             base.serial_irq.try_clone().map_err(VmError::Thread)?,
             ConsoleOut::new(console),
+            &base.vm,
+            base.mem.clone(),
         )?;
         vm_state::restore(&base.vm, &state.kvm)?;
         let mut vcpus = Vec::new();
@@ -692,7 +747,14 @@ impl Base {
     }
 }
 
-fn load_boot(mem: &GuestMem, layout: &[RamRange], boot: &BootSource) -> Result<Entry, VmError> {
+/// Loads what `boot` names; a Linux kernel's command line gets `linux_extra` appended (the
+/// virtio-mmio devices it is to find).
+fn load_boot(
+    mem: &GuestMem,
+    layout: &[RamRange],
+    boot: &BootSource,
+    linux_extra: &[String],
+) -> Result<Entry, VmError> {
     match boot {
         BootSource::TestGuest { args } => {
             let mut img = std::io::Cursor::new(ferry_guest_image());
@@ -727,12 +789,15 @@ fn load_boot(mem: &GuestMem, layout: &[RamRange], boot: &BootSource) -> Result<E
                 Some(p) => Some(std::fs::File::open(p).map_err(io(&iname))?),
                 None => None,
             };
+            let mut words = vec![cmdline.as_str()];
+            words.extend(linux_extra.iter().map(String::as_str));
+            let cmdline = words.join(" ");
             let b = linux::LinuxBoot {
                 kernel: &mut f,
                 kernel_name: &name,
                 bzimage: kind == ImageKind::BzImage,
                 initrd: ifile.as_mut().map(|f| (f, iname.as_str())),
-                cmdline,
+                cmdline: cmdline.trim(),
             };
             Ok(linux::load(mem, layout, b)?)
         }

@@ -125,6 +125,7 @@ fn boot(image: &[u8]) -> (GuestExit, Vec<String>) {
             initrd: None,
             cmdline: "console".into(),
         },
+        disks: Vec::new(),
     };
     let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
     vm.start().unwrap();
@@ -168,6 +169,7 @@ fn malformed_multiboot_images_are_refused_clearly() {
             initrd: None,
             cmdline: String::new(),
         },
+        disks: Vec::new(),
     };
     let err = Vm::new(cfg.clone(), Box::new(std::io::sink()))
         .err()

@@ -42,6 +42,7 @@ fn vmlinux_reaches_its_early_console_with_our_command_line() {
             initrd: None,
             cmdline: cmdline.clone(),
         },
+        disks: Vec::new(),
     };
     let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
     vm.start().unwrap();
@@ -86,6 +87,7 @@ fn bzimage_and_initrd_are_placed_per_the_boot_protocol() {
             initrd: Some(initrd_path.clone()),
             cmdline: cmdline.into(),
         },
+        disks: Vec::new(),
     };
     let vm = Vm::new(cfg, Box::new(std::io::sink())).expect("create VM");
     std::fs::remove_file(&initrd_path).unwrap();
@@ -142,6 +144,7 @@ fn loader_writes_are_tracked_as_dirty() {
             initrd: None,
             cmdline: "x".into(),
         },
+        disks: Vec::new(),
     };
     let vm = Vm::new(cfg, Box::new(std::io::sink())).unwrap();
     // With manual dirty-log protection the loader's writes stay marked (they are pages a
@@ -180,6 +183,7 @@ fn bzimage_boots_through_its_decompressor_to_the_banner() {
             initrd: None,
             cmdline: cmdline.clone(),
         },
+        disks: Vec::new(),
     };
     let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
     vm.start().unwrap();

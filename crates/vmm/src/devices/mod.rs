@@ -4,9 +4,15 @@
 //! COM1 (16550, vm-superio), the power-off port 0xf4 (isa-debug-exit compatible, as QEMU's
 //! `-device isa-debug-exit,iobase=0xf4`), the i8042 reset line, and empty PCI config space.
 mod serial;
+mod virtio;
 
 pub use serial::{ConsoleOut, Serial, SerialState, SerialStateError, COM1_BASE};
+pub use virtio::{
+    place, DiskConfig, VirtioError, VirtioSlot, VirtioSlotState, MAX_VIRTIO, VIRTIO_GSI_BASE,
+    VIRTIO_MMIO_BASE,
+};
 
+use crate::memory::GuestMem;
 use std::sync::Mutex;
 
 /// Port of the power-off device: a byte written here powers the VM off with that code.
@@ -23,51 +29,104 @@ pub enum IoAction {
     Reset,
 }
 
-/// Routes port I/O to the VMM's devices.
+/// Routes port I/O and MMIO to the VMM's devices.
 pub struct IoBus {
     serial: Mutex<Serial>,
+    virtio: Vec<VirtioSlot>,
+    /// Guest memory, for the devices' DMA (shared with the VM; writes are dirty-tracked).
+    mem: GuestMem,
 }
 
-/// State of every VMM-emulated device (version 1). `IoBus::save` destructures the bus
-/// exhaustively: a device added to the bus without a state here does not compile.
+/// State of every VMM-emulated device (version 2: virtio devices). `IoBus::save`
+/// destructures the bus exhaustively: a device added to the bus without a state here does
+/// not compile.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DevicesState {
     pub version: u32,
     pub serial: SerialState,
+    pub virtio: Vec<VirtioSlotState>,
 }
 
 /// Version of [`DevicesState`].
-pub const DEVICES_STATE_VERSION: u32 = 1;
+pub const DEVICES_STATE_VERSION: u32 = 2;
+
+/// Why the devices could not be built from their state.
+#[derive(Debug, thiserror::Error)]
+pub enum DevicesError {
+    #[error("device state version {0} (this Ferry reads version {DEVICES_STATE_VERSION})")]
+    Version(u32),
+    #[error(transparent)]
+    Serial(#[from] SerialStateError),
+    #[error(transparent)]
+    Virtio(#[from] VirtioError),
+}
 
 impl IoBus {
-    pub fn new(serial: Serial) -> Self {
+    pub fn new(serial: Serial, virtio: Vec<VirtioSlot>, mem: GuestMem) -> Self {
         IoBus {
             serial: Mutex::new(serial),
+            virtio,
+            mem,
         }
     }
 
     pub fn save(&self) -> DevicesState {
-        let IoBus { serial } = self;
+        let IoBus {
+            serial,
+            virtio,
+            mem: _,
+        } = self;
         let serial = serial.lock().unwrap_or_else(|e| e.into_inner()).save();
         DevicesState {
             version: DEVICES_STATE_VERSION,
             serial,
+            virtio: virtio.iter().map(VirtioSlot::save).collect(),
         }
     }
 
-    /// Builds the bus and its devices from saved state.
+    /// Builds the bus and its devices from saved state (disk images are opened again).
     pub fn from_state(
         s: &DevicesState,
         serial_irq: vmm_sys_util::eventfd::EventFd,
         console: ConsoleOut,
-    ) -> Result<Self, SerialStateError> {
+        vm: &kvm_ioctls::VmFd,
+        mem: GuestMem,
+    ) -> Result<Self, DevicesError> {
         if s.version != DEVICES_STATE_VERSION {
-            return Err(SerialStateError::Version(s.version));
+            return Err(DevicesError::Version(s.version));
         }
-        let DevicesState { version: _, serial } = s;
+        let DevicesState {
+            version: _,
+            serial,
+            virtio,
+        } = s;
         Ok(IoBus {
             serial: Mutex::new(Serial::from_state(serial, serial_irq, console)?),
+            virtio: VirtioSlot::restore_all(vm, virtio)?,
+            mem,
         })
+    }
+
+    /// The virtio devices, in order.
+    pub fn virtio(&self) -> &[VirtioSlot] {
+        &self.virtio
+    }
+
+    fn slot(&self, addr: u64) -> Option<&VirtioSlot> {
+        self.virtio.iter().find(|s| s.contains(addr))
+    }
+
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        match self.slot(addr) {
+            Some(s) => s.read(addr, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some(s) = self.slot(addr) {
+            s.write(addr, data, &self.mem);
+        }
     }
 
     fn serial(&self) -> std::sync::MutexGuard<'_, Serial> {

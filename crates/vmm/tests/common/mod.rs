@@ -18,6 +18,7 @@ pub fn boot(cpus: u8, memory: u64, args: &str) -> (Vm, Receiver<TimedLine>) {
         cpus,
         memory,
         boot: BootSource::TestGuest { args: args.into() },
+        disks: Vec::new(),
     };
     let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
     vm.start().expect("start VM");

@@ -1,0 +1,247 @@
+//! The VM's virtio-mmio devices: where they sit (an MMIO window each from
+//! [`VIRTIO_MMIO_BASE`], a GSI each from [`VIRTIO_GSI_BASE`], delivered through an irqfd), the
+//! disks behind them, and their saved state.
+use crate::memory::GuestMem;
+use ferry_devices::block::{Block, BlockState};
+use ferry_devices::{DeviceState, Interrupt, MmioState, MmioTransport, MMIO_WINDOW};
+use ferry_storage::{Format, StorageError};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest-physical address of the first device's window (in the hole below 4 GiB).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// GSI (IOAPIC pin) of the first device; COM1 has 4.
+pub const VIRTIO_GSI_BASE: u32 = 5;
+/// Devices a VM may have (IOAPIC pins 5..=23 minus room to spare).
+pub const MAX_VIRTIO: usize = 16;
+
+/// A disk as configured: `--disk path=FILE[,format=raw][,readonly=on][,id=NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub format: Format,
+    pub readonly: bool,
+    /// What the guest reads with GET_ID (20 bytes at most); `disk<N>` by default.
+    pub id: String,
+}
+
+impl DiskConfig {
+    /// Parses `path=FILE[,format=raw][,readonly=on|off][,id=NAME]`; `index` names the disk
+    /// when no id is given (`disk0`, `disk1`, ...).
+    pub fn parse(s: &str, index: usize) -> Result<DiskConfig, String> {
+        let (mut path, mut format, mut readonly, mut id) = (None, Format::Raw, false, None);
+        for kv in s.split(',') {
+            let Some((k, v)) = kv.split_once('=') else {
+                return Err(format!(
+                    "{kv:?}: expected key=value (path=, format=, readonly=, id=)"
+                ));
+            };
+            match k {
+                "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
+                "format" => format = v.parse()?,
+                "readonly" => {
+                    readonly = match v {
+                        "on" | "true" | "yes" => true,
+                        "off" | "false" | "no" => false,
+                        _ => return Err(format!("readonly={v}: expected on or off")),
+                    }
+                }
+                "id" => {
+                    if v.is_empty() || v.len() > 20 || !v.is_ascii() {
+                        return Err(format!("id={v}: 1 to 20 ASCII characters"));
+                    }
+                    id = Some(v.to_string());
+                }
+                _ => {
+                    return Err(format!(
+                        "{k}={v}: unknown key (path=, format=, readonly=, id=)"
+                    ))
+                }
+            }
+        }
+        Ok(DiskConfig {
+            path: path.ok_or("path=FILE is required")?,
+            format,
+            readonly,
+            id: id.unwrap_or_else(|| format!("disk{index}")),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    #[error("disk {id}: {source}")]
+    Disk { id: String, source: StorageError },
+    #[error("disk {id}: {why}")]
+    DiskState { id: String, why: String },
+    #[error("{0} virtio devices configured (at most {MAX_VIRTIO})")]
+    TooMany(usize),
+    #[error("virtio device at {base:#x}: {why}")]
+    State { base: u64, why: String },
+    #[error("cannot wire the interrupt of the device at {base:#x}: {why}")]
+    Irq { base: u64, why: String },
+}
+
+/// Version of the per-device entry in the devices' state.
+pub const VIRTIO_SLOT_STATE_VERSION: u32 = 1;
+
+/// One device's saved state: where it sits, its transport, the device itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioSlotState {
+    pub version: u32,
+    pub base: u64,
+    pub gsi: u32,
+    pub mmio: MmioState,
+    pub device: DeviceState,
+}
+
+struct IrqFd(EventFd);
+
+impl Interrupt for IrqFd {
+    fn trigger(&self) {
+        // A full counter still means "pending": nothing is lost by a failed write.
+        let _ = self.0.write(1);
+    }
+}
+
+/// One device on the MMIO bus.
+pub struct VirtioSlot {
+    pub base: u64,
+    pub gsi: u32,
+    t: Mutex<MmioTransport<GuestMem>>,
+}
+
+fn irqfd(vm: &VmFd, base: u64, gsi: u32) -> Result<Arc<IrqFd>, VirtioError> {
+    let bad = |why: String| VirtioError::Irq { base, why };
+    let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| bad(e.to_string()))?;
+    vm.register_irqfd(&e, gsi).map_err(|e| bad(e.to_string()))?;
+    Ok(Arc::new(IrqFd(e)))
+}
+
+fn open_image(
+    path: &std::path::Path,
+    format: Format,
+    readonly: bool,
+    id: &str,
+) -> Result<Box<dyn ferry_storage::Image>, VirtioError> {
+    ferry_storage::open(path, format, readonly).map_err(|source| VirtioError::Disk {
+        id: id.to_string(),
+        source,
+    })
+}
+
+impl VirtioSlot {
+    /// The devices of a new VM, in configuration order.
+    pub fn create_all(vm: &VmFd, disks: &[DiskConfig]) -> Result<Vec<VirtioSlot>, VirtioError> {
+        if disks.len() > MAX_VIRTIO {
+            return Err(VirtioError::TooMany(disks.len()));
+        }
+        let mut v = Vec::new();
+        for (i, d) in disks.iter().enumerate() {
+            let img = open_image(&d.path, d.format, d.readonly, &d.id)?;
+            let (base, gsi) = place(i);
+            let dev = Block::new(img, d.id.clone(), d.path.clone(), d.format);
+            v.push(VirtioSlot {
+                base,
+                gsi,
+                t: Mutex::new(MmioTransport::new(Box::new(dev), irqfd(vm, base, gsi)?)),
+            });
+        }
+        Ok(v)
+    }
+
+    /// The devices from saved state: every image opened again from the path it had.
+    pub fn restore_all(vm: &VmFd, s: &[VirtioSlotState]) -> Result<Vec<VirtioSlot>, VirtioError> {
+        if s.len() > MAX_VIRTIO {
+            return Err(VirtioError::TooMany(s.len()));
+        }
+        let mut v = Vec::new();
+        for (i, st) in s.iter().enumerate() {
+            let bad = |why: String| VirtioError::State { base: st.base, why };
+            if st.version != VIRTIO_SLOT_STATE_VERSION {
+                return Err(bad(format!("state version {}", st.version)));
+            }
+            if (st.base, st.gsi) != place(i) {
+                return Err(bad(format!("unexpected place (GSI {})", st.gsi)));
+            }
+            let dev = match &st.device {
+                DeviceState::Block(b) => restore_block(b)?,
+            };
+            let t = MmioTransport::from_state(&st.mmio, Box::new(dev), irqfd(vm, st.base, st.gsi)?)
+                .map_err(|e| bad(e.to_string()))?;
+            v.push(VirtioSlot {
+                base: st.base,
+                gsi: st.gsi,
+                t: Mutex::new(t),
+            });
+        }
+        Ok(v)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MmioTransport<GuestMem>> {
+        self.t.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn save(&self) -> VirtioSlotState {
+        let t = self.lock();
+        VirtioSlotState {
+            version: VIRTIO_SLOT_STATE_VERSION,
+            base: self.base,
+            gsi: self.gsi,
+            mmio: t.save(),
+            device: t.device().save(),
+        }
+    }
+
+    pub fn contains(&self, addr: u64) -> bool {
+        (self.base..self.base + MMIO_WINDOW).contains(&addr)
+    }
+
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        self.lock().read(addr - self.base, data);
+    }
+
+    pub fn write(&self, addr: u64, data: &[u8], mem: &GuestMem) {
+        self.lock().write(addr - self.base, data, mem);
+    }
+
+    /// Makes what the device acknowledged durable.
+    pub fn flush(&self) -> Result<(), String> {
+        self.lock().device_mut().flush()
+    }
+
+    /// Flushes and lets go of the backend (its image lock) while the VM is paused for a
+    /// hand-over to another host.
+    pub fn release(&self) -> Result<(), String> {
+        self.lock().device_mut().release()
+    }
+
+    /// Takes the backend back (the hand-over failed before commit).
+    pub fn reacquire(&self) -> Result<(), String> {
+        self.lock().device_mut().reacquire()
+    }
+
+    /// The kernel command-line word Linux's virtio-mmio driver finds this device by.
+    pub fn linux_cmdline(&self) -> String {
+        format!("virtio_mmio.device=4K@{:#x}:{}", self.base, self.gsi)
+    }
+}
+
+fn restore_block(b: &BlockState) -> Result<Block, VirtioError> {
+    let img = open_image(&b.path, b.format, b.readonly, &b.id)?;
+    Block::from_state(b, img).map_err(|why| VirtioError::DiskState {
+        id: b.id.clone(),
+        why,
+    })
+}
+
+/// Window and GSI of device `i`.
+pub fn place(i: usize) -> (u64, u32) {
+    (
+        VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
+        VIRTIO_GSI_BASE + i as u32,
+    )
+}
