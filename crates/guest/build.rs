@@ -8,7 +8,16 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets this"));
     let image = manifest.join("image");
     for f in [
-        "main.rs", "args.rs", "io.rs", "mem.rs", "work.rs", "rt.rs", "boot.s", "link.ld",
+        "main.rs",
+        "args.rs",
+        "io.rs",
+        "mem.rs",
+        "work.rs",
+        "rt.rs",
+        "disk.rs",
+        "virtio.rs",
+        "boot.s",
+        "link.ld",
     ] {
         println!("cargo:rerun-if-changed=image/{f}");
     }

@@ -8,6 +8,8 @@ pub enum Kind {
     Heartbeat,
     Dirty,
     Verify,
+    Disk,
+    DiskVerify,
 }
 
 #[derive(Clone, Copy)]
@@ -23,6 +25,16 @@ pub struct Spec {
     pub rate: u64,
     /// Seconds to run (idle); 0 = forever.
     pub seconds: u64,
+    /// Bytes of disk from sector 0 the disk workloads use.
+    pub span: u64,
+    /// Bytes per disk request.
+    pub bs: u64,
+    /// Which block device (0 = the first found).
+    pub dev: u64,
+    /// disk-verify: the pass every block before `next` holds (blocks after: pass - 1).
+    pub pass: u64,
+    /// disk-verify: first block still at `pass - 1` (default: none).
+    pub next: u64,
 }
 
 fn kind_of(word: &str) -> Option<Kind> {
@@ -31,6 +43,8 @@ fn kind_of(word: &str) -> Option<Kind> {
         "heartbeat" => Some(Kind::Heartbeat),
         "dirty" => Some(Kind::Dirty),
         "verify" => Some(Kind::Verify),
+        "disk" => Some(Kind::Disk),
+        "disk-verify" => Some(Kind::DiskVerify),
         _ => None,
     }
 }
@@ -73,6 +87,11 @@ fn parse_segment(seg: &str) -> Result<Spec, &'static str> {
         size: 64 << 20,
         rate: 0,
         seconds: 0,
+        span: 4 << 20,
+        bs: 4096,
+        dev: 0,
+        pass: 1,
+        next: u64::MAX,
     };
     for w in words {
         let (k, v) = w.split_once('=').ok_or("expected key=value")?;
@@ -85,6 +104,14 @@ fn parse_segment(seg: &str) -> Result<Spec, &'static str> {
             (Kind::Dirty | Kind::Verify, "size") => spec.size = n,
             (Kind::Dirty, "rate") => spec.rate = n,
             (Kind::Idle, "seconds") => spec.seconds = n,
+            (Kind::Disk | Kind::DiskVerify, "hb") => spec.period_us = n,
+            (Kind::Disk, "passes") => spec.count = n,
+            (Kind::Disk, "rate") => spec.rate = n,
+            (Kind::Disk | Kind::DiskVerify, "span") => spec.span = n,
+            (Kind::Disk | Kind::DiskVerify, "bs") => spec.bs = n,
+            (Kind::Disk | Kind::DiskVerify, "dev") => spec.dev = n,
+            (Kind::DiskVerify, "pass") => spec.pass = n,
+            (Kind::DiskVerify, "next") => spec.next = n,
             _ => return Err("unknown argument"),
         }
     }
@@ -93,6 +120,17 @@ fn parse_segment(seg: &str) -> Result<Spec, &'static str> {
     }
     if matches!(kind, Kind::Dirty | Kind::Verify) && spec.size < 4096 {
         return Err("size must be >= 4K");
+    }
+    if matches!(kind, Kind::Disk | Kind::DiskVerify) {
+        if spec.bs == 0 || spec.bs % 512 != 0 || spec.bs > 1 << 20 {
+            return Err("bs must be a multiple of 512, at most 1M");
+        }
+        if spec.span < spec.bs || spec.span % spec.bs != 0 {
+            return Err("span must be a whole number of bs");
+        }
+        if spec.pass == 0 {
+            return Err("pass must be >= 1");
+        }
     }
     Ok(spec)
 }
@@ -127,6 +165,8 @@ pub fn region_size(spec: &Spec) -> u64 {
     match spec.kind {
         Kind::Dirty => (spec.size.div_ceil(page) + 1) * page,
         Kind::Verify => spec.size.div_ceil(page) * page,
+        // Status page, ring page, header page, data buffer.
+        Kind::Disk | Kind::DiskVerify => 3 * page + spec.bs.div_ceil(page) * page,
         Kind::Idle | Kind::Heartbeat => 0,
     }
 }

@@ -3,9 +3,11 @@
 #![no_main]
 
 mod args;
+mod disk;
 mod io;
 mod mem;
 mod rt;
+mod virtio;
 #[path = "../src/pattern.rs"]
 #[allow(dead_code)]
 mod pattern;

@@ -9,7 +9,7 @@ use crate::mem::MemoryMap;
 use crate::pattern::{self, status, PAGE_SIZE, WORDS_PER_PAGE};
 
 /// Emits `H<c> <seq> <tsc>` every `period` TSC ticks when polled.
-struct Beat {
+pub struct Beat {
     cpu: u64,
     period: u64,
     next: u64,
@@ -22,7 +22,7 @@ impl Beat {
     }
     /// Sends a line if one is due; true when it did.
     #[inline(always)]
-    fn poll(&mut self) -> bool {
+    pub fn poll(&mut self) -> bool {
         if self.period == 0 {
             return false;
         }
@@ -48,6 +48,8 @@ fn name(kind: Kind) -> &'static str {
         Kind::Heartbeat => "heartbeat",
         Kind::Dirty => "dirty",
         Kind::Verify => "verify",
+        Kind::Disk => "disk",
+        Kind::DiskVerify => "disk-verify",
     }
 }
 
@@ -78,17 +80,18 @@ pub fn run(cpu: u64, spec: &Spec, base: u64, _map: &MemoryMap, khz: u64) -> u8 {
         }
         Kind::Dirty => dirty(cpu, spec, base, pages - 1, khz, &mut beat),
         Kind::Verify => verify(cpu, spec, base, pages, khz, &mut beat),
+        Kind::Disk | Kind::DiskVerify => crate::disk::run(cpu, spec, base, khz, &mut beat),
     }
 }
 
 #[inline(always)]
-fn put(addr: u64, v: u64) {
+pub fn put(addr: u64, v: u64) {
     // SAFETY: addr lies in this vCPU's own identity-mapped workload region.
     unsafe { core::ptr::write_volatile(addr as *mut u64, v) }
 }
 
 #[inline(always)]
-fn get(addr: u64) -> u64 {
+pub fn get(addr: u64) -> u64 {
     // SAFETY: as for put.
     unsafe { core::ptr::read_volatile(addr as *const u64) }
 }

@@ -54,3 +54,42 @@ pub fn checksum_step(sum: u64, word: u64) -> u64 {
 
 /// Initial checksum value.
 pub const CHECKSUM_INIT: u64 = 0xCBF2_9CE4_8422_2325;
+
+/// Bytes of a disk sector.
+pub const SECTOR: u64 = 512;
+/// Words of 8 bytes in a sector.
+pub const WORDS_PER_SECTOR: u64 = SECTOR / 8;
+/// First word of a disk workload's status page: ASCII "FERRYDSK" little-endian.
+pub const DISK_MAGIC: u64 = u64::from_le_bytes(*b"FERRYDSK");
+
+/// Status page (first page of a disk workload's region), word offsets.
+pub mod disk_status {
+    /// DISK_MAGIC.
+    pub const MAGIC: usize = 0;
+    /// vCPU index that runs the workload.
+    pub const CPU: usize = 1;
+    /// Sectors of the span the workload writes (from sector 0).
+    pub const SECTORS: usize = 2;
+    /// `pass << 32 | next` (in blocks of `BLOCK` sectors): blocks `0..next` hold `pass`
+    /// (acknowledged by the device), blocks after `next` still hold `pass - 1`; block `next`
+    /// may hold either (its write may have completed just before a pause).
+    pub const POSITION: usize = 3;
+    /// Passes written and read back correctly.
+    pub const COMPLETED: usize = 4;
+    /// Sectors per write request.
+    pub const BLOCK: usize = 5;
+}
+
+/// Word `word` of sector `sector` as written by pass `pass` of the disk workload; a sector
+/// never written (pass 0) is all zero. Depends on sector, pass and word, so a stale, misplaced
+/// or lost write cannot read back as right.
+#[inline(always)]
+pub fn disk_word(sector: u64, pass: u64, word: u64) -> u64 {
+    if pass == 0 {
+        return 0;
+    }
+    ((sector << 20) ^ (pass << 2) ^ 0x5A5A)
+        .wrapping_mul(0xA076_1D64_78BD_642F)
+        .wrapping_add(word.wrapping_mul(0xE703_7ED1_A0B4_28DB))
+        | 1
+}

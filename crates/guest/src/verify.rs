@@ -244,3 +244,89 @@ mod tests {
         ));
     }
 }
+
+/// The position recorded in a disk workload's status page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskPosition {
+    pub cpu: u64,
+    pub sectors: u64,
+    /// Sectors per block (per write request).
+    pub block: u64,
+    pub pass: u64,
+    /// First block not yet known written in `pass`.
+    pub next: u64,
+    pub completed: u64,
+}
+
+/// Reads the status page of the disk workload whose region starts at `base`.
+pub fn disk_position(mem: &impl MemoryReader, base: u64) -> Result<DiskPosition, VerifyError> {
+    use crate::pattern::{disk_status as st, DISK_MAGIC};
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    read_page(mem, base, &mut buf)?;
+    let w: Vec<u64> = words(&buf).collect();
+    if w[st::MAGIC] != DISK_MAGIC {
+        return Err(VerifyError::NoStatus {
+            base,
+            found: w[st::MAGIC],
+        });
+    }
+    let pos = w[st::POSITION];
+    let p = DiskPosition {
+        cpu: w[st::CPU],
+        sectors: w[st::SECTORS],
+        block: w[st::BLOCK],
+        pass: pos >> 32,
+        next: pos & 0xffff_ffff,
+        completed: w[st::COMPLETED],
+    };
+    let blocks = p.sectors.checked_div(p.block).unwrap_or(0);
+    if p.block == 0 || p.pass == 0 || p.next > blocks || p.completed > p.pass {
+        return Err(VerifyError::BadStatus {
+            base,
+            what: format!("{p:?}"),
+        });
+    }
+    Ok(p)
+}
+
+/// Checks a disk image (its first `p.sectors` sectors, read with `read(offset, buf)`) against
+/// the disk workload's position: blocks before `next` hold `pass`, blocks after it `pass - 1`,
+/// block `next` either (its write may have completed just before the pause).
+pub fn verify_disk_image(
+    read: impl Fn(u64, &mut [u8]) -> Result<(), String>,
+    p: &DiskPosition,
+) -> Result<(), VerifyError> {
+    use crate::pattern::{disk_word, SECTOR, WORDS_PER_SECTOR};
+    let mut buf = vec![0u8; SECTOR as usize];
+    for sector in 0..p.sectors {
+        let off = sector * SECTOR;
+        read(off, &mut buf).map_err(|msg| VerifyError::Read { gpa: off, msg })?;
+        let ws: Vec<u64> = words(&buf).collect();
+        let block = sector / p.block;
+        let holds =
+            |pass: u64| (0..WORDS_PER_SECTOR).all(|w| ws[w as usize] == disk_word(sector, pass, w));
+        let ok = if block < p.next {
+            holds(p.pass)
+        } else if block == p.next {
+            holds(p.pass) || holds(p.pass - 1)
+        } else {
+            holds(p.pass - 1)
+        };
+        if !ok {
+            let found_pass = (0..=p.pass + 1).find(|&q| holds(q));
+            return Err(VerifyError::Mismatch {
+                page: sector,
+                gpa: off,
+                word: 0,
+                expected_pass: if block < p.next { p.pass } else { p.pass - 1 },
+                expected: disk_word(sector, p.pass, 0),
+                found: ws[0],
+                hint: match found_pass {
+                    Some(q) => format!(" (sector holds pass {q}: a lost or stale write)"),
+                    None => " (sector matches no pass: misplaced or corrupt)".into(),
+                },
+            });
+        }
+    }
+    Ok(())
+}

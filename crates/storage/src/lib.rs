@@ -19,17 +19,15 @@ use std::path::{Path, PathBuf};
 /// Why an image operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("{path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{}: {err}", path.display())]
+    Open { path: PathBuf, err: std::io::Error },
     #[error(
-        "{path} is in use by another process (locked for {held}); stop that VM or open the \
-         image read-only"
+        "{} is in use by another process (locked for {held}); stop that VM or open the \
+         image read-only",
+        path.display()
     )]
     Locked { path: PathBuf, held: &'static str },
-    #[error("{path}: {why}")]
+    #[error("{}: {why}", path.display())]
     Format { path: PathBuf, why: String },
     #[error("request of {len} bytes at {offset} lies outside the {size}-byte image")]
     OutOfRange { offset: u64, len: u64, size: u64 },

@@ -17,9 +17,9 @@ pub struct RawImage {
 impl RawImage {
     /// Opens and locks `path` (for reading only when `readonly`).
     pub fn open(path: &Path, readonly: bool) -> Result<Self, StorageError> {
-        let err = |source| StorageError::Open {
+        let err = |err| StorageError::Open {
             path: path.to_owned(),
-            source,
+            err,
         };
         let file = OpenOptions::new()
             .read(true)

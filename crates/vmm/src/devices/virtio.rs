@@ -73,8 +73,8 @@ impl DiskConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioError {
-    #[error("disk {id}: {source}")]
-    Disk { id: String, source: StorageError },
+    #[error("disk {id}: {err}")]
+    Disk { id: String, err: StorageError },
     #[error("disk {id}: {why}")]
     DiskState { id: String, why: String },
     #[error("{0} virtio devices configured (at most {MAX_VIRTIO})")]
@@ -127,9 +127,9 @@ fn open_image(
     readonly: bool,
     id: &str,
 ) -> Result<Box<dyn ferry_storage::Image>, VirtioError> {
-    ferry_storage::open(path, format, readonly).map_err(|source| VirtioError::Disk {
+    ferry_storage::open(path, format, readonly).map_err(|err| VirtioError::Disk {
         id: id.to_string(),
-        source,
+        err,
     })
 }
 
