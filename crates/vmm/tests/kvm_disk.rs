@@ -205,3 +205,47 @@ fn a_migration_that_fails_before_commit_leaves_the_source_owning_its_disk() {
     src.shutdown().unwrap();
     src.wait();
 }
+
+#[test]
+fn ten_ping_pong_migrations_with_the_disk_busy_keep_it_pattern_exact() {
+    let d = scratch("disk-pingpong");
+    let disk = image(&d, 8 << 20);
+    let (mut vm, mut rx) = boot_disk("disk span=2M rate=16M hb=2000", &disk);
+    let mut seen = Vec::new();
+    wait_for(&rx, &mut seen, T, k_ok(1)).unwrap();
+    let base = bases(&seen)[0];
+    let mut all = seen.clone();
+    for i in 0..10 {
+        let (addr, dest) = destination(None);
+        send_vm(&vm, addr, &Options::default()).unwrap_or_else(|e| panic!("migration {i}: {e}"));
+        let mut tail = Vec::new();
+        let (next, rx2) = hand_over(&vm, &rx, &mut tail, dest);
+        all.extend(tail);
+        vm = next;
+        rx = rx2;
+        // Some disk progress on every host before moving on.
+        let mut lines = Vec::new();
+        wait_for(&rx, &mut lines, T, |l| l.starts_with("H0 ")).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        lines.extend(rx.try_iter());
+        assert!(
+            !lines
+                .iter()
+                .any(|(_, l)| l.contains("BAD") || l.starts_with('!')),
+            "{lines:?}"
+        );
+        all.extend(lines);
+    }
+    let p0 = disk_position(&reader(&vm), base).unwrap();
+    wait_for(&rx, &mut all, T, k_ok(p0.pass)).unwrap();
+    vm.pause().unwrap();
+    let p = check_image(&vm, base, &disk);
+    assert!(p.completed >= 2, "{p:?}");
+    vm.shutdown().unwrap();
+    vm.wait();
+    all.extend(rx.try_iter());
+    let mut log = ferry_guest::heartbeat::HeartbeatLog::default();
+    beats(&mut log, &all);
+    log.check_continuous()
+        .expect("heartbeat continuous across ten moves");
+}

@@ -1,0 +1,141 @@
+//! `ferry run --disk` as a user runs it: a disk the guest writes and checks, and one clear
+//! error line, with nothing started, for each kind of bad disk.
+mod common;
+use common::*;
+use std::process::{Command, Stdio};
+
+fn error_line(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    err.lines().next().unwrap_or("").to_string()
+}
+
+fn image(s: &Scratch, name: &str, len: u64) -> String {
+    let p = s.path(name);
+    std::fs::File::create(&p).unwrap().set_len(len).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn the_guest_writes_and_reads_back_its_disk_and_qemu_img_agrees_on_the_image() {
+    let s = Scratch::new("disk-cli");
+    let img = image(&s, "d.raw", 8 << 20);
+    let spec = format!("path={img},id=data");
+    let out = ferry(&[
+        "run",
+        "--memory",
+        "64M",
+        "--guest",
+        "disk span=1M passes=2",
+        "--disk",
+        &spec,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("K0 2 ok"), "{stdout}");
+    // The same image, read-only, in a second VM that checks pass 2 everywhere.
+    let ro = format!("path={img},readonly=on");
+    let out = ferry(&[
+        "run",
+        "--memory",
+        "64M",
+        "--guest",
+        "disk-verify span=1M pass=2",
+        "--disk",
+        &ro,
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("K0 2 ok"));
+    let info = Command::new("qemu-img")
+        .args(["info", "-f", "raw", &img])
+        .output()
+        .expect("qemu-img");
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+}
+
+#[test]
+fn bad_disks_get_one_clear_error_and_start_nothing() {
+    let s = Scratch::new("disk-bad");
+    let img = image(&s, "d.raw", 1 << 20);
+    let missing = s.path("nope.raw").display().to_string();
+    let cases: Vec<(String, &str)> = vec![
+        (format!("path={missing}"), "No such file or directory"),
+        (
+            format!("path={img},format=qcow3"),
+            "unknown disk format \"qcow3\"",
+        ),
+        (format!("file={img}"), "unknown key"),
+        (format!("path={img},readonly=maybe"), "expected on or off"),
+        ("format=raw".to_string(), "path=FILE is required"),
+        (format!("path={}", s.0.display()), "Is a directory"),
+        (format!("path={img},id=this-id-is-far-too-long"), "1 to 20"),
+    ];
+    for (spec, expect) in &cases {
+        // A VM that starts anyway ends by itself.
+        let out = ferry(&[
+            "run",
+            "--memory",
+            "64M",
+            "--guest",
+            "idle seconds=1",
+            "--disk",
+            spec,
+        ]);
+        let line = error_line(&out);
+        assert_eq!(out.status.code(), Some(1), "{spec}: {line}");
+        assert!(line.contains(expect), "{spec}: {line:?} lacks {expect:?}");
+        assert!(out.stdout.is_empty(), "{spec}: the guest started");
+    }
+    let two = format!("path={img},id=a");
+    let out = ferry(&[
+        "run",
+        "--guest",
+        "idle seconds=1",
+        "--disk",
+        &two,
+        "--disk",
+        &two,
+    ]);
+    assert!(error_line(&out).contains("two disks have the id"));
+    // An image another VM holds.
+    let mut holder = Command::new(FERRY)
+        .args([
+            "run",
+            "--memory",
+            "64M",
+            "--guest",
+            "idle seconds=20",
+            "--disk",
+        ])
+        .arg(format!("path={img}"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its guest printing means its disk is open.
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.starts_with("B ferry-guest"), "{first}");
+    let spec = format!("path={img}");
+    let out = ferry(&[
+        "run",
+        "--memory",
+        "64M",
+        "--guest",
+        "idle seconds=1",
+        "--disk",
+        &spec,
+    ]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(out.status.code(), Some(1), "a second VM got the image");
+    let line = error_line(&out);
+    assert!(line.contains("in use by another process"), "{line}");
+}
