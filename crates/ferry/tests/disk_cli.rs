@@ -57,6 +57,75 @@ fn the_guest_writes_and_reads_back_its_disk_and_qemu_img_agrees_on_the_image() {
     );
 }
 
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_guest_writes_a_qcow2_overlay_and_qemu_img_finds_the_pattern_over_the_base() {
+    use ferry_guest::verify::{verify_disk_image, DiskPosition};
+    let s = Scratch::new("disk-qcow2");
+    let base = s.path("base.qcow2").display().to_string();
+    let top = s.path("top.qcow2").display().to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", &base, "8M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &top,
+    ]);
+    let spec = format!("path={top},format=qcow2");
+    let out = ferry(&[
+        "run",
+        "--memory",
+        "64M",
+        "--guest",
+        "disk span=1M passes=2 bs=64K",
+        "--disk",
+        &spec,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("K0 2 ok"), "{stdout}");
+    qemu_img(&["check", "-q", &top]);
+    let flat = s.path("flat.raw");
+    qemu_img(&["convert", "-O", "raw", &top, flat.to_str().unwrap()]);
+    let bytes = std::fs::read(&flat).unwrap();
+    let p = DiskPosition {
+        cpu: 0,
+        sectors: 2048,
+        block: 128,
+        pass: 2,
+        next: 16,
+        completed: 2,
+    };
+    verify_disk_image(
+        |off, buf| {
+            buf.copy_from_slice(&bytes[off as usize..off as usize + buf.len()]);
+            Ok(())
+        },
+        &p,
+    )
+    .expect("the pattern, as qemu-img reads the overlay");
+    // The base was never written.
+    let bflat = s.path("base.raw");
+    qemu_img(&["convert", "-O", "raw", &base, bflat.to_str().unwrap()]);
+    assert!(std::fs::read(&bflat).unwrap().iter().all(|&b| b == 0));
+}
+
 #[test]
 fn bad_disks_get_one_clear_error_and_start_nothing() {
     let s = Scratch::new("disk-bad");
@@ -73,6 +142,10 @@ fn bad_disks_get_one_clear_error_and_start_nothing() {
         ("format=raw".to_string(), "path=FILE is required"),
         (format!("path={}", s.0.display()), "Is a directory"),
         (format!("path={img},id=this-id-is-far-too-long"), "1 to 20"),
+        (
+            format!("path={img},format=qcow2"),
+            "not a usable qcow2 image",
+        ),
     ];
     for (spec, expect) in &cases {
         // A VM that starts anyway ends by itself.

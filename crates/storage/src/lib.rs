@@ -1,4 +1,4 @@
-//! Disk images behind one trait, [`Image`]: what a virtual disk needs of its backing file
+//! Disk images (raw; qcow2 through imago) behind one trait, [`Image`]: what a virtual disk needs of its backing file
 //! (positional reads and writes, flush, discard, write-zeroes), and nothing of virtio or KVM.
 //!
 //! Guarantees:
@@ -9,9 +9,11 @@
 //!   acknowledged write durable (`fdatasync`).
 //! - Out-of-range requests are refused with [`StorageError::OutOfRange`] before any I/O.
 mod lock;
+mod qcow2;
 mod raw;
 
 pub use lock::{lock_file, LockMode};
+pub use qcow2::Qcow2Image;
 pub use raw::RawImage;
 
 use std::path::{Path, PathBuf};
@@ -44,6 +46,7 @@ pub enum StorageError {
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Raw,
+    Qcow2,
 }
 
 impl std::str::FromStr for Format {
@@ -51,7 +54,8 @@ impl std::str::FromStr for Format {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "raw" => Ok(Format::Raw),
-            other => Err(format!("unknown disk format {other:?} (known: raw)")),
+            "qcow2" => Ok(Format::Qcow2),
+            other => Err(format!("unknown disk format {other:?} (known: raw, qcow2)")),
         }
     }
 }
@@ -60,6 +64,7 @@ impl std::fmt::Display for Format {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
         })
     }
 }
@@ -85,6 +90,7 @@ pub trait Image: Send + Sync {
 pub fn open(path: &Path, format: Format, readonly: bool) -> Result<Box<dyn Image>, StorageError> {
     match format {
         Format::Raw => Ok(Box::new(RawImage::open(path, readonly)?)),
+        Format::Qcow2 => Ok(Box::new(Qcow2Image::open(path, readonly)?)),
     }
 }
 

@@ -23,6 +23,10 @@ fn image(d: &Dir, len: u64) -> PathBuf {
 }
 
 fn boot_disk(work: &str, disk: &Path) -> (Vm, Receiver<TimedLine>) {
+    boot_disk_as(work, disk, Format::Raw)
+}
+
+fn boot_disk_as(work: &str, disk: &Path, format: Format) -> (Vm, Receiver<TimedLine>) {
     let (sink, rx) = LineSink::new();
     let cfg = VmConfig {
         cpus: 1,
@@ -30,7 +34,7 @@ fn boot_disk(work: &str, disk: &Path) -> (Vm, Receiver<TimedLine>) {
         boot: BootSource::TestGuest { args: work.into() },
         disks: vec![DiskConfig {
             path: disk.to_owned(),
-            format: Format::Raw,
+            format,
             readonly: false,
             id: "disk0".into(),
         }],
@@ -248,4 +252,68 @@ fn ten_ping_pong_migrations_with_the_disk_busy_keep_it_pattern_exact() {
     beats(&mut log, &all);
     log.check_continuous()
         .expect("heartbeat continuous across ten moves");
+}
+
+#[test]
+fn a_live_migration_of_a_vm_writing_a_qcow2_overlay_is_pattern_exact() {
+    let d = scratch("disk-qcow2");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let base = d.0.join("base.qcow2");
+    let top = d.0.join("top.qcow2");
+    run(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
+    run(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    let (src, rx) = boot_disk_as(WORK, &top, Format::Qcow2);
+    let mut seen = Vec::new();
+    wait_for(&rx, &mut seen, T, k_ok(1)).unwrap();
+    let base_gpa = bases(&seen)[0];
+    let (addr, dest) = destination(None);
+    send_vm(&src, addr, &Options::default()).expect("migration");
+    let (vm, rx2) = hand_over(&src, &rx, &mut seen, dest);
+    let mut after = Vec::new();
+    wait_for(&rx2, &mut after, T, k_ok(2)).unwrap();
+    vm.pause().unwrap();
+    let p = disk_position(&reader(&vm), base_gpa).unwrap();
+    vm.flush_disks().unwrap();
+    vm.shutdown().unwrap();
+    vm.wait();
+    drop(vm); // its write lock excludes even qemu-img -U (see docs/devices.md)
+              // As qemu-img reads the overlay.
+    let flat = d.0.join("flat.raw");
+    run(&[
+        "convert",
+        "-O",
+        "raw",
+        top.to_str().unwrap(),
+        flat.to_str().unwrap(),
+    ]);
+    let bytes = std::fs::read(&flat).unwrap();
+    verify_disk_image(
+        |off, buf| {
+            buf.copy_from_slice(&bytes[off as usize..off as usize + buf.len()]);
+            Ok(())
+        },
+        &p,
+    )
+    .expect("the overlay holds the guest's writes");
+    run(&["check", "-q", top.to_str().unwrap()]);
 }
