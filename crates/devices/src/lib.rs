@@ -16,6 +16,8 @@
 //!   the device cannot use at all sets `NEEDS_RESET`. Guest input never panics the VMM.
 pub mod block;
 pub mod mmio;
+pub mod net;
+pub mod tap;
 
 pub use mmio::{MmioState, MmioTransport, QueueSnapshot};
 
@@ -41,6 +43,7 @@ pub struct Served {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DeviceState {
     Block(block::BlockState),
+    Net(net::NetState),
 }
 
 /// A virtio device model behind a transport. `M` is the guest memory type.
@@ -79,5 +82,10 @@ pub trait VirtioDevice<M>: Send {
     /// before commit).
     fn reacquire(&mut self) -> Result<(), String> {
         Ok(())
+    }
+    /// A descriptor whose readability means queue `.1` has work without a notification
+    /// (a NIC's receive side); the VMM's receive thread polls it.
+    fn poll_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        None
     }
 }

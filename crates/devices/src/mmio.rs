@@ -330,7 +330,9 @@ impl<M: GuestMemory> MmioTransport<M> {
             VIRTIO_MMIO_QUEUE_USED_HIGH => {
                 self.set_addr(|q, v| q.set_used_ring_address(None, Some(v)), v)
             }
-            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(v as usize, mem),
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
+                self.notify(v as usize, mem);
+            }
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
             VIRTIO_MMIO_STATUS => self.set_status(v, mem),
             _ => {}
@@ -386,18 +388,25 @@ impl<M: GuestMemory> MmioTransport<M> {
         self.interrupt_status = 0;
     }
 
-    fn notify(&mut self, index: usize, mem: &M) {
+    /// Serves queue `index` as if the driver had notified it (the VMM's receive thread, when
+    /// the device's backend has data).
+    pub fn poll(&mut self, index: usize, mem: &M) -> crate::Served {
+        self.notify(index, mem)
+    }
+
+    fn notify(&mut self, index: usize, mem: &M) -> crate::Served {
+        let none = crate::Served::default();
         if self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
             || self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0
         {
-            return;
+            return none;
         }
         let acked = self.driver_features;
         let Some(q) = self.queues.get_mut(index) else {
-            return;
+            return none;
         };
         if !q.ready() {
-            return;
+            return none;
         }
         let served = self.device.process(index, q, mem, acked);
         if served.broken {
@@ -405,11 +414,12 @@ impl<M: GuestMemory> MmioTransport<M> {
             self.config_generation = self.config_generation.wrapping_add(1);
             self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
             self.irq.trigger();
-            return;
+            return served;
         }
         if served.completed > 0 && q.needs_notification(mem).unwrap_or(true) {
             self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
             self.irq.trigger();
         }
+        served
     }
 }

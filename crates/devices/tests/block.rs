@@ -328,7 +328,9 @@ fn state_saved_between_requests_restores_a_device_that_carries_on() {
     let mut saved = String::new();
     let mut drv = drv.rebuild(|mut t| {
         t.device_mut().flush().unwrap();
-        let DeviceState::Block(bs) = t.device().save();
+        let DeviceState::Block(bs) = t.device().save() else {
+            panic!("a block device saves block state")
+        };
         saved = serde_json::to_string(&(t.save(), &bs)).unwrap();
         drop(t);
         let (ts, bs): (ferry_devices::MmioState, BlockState) =

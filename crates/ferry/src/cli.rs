@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// image is locked while the VM runs).
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
+    /// A virtio-net NIC on an existing tap: tap=NAME[,mac=52:54:00:12:34:56] (repeatable;
+    /// create the tap first: ip tuntap add dev NAME mode tap).
+    #[arg(long = "net", value_name = "SPEC")]
+    pub nets: Vec<String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

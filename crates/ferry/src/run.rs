@@ -4,7 +4,7 @@ use crate::cli::{ReceiveArgs, RestoreArgs, RunArgs};
 use anyhow::{Context, Result};
 use ferry_migration::engine::{Acceptor, Limits};
 use ferry_migration::tls::{TlsFiles, TlsServer};
-use ferry_vmm::devices::DiskConfig;
+use ferry_vmm::devices::{DiskConfig, NetConfig};
 use ferry_vmm::live::LiveDestination;
 use ferry_vmm::snapshot::MemoryCheck;
 use ferry_vmm::{BootSource, GuestExit, Vm, VmConfig};
@@ -38,11 +38,20 @@ pub fn config_from(args: &RunArgs) -> Result<VmConfig> {
         }
         disks.push(d);
     }
+    let mut nets = Vec::new();
+    for (i, n) in args.nets.iter().enumerate() {
+        let n = NetConfig::parse(n, i).map_err(|e| anyhow::anyhow!("--net {n}: {e}"))?;
+        if nets.iter().any(|o: &NetConfig| o.tap == n.tap) {
+            anyhow::bail!("--net: two NICs on the tap {:?}", n.tap);
+        }
+        nets.push(n);
+    }
     Ok(VmConfig {
         cpus: args.cpus,
         memory,
         boot,
         disks,
+        nets,
     })
 }
 

@@ -212,3 +212,28 @@ fn bad_disks_get_one_clear_error_and_start_nothing() {
     let line = error_line(&out);
     assert!(line.contains("in use by another process"), "{line}");
 }
+
+#[test]
+fn bad_nics_get_one_clear_error_and_start_nothing() {
+    for (spec, expect) in [
+        ("tap=fnt-no-such-tap", "does not exist (create it first"),
+        ("tap=a,mac=52:54:00:12:34", "six hex bytes"),
+        ("tap=a,mac=01:00:5e:00:00:01", "multicast"),
+        ("mac=52:54:00:12:34:56", "tap=NAME is required"),
+        ("tap=this-name-is-too-long-for-linux", "1 to 15 characters"),
+    ] {
+        let out = ferry(&[
+            "run",
+            "--memory",
+            "64M",
+            "--guest",
+            "idle seconds=1",
+            "--net",
+            spec,
+        ]);
+        let line = error_line(&out);
+        assert_eq!(out.status.code(), Some(1), "{spec}: {line}");
+        assert!(line.contains(expect), "{spec}: {line:?} lacks {expect:?}");
+        assert!(out.stdout.is_empty(), "{spec}: the guest started");
+    }
+}

@@ -61,7 +61,10 @@ fn probes_garbage_silence_and_old_versions_do_not_stop_a_receiver() {
     old.write_all(&frame).unwrap();
     match ferry_migration::protocol::recv(&mut old) {
         Ok(ferry_migration::protocol::Message::Abort(why)) => assert!(
-            why.contains("peer speaks migration protocol version 1, this Ferry speaks 3"),
+            why.contains(&format!(
+                "peer speaks migration protocol version 1, this Ferry speaks {}",
+                ferry_migration::protocol::VERSION
+            )),
             "{why}"
         ),
         other => panic!("the older Ferry hears why: {other:?}"),

@@ -10,6 +10,7 @@ pub enum Kind {
     Verify,
     Disk,
     DiskVerify,
+    Net,
 }
 
 #[derive(Clone, Copy)]
@@ -35,6 +36,8 @@ pub struct Spec {
     pub pass: u64,
     /// disk-verify: first block still at `pass - 1` (default: none).
     pub next: u64,
+    /// net: the guest's IPv4 address (host order).
+    pub ip: u32,
 }
 
 fn kind_of(word: &str) -> Option<Kind> {
@@ -45,6 +48,7 @@ fn kind_of(word: &str) -> Option<Kind> {
         "verify" => Some(Kind::Verify),
         "disk" => Some(Kind::Disk),
         "disk-verify" => Some(Kind::DiskVerify),
+        "net" => Some(Kind::Net),
         _ => None,
     }
 }
@@ -92,9 +96,14 @@ fn parse_segment(seg: &str) -> Result<Spec, &'static str> {
         dev: 0,
         pass: 1,
         next: u64::MAX,
+        ip: 0,
     };
     for w in words {
         let (k, v) = w.split_once('=').ok_or("expected key=value")?;
+        if kind == Kind::Net && k == "ip" {
+            spec.ip = ipv4(v)?;
+            continue;
+        }
         let n = number(v)?;
         match (kind, k) {
             (Kind::Heartbeat, "period") | (Kind::Dirty | Kind::Verify, "hb") => spec.period_us = n,
@@ -112,6 +121,8 @@ fn parse_segment(seg: &str) -> Result<Spec, &'static str> {
             (Kind::Disk | Kind::DiskVerify, "dev") => spec.dev = n,
             (Kind::DiskVerify, "pass") => spec.pass = n,
             (Kind::DiskVerify, "next") => spec.next = n,
+            (Kind::Net, "hb") => spec.period_us = n,
+            (Kind::Net, "dev") => spec.dev = n,
             _ => return Err("unknown argument"),
         }
     }
@@ -120,6 +131,9 @@ fn parse_segment(seg: &str) -> Result<Spec, &'static str> {
     }
     if matches!(kind, Kind::Dirty | Kind::Verify) && spec.size < 4096 {
         return Err("size must be >= 4K");
+    }
+    if kind == Kind::Net && spec.ip == 0 {
+        return Err("net needs ip=A.B.C.D");
     }
     if matches!(kind, Kind::Disk | Kind::DiskVerify) {
         if spec.bs == 0 || spec.bs % 512 != 0 || spec.bs > 1 << 20 {
@@ -133,6 +147,24 @@ fn parse_segment(seg: &str) -> Result<Spec, &'static str> {
         }
     }
     Ok(spec)
+}
+
+/// `A.B.C.D` as a host-order u32.
+fn ipv4(v: &str) -> Result<u32, &'static str> {
+    let mut ip = 0u32;
+    let mut parts = 0;
+    for p in v.split('.') {
+        let n = number(p)?;
+        if n > 255 {
+            return Err("bad IPv4 address");
+        }
+        ip = ip << 8 | n as u32;
+        parts += 1;
+    }
+    if parts != 4 {
+        return Err("bad IPv4 address");
+    }
+    Ok(ip)
 }
 
 /// The workload text: from the first known workload name on.
@@ -167,6 +199,8 @@ pub fn region_size(spec: &Spec) -> u64 {
         Kind::Verify => spec.size.div_ceil(page) * page,
         // Status page, ring page, header page, data buffer.
         Kind::Disk | Kind::DiskVerify => 3 * page + spec.bs.div_ceil(page) * page,
+        // Status page, RX ring, TX ring, 4 RX buffers of 2 KiB, TX buffer.
+        Kind::Net => 6 * page,
         Kind::Idle | Kind::Heartbeat => 0,
     }
 }

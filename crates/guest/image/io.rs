@@ -118,6 +118,13 @@ impl Line {
         }
         self
     }
+    /// Two hex digits.
+    pub fn x2(&mut self, v: u8) -> &mut Self {
+        for nib in [v >> 4, v & 0xf] {
+            self.byte(if nib < 10 { b'0' + nib } else { b'a' + nib - 10 });
+        }
+        self
+    }
     pub fn send(&mut self) {
         self.byte(b'\n');
         while SERIAL_LOCK

@@ -6,6 +6,7 @@ mod args;
 mod disk;
 mod io;
 mod mem;
+mod net;
 mod rt;
 mod virtio;
 #[path = "../src/pattern.rs"]

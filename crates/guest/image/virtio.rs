@@ -22,21 +22,74 @@ fn candidates() -> impl Iterator<Item = u64> {
         .chain((0..24u64).rev().map(|n| 0xfeb0_0000 + n * 0x200))
 }
 
-fn rd(base: u64, off: u64) -> u32 {
+pub fn rd(base: u64, off: u64) -> u32 {
     // SAFETY: a device window (identity mapped, user-accessible); MMIO exits to the VMM.
     unsafe { read_volatile((base + off) as *const u32) }
 }
 
-fn wr(base: u64, off: u64, v: u32) {
+pub fn wr(base: u64, off: u64, v: u32) {
     // SAFETY: as for rd.
     unsafe { write_volatile((base + off) as *mut u32, v) }
 }
 
 /// The `n`-th block device found (0 = first).
 pub fn find_block(n: usize) -> Option<u64> {
+    find(ID_BLOCK, n)
+}
+
+/// The `n`-th device of type `id` found.
+pub fn find(id: u32, n: usize) -> Option<u64> {
     candidates()
-        .filter(|&b| rd(b, 0) == MAGIC && rd(b, 4) == 2 && rd(b, 8) == ID_BLOCK)
+        .filter(|&b| rd(b, 0) == MAGIC && rd(b, 4) == 2 && rd(b, 8) == id)
         .nth(n)
+}
+
+/// Sets queue `q` of the device at `base` up with `size` entries, its rings in the page at
+/// `ring` (descriptors at 0, avail at 0x400, used at 0x800), and marks it ready.
+pub fn setup_queue(base: u64, q: u32, size: u16, ring: u64) -> Result<(), &'static str> {
+    wr(base, 0x30, q);
+    if rd(base, 0x44) != 0 {
+        return Err("queue already live");
+    }
+    if rd(base, 0x34) < size as u32 {
+        return Err("queue too small");
+    }
+    for a in (ring..ring + 4096).step_by(8) {
+        put64(a, 0);
+    }
+    wr(base, 0x38, size as u32);
+    let set = |lo: u64, hi: u64, a: u64| {
+        wr(base, lo, a as u32);
+        wr(base, hi, (a >> 32) as u32);
+    };
+    set(0x80, 0x84, ring);
+    set(0x90, 0x94, ring + 0x400);
+    set(0xa0, 0xa4, ring + 0x800);
+    wr(base, 0x44, 1);
+    Ok(())
+}
+
+/// Resets the device and negotiates `VERSION_1` plus `extra` (feature bits 0..31).
+pub fn negotiate(base: u64, extra: u32) -> Result<(), &'static str> {
+    wr(base, 0x70, 0);
+    wr(base, 0x70, 1 | 2);
+    wr(base, 0x14, 1);
+    if rd(base, 0x10) & 1 == 0 {
+        return Err("device is not VERSION_1");
+    }
+    wr(base, 0x14, 0);
+    if rd(base, 0x10) & extra != extra {
+        return Err("device lacks a feature");
+    }
+    wr(base, 0x24, 0);
+    wr(base, 0x20, extra);
+    wr(base, 0x24, 1);
+    wr(base, 0x20, 1);
+    wr(base, 0x70, 1 | 2 | 8);
+    if rd(base, 0x70) & 8 == 0 {
+        return Err("device refused FEATURES_OK");
+    }
+    Ok(())
 }
 
 pub struct Blk {
@@ -50,19 +103,19 @@ pub struct Blk {
     pub sectors: u64,
 }
 
-fn put16(a: u64, v: u16) {
+pub fn put16(a: u64, v: u16) {
     // SAFETY: inside this workload's own DMA pages.
     unsafe { write_volatile(a as *mut u16, v) }
 }
-fn put32(a: u64, v: u32) {
+pub fn put32(a: u64, v: u32) {
     // SAFETY: as above.
     unsafe { write_volatile(a as *mut u32, v) }
 }
-fn put64(a: u64, v: u64) {
+pub fn put64(a: u64, v: u64) {
     // SAFETY: as above.
     unsafe { write_volatile(a as *mut u64, v) }
 }
-fn get16(a: u64) -> u16 {
+pub fn get16(a: u64) -> u16 {
     // SAFETY: as above.
     unsafe { read_volatile(a as *const u16) }
 }

@@ -2,6 +2,7 @@
 //! read what it prints and verify its memory. Line format: docs/test-guest.md.
 pub mod console;
 pub mod heartbeat;
+pub mod net;
 pub mod pattern;
 pub mod verify;
 

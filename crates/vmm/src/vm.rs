@@ -1,6 +1,6 @@
 //! A KVM virtual machine: creation, boot, vCPU threads, pause/resume/shutdown, dirty logging.
 use crate::boot::{self, cpu, linux, multiboot, BootError, Entry, ImageKind};
-use crate::devices::{ConsoleOut, DiskConfig, IoBus, Serial, VirtioSlot};
+use crate::devices::{ConsoleOut, DiskConfig, IoBus, NetConfig, Serial, VirtioSlot};
 use crate::devices::{DevicesError, DevicesState, VirtioError};
 use crate::dirty::{DirtyError, DirtyLog};
 use crate::memory::{self, DirtyBitmap, GuestMem, MemoryError, RamRange, RangeBitmap, PAGE_SIZE};
@@ -48,6 +48,9 @@ pub struct VmConfig {
     /// virtio-blk disks, in order (their MMIO windows and GSIs follow this order).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs on taps, after the disks.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
 }
 
 /// Lifecycle state, as reported by the API.
@@ -194,7 +197,7 @@ impl Vm {
         }
         let layout = memory::ram_layout(config.memory)?;
         let base = Base::create(layout)?;
-        let virtio = VirtioSlot::create_all(&base.vm, &config.disks)?;
+        let virtio = VirtioSlot::create_all(&base.vm, &config.disks, &config.nets)?;
         let extra: Vec<String> = virtio.iter().map(VirtioSlot::linux_cmdline).collect();
         let bus = IoBus::new(
             Serial::new(
@@ -263,6 +266,8 @@ impl Vm {
             // knows the guest's memory holds.
             memory::reset_vmm_dirty(&base.mem);
         }
+        let bus = Arc::new(bus);
+        IoBus::spawn_receiver(&bus).map_err(VmError::Thread)?;
         Ok(Vm {
             config,
             _kvm: base.kvm,
@@ -271,7 +276,7 @@ impl Vm {
             vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
             mem: base.mem,
             layout: base.layout,
-            bus: Arc::new(bus),
+            bus,
             ctl: Arc::new(Control::new()),
             life: Mutex::new(Lifecycle {
                 state: RunState::Created,
@@ -418,6 +423,7 @@ impl Vm {
             self.ctl.lock().threads.push(h.as_pthread_t());
             life.handles.push(h);
         }
+        self.bus.resume_devices();
         life.state = RunState::Running;
         life.started = Some(Instant::now());
         Ok(())
@@ -453,6 +459,8 @@ impl Vm {
         }
         drop(s);
         if self.ctl.want.load(Ordering::SeqCst) == WANT_PAUSE {
+            // Devices stop too: nothing writes guest memory while the VM is paused.
+            self.bus.quiesce();
             life.state = RunState::Paused;
         }
         Ok(())
@@ -467,6 +475,7 @@ impl Vm {
                 state: life.state,
             });
         }
+        self.bus.resume_devices();
         let s = self.ctl.lock();
         self.ctl.want.store(WANT_RUN, Ordering::SeqCst);
         self.ctl.cv.notify_all();

@@ -38,6 +38,7 @@ fn boot_disk_as(work: &str, disk: &Path, format: Format) -> (Vm, Receiver<TimedL
             readonly: false,
             id: "disk0".into(),
         }],
+        nets: Vec::new(),
     };
     let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
     vm.start().expect("start");

@@ -126,6 +126,7 @@ fn boot(image: &[u8]) -> (GuestExit, Vec<String>) {
             cmdline: "console".into(),
         },
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
     vm.start().unwrap();
@@ -170,6 +171,7 @@ fn malformed_multiboot_images_are_refused_clearly() {
             cmdline: String::new(),
         },
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     let err = Vm::new(cfg.clone(), Box::new(std::io::sink()))
         .err()

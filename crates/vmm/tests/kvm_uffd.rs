@@ -24,6 +24,7 @@ fn every_first_touch_is_served_by_the_fault_thread() {
             args: "dirty size=8M passes=2 hb=0".into(),
         },
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
     // The loader has written the image and boot structures; everything else is missing now.

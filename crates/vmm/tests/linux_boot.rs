@@ -43,6 +43,7 @@ fn vmlinux_reaches_its_early_console_with_our_command_line() {
             cmdline: cmdline.clone(),
         },
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
     vm.start().unwrap();
@@ -88,6 +89,7 @@ fn bzimage_and_initrd_are_placed_per_the_boot_protocol() {
             cmdline: cmdline.into(),
         },
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     let vm = Vm::new(cfg, Box::new(std::io::sink())).expect("create VM");
     std::fs::remove_file(&initrd_path).unwrap();
@@ -145,6 +147,7 @@ fn loader_writes_are_tracked_as_dirty() {
             cmdline: "x".into(),
         },
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     let vm = Vm::new(cfg, Box::new(std::io::sink())).unwrap();
     // With manual dirty-log protection the loader's writes stay marked (they are pages a
@@ -184,6 +187,7 @@ fn bzimage_boots_through_its_decompressor_to_the_banner() {
             cmdline: cmdline.clone(),
         },
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
     vm.start().unwrap();

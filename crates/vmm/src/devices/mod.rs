@@ -8,12 +8,13 @@ mod virtio;
 
 pub use serial::{ConsoleOut, Serial, SerialState, SerialStateError, COM1_BASE};
 pub use virtio::{
-    place, DiskConfig, VirtioError, VirtioSlot, VirtioSlotState, MAX_VIRTIO, VIRTIO_GSI_BASE,
-    VIRTIO_MMIO_BASE,
+    place, DiskConfig, NetConfig, VirtioError, VirtioSlot, VirtioSlotState, MAX_VIRTIO,
+    VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE,
 };
 
 use crate::memory::GuestMem;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Port of the power-off device: a byte written here powers the VM off with that code.
 pub const EXIT_PORT: u16 = 0xf4;
@@ -35,6 +36,11 @@ pub struct IoBus {
     virtio: Vec<VirtioSlot>,
     /// Guest memory, for the devices' DMA (shared with the VM; writes are dirty-tracked).
     mem: GuestMem,
+    /// Devices may act on their own (receive) only while the vCPUs run.
+    running: AtomicBool,
+    /// Held by the receive thread while it polls and serves: a backend it polls stays open
+    /// in the kernel until poll returns (a tap stays attached), so a hand-over waits for it.
+    receiving: Mutex<()>,
 }
 
 /// State of every VMM-emulated device (version 2: virtio devices). `IoBus::save`
@@ -67,6 +73,8 @@ impl IoBus {
             serial: Mutex::new(serial),
             virtio,
             mem,
+            running: AtomicBool::new(false),
+            receiving: Mutex::new(()),
         }
     }
 
@@ -75,6 +83,8 @@ impl IoBus {
             serial,
             virtio,
             mem: _,
+            running: _,
+            receiving: _,
         } = self;
         let serial = serial.lock().unwrap_or_else(|e| e.into_inner()).save();
         DevicesState {
@@ -104,7 +114,35 @@ impl IoBus {
             serial: Mutex::new(Serial::from_state(serial, serial_irq, console)?),
             virtio: VirtioSlot::restore_all(vm, virtio)?,
             mem,
+            running: AtomicBool::new(false),
+            receiving: Mutex::new(()),
         })
+    }
+
+    /// Stops devices from acting on their own and waits out any delivery in progress: after
+    /// this returns, no device writes guest memory until [`resume_devices`](Self::resume_devices).
+    pub fn quiesce(&self) {
+        self.running.store(false, Ordering::SeqCst);
+        drop(self.receiving.lock().unwrap_or_else(|e| e.into_inner()));
+        for s in &self.virtio {
+            s.quiesce();
+        }
+    }
+
+    pub fn resume_devices(&self) {
+        self.running.store(true, Ordering::SeqCst);
+    }
+
+    /// Starts the receive thread if a device has a backend to poll; it ends with the bus.
+    pub fn spawn_receiver(bus: &Arc<IoBus>) -> std::io::Result<()> {
+        if !bus.virtio.iter().any(|s| s.poll_fd().is_some()) {
+            return Ok(());
+        }
+        let weak = Arc::downgrade(bus);
+        std::thread::Builder::new()
+            .name("virtio-rx".into())
+            .spawn(move || receive_loop(weak))
+            .map(|_| ())
     }
 
     /// The virtio devices, in order.
@@ -173,5 +211,57 @@ impl IoBus {
     /// Writes any partial console line out (on VM exit).
     pub fn flush_console(&self) {
         self.serial().flush();
+    }
+}
+
+/// The receive thread: waits for a backend to have data and lets its device serve the queue.
+fn receive_loop(bus: Weak<IoBus>) {
+    loop {
+        let Some(b) = bus.upgrade() else { return };
+        let gate = b.receiving.lock().unwrap_or_else(|e| e.into_inner());
+        if !b.running.load(Ordering::SeqCst) {
+            drop(gate);
+            drop(b);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            continue;
+        }
+        let watch: Vec<(usize, std::os::fd::RawFd, usize)> = b
+            .virtio
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.poll_fd().map(|(fd, q)| (i, fd, q)))
+            .collect();
+        if watch.is_empty() {
+            drop(gate);
+            drop(b);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            continue;
+        }
+        let mut fds: Vec<libc::pollfd> = watch
+            .iter()
+            .map(|&(_, fd, _)| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
+        if n <= 0 {
+            drop(gate);
+            continue;
+        }
+        let mut idle = true;
+        for (p, &(i, _, q)) in fds.iter().zip(&watch) {
+            if p.revents & libc::POLLIN != 0 && b.virtio[i].poll(q, &b.mem, &b.running) > 0 {
+                idle = false;
+            }
+        }
+        drop(gate);
+        drop(b);
+        if idle {
+            // Data waits but the guest has no buffer posted: it will notify when it does.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }

@@ -3,7 +3,9 @@
 //! disks behind them, and their saved state.
 use crate::memory::GuestMem;
 use ferry_devices::block::{Block, BlockState};
-use ferry_devices::{DeviceState, Interrupt, MmioState, MmioTransport, MMIO_WINDOW};
+use ferry_devices::net::Net;
+use ferry_devices::tap::Tap;
+use ferry_devices::{DeviceState, Interrupt, MmioState, MmioTransport, VirtioDevice, MMIO_WINDOW};
 use ferry_storage::{Format, StorageError};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
@@ -26,6 +28,48 @@ pub struct DiskConfig {
     pub readonly: bool,
     /// What the guest reads with GET_ID (20 bytes at most); `disk<N>` by default.
     pub id: String,
+}
+
+/// A NIC as configured: `--net tap=NAME[,mac=MAC]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+impl NetConfig {
+    /// Parses `tap=NAME[,mac=52:54:00:12:34:56]`; NIC `index` gets `52:54:00:12:34:(56+index)`
+    /// when no MAC is given (QEMU's default range).
+    pub fn parse(s: &str, index: usize) -> Result<NetConfig, String> {
+        let (mut tap, mut mac) = (None, None);
+        for kv in s.split(',') {
+            let Some((k, v)) = kv.split_once('=') else {
+                return Err(format!("{kv:?}: expected key=value (tap=, mac=)"));
+            };
+            match k {
+                "tap" if !v.is_empty() => tap = Some(v.to_string()),
+                "mac" => {
+                    let b: Vec<u8> = v
+                        .split(':')
+                        .map(|x| u8::from_str_radix(x, 16))
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| format!("mac={v}: six hex bytes, e.g. 52:54:00:12:34:56"))?;
+                    let m: [u8; 6] = b
+                        .try_into()
+                        .map_err(|_| format!("mac={v}: six hex bytes, e.g. 52:54:00:12:34:56"))?;
+                    if m[0] & 1 != 0 {
+                        return Err(format!("mac={v}: a multicast address"));
+                    }
+                    mac = Some(m);
+                }
+                _ => return Err(format!("{k}={v}: unknown key (tap=, mac=)")),
+            }
+        }
+        Ok(NetConfig {
+            tap: tap.ok_or("tap=NAME is required")?,
+            mac: mac.unwrap_or([0x52, 0x54, 0, 0x12, 0x34, 0x56u8.wrapping_add(index as u8)]),
+        })
+    }
 }
 
 impl DiskConfig {
@@ -77,6 +121,10 @@ pub enum VirtioError {
     Disk { id: String, err: StorageError },
     #[error("disk {id}: {why}")]
     DiskState { id: String, why: String },
+    #[error(transparent)]
+    Tap(#[from] ferry_devices::tap::TapError),
+    #[error("NIC on {tap}: {why}")]
+    NetState { tap: String, why: String },
     #[error("{0} virtio devices configured (at most {MAX_VIRTIO})")]
     TooMany(usize),
     #[error("virtio device at {base:#x}: {why}")]
@@ -134,20 +182,35 @@ fn open_image(
 }
 
 impl VirtioSlot {
-    /// The devices of a new VM, in configuration order.
-    pub fn create_all(vm: &VmFd, disks: &[DiskConfig]) -> Result<Vec<VirtioSlot>, VirtioError> {
-        if disks.len() > MAX_VIRTIO {
-            return Err(VirtioError::TooMany(disks.len()));
+    /// The devices of a new VM: disks, then NICs, each in configuration order.
+    pub fn create_all(
+        vm: &VmFd,
+        disks: &[DiskConfig],
+        nets: &[NetConfig],
+    ) -> Result<Vec<VirtioSlot>, VirtioError> {
+        if disks.len() + nets.len() > MAX_VIRTIO {
+            return Err(VirtioError::TooMany(disks.len() + nets.len()));
+        }
+        let mut devs: Vec<Box<dyn VirtioDevice<GuestMem>>> = Vec::new();
+        for d in disks {
+            let img = open_image(&d.path, d.format, d.readonly, &d.id)?;
+            devs.push(Box::new(Block::new(
+                img,
+                d.id.clone(),
+                d.path.clone(),
+                d.format,
+            )));
+        }
+        for n in nets {
+            devs.push(Box::new(Net::new(Tap::open(&n.tap)?, n.mac)));
         }
         let mut v = Vec::new();
-        for (i, d) in disks.iter().enumerate() {
-            let img = open_image(&d.path, d.format, d.readonly, &d.id)?;
+        for (i, dev) in devs.into_iter().enumerate() {
             let (base, gsi) = place(i);
-            let dev = Block::new(img, d.id.clone(), d.path.clone(), d.format);
             v.push(VirtioSlot {
                 base,
                 gsi,
-                t: Mutex::new(MmioTransport::new(Box::new(dev), irqfd(vm, base, gsi)?)),
+                t: Mutex::new(MmioTransport::new(dev, irqfd(vm, base, gsi)?)),
             });
         }
         Ok(v)
@@ -167,10 +230,16 @@ impl VirtioSlot {
             if (st.base, st.gsi) != place(i) {
                 return Err(bad(format!("unexpected place (GSI {})", st.gsi)));
             }
-            let dev = match &st.device {
-                DeviceState::Block(b) => restore_block(b)?,
+            let dev: Box<dyn VirtioDevice<GuestMem>> = match &st.device {
+                DeviceState::Block(b) => Box::new(restore_block(b)?),
+                DeviceState::Net(n) => {
+                    Box::new(Net::from_state(n).map_err(|why| VirtioError::NetState {
+                        tap: n.tap.clone(),
+                        why,
+                    })?)
+                }
             };
-            let t = MmioTransport::from_state(&st.mmio, Box::new(dev), irqfd(vm, st.base, st.gsi)?)
+            let t = MmioTransport::from_state(&st.mmio, dev, irqfd(vm, st.base, st.gsi)?)
                 .map_err(|e| bad(e.to_string()))?;
             v.push(VirtioSlot {
                 base: st.base,
@@ -211,6 +280,33 @@ impl VirtioSlot {
     /// Makes what the device acknowledged durable.
     pub fn flush(&self) -> Result<(), String> {
         self.lock().device_mut().flush()
+    }
+
+    /// The descriptor the receive thread polls and the queue it serves then, if any.
+    pub fn poll_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        self.lock().device().poll_fd()
+    }
+
+    /// Serves queue `index` without a notification (backend data arrived), unless `running`
+    /// is false — checked under the device's lock, so once [`quiesce`](Self::quiesce) has
+    /// returned after `running` was cleared, nothing more is written into guest memory.
+    /// Returns the requests completed.
+    pub fn poll(
+        &self,
+        index: usize,
+        mem: &GuestMem,
+        running: &std::sync::atomic::AtomicBool,
+    ) -> u32 {
+        let mut t = self.lock();
+        if !running.load(std::sync::atomic::Ordering::SeqCst) {
+            return 0;
+        }
+        t.poll(index, mem).completed
+    }
+
+    /// Waits until no one serves this device (a delivery in progress has finished).
+    pub fn quiesce(&self) {
+        drop(self.lock());
     }
 
     /// Flushes and lets go of the backend (its image lock) while the VM is paused for a

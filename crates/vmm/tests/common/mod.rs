@@ -19,6 +19,7 @@ pub fn boot(cpus: u8, memory: u64, args: &str) -> (Vm, Receiver<TimedLine>) {
         memory,
         boot: BootSource::TestGuest { args: args.into() },
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
     vm.start().expect("start VM");

@@ -1,0 +1,239 @@
+//! virtio-net (virtio 1.2 §5.1) on a tap: one receive and one transmit queue, the MAC in the
+//! configuration space, no offloads. Transmit is served on the notifying vCPU; receive is
+//! driven by the VMM's receive thread calling [`crate::MmioTransport::poll`] when the tap is
+//! readable (and never while the VM is paused), and by the driver adding receive buffers.
+use crate::tap::{Tap, TapError};
+use crate::{Served, VirtioDevice};
+use std::io::{Read, Write};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS};
+use virtio_queue::{Queue, QueueT, Reader, Writer};
+use vm_memory::bitmap::WithBitmapSlice;
+use vm_memory::GuestMemory;
+
+/// Descriptors per queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Bytes of `virtio_net_hdr_v1` before every frame.
+pub const HDR: usize = 12;
+/// Largest frame (no offloads: a full Ethernet frame without FCS, plus VLAN tag).
+const MAX_FRAME: usize = 1518;
+/// Frames read from the tap and waiting for a receive buffer.
+const MAX_PENDING: usize = 64;
+const RX: usize = 0;
+const TX: usize = 1;
+
+/// Version of [`NetState`].
+pub const NET_STATE_VERSION: u32 = 1;
+
+/// A NIC's saved identity (version 1); queue positions are in the transport's state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetState {
+    pub version: u32,
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+pub struct Net {
+    /// None while released (hand-over to another host).
+    tap: Option<Tap>,
+    name: String,
+    mac: [u8; 6],
+    sizes: [u16; 2],
+    pending: std::collections::VecDeque<Vec<u8>>,
+    buf: Vec<u8>,
+    /// Frames sent, received, dropped (no buffer, too large, tap errors).
+    pub sent: u64,
+    pub received: u64,
+    pub dropped: u64,
+}
+
+impl Net {
+    pub fn new(tap: Tap, mac: [u8; 6]) -> Self {
+        Net {
+            name: tap.name().to_string(),
+            tap: Some(tap),
+            mac,
+            sizes: [QUEUE_SIZE, QUEUE_SIZE],
+            pending: Default::default(),
+            buf: vec![0; 65536],
+            sent: 0,
+            received: 0,
+            dropped: 0,
+        }
+    }
+
+    pub fn from_state(s: &NetState) -> Result<Self, String> {
+        let NetState { version, tap, mac } = s;
+        if *version != NET_STATE_VERSION {
+            return Err(format!(
+                "virtio-net state version {version} (this Ferry reads {NET_STATE_VERSION})"
+            ));
+        }
+        let t = Tap::open(tap).map_err(|e| e.to_string())?;
+        Ok(Net::new(t, *mac))
+    }
+
+    pub fn save(&self) -> NetState {
+        NetState {
+            version: NET_STATE_VERSION,
+            tap: self.name.clone(),
+            mac: self.mac,
+        }
+    }
+
+    /// The tap's descriptor, for the receive thread's poll.
+    pub fn fd(&self) -> Option<std::os::fd::RawFd> {
+        self.tap.as_ref().map(Tap::fd)
+    }
+
+    fn transmit<M>(&mut self, q: &mut Queue, mem: &M) -> Served
+    where
+        M: GuestMemory,
+        for<'a> <M as GuestMemory>::Bitmap: WithBitmapSlice<'a>,
+    {
+        let mut served = Served::default();
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            if let Ok(mut r) = Reader::new(mem, chain) {
+                let n = r.available_bytes();
+                if n > HDR && n - HDR <= MAX_FRAME {
+                    self.buf.resize(n, 0);
+                    if r.read_exact(&mut self.buf).is_ok() {
+                        match self.tap.as_ref().map(|t| t.send(&self.buf[HDR..])) {
+                            Some(Ok(())) => self.sent += 1,
+                            _ => self.dropped += 1,
+                        }
+                    }
+                } else {
+                    self.dropped += 1;
+                }
+            } else {
+                self.dropped += 1;
+            }
+            if q.add_used(mem, head, 0).is_err() {
+                served.broken = true;
+                return served;
+            }
+            served.completed += 1;
+        }
+        served
+    }
+
+    fn receive<M>(&mut self, q: &mut Queue, mem: &M) -> Served
+    where
+        M: GuestMemory,
+        for<'a> <M as GuestMemory>::Bitmap: WithBitmapSlice<'a>,
+    {
+        let mut served = Served::default();
+        loop {
+            if self.pending.is_empty() {
+                let Some(tap) = self.tap.as_ref() else { break };
+                let mut frame = vec![0u8; 65536];
+                match tap.recv(&mut frame) {
+                    Ok(Some(n)) if n <= MAX_FRAME => {
+                        frame.truncate(n);
+                        self.pending.push_back(frame);
+                    }
+                    Ok(Some(_)) => {
+                        self.dropped += 1;
+                        continue;
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                // No buffer: keep what was read for the driver's next refill.
+                while self.pending.len() > MAX_PENDING {
+                    self.pending.pop_front();
+                    self.dropped += 1;
+                }
+                break;
+            };
+            let head = chain.head_index();
+            let frame = self.pending.pop_front().unwrap_or_default();
+            let mut hdr = [0u8; HDR];
+            hdr[10] = 1; // num_buffers
+            let delivered = match Writer::new(mem, chain) {
+                Ok(mut w) if w.available_bytes() >= HDR + frame.len() => {
+                    w.write_all(&hdr).is_ok() && w.write_all(&frame).is_ok()
+                }
+                _ => false,
+            };
+            let len = if delivered {
+                self.received += 1;
+                (HDR + frame.len()) as u32
+            } else {
+                self.dropped += 1;
+                0
+            };
+            if q.add_used(mem, head, len).is_err() {
+                served.broken = true;
+                return served;
+            }
+            served.completed += 1;
+        }
+        served
+    }
+}
+
+impl<M> VirtioDevice<M> for Net
+where
+    M: GuestMemory,
+    for<'a> <M as GuestMemory>::Bitmap: WithBitmapSlice<'a>,
+{
+    fn save(&self) -> crate::DeviceState {
+        crate::DeviceState::Net(Net::save(self))
+    }
+
+    fn device_type(&self) -> u32 {
+        virtio_bindings::virtio_ids::VIRTIO_ID_NET
+    }
+
+    fn features(&self) -> u64 {
+        (1u64 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS)
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.sizes
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut c = [0u8; 8];
+        c[..6].copy_from_slice(&self.mac);
+        c[6] = 1; // VIRTIO_NET_S_LINK_UP
+        let at = offset as usize;
+        if let Some(src) = c.get(at..at.saturating_add(data.len())) {
+            data.copy_from_slice(src);
+        }
+    }
+
+    fn process(&mut self, index: usize, queue: &mut Queue, mem: &M, _acked: u64) -> Served {
+        if !queue.is_valid(mem) {
+            return Served {
+                broken: true,
+                ..Served::default()
+            };
+        }
+        match index {
+            TX => self.transmit(queue, mem),
+            RX => self.receive(queue, mem),
+            _ => Served::default(),
+        }
+    }
+
+    fn poll_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        self.fd().map(|fd| (fd, RX))
+    }
+
+    fn release(&mut self) -> Result<(), String> {
+        self.tap = None;
+        self.pending.clear();
+        Ok(())
+    }
+
+    fn reacquire(&mut self) -> Result<(), String> {
+        if self.tap.is_none() {
+            self.tap = Some(Tap::open(&self.name).map_err(|e: TapError| e.to_string())?);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,254 @@
+//! The `net` workload: a polling virtio-net driver and a responder on the guest's address —
+//! ARP requests for it, ICMP echo, and UDP echo on port 7, where every reply carries the
+//! guest's own reply counter (8 bytes, little-endian, appended), so the host sees whether any
+//! reply went missing across a migration.
+use crate::args::Spec;
+use crate::io::Line;
+use crate::pattern::PAGE_SIZE;
+use crate::virtio::{self, get16, put16, put32, put64, rd, wr};
+use crate::work::Beat;
+use core::ptr::{read_volatile, write_volatile};
+use core::sync::atomic::{fence, Ordering};
+
+const ID_NET: u32 = 1;
+const F_MAC: u32 = 1 << 5;
+const QSIZE: u16 = 4;
+const BUF: u64 = 2048;
+const HDR: u64 = 12;
+
+fn b(a: u64) -> u8 {
+    // SAFETY: inside this workload's own identity-mapped buffers.
+    unsafe { read_volatile(a as *const u8) }
+}
+fn setb(a: u64, v: u8) {
+    // SAFETY: as above.
+    unsafe { write_volatile(a as *mut u8, v) }
+}
+fn be16(a: u64) -> u16 {
+    (b(a) as u16) << 8 | b(a + 1) as u16
+}
+fn setbe16(a: u64, v: u16) {
+    setb(a, (v >> 8) as u8);
+    setb(a + 1, v as u8);
+}
+fn copy(dst: u64, src: u64, n: u64) {
+    for i in 0..n {
+        setb(dst + i, b(src + i));
+    }
+}
+
+/// Internet checksum of `n` bytes at `a`.
+fn csum(a: u64, n: u64) -> u16 {
+    let mut s = 0u32;
+    let mut i = 0;
+    while i + 1 < n {
+        s += be16(a + i) as u32;
+        i += 2;
+    }
+    if i < n {
+        s += (b(a + i) as u32) << 8;
+    }
+    while s >> 16 != 0 {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+fn say(cpu: u64, what: &str) -> u8 {
+    let mut l = Line::new();
+    l.s("!").u(cpu).s(" net: ").s(what);
+    l.send();
+    2
+}
+
+struct Nic {
+    base: u64,
+    rx_ring: u64,
+    tx_ring: u64,
+    rx_bufs: u64,
+    tx_buf: u64,
+    rx_avail: u16,
+    rx_used_seen: u16,
+    tx_avail: u16,
+    tx_used_seen: u16,
+    mac: [u8; 6],
+}
+
+impl Nic {
+    fn post_rx(&mut self, id: u16) {
+        let d = self.rx_ring + id as u64 * 16;
+        put64(d, self.rx_bufs + id as u64 * BUF);
+        put32(d + 8, BUF as u32);
+        put16(d + 12, 2); // device-writable
+        put16(d + 14, 0);
+        let avail = self.rx_ring + 0x400;
+        put16(avail + 4 + (self.rx_avail % QSIZE) as u64 * 2, id);
+        fence(Ordering::SeqCst);
+        self.rx_avail = self.rx_avail.wrapping_add(1);
+        put16(avail + 2, self.rx_avail);
+    }
+
+    fn send(&mut self, len: u64) {
+        let d = self.tx_ring;
+        put64(d, self.tx_buf);
+        put32(d + 8, (HDR + len) as u32);
+        put16(d + 12, 0);
+        put16(d + 14, 0);
+        let avail = self.tx_ring + 0x400;
+        put16(avail + 4 + (self.tx_avail % QSIZE) as u64 * 2, 0);
+        fence(Ordering::SeqCst);
+        self.tx_avail = self.tx_avail.wrapping_add(1);
+        put16(avail + 2, self.tx_avail);
+        fence(Ordering::SeqCst);
+        wr(self.base, 0x50, 1);
+        while get16(self.tx_ring + 0x802) == self.tx_used_seen {
+            core::hint::spin_loop();
+        }
+        self.tx_used_seen = self.tx_used_seen.wrapping_add(1);
+    }
+}
+
+pub fn run(cpu: u64, spec: &Spec, base: u64, beat: &mut Beat) -> u8 {
+    let Some(dev) = virtio::find(ID_NET, spec.dev as usize) else {
+        return say(cpu, "no virtio-net device");
+    };
+    if let Err(e) = virtio::negotiate(dev, F_MAC) {
+        return say(cpu, e);
+    }
+    let mut nic = Nic {
+        base: dev,
+        rx_ring: base + PAGE_SIZE,
+        tx_ring: base + 2 * PAGE_SIZE,
+        rx_bufs: base + 3 * PAGE_SIZE,
+        tx_buf: base + 5 * PAGE_SIZE,
+        rx_avail: 0,
+        rx_used_seen: 0,
+        tx_avail: 0,
+        tx_used_seen: 0,
+        mac: [0; 6],
+    };
+    for (i, m) in nic.mac.iter_mut().enumerate() {
+        *m = (rd(dev, 0x100 + (i as u64 & !3)) >> ((i as u64 & 3) * 8)) as u8;
+    }
+    for (q, ring) in [(0, nic.rx_ring), (1, nic.tx_ring)] {
+        if let Err(e) = virtio::setup_queue(dev, q, QSIZE, ring) {
+            return say(cpu, e);
+        }
+    }
+    wr(dev, 0x70, 1 | 2 | 8 | 4); // DRIVER_OK
+    for id in 0..QSIZE {
+        nic.post_rx(id);
+    }
+    wr(dev, 0x50, 0);
+    let mut l = Line::new();
+    l.s("M").u(cpu).s(" ");
+    for (i, m) in nic.mac.iter().enumerate() {
+        if i > 0 {
+            l.s(":");
+        }
+        l.x2(*m);
+    }
+    l.send();
+    let ip = spec.ip;
+    let mut replies = 0u64;
+    loop {
+        beat.poll();
+        let used = nic.rx_ring + 0x800;
+        if get16(used + 2) == nic.rx_used_seen {
+            core::hint::spin_loop();
+            continue;
+        }
+        fence(Ordering::SeqCst);
+        let e = used + 4 + (nic.rx_used_seen % QSIZE) as u64 * 8;
+        // SAFETY: the used element's id and length words, in this workload's ring page.
+        let id = (unsafe { read_volatile(e as *const u32) }) as u16 % QSIZE;
+        // SAFETY: as above.
+        let len = unsafe { read_volatile((e + 4) as *const u32) } as u64;
+        nic.rx_used_seen = nic.rx_used_seen.wrapping_add(1);
+        let f = nic.rx_bufs + id as u64 * BUF + HDR;
+        if len > HDR {
+            if let Some(n) = answer(&nic, f, len - HDR, ip, &mut replies) {
+                nic.send(n);
+            }
+        }
+        nic.post_rx(id);
+        wr(dev, 0x50, 0);
+    }
+}
+
+/// Builds the answer to the frame at `f` (if any) in the transmit buffer; returns its length.
+fn answer(nic: &Nic, f: u64, n: u64, ip: u32, replies: &mut u64) -> Option<u64> {
+    let out = nic.tx_buf + HDR;
+    for i in 0..HDR {
+        setb(nic.tx_buf + i, 0);
+    }
+    if n < 14 {
+        return None;
+    }
+    let mac = nic.mac;
+    let ip_at = |a: u64| (be16(a) as u32) << 16 | be16(a + 2) as u32;
+    let eth = |to: u64| {
+        copy(out, to, 6); // destination: the sender
+        for (i, m) in mac.iter().enumerate() {
+            setb(out + 6 + i as u64, *m);
+        }
+    };
+    match be16(f + 12) {
+        0x0806 if n >= 42 && be16(f + 20) == 1 && ip_at(f + 38) == ip => {
+            eth(f + 6);
+            copy(out + 12, f + 12, 8);
+            setbe16(out + 20, 2); // reply
+            for (i, m) in mac.iter().enumerate() {
+                setb(out + 22 + i as u64, *m);
+            }
+            copy(out + 28, f + 38, 4); // our address
+            copy(out + 32, f + 22, 10); // their MAC and address
+            Some(42)
+        }
+        0x0800 if n >= 34 && ip_at(f + 30) == ip => {
+            let ihl = (b(f + 14) & 0xf) as u64 * 4;
+            let total = be16(f + 16) as u64;
+            if ihl < 20 || total + 14 > n {
+                return None;
+            }
+            let l4 = f + 14 + ihl;
+            let proto = b(f + 23);
+            let mut extra = 0;
+            match proto {
+                1 if b(l4) == 8 => {
+                    copy(out, f, 14 + total);
+                    eth(f + 6);
+                    let o4 = out + 14 + ihl;
+                    setb(o4, 0); // echo reply
+                    setbe16(o4 + 2, 0);
+                    setbe16(o4 + 2, csum(o4, total - ihl));
+                }
+                17 if be16(l4 + 2) == 7 && total - ihl + 8 <= 1400 => {
+                    copy(out, f, 14 + total);
+                    eth(f + 6);
+                    let o4 = out + 14 + ihl;
+                    copy(o4, l4 + 2, 2); // source port <- their destination
+                    copy(o4 + 2, l4, 2);
+                    *replies += 1;
+                    let mut c = *replies;
+                    for i in 0..8 {
+                        setb(out + 14 + total + i, c as u8);
+                        c >>= 8;
+                    }
+                    extra = 8;
+                    setbe16(o4 + 4, be16(l4 + 4) + 8);
+                    setbe16(o4 + 6, 0); // no UDP checksum (IPv4 allows it)
+                }
+                _ => return None,
+            }
+            let o3 = out + 14;
+            copy(o3 + 12, f + 30, 4); // source: us
+            copy(o3 + 16, f + 26, 4); // destination: them
+            setbe16(o3 + 2, (total + extra) as u16);
+            setbe16(o3 + 10, 0);
+            setbe16(o3 + 10, csum(o3, ihl));
+            Some(14 + total + extra)
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,90 @@
+//! Host side of the test guest's `net` workload: a steady stream of UDP echo requests, each
+//! with a sequence number, and what came back — the guest appends its own reply counter, so
+//! a reply lost after the guest counted it shows as a gap in that counter, and the largest
+//! interval between replies is the network gap a user of the VM saw.
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What an [`EchoProbe`] saw.
+#[derive(Debug, Clone, Default)]
+pub struct EchoStats {
+    pub sent: u64,
+    pub received: u64,
+    /// Largest interval between two consecutive replies (or from the first request to the
+    /// first reply).
+    pub max_gap: Duration,
+    /// Guest reply counters in arrival order.
+    pub counters: Vec<u64>,
+}
+
+impl EchoStats {
+    /// The guest's reply counter went up by one from reply to reply: no reply the guest sent
+    /// was lost, none repeated.
+    pub fn check_counter_continuous(&self) -> Result<(), String> {
+        for w in self.counters.windows(2) {
+            if w[1] != w[0] + 1 {
+                return Err(format!(
+                    "guest reply counter jumped from {} to {}",
+                    w[0], w[1]
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sends a request every `period` to `target` (the guest's UDP echo port) until stopped.
+pub struct EchoProbe {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<EchoStats>>,
+}
+
+impl EchoProbe {
+    pub fn start(target: SocketAddr, period: Duration) -> std::io::Result<EchoProbe> {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        sock.set_read_timeout(Some(period.max(Duration::from_micros(200))))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("echo-probe".into())
+            .spawn(move || {
+                let mut st = EchoStats::default();
+                let (t0, mut last) = (Instant::now(), None::<Instant>);
+                let mut next = Instant::now();
+                let mut buf = [0u8; 64];
+                while !s.load(Ordering::SeqCst) {
+                    if Instant::now() >= next {
+                        let _ = sock.send_to(&st.sent.to_le_bytes(), target);
+                        st.sent += 1;
+                        next += period;
+                    }
+                    if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                        if n == 16 {
+                            let now = Instant::now();
+                            let gap = now - last.unwrap_or(t0);
+                            st.max_gap = st.max_gap.max(gap);
+                            last = Some(now);
+                            st.received += 1;
+                            let c = u64::from_le_bytes(buf[8..16].try_into().unwrap_or([0; 8]));
+                            st.counters.push(c);
+                        }
+                    }
+                }
+                st
+            })?;
+        Ok(EchoProbe {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn stop(mut self) -> EchoStats {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
