@@ -229,16 +229,30 @@ pub fn main(args: DemoArgs) -> Result<()> {
 
 fn run(args: &DemoArgs, dir: &Path) -> Result<()> {
     let sock = |n: &str| -> PathBuf { dir.join(n) };
-    let workload = format!("dirty size={} rate={} hb=2000", args.dirty, args.rate);
-    println!("ferry demo: host A runs the test guest ('{workload}', 1 vCPU, 1 GiB);");
-    println!("it moves to host B and back while it keeps writing memory and beating every 2 ms.");
+    let workload = format!(
+        "dirty size={} rate={} hb=2000; disk span=16M rate=8M",
+        args.dirty, args.rate
+    );
+    let disk = dir.join("disk.raw");
+    std::fs::File::create(&disk)?.set_len(64 << 20)?;
+    let disk_arg = format!("path={},id=demo-disk", disk.display());
+    println!("ferry demo: host A runs the test guest ('{workload}', 2 vCPUs, 1 GiB,");
+    println!("a 64 MiB virtio-blk disk on storage both hosts see);");
+    println!(
+        "it moves to host B and back while vCPU 0 writes memory and beats every 2 ms and vCPU 1\n\
+         writes its disk and reads each pass back."
+    );
     let sec = Security::new(args, dir)?;
     let mut a = spawn(
         "A",
         &[
             "run",
+            "--cpus",
+            "2",
             "--memory",
             "1G",
+            "--disk",
+            &disk_arg,
             "--api-socket",
             &sock("a.sock").to_string_lossy(),
             "--guest",
@@ -262,6 +276,10 @@ fn run(args: &DemoArgs, dir: &Path) -> Result<()> {
     let gap2 = migrate(&mut b, &mut a2, &sock("b.sock"), pa, args, &sec)?;
     wait_for(&a2.lines, &mut a2.seen, WAIT, |l| l.starts_with("D0 "))
         .map_err(anyhow::Error::msg)?;
+    // A whole disk pass written and read back on A after both moves.
+    let bad = |l: &str| l.starts_with("K1 ") && !l.ends_with(" ok");
+    let disk_line = wait_for(&a2.lines, &mut a2.seen, WAIT, |l| l.starts_with("K1 "))
+        .map_err(anyhow::Error::msg)?;
     call(&sock("a2.sock"), Method::PUT, "/vm/shutdown", None)?;
     a2.child.wait()?;
     a2.seen.extend(a2.lines.try_iter());
@@ -274,6 +292,24 @@ fn run(args: &DemoArgs, dir: &Path) -> Result<()> {
     }
     log.check_continuous()
         .context("heartbeat sequence across the moves")?;
+    let seen_all = [&a, &b, &a2].map(|h| h.seen.iter().map(|(_, l)| l.clone()).collect::<Vec<_>>());
+    if let Some(l) = seen_all
+        .iter()
+        .flatten()
+        .find(|l| bad(l) || l.starts_with("!1"))
+    {
+        anyhow::bail!("the guest found its disk wrong: {l}");
+    }
+    let passes = seen_all
+        .iter()
+        .flatten()
+        .filter(|l| l.starts_with("K1 ") && l.ends_with(" ok"))
+        .count();
+    println!(
+        "disk: {passes} passes of 16 MiB written and read back correct by the guest across \
+         the moves (last: {})",
+        disk_line.1
+    );
     println!(
         "\ndone: {} heartbeats across three processes, none lost or repeated; guest-observed \
          downtime {:.1} ms (A->B) and {:.1} ms (B->A), heartbeat period 2 ms included",

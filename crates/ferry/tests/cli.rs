@@ -353,6 +353,12 @@ fn check_demo(args: &[&str]) -> String {
         "{text}"
     );
     assert!(text.contains("none lost or repeated"), "{text}");
+    // The guest's disk went along: at least one pass after both moves read back correct.
+    let disk = text
+        .lines()
+        .find(|l| l.starts_with("disk: "))
+        .unwrap_or_else(|| panic!("no disk line: {text}"));
+    assert!(disk.contains("read back correct") && disk.contains(" ok)"), "{disk}");
     let gaps: Vec<f64> = text
         .lines()
         .filter_map(|l| l.strip_prefix("guest-observed downtime (heartbeat gap across the move): "))

@@ -58,6 +58,11 @@ pub trait SourceVm: Sync {
     /// pages are write-protected again, a few at a time over the pass instead of all at
     /// once at the harvest.
     fn rearm(&self, first: usize, words: &[u64]) -> Result<(), String>;
+    /// Called just before the switch-over's pause, outside the downtime: work that shortens
+    /// what the pause must do (a VMM writes its disks' dirty data back here).
+    fn before_pause(&self) -> Result<(), String> {
+        Ok(())
+    }
     fn pause(&self) -> Result<(), String>;
     fn resume(&self) -> Result<(), String>;
     /// Slows the running vCPUs to `100 - percent` % of their time (0: full speed).

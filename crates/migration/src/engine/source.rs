@@ -412,6 +412,7 @@ impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
             }
         }
         // Switch-over.
+        ok(vm.before_pause())?;
         let t_pause = Instant::now();
         ok(vm.pause())?;
         *paused = true;
