@@ -358,7 +358,10 @@ fn check_demo(args: &[&str]) -> String {
         .lines()
         .find(|l| l.starts_with("disk: "))
         .unwrap_or_else(|| panic!("no disk line: {text}"));
-    assert!(disk.contains("read back correct") && disk.contains(" ok)"), "{disk}");
+    assert!(
+        disk.contains("read back correct") && disk.contains(" ok)"),
+        "{disk}"
+    );
     let gaps: Vec<f64> = text
         .lines()
         .filter_map(|l| l.strip_prefix("guest-observed downtime (heartbeat gap across the move): "))

@@ -124,40 +124,8 @@ impl Blk {
     /// Resets and sets up the device at `base` with its rings in the page at `ring` and
     /// request headers in the page at `hdr` (identity-mapped guest memory).
     pub fn init(base: u64, ring: u64, hdr: u64) -> Result<Blk, &'static str> {
-        wr(base, 0x70, 0); // reset
-        wr(base, 0x70, 1 | 2); // ACKNOWLEDGE | DRIVER
-        wr(base, 0x14, 1);
-        if rd(base, 0x10) & 1 == 0 {
-            return Err("device is not VERSION_1");
-        }
-        wr(base, 0x24, 0);
-        wr(base, 0x20, 0);
-        wr(base, 0x24, 1);
-        wr(base, 0x20, 1); // VERSION_1 only
-        wr(base, 0x70, 1 | 2 | 8);
-        if rd(base, 0x70) & 8 == 0 {
-            return Err("device refused FEATURES_OK");
-        }
-        wr(base, 0x30, 0);
-        if rd(base, 0x44) != 0 {
-            return Err("queue 0 already live");
-        }
-        let max = rd(base, 0x34);
-        if max < QSIZE as u32 {
-            return Err("queue too small");
-        }
-        for a in (ring..ring + 4096).step_by(8) {
-            put64(a, 0);
-        }
-        wr(base, 0x38, QSIZE as u32);
-        let set = |lo: u64, hi: u64, a: u64| {
-            wr(base, lo, a as u32);
-            wr(base, hi, (a >> 32) as u32);
-        };
-        set(0x80, 0x84, ring);
-        set(0x90, 0x94, ring + 0x400);
-        set(0xa0, 0xa4, ring + 0x800);
-        wr(base, 0x44, 1);
+        negotiate(base, 0)?;
+        setup_queue(base, 0, QSIZE, ring)?;
         wr(base, 0x70, 1 | 2 | 8 | 4); // DRIVER_OK
         let sectors = rd(base, 0x100) as u64 | (rd(base, 0x104) as u64) << 32;
         Ok(Blk { base, ring, hdr, avail_idx: 0, used_seen: 0, sectors })

@@ -330,3 +330,18 @@ pub fn verify_disk_image(
     }
     Ok(())
 }
+
+/// [`verify_disk_image`] over an image already in memory (e.g. `qemu-img convert`'s output).
+pub fn verify_disk_bytes(image: &[u8], p: &DiskPosition) -> Result<(), VerifyError> {
+    verify_disk_image(
+        |off, buf| {
+            let src = usize::try_from(off)
+                .ok()
+                .and_then(|o| image.get(o..o + buf.len()))
+                .ok_or_else(|| format!("offset {off} is past the image's {} bytes", image.len()))?;
+            buf.copy_from_slice(src);
+            Ok(())
+        },
+        p,
+    )
+}

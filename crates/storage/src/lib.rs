@@ -94,6 +94,19 @@ pub fn open(path: &Path, format: Format, readonly: bool) -> Result<Box<dyn Image
     }
 }
 
+/// Checks a request that changes the image: writable, and within its size.
+pub(crate) fn check_writable(
+    readonly: bool,
+    offset: u64,
+    len: u64,
+    size: u64,
+) -> Result<(), StorageError> {
+    if readonly {
+        return Err(StorageError::ReadOnly);
+    }
+    in_range(offset, len, size)
+}
+
 /// Checks a request against the image size.
 pub(crate) fn in_range(offset: u64, len: u64, size: u64) -> Result<(), StorageError> {
     match offset.checked_add(len) {

@@ -72,10 +72,7 @@ impl Qcow2Image {
     }
 
     fn writable(&self, offset: u64, len: u64) -> Result<(), StorageError> {
-        if self.readonly {
-            return Err(StorageError::ReadOnly);
-        }
-        in_range(offset, len, self.size)
+        crate::check_writable(self.readonly, offset, len, self.size)
     }
 
     fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, FormatAccess<ImagoFile>> {

@@ -61,10 +61,7 @@ impl RawImage {
     }
 
     fn writable(&self, offset: u64, len: u64) -> Result<(), StorageError> {
-        if self.readonly {
-            return Err(StorageError::ReadOnly);
-        }
-        in_range(offset, len, self.size)
+        crate::check_writable(self.readonly, offset, len, self.size)
     }
 
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {

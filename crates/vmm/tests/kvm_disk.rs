@@ -6,7 +6,7 @@ mod common;
 use common::live::*;
 use common::*;
 use ferry_guest::console::{wait_for, LineSink, TimedLine};
-use ferry_guest::verify::{disk_position, verify_disk_image, DiskPosition};
+use ferry_guest::verify::{disk_position, verify_disk_bytes, verify_disk_image, DiskPosition};
 use ferry_migration::engine::Options;
 use ferry_storage::Format;
 use ferry_vmm::devices::DiskConfig;
@@ -308,13 +308,6 @@ fn a_live_migration_of_a_vm_writing_a_qcow2_overlay_is_pattern_exact() {
         flat.to_str().unwrap(),
     ]);
     let bytes = std::fs::read(&flat).unwrap();
-    verify_disk_image(
-        |off, buf| {
-            buf.copy_from_slice(&bytes[off as usize..off as usize + buf.len()]);
-            Ok(())
-        },
-        &p,
-    )
-    .expect("the overlay holds the guest's writes");
+    verify_disk_bytes(&bytes, &p).expect("the overlay holds the guest's writes");
     run(&["check", "-q", top.to_str().unwrap()]);
 }
