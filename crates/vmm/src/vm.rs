@@ -1,5 +1,5 @@
 //! A KVM virtual machine: creation, boot, vCPU threads, pause/resume/shutdown, dirty logging.
-use crate::boot::{self, cpu, linux, multiboot, BootError, Entry, ImageKind};
+use crate::boot::{self, cpu, BootError, Entry};
 use crate::devices::{ConsoleOut, DiskConfig, IoBus, NetConfig, Serial, VirtioSlot};
 use crate::devices::{DevicesError, DevicesState, VirtioError};
 use crate::dirty::{DirtyError, DirtyLog};
@@ -207,7 +207,7 @@ impl Vm {
             virtio,
             base.mem.clone(),
         );
-        let entry = load_boot(&base.mem, &base.layout, &config.boot, &extra)?;
+        let entry = boot::load_source(&base.mem, &base.layout, &config.boot, &extra)?;
         let supported = base
             .kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -754,67 +754,6 @@ impl Base {
             dirty,
         })
     }
-}
-
-/// Loads what `boot` names; a Linux kernel's command line gets `linux_extra` appended (the
-/// virtio-mmio devices it is to find).
-fn load_boot(
-    mem: &GuestMem,
-    layout: &[RamRange],
-    boot: &BootSource,
-    linux_extra: &[String],
-) -> Result<Entry, VmError> {
-    match boot {
-        BootSource::TestGuest { args } => {
-            let mut img = std::io::Cursor::new(ferry_guest_image());
-            Ok(multiboot::load(mem, layout, &mut img, "test guest", args)?)
-        }
-        BootSource::Kernel {
-            path,
-            initrd,
-            cmdline,
-        } => {
-            let name = path.display().to_string();
-            let io = |what: &str| {
-                let what = what.to_string();
-                move |source| BootError::Io { what, source }
-            };
-            let mut f = std::fs::File::open(path).map_err(io(&name))?;
-            let kind = boot::detect(&mut f, &name)?;
-            if kind == ImageKind::Multiboot {
-                if initrd.is_some() {
-                    return Err(BootError::Cmdline(
-                        "--initrd is for Linux kernels, not multiboot images".into(),
-                    )
-                    .into());
-                }
-                return Ok(multiboot::load(mem, layout, &mut f, &name, cmdline)?);
-            }
-            let iname = initrd
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
-            let mut ifile = match initrd {
-                Some(p) => Some(std::fs::File::open(p).map_err(io(&iname))?),
-                None => None,
-            };
-            let mut words = vec![cmdline.as_str()];
-            words.extend(linux_extra.iter().map(String::as_str));
-            let cmdline = words.join(" ");
-            let b = linux::LinuxBoot {
-                kernel: &mut f,
-                kernel_name: &name,
-                bzimage: kind == ImageKind::BzImage,
-                initrd: ifile.as_mut().map(|f| (f, iname.as_str())),
-                cmdline: cmdline.trim(),
-            };
-            Ok(linux::load(mem, layout, b)?)
-        }
-    }
-}
-
-fn ferry_guest_image() -> &'static [u8] {
-    crate::TEST_GUEST_IMAGE
 }
 
 fn setup_vcpu(

@@ -10,7 +10,8 @@ pub mod cpu;
 pub mod linux;
 pub mod multiboot;
 
-use crate::memory::RamRange;
+use crate::memory::{GuestMem, RamRange};
+use crate::vm::BootSource;
 use std::io::{Read, Seek, SeekFrom};
 
 /// The state vCPUs start in.
@@ -104,4 +105,64 @@ pub(crate) fn e820(layout: &[RamRange]) -> Vec<(u64, u64, u32)> {
         }
     }
     v
+}
+
+/// Loads what `boot` names; a Linux kernel's command line gets `linux_extra` appended (the
+/// virtio-mmio devices it is to find).
+pub(crate) fn load_source(
+    mem: &GuestMem,
+    layout: &[RamRange],
+    boot: &BootSource,
+    linux_extra: &[String],
+) -> Result<Entry, BootError> {
+    match boot {
+        BootSource::TestGuest { args } => {
+            let mut img = std::io::Cursor::new(ferry_guest_image());
+            multiboot::load(mem, layout, &mut img, "test guest", args)
+        }
+        BootSource::Kernel {
+            path,
+            initrd,
+            cmdline,
+        } => {
+            let name = path.display().to_string();
+            let io = |what: &str| {
+                let what = what.to_string();
+                move |source| BootError::Io { what, source }
+            };
+            let mut f = std::fs::File::open(path).map_err(io(&name))?;
+            let kind = detect(&mut f, &name)?;
+            if kind == ImageKind::Multiboot {
+                if initrd.is_some() {
+                    return Err(BootError::Cmdline(
+                        "--initrd is for Linux kernels, not multiboot images".into(),
+                    ));
+                }
+                return multiboot::load(mem, layout, &mut f, &name, cmdline);
+            }
+            let iname = initrd
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let mut ifile = match initrd {
+                Some(p) => Some(std::fs::File::open(p).map_err(io(&iname))?),
+                None => None,
+            };
+            let mut words = vec![cmdline.as_str()];
+            words.extend(linux_extra.iter().map(String::as_str));
+            let cmdline = words.join(" ");
+            let b = linux::LinuxBoot {
+                kernel: &mut f,
+                kernel_name: &name,
+                bzimage: kind == ImageKind::BzImage,
+                initrd: ifile.as_mut().map(|f| (f, iname.as_str())),
+                cmdline: cmdline.trim(),
+            };
+            linux::load(mem, layout, b)
+        }
+    }
+}
+
+fn ferry_guest_image() -> &'static [u8] {
+    crate::TEST_GUEST_IMAGE
 }
