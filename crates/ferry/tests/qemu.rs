@@ -129,3 +129,106 @@ fn the_disk_workload_writes_the_same_image_under_qemu_microvm_and_ferry() {
         "images differ"
     );
 }
+
+#[test]
+fn the_net_workload_answers_the_same_under_qemu_microvm_and_ferry() {
+    use ferry_guest::net::EchoProbe;
+    use std::time::Duration;
+    let s = Scratch::new("qemu-net");
+    let image = s.path("ferry-guest.elf");
+    let out = ferry(&["guest-image", "--output", image.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    let tap = format!("fqt{}", std::process::id() % 10000);
+    let subnet = 100 + std::process::id() % 100;
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .expect("ip (iproute2)");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+    let _ = Command::new("ip").args(["link", "del", &tap]).output();
+    ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]);
+    let _gone = Gone(tap.clone());
+    ip(&["addr", "add", &format!("10.{subnet}.1.1/24"), "dev", &tap]);
+    ip(&["link", "set", &tap, "up"]);
+    let work = format!("net ip=10.{subnet}.1.2");
+    let netdev = format!("tap,id=n0,ifname={tap},script=no,downscript=no");
+    let qemu_cmd = [
+        "-M",
+        "microvm",
+        "-enable-kvm",
+        "-m",
+        "256",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-global",
+        "virtio-mmio.force-legacy=false",
+        "-netdev",
+        &netdev,
+        "-device",
+        "virtio-net-device,netdev=n0",
+        "-kernel",
+        image.to_str().unwrap(),
+        "-append",
+        &work,
+    ];
+    let net = format!("tap={tap}");
+    let ferry_cmd = ["run", "--memory", "256M", "--guest", &work, "--net", &net];
+    let mut results = Vec::new();
+    for (name, mut cmd) in [
+        ("QEMU", {
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args(qemu_cmd);
+            c
+        }),
+        ("Ferry", {
+            let mut c = Command::new(FERRY);
+            c.args(ferry_cmd);
+            c
+        }),
+    ] {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut r = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.starts_with("M0 ") {
+            line.clear();
+            if std::io::BufRead::read_line(&mut r, &mut line).unwrap() == 0 {
+                panic!("{name}: the guest's NIC never came up");
+            }
+        }
+        let target = format!("10.{subnet}.1.2:7").parse().unwrap();
+        let probe = EchoProbe::start(target, Duration::from_millis(1)).unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        let st = probe.stop();
+        let _ = child.kill();
+        let _ = child.wait();
+        st.check_counter_continuous()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(st.received >= 200, "{name}: {} of {}", st.received, st.sent);
+        results.push((name, line.trim().to_string(), st.counters.first().copied()));
+    }
+    // The same MAC (QEMU's default and Ferry's) and the same numbering from 1.
+    assert_eq!(results[0].1, results[1].1, "{results:?}");
+    assert_eq!(results[0].2, Some(1));
+    assert_eq!(results[1].2, Some(1));
+}
