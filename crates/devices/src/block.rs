@@ -51,8 +51,6 @@ pub struct Block {
     readonly: bool,
     sizes: [u16; 1],
     buf: Vec<u8>,
-    /// Requests completed with an error status (for tests and metrics).
-    pub errors: u64,
 }
 
 /// How a request ended (the status byte).
@@ -74,7 +72,6 @@ impl Block {
             format,
             sizes: [QUEUE_SIZE],
             buf: Vec::new(),
-            errors: 0,
         }
     }
 
@@ -116,11 +113,6 @@ impl Block {
         }
     }
 
-    /// The image, unless released.
-    pub fn image(&self) -> Option<&dyn Image> {
-        self.image.as_deref()
-    }
-
     fn img(&self) -> Result<&dyn Image, StorageError> {
         self.image.as_deref().ok_or(StorageError::Released)
     }
@@ -149,16 +141,13 @@ impl Block {
             Reader::<B>::new(mem, chain.clone()),
             Writer::<B>::new(mem, chain),
         ) else {
-            // An address outside memory: nowhere safe to put a status.
-            self.errors += 1;
-            return 0;
+            return 0; // an address outside memory: nowhere safe to put a status
         };
+        // The status byte is the last device-writable one; without it, nothing is written.
         let Some(data_len) = w.available_bytes().checked_sub(1) else {
-            self.errors += 1; // no status byte
             return 0;
         };
         let Ok(mut status_w) = w.split_at(data_len) else {
-            self.errors += 1;
             return 0;
         };
         let mut head = [0u8; 16];
@@ -170,9 +159,6 @@ impl Block {
                 self.request(ty, sector, &mut r, &mut w, data_len)
             }
         };
-        if status != Status::Ok {
-            self.errors += 1;
-        }
         let written = w.bytes_written();
         if status_w.write_all(&[status as u8]).is_err() {
             return written as u32;
@@ -353,7 +339,7 @@ where
         }
     }
 
-    fn process(&mut self, _index: usize, queue: &mut Queue, mem: &M, _acked: u64) -> Served {
+    fn process(&mut self, _index: usize, queue: &mut Queue, mem: &M) -> Served {
         let mut served = Served::default();
         if !queue.is_valid(mem) {
             served.broken = true;

@@ -61,13 +61,7 @@ pub trait VirtioDevice<M>: Send {
     /// Writes it (most devices ignore writes).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Serves queue `index` after the driver notified it (or at activation).
-    fn process(
-        &mut self,
-        index: usize,
-        queue: &mut virtio_queue::Queue,
-        mem: &M,
-        acked: u64,
-    ) -> Served;
+    fn process(&mut self, index: usize, queue: &mut virtio_queue::Queue, mem: &M) -> Served;
     /// Makes everything the device acknowledged durable (before state is saved, before the
     /// image is handed to another host).
     fn flush(&mut self) -> Result<(), String> {

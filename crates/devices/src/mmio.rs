@@ -388,27 +388,22 @@ impl<M: GuestMemory> MmioTransport<M> {
         self.interrupt_status = 0;
     }
 
-    /// Serves queue `index` as if the driver had notified it (the VMM's receive thread, when
-    /// the device's backend has data).
-    pub fn poll(&mut self, index: usize, mem: &M) -> crate::Served {
-        self.notify(index, mem)
-    }
-
-    fn notify(&mut self, index: usize, mem: &M) -> crate::Served {
+    /// Serves queue `index`: on the driver's notification, or without one when the device's
+    /// backend has data (the VMM's receive thread).
+    pub fn notify(&mut self, index: usize, mem: &M) -> crate::Served {
         let none = crate::Served::default();
         if self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
             || self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0
         {
             return none;
         }
-        let acked = self.driver_features;
         let Some(q) = self.queues.get_mut(index) else {
             return none;
         };
         if !q.ready() {
             return none;
         }
-        let served = self.device.process(index, q, mem, acked);
+        let served = self.device.process(index, q, mem);
         if served.broken {
             self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
             self.config_generation = self.config_generation.wrapping_add(1);

@@ -132,37 +132,20 @@ fn the_disk_workload_writes_the_same_image_under_qemu_microvm_and_ferry() {
 
 #[test]
 fn the_net_workload_answers_the_same_under_qemu_microvm_and_ferry() {
-    use ferry_guest::net::EchoProbe;
+    use ferry_guest::net::{EchoProbe, HostTap};
     use std::time::Duration;
     let s = Scratch::new("qemu-net");
     let image = s.path("ferry-guest.elf");
     let out = ferry(&["guest-image", "--output", image.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0));
-    let tap = format!("fqt{}", std::process::id() % 10000);
-    let subnet = 100 + std::process::id() % 100;
-    let ip = |args: &[&str]| {
-        let out = Command::new("ip")
-            .args(args)
-            .output()
-            .expect("ip (iproute2)");
-        assert!(
-            out.status.success(),
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    struct Gone(String);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
-        }
-    }
-    let _ = Command::new("ip").args(["link", "del", &tap]).output();
-    ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]);
-    let _gone = Gone(tap.clone());
-    ip(&["addr", "add", &format!("10.{subnet}.1.1/24"), "dev", &tap]);
-    ip(&["link", "set", &tap, "up"]);
-    let work = format!("net ip=10.{subnet}.1.2");
+    let host = HostTap::create(
+        &format!("fqt{}", std::process::id() % 10000),
+        (100 + std::process::id() % 100) as u8,
+        1,
+    )
+    .expect("a tap (root and iproute2)");
+    let tap = host.name.clone();
+    let work = format!("net ip={}", host.guest());
     let netdev = format!("tap,id=n0,ifname={tap},script=no,downscript=no");
     let qemu_cmd = [
         "-M",
@@ -216,7 +199,7 @@ fn the_net_workload_answers_the_same_under_qemu_microvm_and_ferry() {
                 panic!("{name}: the guest's NIC never came up");
             }
         }
-        let target = format!("10.{subnet}.1.2:7").parse().unwrap();
+        let target = format!("{}:7", host.guest()).parse().unwrap();
         let probe = EchoProbe::start(target, Duration::from_millis(1)).unwrap();
         std::thread::sleep(Duration::from_millis(600));
         let st = probe.stop();

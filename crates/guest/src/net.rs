@@ -88,3 +88,53 @@ impl EchoProbe {
             .unwrap_or_default()
     }
 }
+
+/// A tap on the host for a test VM's NIC, with the host's end of a /24 on it, deleted on drop.
+/// The host is `10.<subnet>.<net>.1`, the guest is to take `.2`.
+pub struct HostTap {
+    pub name: String,
+    prefix: String,
+}
+
+impl HostTap {
+    /// Creates tap `name` (replacing a leftover one of that name) as root, with
+    /// `10.subnet.net.1/24` on it, up.
+    pub fn create(name: &str, subnet: u8, net: u8) -> Result<HostTap, String> {
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("ip (iproute2): {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        };
+        let _ = ip(&["link", "del", name]);
+        ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
+        let t = HostTap {
+            name: name.to_string(),
+            prefix: format!("10.{subnet}.{net}"),
+        };
+        ip(&["addr", "add", &format!("{}.1/24", t.prefix), "dev", name])?;
+        ip(&["link", "set", name, "up"])?;
+        Ok(t)
+    }
+
+    /// The address the guest is to take.
+    pub fn guest(&self) -> String {
+        format!("{}.2", self.prefix)
+    }
+}
+
+impl Drop for HostTap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.name])
+            .output();
+    }
+}

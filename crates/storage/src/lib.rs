@@ -12,7 +12,7 @@ mod lock;
 mod qcow2;
 mod raw;
 
-pub use lock::{lock_file, LockMode};
+pub use lock::{open_locked, LockMode};
 pub use qcow2::Qcow2Image;
 pub use raw::RawImage;
 

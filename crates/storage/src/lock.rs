@@ -3,8 +3,10 @@
 //! processes — the kind QEMU takes on its images. A writer locks the whole file for writing,
 //! a reader for reading, so a writer excludes everyone (QEMU included: its own locks on
 //! bytes 100+ and 200+ conflict) and readers exclude writers.
+use crate::StorageError;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 
 /// How an image is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,9 +15,48 @@ pub enum LockMode {
     Write,
 }
 
-/// Takes the lock without waiting. `Err(Some(mode))` names the lock that is in the way,
-/// `Err(None)` is returned with the OS error for anything else.
-pub fn lock_file(f: &File, mode: LockMode) -> Result<(), Result<&'static str, std::io::Error>> {
+impl LockMode {
+    /// Read for a read-only image, else write.
+    pub fn of(readonly: bool) -> LockMode {
+        if readonly {
+            LockMode::Read
+        } else {
+            LockMode::Write
+        }
+    }
+}
+
+/// Opens `path` — for writing too when `mode` is [`LockMode::Write`] (a write lock needs a
+/// descriptor open for writing) — checks it is a regular file, and locks it without waiting.
+pub fn open_locked(path: &Path, mode: LockMode) -> Result<File, StorageError> {
+    let err = |err| StorageError::Open {
+        path: path.to_owned(),
+        err,
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(mode == LockMode::Write)
+        .open(path)
+        .map_err(err)?;
+    if !f.metadata().map_err(err)?.is_file() {
+        return Err(StorageError::Format {
+            path: path.to_owned(),
+            why: "not a regular file".into(),
+        });
+    }
+    match lock_file(&f, mode) {
+        Ok(()) => Ok(f),
+        Err(Ok(held)) => Err(StorageError::Locked {
+            path: path.to_owned(),
+            held,
+        }),
+        Err(Err(e)) => Err(err(e)),
+    }
+}
+
+/// Takes the lock without waiting. `Err(Ok(held))` names the lock that is in the way,
+/// `Err(Err(e))` is any other OS error.
+fn lock_file(f: &File, mode: LockMode) -> Result<(), Result<&'static str, std::io::Error>> {
     let ty = match mode {
         LockMode::Read => libc::F_RDLCK,
         LockMode::Write => libc::F_WRLCK,

@@ -2,7 +2,7 @@
 //! allocated on write, backing files (an overlay reads through to its base), discard and
 //! write-zeroes. imago takes no locks itself: the image (for writing, or reading) and its
 //! backing file (for reading) are locked here, as QEMU locks them.
-use crate::lock::{lock_file, LockMode};
+use crate::lock::{open_locked, LockMode};
 use crate::{in_range, Image, StorageError};
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
@@ -19,37 +19,9 @@ pub struct Qcow2Image {
     _locks: Vec<std::fs::File>,
 }
 
-fn take_lock(path: &Path, mode: LockMode) -> Result<std::fs::File, StorageError> {
-    // A write lock needs a descriptor open for writing.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(mode == LockMode::Write)
-        .open(path)
-        .map_err(|err| StorageError::Open {
-            path: path.to_owned(),
-            err,
-        })?;
-    match lock_file(&f, mode) {
-        Ok(()) => Ok(f),
-        Err(Ok(held)) => Err(StorageError::Locked {
-            path: path.to_owned(),
-            held,
-        }),
-        Err(Err(err)) => Err(StorageError::Open {
-            path: path.to_owned(),
-            err,
-        }),
-    }
-}
-
 impl Qcow2Image {
     pub fn open(path: &Path, readonly: bool) -> Result<Self, StorageError> {
-        let mode = if readonly {
-            LockMode::Read
-        } else {
-            LockMode::Write
-        };
-        let mut locks = vec![take_lock(path, mode)?];
+        let mut locks = vec![open_locked(path, LockMode::of(readonly))?];
         let bad = |why: String| StorageError::Format {
             path: path.to_owned(),
             why,
@@ -60,7 +32,7 @@ impl Qcow2Image {
             .map_err(|e| bad(format!("not a usable qcow2 image: {e}")))?;
         if let Some(b) = q.implicit_backing_file() {
             let bp = backing_path(path, b);
-            locks.push(take_lock(&bp, LockMode::Read)?);
+            locks.push(open_locked(&bp, LockMode::Read)?);
         }
         let access = FormatAccess::new(q);
         Ok(Qcow2Image {

@@ -1,8 +1,8 @@
 //! Raw images: the file is the disk, byte for byte. Holes stay holes: discard punches one,
 //! write-zeroes with unmap punches one, without unmap zeroes the range in place.
-use crate::lock::{lock_file, LockMode};
+use crate::lock::{open_locked, LockMode};
 use crate::{in_range, Image, StorageError};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -17,41 +17,18 @@ pub struct RawImage {
 impl RawImage {
     /// Opens and locks `path` (for reading only when `readonly`).
     pub fn open(path: &Path, readonly: bool) -> Result<Self, StorageError> {
-        let err = |err| StorageError::Open {
-            path: path.to_owned(),
-            err,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(path)
-            .map_err(err)?;
-        let meta = file.metadata().map_err(err)?;
-        if !meta.is_file() {
-            return Err(StorageError::Format {
+        let file = open_locked(path, LockMode::of(readonly))?;
+        let size = file
+            .metadata()
+            .map_err(|err| StorageError::Open {
                 path: path.to_owned(),
-                why: "not a regular file".into(),
-            });
-        }
-        let mode = if readonly {
-            LockMode::Read
-        } else {
-            LockMode::Write
-        };
-        match lock_file(&file, mode) {
-            Ok(()) => {}
-            Err(Ok(held)) => {
-                return Err(StorageError::Locked {
-                    path: path.to_owned(),
-                    held,
-                })
-            }
-            Err(Err(e)) => return Err(err(e)),
-        }
+                err,
+            })?
+            .len();
         Ok(RawImage {
             file,
             path: path.to_owned(),
-            size: meta.len(),
+            size,
             readonly,
         })
     }

@@ -109,9 +109,9 @@ impl SourceVm for LiveSource<'_> {
         self.vm.pause().map_err(text)
     }
     fn resume(&self) -> Result<(), String> {
-        // The hand-over failed before commit: the disks come back to this host first.
+        // The hand-over failed before commit: disks and taps come back to this host first.
         self.vm
-            .reacquire_disks(Duration::from_secs(5))
+            .reacquire_backends(Duration::from_secs(5))
             .map_err(text)?;
         if self.was_paused {
             return Ok(());
@@ -123,8 +123,8 @@ impl SourceVm for LiveSource<'_> {
     }
     fn save_state(&self) -> Result<Vec<u8>, String> {
         let state = postcard::to_stdvec(&self.vm.save_state().map_err(text)?).map_err(text)?;
-        // Shared storage: flushed and unlocked before the destination opens the images.
-        self.vm.release_disks().map_err(text)?;
+        // Shared storage and taps: released before the destination opens them.
+        self.vm.release_backends().map_err(text)?;
         Ok(state)
     }
 }

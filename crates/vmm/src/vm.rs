@@ -105,8 +105,8 @@ pub enum VmError {
     Devices(#[from] DevicesError),
     #[error(transparent)]
     Virtio(#[from] VirtioError),
-    #[error("disk: {0}")]
-    Disk(String),
+    #[error("device backend: {0}")]
+    Backend(String),
     #[error("dirty log: {0}")]
     Dirty(#[from] DirtyError),
 }
@@ -312,31 +312,32 @@ impl Vm {
         })
     }
 
-    /// Flushes every disk and lets go of its image (and lock) for a hand-over to another host.
-    /// The VM must be paused; [`reacquire_disks`](Self::reacquire_disks) undoes it.
-    pub fn release_disks(&self) -> Result<(), VmError> {
+    /// Lets go of every device's backend — each disk flushed and its image (and lock)
+    /// released, each NIC's tap detached — for a hand-over to another host. The VM must be
+    /// paused; [`reacquire_backends`](Self::reacquire_backends) undoes it.
+    pub fn release_backends(&self) -> Result<(), VmError> {
         let state = self.state();
         if !matches!(state, RunState::Paused | RunState::Created) {
             return Err(VmError::State {
-                op: "release disks",
+                op: "release device backends",
                 state,
             });
         }
         for d in self.bus.virtio() {
-            d.release().map_err(VmError::Disk)?;
+            d.release().map_err(VmError::Backend)?;
         }
         Ok(())
     }
 
-    /// Opens the released images again. Another host that opened them meanwhile (a hand-over
+    /// Opens the released images and taps again. Another host that opened them meanwhile (a hand-over
     /// that failed late) may still be closing them: retried for up to `patience`.
-    pub fn reacquire_disks(&self, patience: Duration) -> Result<(), VmError> {
+    pub fn reacquire_backends(&self, patience: Duration) -> Result<(), VmError> {
         let until = Instant::now() + patience;
         for d in self.bus.virtio() {
             loop {
                 match d.reacquire() {
                     Ok(()) => break,
-                    Err(e) if Instant::now() >= until => return Err(VmError::Disk(e)),
+                    Err(e) if Instant::now() >= until => return Err(VmError::Backend(e)),
                     Err(_) => std::thread::sleep(Duration::from_millis(50)),
                 }
             }
@@ -347,7 +348,7 @@ impl Vm {
     /// Makes every disk's acknowledged writes durable.
     pub fn flush_disks(&self) -> Result<(), VmError> {
         for d in self.bus.virtio() {
-            d.flush().map_err(VmError::Disk)?;
+            d.flush().map_err(VmError::Backend)?;
         }
         Ok(())
     }

@@ -5,58 +5,32 @@ mod common;
 use common::live::*;
 use common::*;
 use ferry_guest::console::{wait_for, LineSink, TimedLine};
-use ferry_guest::net::EchoProbe;
+use ferry_guest::net::{EchoProbe, HostTap};
 use ferry_guest::verify::{disk_position, verify_disk_image};
 use ferry_migration::engine::Options;
 use ferry_storage::Format;
 use ferry_vmm::devices::{DiskConfig, NetConfig};
 use ferry_vmm::{BootSource, RunState, Vm, VmConfig};
 use std::os::unix::fs::FileExt;
-use std::process::Command;
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
-/// A tap with the host's address on it, deleted on drop.
-struct TapIf {
-    name: String,
-    subnet: u8,
+/// A tap with the host's address on it (10.<pid-derived>.0.1), deleted on drop.
+fn host_tap(tag: u8) -> HostTap {
+    let subnet = (std::process::id() % 200) as u8 + tag;
+    HostTap::create(
+        &format!("fnt{}x{tag}", std::process::id() % 10000),
+        subnet,
+        0,
+    )
+    .expect("a tap (root and iproute2)")
 }
 
-impl TapIf {
-    fn new(tag: u8) -> TapIf {
-        let subnet = (std::process::id() % 200) as u8 + tag;
-        let name = format!("fnt{}x{tag}", std::process::id() % 10000);
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .expect("ip (iproute2)");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let _ = Command::new("ip").args(["link", "del", &name]).output();
-        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
-        ip(&["addr", "add", &format!("10.{subnet}.0.1/24"), "dev", &name]);
-        ip(&["link", "set", &name, "up"]);
-        TapIf { name, subnet }
-    }
-    fn guest(&self) -> String {
-        format!("10.{}.0.2", self.subnet)
-    }
-}
-
-impl Drop for TapIf {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.name])
-            .output();
-    }
-}
-
-fn boot_with(work: &str, tap: &TapIf, disk: Option<&std::path::Path>) -> (Vm, Receiver<TimedLine>) {
+fn boot_with(
+    work: &str,
+    tap: &HostTap,
+    disk: Option<&std::path::Path>,
+) -> (Vm, Receiver<TimedLine>) {
     let (sink, rx) = LineSink::new();
     let cfg = VmConfig {
         cpus: if disk.is_some() { 2 } else { 1 },
@@ -80,7 +54,7 @@ fn boot_with(work: &str, tap: &TapIf, disk: Option<&std::path::Path>) -> (Vm, Re
 
 #[test]
 fn the_guest_answers_udp_echo_through_virtio_net_with_a_continuous_counter() {
-    let tap = TapIf::new(1);
+    let tap = host_tap(1);
     let (vm, rx) = boot_with(&format!("net ip={}", tap.guest()), &tap, None);
     let mut seen = Vec::new();
     wait_for(&rx, &mut seen, T, |l| l.starts_with("M0 52:54:00:12:34:56")).unwrap();
@@ -107,7 +81,7 @@ fn the_guest_answers_udp_echo_through_virtio_net_with_a_continuous_counter() {
 /// `opts`: the disk matches the guest's position, the heartbeat is continuous, the guest's
 /// reply counter never skipped, and replies came from both sides. Returns the network gap.
 fn move_busy(tag: u8, opts: Options) -> Duration {
-    let tap = TapIf::new(tag);
+    let tap = host_tap(tag);
     let d = scratch(&format!("net-move-{tag}"));
     let disk = d.0.join("disk.raw");
     std::fs::File::create(&disk)

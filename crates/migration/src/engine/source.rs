@@ -64,10 +64,9 @@ impl<'a> Shared<'a> {
     fn pace(&self, n: u64, cap: u64) -> Option<Duration> {
         let now = Instant::now();
         let mut due = self.due.lock().unwrap_or_else(|e| e.into_inner());
-        let from = match now.checked_sub(BURST) {
-            Some(floor) => (*due).max(floor),
-            None => *due,
-        };
+        let from = now
+            .checked_sub(BURST)
+            .map_or(*due, |floor| (*due).max(floor));
         *due = from + Duration::from_secs_f64(n as f64 / cap as f64);
         due.checked_duration_since(now)
     }

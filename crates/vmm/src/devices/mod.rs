@@ -216,52 +216,53 @@ impl IoBus {
 
 /// The receive thread: waits for a backend to have data and lets its device serve the queue.
 fn receive_loop(bus: Weak<IoBus>) {
-    loop {
-        let Some(b) = bus.upgrade() else { return };
-        let gate = b.receiving.lock().unwrap_or_else(|e| e.into_inner());
-        if !b.running.load(Ordering::SeqCst) {
-            drop(gate);
-            drop(b);
-            std::thread::sleep(std::time::Duration::from_millis(2));
-            continue;
-        }
-        let watch: Vec<(usize, std::os::fd::RawFd, usize)> = b
-            .virtio
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.poll_fd().map(|(fd, q)| (i, fd, q)))
-            .collect();
-        if watch.is_empty() {
-            drop(gate);
-            drop(b);
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            continue;
-        }
-        let mut fds: Vec<libc::pollfd> = watch
-            .iter()
-            .map(|&(_, fd, _)| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
-        if n <= 0 {
-            drop(gate);
-            continue;
-        }
-        let mut idle = true;
-        for (p, &(i, _, q)) in fds.iter().zip(&watch) {
-            if p.revents & libc::POLLIN != 0 && b.virtio[i].poll(q, &b.mem, &b.running) > 0 {
-                idle = false;
-            }
-        }
-        drop(gate);
+    while let Some(b) = bus.upgrade() {
+        let pause = {
+            let _gate = b.receiving.lock().unwrap_or_else(|e| e.into_inner());
+            receive_once(&b)
+        };
         drop(b);
-        if idle {
-            // Data waits but the guest has no buffer posted: it will notify when it does.
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        if let Some(d) = pause {
+            std::thread::sleep(d);
         }
     }
+}
+
+/// One poll of every backend and one serving of those with data; returns how long to wait
+/// before the next (None: at once).
+fn receive_once(b: &IoBus) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    if !b.running.load(Ordering::SeqCst) {
+        return Some(Duration::from_millis(2));
+    }
+    let watch: Vec<(usize, std::os::fd::RawFd, usize)> = b
+        .virtio
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.poll_fd().map(|(fd, q)| (i, fd, q)))
+        .collect();
+    if watch.is_empty() {
+        return Some(Duration::from_millis(5));
+    }
+    let mut fds: Vec<libc::pollfd> = watch
+        .iter()
+        .map(|&(_, fd, _)| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
+    if n <= 0 {
+        return None;
+    }
+    let mut served = 0;
+    for (p, &(i, _, q)) in fds.iter().zip(&watch) {
+        if p.revents & libc::POLLIN != 0 {
+            served += b.virtio[i].poll(q, &b.mem, &b.running);
+        }
+    }
+    // Data waits but the guest has no buffer posted: it will notify when it does.
+    (served == 0).then_some(Duration::from_millis(1))
 }

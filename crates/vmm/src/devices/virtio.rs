@@ -10,6 +10,7 @@ use ferry_storage::{Format, StorageError};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -160,6 +161,10 @@ pub struct VirtioSlot {
     pub base: u64,
     pub gsi: u32,
     t: Mutex<MmioTransport<GuestMem>>,
+    /// The backend descriptor the receive thread polls (-1: none, or released) and the queue
+    /// it serves then; kept here so the thread does not take the device's lock to learn it.
+    poll_fd: AtomicI32,
+    poll_queue: usize,
 }
 
 fn irqfd(vm: &VmFd, base: u64, gsi: u32) -> Result<Arc<IrqFd>, VirtioError> {
@@ -182,6 +187,23 @@ fn open_image(
 }
 
 impl VirtioSlot {
+    fn new(base: u64, gsi: u32, t: MmioTransport<GuestMem>) -> VirtioSlot {
+        let (fd, queue) = t.device().poll_fd().unwrap_or((-1, 0));
+        VirtioSlot {
+            base,
+            gsi,
+            t: Mutex::new(t),
+            poll_fd: AtomicI32::new(fd),
+            poll_queue: queue,
+        }
+    }
+
+    /// Reads the device's backend descriptor again (it changes on release and reacquire).
+    fn refresh_poll_fd(&self, t: &MmioTransport<GuestMem>) {
+        let fd = t.device().poll_fd().map_or(-1, |(fd, _)| fd);
+        self.poll_fd.store(fd, Ordering::SeqCst);
+    }
+
     /// The devices of a new VM: disks, then NICs, each in configuration order.
     pub fn create_all(
         vm: &VmFd,
@@ -207,11 +229,11 @@ impl VirtioSlot {
         let mut v = Vec::new();
         for (i, dev) in devs.into_iter().enumerate() {
             let (base, gsi) = place(i);
-            v.push(VirtioSlot {
+            v.push(VirtioSlot::new(
                 base,
                 gsi,
-                t: Mutex::new(MmioTransport::new(dev, irqfd(vm, base, gsi)?)),
-            });
+                MmioTransport::new(dev, irqfd(vm, base, gsi)?),
+            ));
         }
         Ok(v)
     }
@@ -241,11 +263,7 @@ impl VirtioSlot {
             };
             let t = MmioTransport::from_state(&st.mmio, dev, irqfd(vm, st.base, st.gsi)?)
                 .map_err(|e| bad(e.to_string()))?;
-            v.push(VirtioSlot {
-                base: st.base,
-                gsi: st.gsi,
-                t: Mutex::new(t),
-            });
+            v.push(VirtioSlot::new(st.base, st.gsi, t));
         }
         Ok(v)
     }
@@ -284,24 +302,20 @@ impl VirtioSlot {
 
     /// The descriptor the receive thread polls and the queue it serves then, if any.
     pub fn poll_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
-        self.lock().device().poll_fd()
+        let fd = self.poll_fd.load(Ordering::SeqCst);
+        (fd >= 0).then_some((fd, self.poll_queue))
     }
 
     /// Serves queue `index` without a notification (backend data arrived), unless `running`
     /// is false — checked under the device's lock, so once [`quiesce`](Self::quiesce) has
     /// returned after `running` was cleared, nothing more is written into guest memory.
     /// Returns the requests completed.
-    pub fn poll(
-        &self,
-        index: usize,
-        mem: &GuestMem,
-        running: &std::sync::atomic::AtomicBool,
-    ) -> u32 {
+    pub fn poll(&self, index: usize, mem: &GuestMem, running: &AtomicBool) -> u32 {
         let mut t = self.lock();
-        if !running.load(std::sync::atomic::Ordering::SeqCst) {
+        if !running.load(Ordering::SeqCst) {
             return 0;
         }
-        t.poll(index, mem).completed
+        t.notify(index, mem).completed
     }
 
     /// Waits until no one serves this device (a delivery in progress has finished).
@@ -312,12 +326,18 @@ impl VirtioSlot {
     /// Flushes and lets go of the backend (its image lock) while the VM is paused for a
     /// hand-over to another host.
     pub fn release(&self) -> Result<(), String> {
-        self.lock().device_mut().release()
+        let mut t = self.lock();
+        let r = t.device_mut().release();
+        self.refresh_poll_fd(&t);
+        r
     }
 
     /// Takes the backend back (the hand-over failed before commit).
     pub fn reacquire(&self) -> Result<(), String> {
-        self.lock().device_mut().reacquire()
+        let mut t = self.lock();
+        let r = t.device_mut().reacquire();
+        self.refresh_poll_fd(&t);
+        r
     }
 
     /// The kernel command-line word Linux's virtio-mmio driver finds this device by.
