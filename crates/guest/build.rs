@@ -16,6 +16,7 @@ fn main() {
         "rt.rs",
         "disk.rs",
         "virtio.rs",
+        "net.rs",
         "boot.s",
         "link.ld",
     ] {

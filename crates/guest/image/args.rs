@@ -10,6 +10,7 @@ pub enum Kind {
     Verify,
     Disk,
     DiskVerify,
+    DiskBench,
     Net,
 }
 
@@ -38,6 +39,12 @@ pub struct Spec {
     pub next: u64,
     /// net: the guest's IPv4 address (host order).
     pub ip: u32,
+    /// disk-bench: requests in flight (1..=32).
+    pub qd: u64,
+    /// disk-bench: random block offsets (else sequential).
+    pub random: bool,
+    /// disk-bench: reads (else writes).
+    pub read: bool,
 }
 
 fn kind_of(word: &str) -> Option<Kind> {
@@ -48,6 +55,7 @@ fn kind_of(word: &str) -> Option<Kind> {
         "verify" => Some(Kind::Verify),
         "disk" => Some(Kind::Disk),
         "disk-verify" => Some(Kind::DiskVerify),
+        "disk-bench" => Some(Kind::DiskBench),
         "net" => Some(Kind::Net),
         _ => None,
     }
@@ -97,6 +105,9 @@ fn parse_segment(seg: &str) -> Result<Spec, &'static str> {
         pass: 1,
         next: u64::MAX,
         ip: 0,
+        qd: 1,
+        random: false,
+        read: false,
     };
     for w in words {
         let (k, v) = w.split_once('=').ok_or("expected key=value")?;
@@ -116,9 +127,13 @@ fn parse_segment(seg: &str) -> Result<Spec, &'static str> {
             (Kind::Disk | Kind::DiskVerify, "hb") => spec.period_us = n,
             (Kind::Disk, "passes") => spec.count = n,
             (Kind::Disk, "rate") => spec.rate = n,
-            (Kind::Disk | Kind::DiskVerify, "span") => spec.span = n,
-            (Kind::Disk | Kind::DiskVerify, "bs") => spec.bs = n,
-            (Kind::Disk | Kind::DiskVerify, "dev") => spec.dev = n,
+            (Kind::Disk | Kind::DiskVerify | Kind::DiskBench, "span") => spec.span = n,
+            (Kind::Disk | Kind::DiskVerify | Kind::DiskBench, "bs") => spec.bs = n,
+            (Kind::Disk | Kind::DiskVerify | Kind::DiskBench, "dev") => spec.dev = n,
+            (Kind::DiskBench, "qd") => spec.qd = n,
+            (Kind::DiskBench, "ops") => spec.count = n,
+            (Kind::DiskBench, "random") => spec.random = n != 0,
+            (Kind::DiskBench, "read") => spec.read = n != 0,
             (Kind::DiskVerify, "pass") => spec.pass = n,
             (Kind::DiskVerify, "next") => spec.next = n,
             (Kind::Net, "hb") => spec.period_us = n,
@@ -135,7 +150,10 @@ fn parse_segment(seg: &str) -> Result<Spec, &'static str> {
     if kind == Kind::Net && spec.ip == 0 {
         return Err("net needs ip=A.B.C.D");
     }
-    if matches!(kind, Kind::Disk | Kind::DiskVerify) {
+    if kind == Kind::DiskBench && !(1..=crate::virtio::MAX_QD as u64).contains(&spec.qd) {
+        return Err("qd must be 1..32");
+    }
+    if matches!(kind, Kind::Disk | Kind::DiskVerify | Kind::DiskBench) {
         if spec.bs == 0 || spec.bs % 512 != 0 || spec.bs > 1 << 20 {
             return Err("bs must be a multiple of 512, at most 1M");
         }
@@ -199,6 +217,8 @@ pub fn region_size(spec: &Spec) -> u64 {
         Kind::Verify => spec.size.div_ceil(page) * page,
         // Status page, ring page, header page, data buffer.
         Kind::Disk | Kind::DiskVerify => 3 * page + spec.bs.div_ceil(page) * page,
+        // The same with a data buffer per request in flight.
+        Kind::DiskBench => 3 * page + spec.qd * spec.bs.div_ceil(page) * page,
         // Status page, RX ring, TX ring, 4 RX buffers of 2 KiB, TX buffer.
         Kind::Net => 6 * page,
         Kind::Idle | Kind::Heartbeat => 0,

@@ -50,6 +50,7 @@ fn name(kind: Kind) -> &'static str {
         Kind::Verify => "verify",
         Kind::Disk => "disk",
         Kind::DiskVerify => "disk-verify",
+        Kind::DiskBench => "disk-bench",
         Kind::Net => "net",
     }
 }
@@ -82,6 +83,7 @@ pub fn run(cpu: u64, spec: &Spec, base: u64, _map: &MemoryMap, khz: u64) -> u8 {
         Kind::Dirty => dirty(cpu, spec, base, pages - 1, khz, &mut beat),
         Kind::Verify => verify(cpu, spec, base, pages, khz, &mut beat),
         Kind::Disk | Kind::DiskVerify => crate::disk::run(cpu, spec, base, khz, &mut beat),
+        Kind::DiskBench => crate::disk::bench(cpu, spec, base, khz, &mut beat),
         Kind::Net => crate::net::run(cpu, spec, base, &mut beat),
     }
 }

@@ -15,6 +15,8 @@ pub struct LiveSource<'a> {
     vm: &'a Vm,
     was_paused: bool,
     was_logging: bool,
+    /// Disks and taps being let go since the pause (flushes overlap the last pass).
+    releasing: Mutex<Option<crate::devices::Release>>,
 }
 
 impl<'a> LiveSource<'a> {
@@ -23,7 +25,14 @@ impl<'a> LiveSource<'a> {
             vm,
             was_paused: vm.state() == RunState::Paused,
             was_logging: vm.dirty_logging(),
+            releasing: Mutex::new(None),
         }
+    }
+
+    /// Waits for the backends' release begun at the pause, if one was.
+    fn released(&self) -> Result<(), String> {
+        let r = self.releasing.lock().map_err(|_| "lock poisoned")?.take();
+        r.map_or(Ok(()), |r| r.wait())
     }
 }
 
@@ -103,13 +112,19 @@ impl SourceVm for LiveSource<'_> {
         self.vm.flush_disks().map_err(text)
     }
     fn pause(&self) -> Result<(), String> {
-        if self.vm.state() == RunState::Paused {
-            return Ok(());
+        if self.vm.state() != RunState::Paused {
+            self.vm.pause().map_err(text)?;
         }
-        self.vm.pause().map_err(text)
+        // Shared storage and taps: let go of them now, while the last pages travel; the
+        // state is sent (and the destination opens them) only once that has finished.
+        let r = self.vm.release_backends().map_err(text)?;
+        *self.releasing.lock().map_err(|_| "lock poisoned")? = Some(r);
+        Ok(())
     }
     fn resume(&self) -> Result<(), String> {
-        // The hand-over failed before commit: disks and taps come back to this host first.
+        // The hand-over failed before commit: disks and taps come back to this host first
+        // (a release still running is waited for; its failure does not matter now).
+        let _ = self.released();
         self.vm
             .reacquire_backends(Duration::from_secs(5))
             .map_err(text)?;
@@ -122,10 +137,10 @@ impl SourceVm for LiveSource<'_> {
         self.vm.set_throttle(percent).map_err(text)
     }
     fn save_state(&self) -> Result<Vec<u8>, String> {
-        let state = postcard::to_stdvec(&self.vm.save_state().map_err(text)?).map_err(text)?;
-        // Shared storage and taps: released before the destination opens them.
-        self.vm.release_backends().map_err(text)?;
-        Ok(state)
+        // Shared storage and taps: released (since the pause) before the destination opens
+        // them, which it does when it loads this state.
+        self.released()?;
+        postcard::to_stdvec(&self.vm.save_state().map_err(text)?).map_err(text)
     }
 }
 

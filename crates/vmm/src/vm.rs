@@ -206,7 +206,8 @@ impl Vm {
             ),
             virtio,
             base.mem.clone(),
-        );
+        )
+        .map_err(VmError::Thread)?;
         let entry = boot::load_source(&base.mem, &base.layout, &config.boot, &extra)?;
         let supported = base
             .kvm
@@ -267,7 +268,7 @@ impl Vm {
             memory::reset_vmm_dirty(&base.mem);
         }
         let bus = Arc::new(bus);
-        IoBus::spawn_receiver(&bus).map_err(VmError::Thread)?;
+        IoBus::spawn_io_thread(&bus).map_err(VmError::Thread)?;
         Ok(Vm {
             config,
             _kvm: base.kvm,
@@ -313,9 +314,11 @@ impl Vm {
     }
 
     /// Lets go of every device's backend — each disk flushed and its image (and lock)
-    /// released, each NIC's tap detached — for a hand-over to another host. The VM must be
-    /// paused; [`reacquire_backends`](Self::reacquire_backends) undoes it.
-    pub fn release_backends(&self) -> Result<(), VmError> {
+    /// released, each NIC's tap detached — for a hand-over to another host, on a thread of
+    /// its own (a flush can take milliseconds: the caller does other work of the pause
+    /// meanwhile); [`Release::wait`] for it. The VM must be paused;
+    /// [`reacquire_backends`](Self::reacquire_backends) undoes it.
+    pub fn release_backends(&self) -> Result<crate::devices::Release, VmError> {
         let state = self.state();
         if !matches!(state, RunState::Paused | RunState::Created) {
             return Err(VmError::State {
@@ -323,10 +326,7 @@ impl Vm {
                 state,
             });
         }
-        for d in self.bus.virtio() {
-            d.release().map_err(VmError::Backend)?;
-        }
-        Ok(())
+        IoBus::release_backends(&self.bus).map_err(VmError::Thread)
     }
 
     /// Opens the released images and taps again. Another host that opened them meanwhile (a hand-over

@@ -22,6 +22,18 @@ const I8042_DATA: u16 = 0x60;
 const I8042_CMD: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
 
+/// Backends being released (flushed and closed) in the background.
+pub struct Release(std::thread::JoinHandle<Result<(), String>>);
+
+impl Release {
+    /// Waits until every backend is flushed and closed; the first failure.
+    pub fn wait(self) -> Result<(), String> {
+        self.0
+            .join()
+            .unwrap_or_else(|_| Err("the release thread panicked".into()))
+    }
+}
+
 /// What a port write asks of the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoAction {
@@ -38,9 +50,15 @@ pub struct IoBus {
     mem: GuestMem,
     /// Devices may act on their own (receive) only while the vCPUs run.
     running: AtomicBool,
-    /// Held by the receive thread while it polls and serves: a backend it polls stays open
-    /// in the kernel until poll returns (a tap stays attached), so a hand-over waits for it.
+    /// Held by the I/O thread while it polls and serves: a backend it polls stays open in
+    /// the kernel until poll returns (a tap stays attached), so a hand-over waits for it.
     receiving: Mutex<()>,
+    /// Written to cut the I/O thread's poll short (a pause).
+    wake: vmm_sys_util::eventfd::EventFd,
+}
+
+fn wake_fd() -> std::io::Result<vmm_sys_util::eventfd::EventFd> {
+    vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
 }
 
 /// State of every VMM-emulated device (version 2: virtio devices). `IoBus::save`
@@ -65,17 +83,20 @@ pub enum DevicesError {
     Serial(#[from] SerialStateError),
     #[error(transparent)]
     Virtio(#[from] VirtioError),
+    #[error("cannot make the I/O thread's wake-up eventfd: {0}")]
+    Wake(std::io::Error),
 }
 
 impl IoBus {
-    pub fn new(serial: Serial, virtio: Vec<VirtioSlot>, mem: GuestMem) -> Self {
-        IoBus {
+    pub fn new(serial: Serial, virtio: Vec<VirtioSlot>, mem: GuestMem) -> std::io::Result<Self> {
+        Ok(IoBus {
             serial: Mutex::new(serial),
             virtio,
             mem,
             running: AtomicBool::new(false),
             receiving: Mutex::new(()),
-        }
+            wake: wake_fd()?,
+        })
     }
 
     pub fn save(&self) -> DevicesState {
@@ -85,6 +106,7 @@ impl IoBus {
             mem: _,
             running: _,
             receiving: _,
+            wake: _,
         } = self;
         let serial = serial.lock().unwrap_or_else(|e| e.into_inner()).save();
         DevicesState {
@@ -116,16 +138,21 @@ impl IoBus {
             mem,
             running: AtomicBool::new(false),
             receiving: Mutex::new(()),
+            wake: wake_fd().map_err(DevicesError::Wake)?,
         })
     }
 
-    /// Stops devices from acting on their own and waits out any delivery in progress: after
-    /// this returns, no device writes guest memory until [`resume_devices`](Self::resume_devices).
+    /// Stops devices from acting on their own, waits out any service in progress and serves
+    /// what the guest made available and the I/O thread had not reached yet (the vCPUs are
+    /// stopped): after this returns, no device writes guest memory until
+    /// [`resume_devices`](Self::resume_devices), and nothing is in flight.
     pub fn quiesce(&self) {
         self.running.store(false, Ordering::SeqCst);
-        drop(self.receiving.lock().unwrap_or_else(|e| e.into_inner()));
+        let _ = self.wake.write(1);
+        let _gate = self.receiving.lock().unwrap_or_else(|e| e.into_inner());
         for s in &self.virtio {
             s.quiesce();
+            s.drain(&self.mem);
         }
     }
 
@@ -133,16 +160,25 @@ impl IoBus {
         self.running.store(true, Ordering::SeqCst);
     }
 
-    /// Starts the receive thread if a device has a backend to poll; it ends with the bus.
-    pub fn spawn_receiver(bus: &Arc<IoBus>) -> std::io::Result<()> {
-        if !bus.virtio.iter().any(|s| s.poll_fd().is_some()) {
+    /// Starts the I/O thread if there is a virtio device; it ends with the bus.
+    pub fn spawn_io_thread(bus: &Arc<IoBus>) -> std::io::Result<()> {
+        if bus.virtio.is_empty() {
             return Ok(());
         }
         let weak = Arc::downgrade(bus);
         std::thread::Builder::new()
-            .name("virtio-rx".into())
-            .spawn(move || receive_loop(weak))
+            .name("virtio-io".into())
+            .spawn(move || io_loop(weak))
             .map(|_| ())
+    }
+
+    /// Releases every device's backend on a thread of its own (see `Vm::release_backends`).
+    pub fn release_backends(bus: &Arc<IoBus>) -> std::io::Result<Release> {
+        let bus = bus.clone();
+        std::thread::Builder::new()
+            .name("release".into())
+            .spawn(move || bus.virtio.iter().try_for_each(VirtioSlot::release))
+            .map(Release)
     }
 
     /// The virtio devices, in order.
@@ -214,13 +250,13 @@ impl IoBus {
     }
 }
 
-/// The receive thread: waits for a backend to have data and lets its device serve the queue.
-fn receive_loop(bus: Weak<IoBus>) {
+/// The I/O thread: serves queues the guest kicked (ioeventfds) and backends with data (a
+/// tap's received frames).
+fn io_loop(bus: Weak<IoBus>) {
+    let mut starved = Vec::new();
     while let Some(b) = bus.upgrade() {
-        let pause = {
-            let _gate = b.receiving.lock().unwrap_or_else(|e| e.into_inner());
-            receive_once(&b)
-        };
+        starved.resize(b.virtio.len(), false);
+        let pause = io_once(&b, &mut starved);
         drop(b);
         if let Some(d) = pause {
             std::thread::sleep(d);
@@ -228,41 +264,71 @@ fn receive_loop(bus: Weak<IoBus>) {
     }
 }
 
-/// One poll of every backend and one serving of those with data; returns how long to wait
-/// before the next (None: at once).
-fn receive_once(b: &IoBus) -> Option<std::time::Duration> {
-    use std::time::Duration;
+#[derive(Clone, Copy)]
+enum Source {
+    Wake,
+    Kick(usize, usize),
+    Data(usize, usize),
+}
+
+/// One poll of every kick, backend and the wake-up, and one serving of those ready; returns
+/// how long to wait before the next (None: at once). `starved[i]`: device i's backend has
+/// data but the guest posted no buffer; it is not watched until the guest kicks.
+fn io_once(b: &IoBus, starved: &mut [bool]) -> Option<std::time::Duration> {
     if !b.running.load(Ordering::SeqCst) {
-        return Some(Duration::from_millis(2));
+        return Some(std::time::Duration::from_millis(2));
     }
-    let watch: Vec<(usize, std::os::fd::RawFd, usize)> = b
-        .virtio
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| s.poll_fd().map(|(fd, q)| (i, fd, q)))
-        .collect();
-    if watch.is_empty() {
-        return Some(Duration::from_millis(5));
+    use std::os::fd::AsRawFd;
+    let mut watch = vec![(b.wake.as_raw_fd(), Source::Wake)];
+    for (i, s) in b.virtio.iter().enumerate() {
+        watch.extend(s.kick_fds().map(|(fd, q)| (fd, Source::Kick(i, q))));
+        if let Some((fd, q)) = s.poll_fd().filter(|_| !starved[i]) {
+            watch.push((fd, Source::Data(i, q)));
+        }
     }
     let mut fds: Vec<libc::pollfd> = watch
         .iter()
-        .map(|&(_, fd, _)| libc::pollfd {
+        .map(|&(fd, _)| libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
         })
         .collect();
+    // The gate is held across the poll: a backend polled stays open in the kernel until
+    // poll returns, and a hand-over must not find the tap still attached. A pause writes
+    // the wake-up, so it does not wait out the timeout.
+    let _gate = b.receiving.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
     let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
+    if n == 0 {
+        starved.fill(false); // a lost kick costs at most one timeout
+    }
     if n <= 0 {
         return None;
     }
-    let mut served = 0;
-    for (p, &(i, _, q)) in fds.iter().zip(&watch) {
-        if p.revents & libc::POLLIN != 0 {
-            served += b.virtio[i].poll(q, &b.mem, &b.running);
+    for (p, &(_, src)) in fds.iter().zip(&watch) {
+        if p.revents & libc::POLLIN == 0 {
+            continue;
+        }
+        match src {
+            Source::Wake => {
+                let _ = b.wake.read();
+            }
+            // A kick taken is served even if a pause has begun: the pause waits for the gate
+            // and drains only the kicks still pending.
+            Source::Kick(i, q) => {
+                let s = &b.virtio[i];
+                if s.take_kick(q) {
+                    s.serve(q, &b.mem);
+                }
+                if q == s.data_queue() {
+                    starved[i] = false;
+                }
+            }
+            Source::Data(i, q) => {
+                starved[i] = b.virtio[i].poll(q, &b.mem, &b.running) == 0;
+            }
         }
     }
-    // Data waits but the guest has no buffer posted: it will notify when it does.
-    (served == 0).then_some(Duration::from_millis(1))
+    None
 }

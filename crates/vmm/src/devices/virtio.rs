@@ -132,6 +132,8 @@ pub enum VirtioError {
     State { base: u64, why: String },
     #[error("cannot wire the interrupt of the device at {base:#x}: {why}")]
     Irq { base: u64, why: String },
+    #[error("cannot wire the queue notifications of the device at {base:#x}: {why}")]
+    Kick { base: u64, why: String },
 }
 
 /// Version of the per-device entry in the devices' state.
@@ -165,6 +167,25 @@ pub struct VirtioSlot {
     /// it serves then; kept here so the thread does not take the device's lock to learn it.
     poll_fd: AtomicI32,
     poll_queue: usize,
+    /// One eventfd per queue that KVM signals when the guest writes the queue's index to
+    /// QueueNotify (an ioeventfd: the vCPU does not leave the kernel); the I/O thread serves.
+    kicks: Vec<EventFd>,
+}
+
+/// QueueNotify's offset in a virtio-mmio window.
+const QUEUE_NOTIFY: u64 = 0x50;
+
+fn kick_fds(vm: &VmFd, base: u64, queues: usize) -> Result<Vec<EventFd>, VirtioError> {
+    let bad = |why: String| VirtioError::Kick { base, why };
+    (0..queues)
+        .map(|q| {
+            let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| bad(e.to_string()))?;
+            let at = kvm_ioctls::IoEventAddress::Mmio(base + QUEUE_NOTIFY);
+            vm.register_ioevent(&e, &at, q as u32)
+                .map_err(|e| bad(format!("ioeventfd for queue {q}: {e}")))?;
+            Ok(e)
+        })
+        .collect()
 }
 
 fn irqfd(vm: &VmFd, base: u64, gsi: u32) -> Result<Arc<IrqFd>, VirtioError> {
@@ -187,15 +208,22 @@ fn open_image(
 }
 
 impl VirtioSlot {
-    fn new(base: u64, gsi: u32, t: MmioTransport<GuestMem>) -> VirtioSlot {
+    fn new(
+        vm: &VmFd,
+        base: u64,
+        gsi: u32,
+        t: MmioTransport<GuestMem>,
+    ) -> Result<VirtioSlot, VirtioError> {
         let (fd, queue) = t.device().poll_fd().unwrap_or((-1, 0));
-        VirtioSlot {
+        let kicks = kick_fds(vm, base, t.device().queue_max_sizes().len())?;
+        Ok(VirtioSlot {
             base,
             gsi,
             t: Mutex::new(t),
             poll_fd: AtomicI32::new(fd),
             poll_queue: queue,
-        }
+            kicks,
+        })
     }
 
     /// Reads the device's backend descriptor again (it changes on release and reacquire).
@@ -230,10 +258,11 @@ impl VirtioSlot {
         for (i, dev) in devs.into_iter().enumerate() {
             let (base, gsi) = place(i);
             v.push(VirtioSlot::new(
+                vm,
                 base,
                 gsi,
                 MmioTransport::new(dev, irqfd(vm, base, gsi)?),
-            ));
+            )?);
         }
         Ok(v)
     }
@@ -263,7 +292,7 @@ impl VirtioSlot {
             };
             let t = MmioTransport::from_state(&st.mmio, dev, irqfd(vm, st.base, st.gsi)?)
                 .map_err(|e| bad(e.to_string()))?;
-            v.push(VirtioSlot::new(st.base, st.gsi, t));
+            v.push(VirtioSlot::new(vm, st.base, st.gsi, t)?);
         }
         Ok(v)
     }
@@ -316,6 +345,40 @@ impl VirtioSlot {
             return 0;
         }
         t.notify(index, mem).completed
+    }
+
+    /// The queues' kick eventfds, with their queue index.
+    pub fn kick_fds(&self) -> impl Iterator<Item = (std::os::fd::RawFd, usize)> + '_ {
+        use std::os::fd::AsRawFd;
+        self.kicks
+            .iter()
+            .enumerate()
+            .map(|(q, e)| (e.as_raw_fd(), q))
+    }
+
+    /// Consumes queue `index`'s pending kicks; whether there were any.
+    pub fn take_kick(&self, index: usize) -> bool {
+        self.kicks.get(index).is_some_and(|e| e.read().is_ok())
+    }
+
+    /// The queue the backend's data is served on (net: receive).
+    pub fn data_queue(&self) -> usize {
+        self.poll_queue
+    }
+
+    /// Serves every queue that was kicked and not served yet, whether or not the VM runs:
+    /// a pause drains what the guest made available before the state is saved.
+    pub fn drain(&self, mem: &GuestMem) {
+        for q in 0..self.kicks.len() {
+            if self.take_kick(q) {
+                self.serve(q, mem);
+            }
+        }
+    }
+
+    /// Serves queue `index` as a notification would; returns the requests completed.
+    pub fn serve(&self, index: usize, mem: &GuestMem) -> u32 {
+        self.lock().notify(index, mem).completed
     }
 
     /// Waits until no one serves this device (a delivery in progress has finished).
