@@ -23,7 +23,7 @@ const MAX_RANGE_SECTORS: u32 = 1 << 22;
 /// Segments one discard or write-zeroes request may carry.
 const MAX_RANGE_SEGS: u32 = 64;
 /// I/O is done through a bounce buffer of this size at most.
-const CHUNK: usize = 1 << 20;
+const CHUNK: usize = 128 << 10;
 
 /// Version of [`BlockState`].
 pub const BLOCK_STATE_VERSION: u32 = 1;
@@ -43,7 +43,7 @@ pub struct BlockState {
 
 pub struct Block {
     /// None while released (the VM is paused and another host may own the image).
-    image: Option<Box<dyn Image>>,
+    image: Option<std::sync::Arc<dyn Image>>,
     id: String,
     path: PathBuf,
     format: Format,
@@ -51,6 +51,8 @@ pub struct Block {
     readonly: bool,
     sizes: [u16; 1],
     buf: Vec<u8>,
+    /// The driver did not accept VIRTIO_BLK_F_FLUSH: writes are synced before completing.
+    writethrough: bool,
 }
 
 /// How a request ended (the status byte).
@@ -66,12 +68,13 @@ impl Block {
         Block {
             size: image.size(),
             readonly: image.readonly(),
-            image: Some(image),
+            image: Some(image.into()),
             id,
             path,
             format,
             sizes: [QUEUE_SIZE],
             buf: Vec::new(),
+            writethrough: true,
         }
     }
 
@@ -227,7 +230,7 @@ impl Block {
                     }
                     done += n;
                 }
-                Status::Ok
+                self.durable()
             }
             VIRTIO_BLK_T_FLUSH => match self.img().and_then(|i| i.flush()) {
                 Ok(()) => Status::Ok,
@@ -246,6 +249,20 @@ impl Block {
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => self.ranges(ty, r),
             _ => Status::Unsupp,
+        }
+    }
+
+    /// The end of a write: Ok, once it is durable when the disk is write-through.
+    fn durable(&self) -> Status {
+        if !self.writethrough {
+            return Status::Ok;
+        }
+        match self.img().and_then(|i| i.flush()) {
+            Ok(()) => Status::Ok,
+            Err(e) => {
+                tracing::warn!("virtio-blk {}: {e}", self.id);
+                Status::IoErr
+            }
         }
     }
 
@@ -298,7 +315,7 @@ impl Block {
                 return Status::IoErr;
             }
         }
-        Status::Ok
+        self.durable()
     }
 }
 
@@ -339,7 +356,10 @@ where
         }
     }
 
-    fn process(&mut self, _index: usize, queue: &mut Queue, mem: &M) -> Served {
+    fn process(&mut self, _index: usize, queue: &mut Queue, mem: &M, features: u64) -> Served {
+        // A driver without VIRTIO_BLK_F_FLUSH cannot ask for a flush and takes the disk to
+        // have no write cache (Linux does): every write is made durable before it completes.
+        self.writethrough = features & (1 << VIRTIO_BLK_F_FLUSH) == 0;
         let mut served = Served::default();
         if !queue.is_valid(mem) {
             served.broken = true;
@@ -367,6 +387,16 @@ where
             served.completed += 1;
         }
         served
+    }
+
+    fn flush_handle(&self) -> Option<crate::FlushHandle> {
+        let image = self.image.clone()?;
+        let path = self.path.clone();
+        Some(Box::new(move || {
+            image
+                .flush()
+                .map_err(|e| format!("{}: {e}", path.display()))
+        }))
     }
 
     fn flush(&mut self) -> Result<(), String> {
@@ -398,7 +428,7 @@ where
                 self.size
             ));
         }
-        self.image = Some(img);
+        self.image = Some(img.into());
         Ok(())
     }
 }

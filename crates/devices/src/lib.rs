@@ -47,6 +47,9 @@ pub enum DeviceState {
 }
 
 /// A virtio device model behind a transport. `M` is the guest memory type.
+/// A flush that runs apart from its device (see [`VirtioDevice::flush_handle`]).
+pub type FlushHandle = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
 pub trait VirtioDevice<M>: Send {
     /// The device's own state (its transport saves queues and registers).
     fn save(&self) -> DeviceState;
@@ -60,12 +63,24 @@ pub trait VirtioDevice<M>: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes it (most devices ignore writes).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// Serves queue `index` after the driver notified it (or at activation).
-    fn process(&mut self, index: usize, queue: &mut virtio_queue::Queue, mem: &M) -> Served;
+    /// Serves queue `index` after the driver notified it (or at activation); `features` are
+    /// the ones the driver accepted.
+    fn process(
+        &mut self,
+        index: usize,
+        queue: &mut virtio_queue::Queue,
+        mem: &M,
+        features: u64,
+    ) -> Served;
     /// Makes everything the device acknowledged durable (before state is saved, before the
     /// image is handed to another host).
     fn flush(&mut self) -> Result<(), String> {
         Ok(())
+    }
+    /// What [`flush`](Self::flush) does, as a job that runs without the device (the
+    /// VMM's device lock): a write-back while the guest's I/O goes on. None: only `flush`.
+    fn flush_handle(&self) -> Option<FlushHandle> {
+        None
     }
     /// Flushes and lets go of the backend (its image lock), so another host may open it;
     /// only while the VM is paused.

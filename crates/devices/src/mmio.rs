@@ -403,7 +403,7 @@ impl<M: GuestMemory> MmioTransport<M> {
         if !q.ready() {
             return none;
         }
-        let served = self.device.process(index, q, mem);
+        let served = self.device.process(index, q, mem, self.driver_features);
         if served.broken {
             self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
             self.config_generation = self.config_generation.wrapping_add(1);

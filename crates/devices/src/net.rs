@@ -187,7 +187,7 @@ where
         }
     }
 
-    fn process(&mut self, index: usize, queue: &mut Queue, mem: &M) -> Served {
+    fn process(&mut self, index: usize, queue: &mut Queue, mem: &M, _features: u64) -> Served {
         if !queue.is_valid(mem) {
             return Served {
                 broken: true,

@@ -355,3 +355,80 @@ fn state_saved_between_requests_restores_a_device_that_carries_on() {
     let img = RawImage::open(&bad.path, false).unwrap();
     assert!(Block::from_state(&bad, Box::new(img)).is_err());
 }
+
+/// A raw image that counts its flushes.
+struct Counting(RawImage, Arc<std::sync::atomic::AtomicUsize>);
+
+impl ferry_storage::Image for Counting {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn readonly(&self) -> bool {
+        self.0.readonly()
+    }
+    fn read_at(&self, b: &mut [u8], o: u64) -> Result<(), ferry_storage::StorageError> {
+        self.0.read_at(b, o)
+    }
+    fn write_at(&self, b: &[u8], o: u64) -> Result<(), ferry_storage::StorageError> {
+        self.0.write_at(b, o)
+    }
+    fn flush(&self) -> Result<(), ferry_storage::StorageError> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.flush()
+    }
+    fn discard(&self, o: u64, n: u64) -> Result<(), ferry_storage::StorageError> {
+        self.0.discard(o, n)
+    }
+    fn write_zeroes(&self, o: u64, n: u64, u: bool) -> Result<(), ferry_storage::StorageError> {
+        self.0.write_zeroes(o, n, u)
+    }
+}
+
+/// A driver that did not accept VIRTIO_BLK_F_FLUSH cannot flush and takes the disk for
+/// write-through (Linux does): each write is durable before it completes. One that accepted
+/// it gets a write cache and flushes when it asks.
+#[test]
+fn writes_are_durable_on_completion_unless_the_driver_accepted_flush() {
+    const F_FLUSH: u64 = 1 << 9;
+    for accept_flush in [false, true] {
+        let d = disk(1 << 20);
+        let flushes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let img = Counting(RawImage::open(&d.path, false).unwrap(), flushes.clone());
+        let dev = Block::new(Box::new(img), "d".into(), d.path.clone(), Format::Raw);
+        let mem = memory();
+        let mut drv = Driver::new(Box::new(dev));
+        let offered = drv.features();
+        assert_ne!(offered & F_FLUSH, 0, "the device offers FLUSH");
+        let f = if accept_flush {
+            offered
+        } else {
+            offered & !F_FLUSH
+        };
+        assert_eq!(drv.setup(f, &mem) & 0xf, 0xf);
+        let n =
+            |f: &Arc<std::sync::atomic::AtomicUsize>| f.load(std::sync::atomic::Ordering::SeqCst);
+        let (st, _) = request(&mut drv, &mem, T_OUT, 0, Some(&pattern(0, 4096)), 0);
+        assert_eq!(st, S_OK);
+        assert_eq!(
+            n(&flushes),
+            usize::from(!accept_flush),
+            "after a write (flush accepted: {accept_flush})"
+        );
+        let zero = [0u8; 16]; // one write-zeroes segment: sector 0, 1 sector, no flags
+        let mut seg = zero;
+        seg[8] = 1;
+        let (st, _) = request(&mut drv, &mem, T_WRITE_ZEROES, 0, Some(&seg), 0);
+        assert_eq!(st, S_OK);
+        assert_eq!(n(&flushes), 2 * usize::from(!accept_flush));
+        let (st, _) = request(&mut drv, &mem, T_FLUSH, 0, None, 0);
+        assert_eq!(st, S_OK);
+        assert_eq!(n(&flushes), 2 * usize::from(!accept_flush) + 1);
+        let (st, _) = request(&mut drv, &mem, T_IN, 0, None, 4096);
+        assert_eq!(st, S_OK);
+        assert_eq!(
+            n(&flushes),
+            2 * usize::from(!accept_flush) + 1,
+            "reads never flush"
+        );
+    }
+}

@@ -146,7 +146,9 @@ impl Blk {
     /// the page at `ring` and request headers in the page at `hdr` (identity-mapped guest
     /// memory).
     pub fn init(base: u64, ring: u64, hdr: u64, qsize: u16) -> Result<Blk, &'static str> {
-        negotiate(base, 0)?;
+        // VIRTIO_BLK_F_FLUSH: this driver flushes when it needs durability, so the device may
+        // keep a write cache (without it a device must write through).
+        negotiate(base, 1 << 9)?;
         setup_queue(base, 0, qsize, ring)?;
         wr(base, 0x70, 1 | 2 | 8 | 4); // DRIVER_OK
         let sectors = rd(base, 0x100) as u64 | (rd(base, 0x104) as u64) << 32;

@@ -360,3 +360,38 @@ fn every_pause_drains_the_requests_the_guest_kicked() {
     vm.shutdown().unwrap();
     vm.wait();
 }
+
+/// The benchmark workload's deep driver: 32 requests in flight on a 128-entry queue, random
+/// offsets, writes then reads; every request completes with status OK (the guest stops at
+/// the first that does not) and the guest counts them all.
+#[test]
+fn thirty_two_requests_in_flight_all_complete() {
+    let d = scratch("disk-qd32");
+    let disk = image(&d, 8 << 20);
+    for work in [
+        "disk-bench span=4M bs=4K qd=32 random=1 ops=3000",
+        "disk-bench span=4M bs=4K qd=32 random=1 ops=3000 read=1",
+        "disk-bench span=4M bs=64K qd=7",
+    ] {
+        let (vm, rx) = boot_disk(work, &disk);
+        let mut seen = Vec::new();
+        let line = wait_for(&rx, &mut seen, T, |l: &str| {
+            assert!(!l.starts_with('!'), "{work}: {l}");
+            l.starts_with("Q0 ")
+        })
+        .unwrap();
+        let f: Vec<u64> = line
+            .1
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        let (ops, bs) = if work.contains("64K") {
+            (64, 64 << 10)
+        } else {
+            (3000, 4096)
+        };
+        assert_eq!((f[0], f[1]), (ops, ops * bs), "{work}: {}", line.1);
+        assert_eq!(vm.wait(), GuestExit::PowerOff { code: 0 }, "{work}");
+    }
+}

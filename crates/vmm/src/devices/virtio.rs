@@ -324,9 +324,14 @@ impl VirtioSlot {
         self.lock().write(addr - self.base, data, mem);
     }
 
-    /// Makes what the device acknowledged durable.
+    /// Makes what the device acknowledged durable; the guest's requests go on meanwhile
+    /// where the device can flush apart from its lock (raw and qcow2 images can).
     pub fn flush(&self) -> Result<(), String> {
-        self.lock().device_mut().flush()
+        let handle = self.lock().device().flush_handle();
+        match handle {
+            Some(f) => f(),
+            None => self.lock().device_mut().flush(),
+        }
     }
 
     /// The descriptor the receive thread polls and the queue it serves then, if any.
