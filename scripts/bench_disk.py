@@ -13,6 +13,9 @@ usage: scripts/bench_disk.py [--runs N] [--span 64M] [--ferry PATH]
 """
 import argparse, os, statistics, subprocess, sys, tempfile, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from microvm import microvm  # noqa: E402
+
 
 KHZ = []  # the TSC rate Ferry's guest calibrated
 
@@ -63,12 +66,7 @@ def main():
                     work += f" ops={min(span // 4096, 16384)}"
                 cmds = {
                     "Ferry": [a.ferry, "run", "--memory", "256M", "--guest", work, "--disk", f"path={disk}"],
-                    "QEMU": ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-m", "256", "-nodefaults",
-                             "-display", "none", "-no-reboot", "-serial", "stdio",
-                             "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
-                             "-global", "virtio-mmio.force-legacy=false",
-                             "-drive", f"file={disk},if=none,id=d0,format=raw,cache=writeback",
-                             "-device", "virtio-blk-device,drive=d0", "-kernel", image, "-append", work],
+                    "QEMU": microvm(image, work, disk=disk),
                 }
                 res = {k: [] for k in cmds}
                 for _ in range(a.runs):

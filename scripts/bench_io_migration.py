@@ -22,6 +22,7 @@ import argparse, os, re, shutil, socket, statistics, subprocess, sys, tempfile, 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_live import Console, observed_gap, free_port  # noqa: E402
 from bench_snapshot import Qmp  # noqa: E402
+from microvm import microvm  # noqa: E402
 
 BR, TAPS, PREFIX = "fbbr0", ("fbta", "fbtb"), "10.212.7"
 WORK = {
@@ -100,15 +101,7 @@ def jitter(src, t0):
 
 
 def qemu_cmd(image, disk, tap, work, qmp, incoming):
-    c = ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-m", "256",
-         "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
-         "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
-         "-global", "virtio-mmio.force-legacy=false",
-         "-drive", f"file={disk},if=none,id=d0,format=raw,cache=writeback",
-         "-device", "virtio-blk-device,drive=d0",
-         "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-         "-device", "virtio-net-device,netdev=n0",
-         "-kernel", image, "-append", work, "-qmp", f"unix:{qmp},server=on,wait=off"]
+    c = microvm(image, work, disk=disk, tap=tap, extra=["-qmp", f"unix:{qmp},server=on,wait=off"])
     return c + (["-incoming", "defer"] if incoming else [])
 
 

@@ -14,6 +14,9 @@ usage: scripts/bench_net.py [--runs N] [--ferry PATH]
 """
 import argparse, os, select, socket, statistics, subprocess, sys, tempfile, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from microvm import microvm  # noqa: E402
+
 TAP, PREFIX = "fbnet0", "10.211.7"
 
 
@@ -94,11 +97,7 @@ def main():
             work = f"net ip={PREFIX}.2"
             cmds = {
                 "Ferry": [a.ferry, "run", "--memory", "256M", "--guest", work, "--net", f"tap={TAP}"],
-                "QEMU": ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-m", "256", "-nodefaults",
-                         "-display", "none", "-no-reboot", "-serial", "stdio",
-                         "-global", "virtio-mmio.force-legacy=false",
-                         "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
-                         "-device", "virtio-net-device,netdev=n0", "-kernel", image, "-append", work],
+                "QEMU": microvm(image, work, tap=TAP),
             }
             res = {k: [] for k in cmds}
             for _ in range(a.runs):
