@@ -3,10 +3,8 @@
 
 The guest's `disk-bench` workload issues a fixed number of requests (writes, or reads) of one
 size at sequential or random offsets in the span, with 1 or 32 in flight, and times them by its
-own TSC (`Q0 <ops> <bytes> <ticks> <kHz>`): what the guest sees, from its first request to its
-last completion, boot excluded. Both VMMs' guests read the host's TSC (KVM, no scaling); ticks
-become seconds with the rate the guest calibrated under Ferry (PIT channel 2; QEMU microvm has
-no port 0x61 gate, so its guest cannot calibrate). Each run starts from a fresh sparse image; runs interleave the two
+own TSC (`Q0 <ops> <bytes> <ticks> <kHz>`, kHz from its own PIT calibration): what the
+guest sees, from its first request to its last completion, boot excluded. Each run starts from a fresh sparse image; runs interleave the two
 VMMs. Reads run on an image the same run wrote first.
 
 usage: scripts/bench_disk.py [--runs N] [--span 64M] [--ferry PATH]
@@ -17,18 +15,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from microvm import microvm  # noqa: E402
 
 
-KHZ = []  # the TSC rate Ferry's guest calibrated
-
-
-def timed(cmd, ferry):
+def timed(cmd):
     """Runs a VM to its `Q0` line; returns MB/s and IOPS as the guest timed them."""
     out = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=300).stdout
     for raw in out.splitlines():
         if raw.startswith(b"Q0 "):
             ops, nbytes, ticks, khz = (int(x) for x in raw.split()[1:5])
-            if ferry:
-                KHZ.append(khz)
-            us = ticks / (statistics.median(KHZ) / 1000)
+            us = ticks / (khz / 1000)
             return nbytes / us, ops / us * 1e6
     raise RuntimeError(f"no Q0 line from {cmd[0]}: {out[-300:]!r}")
 
@@ -76,7 +69,7 @@ def main():
                         if reads:  # something to read: the span written once, in the page cache
                             with open(disk, "r+b") as f:
                                 f.write(os.urandom(1 << 20) * (span >> 20))
-                        res[k].append(timed(c, k == "Ferry"))
+                        res[k].append(timed(c))
                 for k, v in res.items():
                     mb = [x[0] for x in v]
                     print(f"| {name} | {qd} | {k} | {statistics.median(mb):.0f} | {min(mb):.0f} | "
