@@ -382,6 +382,13 @@ impl ferry_storage::Image for Counting {
     fn write_zeroes(&self, o: u64, n: u64, u: bool) -> Result<(), ferry_storage::StorageError> {
         self.0.write_zeroes(o, n, u)
     }
+    fn extents(
+        &self,
+        o: u64,
+        n: u64,
+    ) -> Result<Vec<ferry_storage::Extent>, ferry_storage::StorageError> {
+        self.0.extents(o, n)
+    }
 }
 
 /// A driver that did not accept VIRTIO_BLK_F_FLUSH cannot flush and takes the disk for

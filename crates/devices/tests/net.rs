@@ -77,15 +77,24 @@ fn send(drv: &mut Driver, mem: &Mem, frame: &[u8]) -> (u32, u32) {
     drv.next_used(mem).expect("the frame is returned")
 }
 
-/// Receive buffers are served until one holds an ARP reply from the host (the kernel may
-/// send other frames first, e.g. IPv6 router solicitations); returns its used length.
-fn await_arp_reply(drv: &mut Driver, mem: &Mem, n: u8) -> u32 {
+/// Sends an ARP request for the host and serves receive buffers until one holds the reply
+/// (the kernel may send other frames first, e.g. IPv6 router solicitations); the request is
+/// sent again every 100 ms, as a real ARP client does (a tap that has just come up may drop
+/// the first). Returns the reply's used length.
+fn arp_round_trip(drv: &mut Driver, mem: &Mem, n: u8) -> u32 {
     let until = Instant::now() + Duration::from_secs(5);
     drv.select(0);
     drv.post(mem, &[(RX_BUF, 2048, F_WRITE)]);
     drv.notify(mem);
+    let mut next_send = Instant::now();
     loop {
         assert!(Instant::now() < until, "no ARP reply from the host");
+        if Instant::now() >= next_send {
+            let (_, len) = send(drv, mem, &arp_request(n));
+            assert_eq!(len, 0, "a transmit buffer is returned with nothing written");
+            drv.select(0);
+            next_send = Instant::now() + Duration::from_millis(100);
+        }
         drv.t.notify(0, mem);
         let Some((_, len)) = drv.next_used(mem) else {
             std::thread::sleep(Duration::from_millis(2));
@@ -115,10 +124,8 @@ fn a_frame_sent_reaches_the_tap_and_the_answer_lands_in_a_receive_buffer() {
     drv.t.read(0x100, &mut cfg);
     assert_eq!(cfg[..6], MAC, "the MAC in the configuration space");
     assert_eq!(cfg[6] & 1, 1, "link up");
-    let (_, len) = send(&mut drv, &mem, &arp_request(tap.1));
-    assert_eq!(len, 0, "a transmit buffer is returned with nothing written");
     clear_dirty(&mem);
-    let len = await_arp_reply(&mut drv, &mem, tap.1);
+    let len = arp_round_trip(&mut drv, &mem, tap.1);
     assert!(len as usize >= HDR + 42);
     assert!(dirty(&mem, RX_BUF), "the frame's page is marked dirty");
     assert!(
@@ -152,16 +159,20 @@ fn malformed_chains_are_dropped_or_reset_the_device_and_never_crash_it() {
     assert!(drv.next_used(&mem).is_some(), "a looping chain is returned");
     assert_eq!(drv.reg(0x70) & NEEDS_RESET, 0);
     // The device still works: a good frame out, the answer in.
-    send(&mut drv, &mem, &arp_request(tap.1));
-    await_arp_reply(&mut drv, &mem, tap.1);
+    arp_round_trip(&mut drv, &mem, tap.1);
     // Receive buffers that are device-readable (wrong direction) or too small for a frame get
     // the frame dropped and come back empty.
     for (len, flags) in [(2048u32, 0u16), (HDR as u32 + 4, F_WRITE)] {
-        send(&mut drv, &mem, &arp_request(tap.1));
         drv.select(0);
         let head = drv.post(&mem, &[(RX_BUF, len, flags)]);
         let until = Instant::now() + Duration::from_secs(5);
+        let mut next_send = Instant::now();
         let used = loop {
+            if Instant::now() >= next_send {
+                send(&mut drv, &mem, &arp_request(tap.1)); // something to receive
+                drv.select(0);
+                next_send = Instant::now() + Duration::from_millis(100);
+            }
             drv.t.notify(0, &mem);
             if let Some(u) = drv.next_used(&mem) {
                 break u;

@@ -84,6 +84,35 @@ pub trait Image: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> Result<(), StorageError>;
     /// The range reads back as zeroes; `unmap` lets the image free the space.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), StorageError>;
+    /// What `[offset, offset + len)` holds as the guest sees it, in order and covering the
+    /// range: extents of data and extents that read as zeroes (a raw file's holes; qcow2's
+    /// unallocated clusters with no backing data and its zero clusters). Copying the data
+    /// extents copies the disk; how fine the map is depends on the format (file system
+    /// blocks, clusters), and a data extent may still hold zeroes.
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, StorageError>;
+}
+
+/// A run of an image (see [`Image::extents`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    /// False: the run reads as zeroes and need not be copied.
+    pub data: bool,
+}
+
+/// Appends a run to `v`, merging it with the last one when they touch and are alike.
+pub(crate) fn push_extent(v: &mut Vec<Extent>, offset: u64, len: u64, data: bool) {
+    if len == 0 {
+        return;
+    }
+    if let Some(l) = v.last_mut() {
+        if l.data == data && l.offset + l.len == offset {
+            l.len += len;
+            return;
+        }
+    }
+    v.push(Extent { offset, len, data });
 }
 
 /// Opens `path` as `format`, locked for writing unless `readonly`.

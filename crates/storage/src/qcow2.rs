@@ -3,7 +3,7 @@
 //! write-zeroes. imago takes no locks itself: the image (for writing, or reading) and its
 //! backing file (for reading) are locked here, as QEMU locks them.
 use crate::lock::{open_locked, LockMode};
-use crate::{in_range, Image, StorageError};
+use crate::{in_range, push_extent, Extent, Image, StorageError};
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
 use imago::{FormatAccess, FormatDriverBuilder, PermissiveImplicitOpenGate};
@@ -110,5 +110,33 @@ impl Image for Qcow2Image {
             self.read_lock().write_zeroes(offset, len)?;
         }
         Ok(())
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, StorageError> {
+        in_range(offset, len, self.size)?;
+        let end = offset + len;
+        let a = self.read_lock();
+        let mut v = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let (m, n) = a.get_mapping(at, end - at)?;
+            let data = match m {
+                imago::Mapping::Zero { .. } => false,
+                imago::Mapping::Eof { .. } => {
+                    // Past the last layer's end: zeroes to the disk's end.
+                    push_extent(&mut v, at, end - at, false);
+                    break;
+                }
+                // Raw (here or in a backing file) and Special (compressed): data.
+                _ => true,
+            };
+            if n == 0 {
+                return Err(std::io::Error::other(format!("qcow2: no mapping at {at:#x}")).into());
+            }
+            let n = n.min(end - at);
+            push_extent(&mut v, at, n, data);
+            at += n;
+        }
+        Ok(v)
     }
 }

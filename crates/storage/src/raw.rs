@@ -1,7 +1,7 @@
 //! Raw images: the file is the disk, byte for byte. Holes stay holes: discard punches one,
 //! write-zeroes with unmap punches one, without unmap zeroes the range in place.
 use crate::lock::{open_locked, LockMode};
-use crate::{in_range, Image, StorageError};
+use crate::{in_range, push_extent, Extent, Image, StorageError};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -39,6 +39,23 @@ impl RawImage {
 
     fn writable(&self, offset: u64, len: u64) -> Result<(), StorageError> {
         crate::check_writable(self.readonly, offset, len, self.size)
+    }
+
+    /// `lseek(SEEK_DATA | SEEK_HOLE)` from `at`: the next such offset, None when there is
+    /// no more data (ENXIO).
+    fn seek(&self, at: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+        // SAFETY: plain syscall on an open fd; the file position it moves is unused (all
+        // I/O here is positional).
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), at as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
     }
 
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
@@ -122,5 +139,23 @@ impl Image for RawImage {
             at += n as u64;
         }
         Ok(())
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, StorageError> {
+        in_range(offset, len, self.size)?;
+        let end = offset + len;
+        let mut v = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let data = self.seek(at, libc::SEEK_DATA)?.unwrap_or(end).min(end);
+            push_extent(&mut v, at, data - at, false);
+            if data >= end {
+                break;
+            }
+            let hole = self.seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            push_extent(&mut v, data, hole - data, true);
+            at = hole;
+        }
+        Ok(v)
     }
 }
