@@ -37,7 +37,7 @@ pub fn serial_init() {
 /// Measures the TSC against 20 ms of PIT channel 0, read back through latch commands (ports
 /// 0x40 and 0x43 only: QEMU microvm has a PIT but no port 0x61, the speaker port through
 /// which channel 2 is usually gated and read, so a calibration on channel 2 there reads
-/// nonsense). Channel 0 is set to count down from 65536 (mode 2); its interrupt stays masked.
+/// nonsense). Channel 0 counts down from 65536 (mode 2) while measuring, and is stopped after.
 pub fn calibrate_tsc_khz() -> u64 {
     const TICKS: u64 = 23864; // 1.193182 MHz * 20 ms
     let read = || {
@@ -61,6 +61,9 @@ pub fn calibrate_tsc_khz() -> u64 {
         last = now;
         t1 = rdtsc();
     }
+    // Channel 0 back to mode 0 with no count loaded: it stops, and raises no more timer
+    // interrupts (a periodic channel 0 would keep the in-kernel PIT injecting IRQ 0).
+    outb(0x43, 0x30);
     let khz = (t1 - t0) * 1_193_182 / elapsed.max(1) / 1000;
     if khz == 0 {
         1

@@ -30,10 +30,11 @@ pub extern "C" fn guest_entry(cpu: u64, mbi: u64) -> ! {
     if cpu == 0 {
         io::serial_init();
         let khz = io::calibrate_tsc_khz();
-        TSC_KHZ.store(khz, Ordering::SeqCst);
         let mut l = io::Line::new();
         l.s("B ferry-guest 1 mem=").u(map.total() >> 20).s("M");
         l.send();
+        // Only now: the other vCPUs wait for this, so the boot line is always the first.
+        TSC_KHZ.store(khz, Ordering::SeqCst);
     }
     while TSC_KHZ.load(Ordering::SeqCst) == 0 {
         core::hint::spin_loop();
