@@ -54,8 +54,24 @@ impl EchoProbe {
                 let (t0, mut last) = (Instant::now(), None::<Instant>);
                 let mut next = Instant::now();
                 let mut buf = [0u8; 64];
-                while !s.load(Ordering::SeqCst) {
-                    if Instant::now() >= next {
+                // After the stop, requests still in flight get up to a second to come back:
+                // a reply late under load is not a reply lost.
+                let mut drain_until = None::<Instant>;
+                loop {
+                    let sending = match drain_until {
+                        None if s.load(Ordering::SeqCst) => {
+                            drain_until = Some(Instant::now() + Duration::from_secs(1));
+                            false
+                        }
+                        None => true,
+                        Some(t) => {
+                            if st.received >= st.sent || Instant::now() >= t {
+                                break;
+                            }
+                            false
+                        }
+                    };
+                    if sending && Instant::now() >= next {
                         let _ = sock.send_to(&st.sent.to_le_bytes(), target);
                         st.sent += 1;
                         next += period;
@@ -80,6 +96,8 @@ impl EchoProbe {
         })
     }
 
+    /// Stops sending and returns what was seen, once every request has been answered or a
+    /// second has passed since the stop.
     pub fn stop(mut self) -> EchoStats {
         self.stop.store(true, Ordering::SeqCst);
         self.thread

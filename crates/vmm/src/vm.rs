@@ -162,6 +162,9 @@ struct Base {
 
 /// A virtual machine on KVM.
 pub struct Vm {
+    /// Dropped first: stops the I/O thread and waits for it, so the devices' backends (and
+    /// their image locks) go with the VM, not a poll timeout later.
+    _io: Option<crate::devices::IoThread>,
     config: VmConfig,
     _kvm: Kvm,
     caps: Capabilities,
@@ -268,8 +271,9 @@ impl Vm {
             memory::reset_vmm_dirty(&base.mem);
         }
         let bus = Arc::new(bus);
-        IoBus::spawn_io_thread(&bus).map_err(VmError::Thread)?;
+        let io = IoBus::spawn_io_thread(&bus).map_err(VmError::Thread)?;
         Ok(Vm {
+            _io: io,
             config,
             _kvm: base.kvm,
             caps: base.caps,

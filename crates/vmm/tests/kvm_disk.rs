@@ -395,3 +395,22 @@ fn thirty_two_requests_in_flight_all_complete() {
         assert_eq!(vm.wait(), GuestExit::PowerOff { code: 0 }, "{work}");
     }
 }
+
+/// A VM that has ended lets go of its disk when it is dropped, not some time later: the next
+/// VM on the same image opens it at once (the I/O thread is stopped and joined on drop; it
+/// used to hold the image, and its lock, until its poll timed out).
+#[test]
+fn a_dropped_vm_releases_its_image_at_once() {
+    let d = scratch("disk-release");
+    let disk = image(&d, 8 << 20);
+    for round in 0..20 {
+        let (vm, rx) = boot_disk("disk span=1M rate=16M hb=2000", &disk);
+        let mut seen = Vec::new();
+        wait_for(&rx, &mut seen, T, |l| l.starts_with("S0 ")).unwrap();
+        vm.shutdown().unwrap();
+        vm.wait();
+        drop(vm);
+        let f = ferry_storage::open(&disk, Format::Raw, false);
+        assert!(f.is_ok(), "round {round}: {:?}", f.err());
+    }
+}

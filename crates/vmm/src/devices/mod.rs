@@ -55,6 +55,8 @@ pub struct IoBus {
     receiving: Mutex<()>,
     /// Written to cut the I/O thread's poll short (a pause).
     wake: vmm_sys_util::eventfd::EventFd,
+    /// The I/O thread is to end (its [`IoThread`] was dropped).
+    closed: AtomicBool,
 }
 
 fn wake_fd() -> std::io::Result<vmm_sys_util::eventfd::EventFd> {
@@ -96,6 +98,7 @@ impl IoBus {
             running: AtomicBool::new(false),
             receiving: Mutex::new(()),
             wake: wake_fd()?,
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -107,6 +110,7 @@ impl IoBus {
             running: _,
             receiving: _,
             wake: _,
+            closed: _,
         } = self;
         let serial = serial.lock().unwrap_or_else(|e| e.into_inner()).save();
         DevicesState {
@@ -139,6 +143,7 @@ impl IoBus {
             running: AtomicBool::new(false),
             receiving: Mutex::new(()),
             wake: wake_fd().map_err(DevicesError::Wake)?,
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -160,16 +165,24 @@ impl IoBus {
         self.running.store(true, Ordering::SeqCst);
     }
 
-    /// Starts the I/O thread if there is a virtio device; it ends with the bus.
-    pub fn spawn_io_thread(bus: &Arc<IoBus>) -> std::io::Result<()> {
+    /// Starts the I/O thread if there is a virtio device. It ends when the returned handle
+    /// is dropped (and the drop waits for it: the backends it was serving, and their image
+    /// locks, are not held by it any more once the VM is gone).
+    pub fn spawn_io_thread(bus: &Arc<IoBus>) -> std::io::Result<Option<IoThread>> {
         if bus.virtio.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let weak = Arc::downgrade(bus);
+        let w = weak.clone();
         std::thread::Builder::new()
             .name("virtio-io".into())
-            .spawn(move || io_loop(weak))
-            .map(|_| ())
+            .spawn(move || io_loop(w))
+            .map(|handle| {
+                Some(IoThread {
+                    bus: weak,
+                    handle: Some(handle),
+                })
+            })
     }
 
     /// Releases every device's backend on a thread of its own (see `Vm::release_backends`).
@@ -250,17 +263,59 @@ impl IoBus {
     }
 }
 
+/// The running I/O thread of a bus; dropping it stops the thread and waits for it.
+pub struct IoThread {
+    bus: Weak<IoBus>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        if let Some(b) = self.bus.upgrade() {
+            b.closed.store(true, Ordering::SeqCst);
+            let _ = b.wake.write(1);
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// The I/O thread: serves queues the guest kicked (ioeventfds) and backends with data (a
 /// tap's received frames).
 fn io_loop(bus: Weak<IoBus>) {
-    let mut starved = Vec::new();
+    let mut poll = PollSet::default();
     while let Some(b) = bus.upgrade() {
-        starved.resize(b.virtio.len(), false);
-        let pause = io_once(&b, &mut starved);
+        if b.closed.load(Ordering::SeqCst) {
+            break;
+        }
+        poll.starved.resize(b.virtio.len(), false);
+        let pause = io_once(&b, &mut poll);
         drop(b);
         if let Some(d) = pause {
             std::thread::sleep(d);
         }
+    }
+}
+
+/// What the I/O thread polls, kept from round to round so a round allocates nothing.
+/// `starved[i]`: device i's backend has data but the guest posted no buffer; it is not
+/// watched until the guest kicks.
+#[derive(Default)]
+struct PollSet {
+    watch: Vec<Source>,
+    fds: Vec<libc::pollfd>,
+    starved: Vec<bool>,
+}
+
+impl PollSet {
+    fn add(&mut self, fd: std::os::fd::RawFd, src: Source) {
+        self.watch.push(src);
+        self.fds.push(libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
     }
 }
 
@@ -272,42 +327,38 @@ enum Source {
 }
 
 /// One poll of every kick, backend and the wake-up, and one serving of those ready; returns
-/// how long to wait before the next (None: at once). `starved[i]`: device i's backend has
-/// data but the guest posted no buffer; it is not watched until the guest kicks.
-fn io_once(b: &IoBus, starved: &mut [bool]) -> Option<std::time::Duration> {
+/// how long to wait before the next (None: at once). The set is rebuilt each round (a
+/// backend may have been released and reacquired since), into the vectors of the last.
+fn io_once(b: &IoBus, p: &mut PollSet) -> Option<std::time::Duration> {
     if !b.running.load(Ordering::SeqCst) {
         return Some(std::time::Duration::from_millis(2));
     }
     use std::os::fd::AsRawFd;
-    let mut watch = vec![(b.wake.as_raw_fd(), Source::Wake)];
+    p.watch.clear();
+    p.fds.clear();
+    p.add(b.wake.as_raw_fd(), Source::Wake);
     for (i, s) in b.virtio.iter().enumerate() {
-        watch.extend(s.kick_fds().map(|(fd, q)| (fd, Source::Kick(i, q))));
-        if let Some((fd, q)) = s.poll_fd().filter(|_| !starved[i]) {
-            watch.push((fd, Source::Data(i, q)));
+        for (fd, q) in s.kick_fds() {
+            p.add(fd, Source::Kick(i, q));
+        }
+        if let Some((fd, q)) = s.poll_fd().filter(|_| !p.starved[i]) {
+            p.add(fd, Source::Data(i, q));
         }
     }
-    let mut fds: Vec<libc::pollfd> = watch
-        .iter()
-        .map(|&(fd, _)| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
     // The gate is held across the poll: a backend polled stays open in the kernel until
     // poll returns, and a hand-over must not find the tap still attached. A pause writes
     // the wake-up, so it does not wait out the timeout.
     let _gate = b.receiving.lock().unwrap_or_else(|e| e.into_inner());
-    // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
+    // SAFETY: `p.fds` is a valid array of pollfd for the duration of the call.
+    let n = unsafe { libc::poll(p.fds.as_mut_ptr(), p.fds.len() as libc::nfds_t, 10) };
     if n == 0 {
-        starved.fill(false); // a lost kick costs at most one timeout
+        p.starved.fill(false); // a lost kick costs at most one timeout
     }
     if n <= 0 {
         return None;
     }
-    for (p, &(_, src)) in fds.iter().zip(&watch) {
-        if p.revents & libc::POLLIN == 0 {
+    for (fd, &src) in p.fds.iter().zip(&p.watch) {
+        if fd.revents & libc::POLLIN == 0 {
             continue;
         }
         match src {
@@ -322,11 +373,11 @@ fn io_once(b: &IoBus, starved: &mut [bool]) -> Option<std::time::Duration> {
                     s.serve(q, &b.mem);
                 }
                 if q == s.data_queue() {
-                    starved[i] = false;
+                    p.starved[i] = false;
                 }
             }
             Source::Data(i, q) => {
-                starved[i] = b.virtio[i].poll(q, &b.mem, &b.running) == 0;
+                p.starved[i] = b.virtio[i].poll(q, &b.mem, &b.running) == 0;
             }
         }
     }
