@@ -4,7 +4,10 @@ same run. Prints a Markdown table (median / min / max over N runs).
 
 usage: scripts/bench_boot.py [--runs N] [--ferry PATH]
 """
-import argparse, os, re, statistics, subprocess, sys, tempfile, time
+import os, re, statistics, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import guest_image, interleaved, parse, parser, qemu_version  # noqa: E402
 
 WORKLOAD = "heartbeat period=1000 count=3"
 
@@ -23,27 +26,17 @@ def first_heartbeat(cmd):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=10)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ap.add_argument("--ferry", default=os.path.join(root, "target", "release", "ferry"))
-    a = ap.parse_args()
-    if not os.path.exists(a.ferry):
-        sys.exit(f"{a.ferry} not found: run 'cargo build --release' first")
+    a = parse(parser(__doc__, runs=10))
     with tempfile.TemporaryDirectory() as d:
-        image = os.path.join(d, "ferry-guest.elf")
-        subprocess.run([a.ferry, "guest-image", "--output", image], check=True)
+        image = guest_image(a.ferry, d)
         cmds = {
             "Ferry": [a.ferry, "run", "--memory", "256M", "--guest", WORKLOAD],
             "QEMU": ["qemu-system-x86_64", "-enable-kvm", "-m", "256", "-nodefaults", "-display", "none",
                      "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-serial", "stdio",
                      "-kernel", image, "-append", WORKLOAD],
         }
-        res = {k: [] for k in cmds}
-        for _ in range(a.runs):  # interleaved, so drift in machine load hits both alike
-            for k, c in cmds.items():
-                res[k].append(first_heartbeat(c) * 1e3)
-    qv = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+        res = interleaved(cmds, a.runs, lambda c: first_heartbeat(c) * 1e3)
+    qv = qemu_version()
     print(f"Time from process start to first heartbeat, test guest, 256 MiB, {a.runs} runs each ({qv}).\n")
     print("| VMM | median ms | min ms | max ms |")
     print("|---|---:|---:|---:|")

@@ -9,10 +9,10 @@ VMMs. Reads run on an image the same run wrote first.
 
 usage: scripts/bench_disk.py [--runs N] [--span 64M] [--ferry PATH]
 """
-import argparse, os, statistics, subprocess, sys, tempfile, time
+import os, statistics, subprocess, sys, tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from microvm import microvm  # noqa: E402
+from benchlib import guest_image, interleaved, microvm, parse, parser, qemu_version  # noqa: E402
 
 
 def timed(cmd):
@@ -32,23 +32,17 @@ def size(s):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=5)
+    ap = parser(__doc__, runs=5)
     ap.add_argument("--span", default="64M")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ap.add_argument("--ferry", default=os.path.join(root, "target", "release", "ferry"))
-    a = ap.parse_args()
-    if not os.path.exists(a.ferry):
-        sys.exit(f"{a.ferry} not found: run 'cargo build --release' first")
+    a = parse(ap)
     span = size(a.span)
-    qv = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    qv = qemu_version()
     print(f"Guest disk throughput by the guest's clock, {a.span} span, raw image on "
           f"{os.path.realpath(tempfile.gettempdir())}, {a.runs} runs each ({qv}).\n")
     print("| requests | queue depth | VMM | median MB/s | min | max | median IOPS |")
     print("|---|---:|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as d:
-        image = os.path.join(d, "ferry-guest.elf")
-        subprocess.run([a.ferry, "guest-image", "--output", image], check=True)
+        image = guest_image(a.ferry, d)
         disk = os.path.join(d, "disk.raw")
         rows = [("sequential 1M writes", "bs=1M", False), ("random 4K writes", "bs=4K random=1", False),
                 ("random 4K reads", "bs=4K random=1 read=1", True)]
@@ -61,15 +55,15 @@ def main():
                     "Ferry": [a.ferry, "run", "--memory", "256M", "--guest", work, "--disk", f"path={disk}"],
                     "QEMU": microvm(image, work, disk=disk),
                 }
-                res = {k: [] for k in cmds}
-                for _ in range(a.runs):
-                    for k, c in cmds.items():
-                        with open(disk, "wb") as f:
-                            f.truncate(span * 2)
-                        if reads:  # something to read: the span written once, in the page cache
-                            with open(disk, "r+b") as f:
-                                f.write(os.urandom(1 << 20) * (span >> 20))
-                        res[k].append(timed(c))
+
+                def fresh_disk():
+                    with open(disk, "wb") as f:
+                        f.truncate(span * 2)
+                    if reads:  # something to read: the span written once, in the page cache
+                        with open(disk, "r+b") as f:
+                            f.write(os.urandom(1 << 20) * (span >> 20))
+
+                res = interleaved(cmds, a.runs, timed, prepare=fresh_disk)
                 for k, v in res.items():
                     mb = [x[0] for x in v]
                     print(f"| {name} | {qd} | {k} | {statistics.median(mb):.0f} | {min(mb):.0f} | "

@@ -17,12 +17,12 @@ the guest's MAC after the move (its default self-announce). Root needed.
 
 usage: scripts/bench_io_migration.py [--runs N] [--ferry PATH]
 """
-import argparse, os, re, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
+import os, re, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_live import Console, observed_gap, free_port  # noqa: E402
 from bench_snapshot import Qmp  # noqa: E402
-from microvm import microvm  # noqa: E402
+from benchlib import guest_image, microvm, parse, parser, qemu_version  # noqa: E402
 
 BR, TAPS, PREFIX = "fbbr0", ("fbta", "fbtb"), "10.212.7"
 WORK = {
@@ -171,17 +171,12 @@ def run(vmm, a, image, d, mode):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ap.add_argument("--ferry", default=os.path.join(root, "target", "release", "ferry"))
-    a = ap.parse_args()
-    qv = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    a = parse(parser(__doc__, runs=3))
+    qv = qemu_version()
     d = tempfile.mkdtemp(prefix="ferry-bench-io-")
     network_up()
     try:
-        image = f"{d}/guest.elf"
-        subprocess.run([a.ferry, "guest-image", "-o", image], check=True, capture_output=True)
+        image = guest_image(a.ferry, d)
         res = {}
         for _ in range(a.runs):
             for mode in WORK:

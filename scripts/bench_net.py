@@ -12,10 +12,10 @@ Every reply must carry the request's payload (the guest appends its reply counte
 
 usage: scripts/bench_net.py [--runs N] [--ferry PATH]
 """
-import argparse, os, select, socket, statistics, subprocess, sys, tempfile, time
+import os, select, socket, statistics, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from microvm import microvm  # noqa: E402
+from benchlib import guest_image, interleaved, microvm, parse, parser, qemu_version  # noqa: E402
 
 TAP, PREFIX = "fbnet0", "10.211.7"
 
@@ -77,44 +77,42 @@ def rate(s, window, seconds):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
+    ap = parser(__doc__, runs=3)
     ap.add_argument("--pings", type=int, default=2000)
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=3)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ap.add_argument("--ferry", default=os.path.join(root, "target", "release", "ferry"))
-    a = ap.parse_args()
-    qv = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    a = parse(ap)
+    qv = qemu_version()
     subprocess.run(["ip", "link", "del", TAP], capture_output=True)
     sh("ip", "tuntap", "add", "dev", TAP, "mode", "tap")
     try:
         sh("ip", "addr", "add", f"{PREFIX}.1/24", "dev", TAP)
         sh("ip", "link", "set", TAP, "up")
         with tempfile.TemporaryDirectory() as d:
-            image = os.path.join(d, "ferry-guest.elf")
-            subprocess.run([a.ferry, "guest-image", "--output", image], check=True)
+            image = guest_image(a.ferry, d)
             work = f"net ip={PREFIX}.2"
             cmds = {
                 "Ferry": [a.ferry, "run", "--memory", "256M", "--guest", work, "--net", f"tap={TAP}"],
                 "QEMU": microvm(image, work, tap=TAP),
             }
-            res = {k: [] for k in cmds}
-            for _ in range(a.runs):
-                for k, c in cmds.items():
-                    p = start(c)
-                    try:
-                        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                        s.bind((f"{PREFIX}.1", 0))
-                        s.connect((f"{PREFIX}.2", 7))
-                        s.settimeout(2)
-                        latency(s, 50)  # ARP and warm-up
-                        p50, p99 = latency(s, a.pings)
-                        res[k].append((p50, p99, 1e6 / p50, rate(s, a.window, a.seconds)))
-                        s.close()
-                    finally:
-                        p.kill()
-                        p.wait()
+
+            def measure(c):
+                p = start(c)
+                try:
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    s.bind((f"{PREFIX}.1", 0))
+                    s.connect((f"{PREFIX}.2", 7))
+                    s.settimeout(2)
+                    latency(s, 50)  # ARP and warm-up
+                    p50, p99 = latency(s, a.pings)
+                    r = (p50, p99, 1e6 / p50, rate(s, a.window, a.seconds))
+                    s.close()
+                    return r
+                finally:
+                    p.kill()
+                    p.wait()
+
+            res = interleaved(cmds, a.runs, measure)
         print(f"UDP echo to the test guest over a tap, 64-byte requests, {a.runs} runs each, "
               f"medians ({qv}).\n")
         print(f"| VMM | round trip p50 µs | p99 µs | requests/s, 1 in flight | requests/s, {a.window} in flight |")

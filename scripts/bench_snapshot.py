@@ -6,7 +6,7 @@ the guest's first heartbeat after it.
 
 usage: scripts/bench_snapshot.py [--touch 1G] [--memory 2G] [--ferry PATH] [--dir DIR]
 """
-import argparse, json, os, shutil, socket, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, socket, subprocess, tempfile, time
 
 
 def wait_line(proc, prefix, timeout=300):

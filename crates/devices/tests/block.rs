@@ -25,27 +25,15 @@ const NEEDS_RESET: u32 = 64;
 const VERSION_1: u64 = 1 << 32;
 
 struct Disk {
-    _dir: Dir,
+    _dir: tempfile::TempDir,
     path: PathBuf,
 }
 
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn disk(len: u64) -> Disk {
-    let d = std::env::temp_dir().join(format!(
-        "ferry-blk-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    let path = d.join("disk.raw");
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("disk.raw");
     std::fs::File::create(&path).unwrap().set_len(len).unwrap();
-    Disk { _dir: Dir(d), path }
+    Disk { _dir: d, path }
 }
 
 fn block(d: &Disk, readonly: bool) -> Block {

@@ -2,16 +2,11 @@
 use ferry_snapshot::*;
 use std::path::{Path, PathBuf};
 
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-fn dir(tag: &str) -> Dir {
-    let p = std::env::temp_dir().join(format!("ferry-fmt-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    Dir(p)
+/// A directory for a snapshot (not created: the writer creates it) in a scratch directory
+/// removed on drop.
+fn dir(tag: &str) -> (PathBuf, tempfile::TempDir) {
+    let t = tempfile::tempdir().unwrap();
+    (t.path().join(tag), t)
 }
 
 fn page(v: u8) -> Vec<u8> {

@@ -1,39 +1,10 @@
 //! `Image::extents` against `qemu-img map` (QEMU's own allocation map) on raw and qcow2
 //! images qemu-img and qemu-io wrote: the same data runs, zero runs that really read as
 //! zeroes, a sub-range clipped exactly, a 1 TiB sparse disk mapped in a few runs.
+mod common;
+use common::*;
 use ferry_storage::{open, Extent, Format, Image};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-fn dir(tag: &str) -> Dir {
-    let p = std::env::temp_dir().join(format!("ferry-ext-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    Dir(p)
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd} (Debian qemu-utils): {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use std::path::Path;
 
 /// The data runs `qemu-img map` reports (merged), as (offset, length).
 fn qemu_data(p: &Path, fmt: &str) -> Vec<(u64, u64)> {
@@ -79,8 +50,8 @@ fn data_runs(x: &[Extent]) -> Vec<(u64, u64)> {
 
 #[test]
 fn a_raw_file_maps_like_qemu_img_map_says() {
-    let d = dir("raw");
-    let p = d.0.join("disk.raw");
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("disk.raw");
     std::fs::File::create(&p)
         .unwrap()
         .set_len(64 << 20)
@@ -118,8 +89,8 @@ fn a_raw_file_maps_like_qemu_img_map_says() {
 
 #[test]
 fn a_qcow2_overlay_maps_its_own_and_its_backing_files_data_and_its_zero_clusters() {
-    let d = dir("qcow2");
-    let (base, top) = (d.0.join("base.qcow2"), d.0.join("top.qcow2"));
+    let d = tempfile::tempdir().unwrap();
+    let (base, top) = (d.path().join("base.qcow2"), d.path().join("top.qcow2"));
     run(
         "qemu-img",
         &["create", "-q", "-f", "qcow2", s(&base), "64M"],
@@ -176,9 +147,9 @@ fn a_qcow2_overlay_maps_its_own_and_its_backing_files_data_and_its_zero_clusters
 
 #[test]
 fn a_terabyte_disk_with_a_few_writes_maps_in_a_few_runs() {
-    let d = dir("tb");
+    let d = tempfile::tempdir().unwrap();
     for (fmt, name) in [("raw", "big.raw"), ("qcow2", "big.qcow2")] {
-        let p = d.0.join(name);
+        let p = d.path().join(name);
         run("qemu-img", &["create", "-q", "-f", fmt, s(&p), "1T"]);
         run(
             "qemu-io",

@@ -1,39 +1,10 @@
 //! qcow2 images (imago) against qemu-img as the oracle: images qemu-img made open here,
 //! images written here pass `qemu-img check` and compare equal, overlays read through to
 //! their base and leave it untouched, clusters are allocated only on write.
+mod common;
+use common::*;
 use ferry_storage::{open, Format, Image, Qcow2Image, StorageError};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-fn dir(tag: &str) -> Dir {
-    let p = std::env::temp_dir().join(format!("ferry-qcow2-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    Dir(p)
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (Debian qemu-utils; scripts/setup.sh installs it)");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use std::path::Path;
 
 fn pattern(seed: u8, n: usize) -> Vec<u8> {
     (0..n)
@@ -55,9 +26,9 @@ fn allocated(p: &Path) -> u64 {
 
 #[test]
 fn an_image_qemu_img_made_is_written_here_and_passes_qemu_img_check_and_compare() {
-    let d = dir("rw");
-    let q = d.0.join("d.qcow2");
-    let r = d.0.join("d.raw");
+    let d = tempfile::tempdir().unwrap();
+    let q = d.path().join("d.qcow2");
+    let r = d.path().join("d.raw");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&q), "64M"]);
     std::fs::File::create(&r)
         .unwrap()
@@ -103,16 +74,15 @@ fn an_image_qemu_img_made_is_written_here_and_passes_qemu_img_check_and_compare(
 
 #[test]
 fn an_overlay_reads_through_to_its_base_and_leaves_it_untouched() {
-    let d = dir("overlay");
-    let base = d.0.join("base.qcow2");
-    let top = d.0.join("top.qcow2");
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "16M"]);
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0xab 0 1M", s(&base)])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let base_copy = d.0.join("base-copy.qcow2");
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0xab 0 1M", s(&base)],
+    );
+    let base_copy = d.path().join("base-copy.qcow2");
     std::fs::copy(&base, &base_copy).unwrap();
     qemu_img(&[
         "create",
@@ -149,7 +119,7 @@ fn an_overlay_reads_through_to_its_base_and_leaves_it_untouched() {
     qemu_img(&["check", "-q", s(&top)]);
     qemu_img(&["compare", "-q", s(&base), s(&base_copy)]);
     // What the overlay shows, per qemu-img: zeroes, then the new data, then the base.
-    let raw = d.0.join("flat.raw");
+    let raw = d.path().join("flat.raw");
     qemu_img(&["convert", "-O", "raw", s(&top), s(&raw)]);
     let flat = std::fs::read(&raw).unwrap();
     assert!(flat[..65536].iter().all(|&x| x == 0));
@@ -159,8 +129,8 @@ fn an_overlay_reads_through_to_its_base_and_leaves_it_untouched() {
 
 #[test]
 fn a_corrupt_or_foreign_header_is_a_clear_error() {
-    let d = dir("bad");
-    let q = d.0.join("d.qcow2");
+    let d = tempfile::tempdir().unwrap();
+    let q = d.path().join("d.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&q), "16M"]);
     let mut bytes = std::fs::read(&q).unwrap();
     bytes[4..8].copy_from_slice(&99u32.to_be_bytes()); // version 99
@@ -170,7 +140,7 @@ fn a_corrupt_or_foreign_header_is_a_clear_error() {
         .expect("refused")
         .to_string();
     assert!(e.contains("not a usable qcow2 image"), "{e}");
-    let r = d.0.join("d.raw");
+    let r = d.path().join("d.raw");
     std::fs::write(&r, vec![0u8; 1 << 20]).unwrap();
     let e = open(&r, Format::Qcow2, false)
         .err()

@@ -3,37 +3,11 @@ use ferry_storage::{open, Format, Image, RawImage, StorageError};
 use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 
-fn image(len: u64) -> (tempdir::Dir, std::path::PathBuf) {
-    let d = tempdir::Dir::new();
+fn image(len: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+    let d = tempfile::tempdir().unwrap();
     let p = d.path().join("disk.raw");
     std::fs::File::create(&p).unwrap().set_len(len).unwrap();
     (d, p)
-}
-
-mod tempdir {
-    pub struct Dir(std::path::PathBuf);
-    impl Dir {
-        pub fn new() -> Self {
-            let p = std::env::temp_dir().join(format!(
-                "ferry-storage-{}-{}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos()
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-        pub fn path(&self) -> &std::path::Path {
-            &self.0
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 #[test]

@@ -16,10 +16,20 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 
-fn image(d: &Dir, len: u64) -> PathBuf {
+/// A scratch directory with an 8 MiB sparse raw image in it.
+fn scratch_disk(tag: &str) -> (Dir, PathBuf) {
+    let d = scratch(tag);
     let p = d.0.join("disk.raw");
-    std::fs::File::create(&p).unwrap().set_len(len).unwrap();
-    p
+    std::fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
+    (d, p)
+}
+
+/// Waits for the guest's first disk pass; returns the lines so far and vCPU 0's region base.
+fn first_pass(rx: &Receiver<TimedLine>) -> (Vec<TimedLine>, u64) {
+    let mut seen = Vec::new();
+    wait_for(rx, &mut seen, T, k_ok(1)).unwrap();
+    let base = bases(&seen)[0];
+    (seen, base)
 }
 
 fn boot_disk(work: &str, disk: &Path) -> (Vm, Receiver<TimedLine>) {
@@ -68,8 +78,7 @@ const WORK: &str = "disk span=4M rate=16M hb=2000";
 
 #[test]
 fn what_the_guest_writes_through_virtio_blk_is_on_the_image_sector_for_sector() {
-    let d = scratch("disk-plain");
-    let disk = image(&d, 8 << 20);
+    let (_d, disk) = scratch_disk("disk-plain");
     let (vm, rx) = boot_disk("disk span=2M passes=3 bs=8K", &disk);
     let mut seen = Vec::new();
     wait_for(&rx, &mut seen, T, k_ok(3)).unwrap();
@@ -103,8 +112,7 @@ fn what_the_guest_writes_through_virtio_blk_is_on_the_image_sector_for_sector() 
 
 #[test]
 fn a_snapshot_of_a_vm_writing_its_disk_restores_and_carries_on_exactly() {
-    let d = scratch("disk-snap");
-    let disk = image(&d, 8 << 20);
+    let (d, disk) = scratch_disk("disk-snap");
     let snap = d.0.join("snap");
     let (vm, rx) = boot_disk(WORK, &disk);
     let mut seen = Vec::new();
@@ -132,12 +140,9 @@ fn a_snapshot_of_a_vm_writing_its_disk_restores_and_carries_on_exactly() {
 /// span back correctly at least once more, the image matches its position, and the
 /// heartbeat ran on without a gap in numbering.
 fn migrate_writing(tag: &str, opts: Options) {
-    let d = scratch(tag);
-    let disk = image(&d, 8 << 20);
+    let (_d, disk) = scratch_disk(tag);
     let (src, rx) = boot_disk(WORK, &disk);
-    let mut seen = Vec::new();
-    wait_for(&rx, &mut seen, T, k_ok(1)).unwrap();
-    let base = bases(&seen)[0];
+    let (mut seen, base) = first_pass(&rx);
     let (addr, dest) = destination(None);
     let report = send_vm(&src, addr, &opts).expect("migration");
     let (vm, rx2) = hand_over(&src, &rx, &mut seen, dest);
@@ -189,12 +194,9 @@ fn a_post_copy_migration_of_a_vm_writing_its_disk_is_pattern_exact() {
 
 #[test]
 fn a_migration_that_fails_before_commit_leaves_the_source_owning_its_disk() {
-    let d = scratch("disk-fail");
-    let disk = image(&d, 8 << 20);
+    let (_d, disk) = scratch_disk("disk-fail");
     let (src, rx) = boot_disk(WORK, &disk);
-    let mut seen = Vec::new();
-    wait_for(&rx, &mut seen, T, k_ok(1)).unwrap();
-    let base = bases(&seen)[0];
+    let (mut seen, base) = first_pass(&rx);
     // The destination dies as the source's state reaches it (after the source released the
     // image, maybe after the destination opened it).
     let (addr, dest) = destination(Some(Box::new(|_, kind, _| kind != K_STATE)));
@@ -213,12 +215,9 @@ fn a_migration_that_fails_before_commit_leaves_the_source_owning_its_disk() {
 
 #[test]
 fn ten_ping_pong_migrations_with_the_disk_busy_keep_it_pattern_exact() {
-    let d = scratch("disk-pingpong");
-    let disk = image(&d, 8 << 20);
+    let (_d, disk) = scratch_disk("disk-pingpong");
     let (mut vm, mut rx) = boot_disk("disk span=2M rate=16M hb=2000", &disk);
-    let mut seen = Vec::new();
-    wait_for(&rx, &mut seen, T, k_ok(1)).unwrap();
-    let base = bases(&seen)[0];
+    let (seen, base) = first_pass(&rx);
     let mut all = seen.clone();
     for i in 0..10 {
         let (addr, dest) = destination(None);
@@ -284,9 +283,7 @@ fn a_live_migration_of_a_vm_writing_a_qcow2_overlay_is_pattern_exact() {
         top.to_str().unwrap(),
     ]);
     let (src, rx) = boot_disk_as(WORK, &top, Format::Qcow2);
-    let mut seen = Vec::new();
-    wait_for(&rx, &mut seen, T, k_ok(1)).unwrap();
-    let base_gpa = bases(&seen)[0];
+    let (mut seen, base_gpa) = first_pass(&rx);
     let (addr, dest) = destination(None);
     send_vm(&src, addr, &Options::default()).expect("migration");
     let (vm, rx2) = hand_over(&src, &rx, &mut seen, dest);
@@ -319,12 +316,9 @@ fn a_live_migration_of_a_vm_writing_a_qcow2_overlay_is_pattern_exact() {
 /// the kick), and the guest carries on after each resume.
 #[test]
 fn every_pause_drains_the_requests_the_guest_kicked() {
-    let d = scratch("disk-drain");
-    let disk = image(&d, 8 << 20);
+    let (_d, disk) = scratch_disk("disk-drain");
     let (vm, rx) = boot_disk("disk span=1M bs=4K hb=2000", &disk);
-    let mut seen = Vec::new();
-    wait_for(&rx, &mut seen, T, k_ok(1)).unwrap();
-    let base = bases(&seen)[0];
+    let (mut seen, base) = first_pass(&rx);
     let mut published = Vec::new();
     for i in 0..200 {
         vm.pause().unwrap();
@@ -366,8 +360,7 @@ fn every_pause_drains_the_requests_the_guest_kicked() {
 /// the first that does not) and the guest counts them all.
 #[test]
 fn thirty_two_requests_in_flight_all_complete() {
-    let d = scratch("disk-qd32");
-    let disk = image(&d, 8 << 20);
+    let (_d, disk) = scratch_disk("disk-qd32");
     for work in [
         "disk-bench span=4M bs=4K qd=32 random=1 ops=3000",
         "disk-bench span=4M bs=4K qd=32 random=1 ops=3000 read=1",
@@ -401,8 +394,7 @@ fn thirty_two_requests_in_flight_all_complete() {
 /// used to hold the image, and its lock, until its poll timed out).
 #[test]
 fn a_dropped_vm_releases_its_image_at_once() {
-    let d = scratch("disk-release");
-    let disk = image(&d, 8 << 20);
+    let (_d, disk) = scratch_disk("disk-release");
     for round in 0..20 {
         let (vm, rx) = boot_disk("disk span=1M rate=16M hb=2000", &disk);
         let mut seen = Vec::new();
