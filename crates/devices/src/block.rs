@@ -116,6 +116,48 @@ impl Block {
         }
     }
 
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The image file and format the device names (in its state).
+    pub fn file(&self) -> (&std::path::Path, Format) {
+        (&self.path, self.format)
+    }
+
+    /// The image requests go to; None while released (a hand-over to another host).
+    pub fn image(&self) -> Option<std::sync::Arc<dyn Image>> {
+        self.image.clone()
+    }
+
+    /// Puts `image` (of the same size) in place of the current one, for every request from
+    /// now on (a storage move installs its mirror, then pivots to the target), and names
+    /// `file` in the device's state if given. Refused while released, or if the size
+    /// differs. Returns the image replaced.
+    pub fn replace_image(
+        &mut self,
+        image: std::sync::Arc<dyn Image>,
+        file: Option<(PathBuf, Format)>,
+    ) -> Result<std::sync::Arc<dyn Image>, String> {
+        if image.size() != self.size {
+            return Err(format!(
+                "the new image is {} bytes, the disk {} bytes",
+                image.size(),
+                self.size
+            ));
+        }
+        let old = self
+            .image
+            .take()
+            .ok_or_else(|| format!("disk {} is released (the VM is being handed over)", self.id))?;
+        self.image = Some(image);
+        if let Some((path, format)) = file {
+            self.path = path;
+            self.format = format;
+        }
+        Ok(old)
+    }
+
     fn img(&self) -> Result<&dyn Image, StorageError> {
         self.image.as_deref().ok_or(StorageError::Released)
     }
@@ -387,6 +429,10 @@ where
             served.completed += 1;
         }
         served
+    }
+
+    fn as_block(&mut self) -> Option<&mut Block> {
+        Some(self)
     }
 
     fn flush_handle(&self) -> Option<crate::FlushHandle> {

@@ -97,4 +97,8 @@ pub trait VirtioDevice<M>: Send {
     fn poll_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
         None
     }
+    /// The block device, if this is one (a storage move replaces its image).
+    fn as_block(&mut self) -> Option<&mut block::Block> {
+        None
+    }
 }

@@ -41,6 +41,9 @@ pub enum Command {
     /// `ferry restore --from DIR` on the other host continues it. `--resume-postcopy`:
     /// reconnect a post-copy whose link broke.
     Migrate(MigrateArgs),
+    /// Storage live migration: move a running VM's disk to another file, directory or
+    /// format while the guest keeps writing it (`ferry disk move`), then pivot to it.
+    Disk(DiskArgs),
     /// Wait for one incoming live migration, then run the VM like `ferry run`.
     ///
     /// Exit status as for `ferry run`; 1 when the migration fails before the VM runs here
@@ -340,6 +343,54 @@ pub enum VmAction {
     Migration,
     /// Cancel the running live migration (the VM keeps running here).
     CancelMigration,
+}
+
+#[derive(Args, Debug)]
+pub struct DiskArgs {
+    #[command(subcommand)]
+    pub action: DiskAction,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskAction {
+    /// Copy the disk's allocated data to a new image while the guest runs; guest writes to
+    /// what was copied go to both files, so it converges at any write rate; then the VM
+    /// switches to the new file (its vCPUs never stop). Cancel (Ctrl-C does not cancel: use
+    /// `ferry disk cancel`) or a failure leaves the VM on its old file and deletes the new
+    /// one. The old file stays where it was.
+    Move(DiskMoveArgs),
+    /// Cancel the running disk move (the VM stays on its old file).
+    Cancel {
+        /// API socket of the VM.
+        #[arg(long)]
+        api_socket: PathBuf,
+    },
+    /// Print the running (or last) disk move's progress as JSON.
+    Status {
+        /// API socket of the VM.
+        #[arg(long)]
+        api_socket: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct DiskMoveArgs {
+    /// API socket of the VM.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+    /// The disk's id (`--disk ...,id=NAME`; disk0, disk1, ... by default).
+    #[arg(long)]
+    pub disk: String,
+    /// A new file, or an existing directory (the disk keeps its file name there, with the
+    /// new format's extension if the format changes). An existing file is never overwritten.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Format of the new image (default: the disk's own).
+    #[arg(long, value_parser = ["raw", "qcow2"])]
+    pub format: Option<String>,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 #[derive(Args, Debug)]

@@ -38,7 +38,10 @@ fn main() {
         .init();
     if matches!(
         cli.command,
-        cli::Command::Vm(_) | cli::Command::Snapshot(_) | cli::Command::Migrate(_)
+        cli::Command::Vm(_)
+            | cli::Command::Snapshot(_)
+            | cli::Command::Migrate(_)
+            | cli::Command::Disk(_)
     ) {
         // Client commands end quietly when their output pipe closes (`ferry migrate | head`),
         // as Unix tools do. VMM commands keep ignoring SIGPIPE: a console reader going away
@@ -52,6 +55,7 @@ fn main() {
         cli::Command::Demo(args) => demo::main(args).map(|()| 0),
         cli::Command::Snapshot(args) => api::client::snapshot(args).map(|()| 0),
         cli::Command::Migrate(args) => api::client::migrate(args).map(|()| 0),
+        cli::Command::Disk(args) => api::disk_client::main(args).map(|()| 0),
         cli::Command::Restore(args) => run::restore(args),
         cli::Command::Receive(args) => run::receive(args),
         cli::Command::Certs(args) => run::certs(args).map(|()| 0),

@@ -2,6 +2,7 @@
 //! error line, with nothing started, for each kind of bad disk.
 mod common;
 use common::*;
+use ferry_guest::tools::qemu_img;
 use std::process::{Command, Stdio};
 
 fn error_line(out: &std::process::Output) -> String {
@@ -46,27 +47,7 @@ fn the_guest_writes_and_reads_back_its_disk_and_qemu_img_agrees_on_the_image() {
         &ro,
     ]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("K0 2 ok"));
-    let info = Command::new("qemu-img")
-        .args(["info", "-f", "raw", &img])
-        .output()
-        .expect("qemu-img");
-    assert!(
-        info.status.success(),
-        "{}",
-        String::from_utf8_lossy(&info.stderr)
-    );
-}
-
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    qemu_img(&["info", "-f", "raw", &img]);
 }
 
 #[test]
@@ -229,4 +210,88 @@ fn bad_nics_get_one_clear_error_and_start_nothing() {
         assert!(line.contains(expect), "{spec}: {line:?} lacks {expect:?}");
         assert!(out.stdout.is_empty(), "{spec}: the guest started");
     }
+}
+
+/// `ferry disk move` as a user runs it on a VM writing its disk: a bad disk id, an existing
+/// file and a missing directory each get one clear error and change nothing; the move to
+/// qcow2 completes with a report, `ferry vm info` names the new file, the guest goes on
+/// writing and checking its disk there, and the new image passes `qemu-img check`.
+#[test]
+fn ferry_disk_move_moves_a_disk_the_guest_writes_and_refuses_bad_targets_clearly() {
+    let s = Scratch::new("disk-move-cli");
+    let img = image(&s, "d.raw", 64 << 20);
+    let sock = s.path("api.sock");
+    let sock = sock.to_str().unwrap();
+    let disk = format!("path={img}");
+    let mut vm = Running::start(&[
+        "--memory",
+        "64M",
+        "--api-socket",
+        sock,
+        "--guest",
+        "disk span=4M rate=16M hb=2000",
+        "--disk",
+        &disk,
+    ]);
+    vm.wait_line(|l| l == "K0 1 ok");
+    let moved = s.path("moved.qcow2").display().to_string();
+    let mv = |disk: &str, to: &str| {
+        ferry(&[
+            "disk",
+            "move",
+            "--api-socket",
+            sock,
+            "--disk",
+            disk,
+            "--to",
+            to,
+            "--format",
+            "qcow2",
+            "--quiet",
+        ])
+    };
+    for (disk, to, says) in [
+        (
+            "nope",
+            moved.as_str(),
+            "no disk \"nope\" (its disks: disk0)",
+        ),
+        ("disk0", img.as_str(), "exists; a disk moves to a new file"),
+        (
+            "disk0",
+            "/nonexistent/dir/x.qcow2",
+            "/nonexistent/dir is not a directory",
+        ),
+    ] {
+        let out = mv(disk, to);
+        assert_eq!(out.status.code(), Some(1), "{disk} {to}");
+        let e = error_line(&out);
+        assert!(e.contains(says), "{disk} {to}: {e}");
+    }
+    assert!(!std::path::Path::new(&moved).exists());
+    let out = mv("disk0", &moved);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{report} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        report.contains(&format!("moved disk disk0 from {img} to {moved} (qcow2)")),
+        "{report}"
+    );
+    let info = String::from_utf8_lossy(&ferry_ok(&["vm", "info", "--api-socket", sock]).stdout)
+        .into_owned();
+    assert!(info.contains(&moved) && info.contains("qcow2"), "{info}");
+    let st = String::from_utf8_lossy(&ferry_ok(&["disk", "status", "--api-socket", sock]).stdout)
+        .into_owned();
+    assert!(st.contains("\"completed\""), "{st}");
+    let out = ferry(&["disk", "cancel", "--api-socket", sock]);
+    assert!(error_line(&out).contains("no disk move is running"));
+    vm.wait_line(|l| l == "K0 4 ok");
+    ferry_ok(&["vm", "shutdown", "--api-socket", sock]);
+    let (code, err, _) = vm.finish();
+    assert_eq!(code, 0, "{err}");
+    qemu_img(&["check", "-q", &moved]);
 }

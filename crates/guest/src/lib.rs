@@ -4,6 +4,7 @@ pub mod console;
 pub mod heartbeat;
 pub mod net;
 pub mod pattern;
+pub mod tools;
 pub mod verify;
 
 /// The test guest ELF image (multiboot header, 32-bit entry), built from source by build.rs.

@@ -9,6 +9,7 @@
 //!   acknowledged write durable (`fdatasync`).
 //! - Out-of-range requests are refused with [`StorageError::OutOfRange`] before any I/O.
 mod lock;
+pub mod mirror;
 mod qcow2;
 mod raw;
 
@@ -113,6 +114,33 @@ pub(crate) fn push_extent(v: &mut Vec<Extent>, offset: u64, len: u64, data: bool
         }
     }
     v.push(Extent { offset, len, data });
+}
+
+/// Creates a new, empty (all zeroes, nothing allocated) image of `size` bytes at `path` and
+/// opens it locked for writing. An existing file is never overwritten: that is an error.
+/// On any failure after the file was made, the file is removed again.
+pub fn create(path: &Path, format: Format, size: u64) -> Result<Box<dyn Image>, StorageError> {
+    let err = |err| StorageError::Open {
+        path: path.to_owned(),
+        err,
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(err)?;
+    let made = (|| {
+        match format {
+            Format::Raw => f.set_len(size).map_err(err)?,
+            Format::Qcow2 => qcow2::format(path, f, size)?,
+        }
+        open(path, format, false)
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    made
 }
 
 /// Opens `path` as `format`, locked for writing unless `readonly`.

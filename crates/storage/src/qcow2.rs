@@ -52,6 +52,23 @@ impl Qcow2Image {
     }
 }
 
+/// Writes an empty qcow2 image of `size` bytes (64 KiB clusters, no backing file) into the
+/// new, empty file `f` at `path`.
+pub(crate) fn format(path: &Path, f: std::fs::File, size: u64) -> Result<(), StorageError> {
+    use imago::FormatCreateBuilder;
+    let file = ImagoFile::try_from(f).map_err(|e| StorageError::Open {
+        path: path.to_owned(),
+        err: e,
+    })?;
+    Qcow2::<ImagoFile>::create_builder(file)
+        .size(size)
+        .create()
+        .map_err(|e| StorageError::Format {
+            path: path.to_owned(),
+            why: format!("cannot create a qcow2 image: {e}"),
+        })
+}
+
 /// A backing file name as qcow2 stores it: relative names are relative to the image's
 /// directory.
 fn backing_path(image: &Path, name: &str) -> PathBuf {

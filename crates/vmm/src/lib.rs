@@ -4,6 +4,7 @@ pub mod boot;
 pub mod cpuid;
 pub mod devices;
 pub mod dirty;
+pub mod disk_move;
 mod lazy;
 pub mod live;
 pub mod memory;

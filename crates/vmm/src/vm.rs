@@ -309,7 +309,7 @@ impl Vm {
         }
         Ok(VmState {
             version: VM_STATE_VERSION,
-            config: self.config.clone(),
+            config: self.config_now(),
             layout: self.layout.clone(),
             kvm: vm_state::save(&self.vm)?,
             vcpus,
@@ -399,7 +399,7 @@ impl Vm {
         let life = self.life();
         VmInfo {
             state: life.state,
-            config: self.config.clone(),
+            config: self.config_now(),
             uptime_ms: life
                 .started
                 .map(|t| t.elapsed().as_millis() as u64)
@@ -509,6 +509,28 @@ impl Vm {
     /// The vCPU throttle in force (percent).
     pub fn throttle(&self) -> u8 {
         self.ctl.throttle.load(Ordering::SeqCst)
+    }
+
+    /// The configuration, with each disk's file as its device has it now (a disk move
+    /// changes it).
+    pub fn config_now(&self) -> VmConfig {
+        let mut c = self.config.clone();
+        for d in &mut c.disks {
+            let now = self.bus.virtio().iter().find_map(|s| {
+                s.with_block(|b| (b.id() == d.id).then(|| (b.file().0.to_owned(), b.file().1)))
+                    .flatten()
+            });
+            if let Some((path, format)) = now {
+                d.path = path;
+                d.format = format;
+            }
+        }
+        c
+    }
+
+    /// The VM's devices.
+    pub(crate) fn bus(&self) -> &IoBus {
+        &self.bus
     }
 
     /// Stops the VM from the host side.

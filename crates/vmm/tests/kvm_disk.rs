@@ -6,6 +6,7 @@ mod common;
 use common::live::*;
 use common::*;
 use ferry_guest::console::{wait_for, LineSink, TimedLine};
+use ferry_guest::tools::qemu_img;
 use ferry_guest::verify::{disk_position, verify_disk_bytes, verify_disk_image, DiskPosition};
 use ferry_migration::engine::Options;
 use ferry_storage::Format;
@@ -257,17 +258,7 @@ fn ten_ping_pong_migrations_with_the_disk_busy_keep_it_pattern_exact() {
 #[test]
 fn a_live_migration_of_a_vm_writing_a_qcow2_overlay_is_pattern_exact() {
     let d = scratch("disk-qcow2");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("qemu-img")
-            .args(args)
-            .output()
-            .expect("qemu-img");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = qemu_img;
     let base = d.0.join("base.qcow2");
     let top = d.0.join("top.qcow2");
     run(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
@@ -405,4 +396,91 @@ fn a_dropped_vm_releases_its_image_at_once() {
         let f = ferry_storage::open(&disk, Format::Raw, false);
         assert!(f.is_ok(), "round {round}: {:?}", f.err());
     }
+}
+
+/// What the host wrote at `off` before the guest started (outside the guest's span).
+fn host_fill(off: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| ((off + i) / 4096 % 251) as u8 + 1)
+        .collect()
+}
+
+/// `Vm::move_disk` (`ferry disk move`) while the guest writes its disk: cancelled once the
+/// copy is under way, the VM stays on its file and the target is gone; then moved to a
+/// directory as qcow2 to completion, the VM runs on the new file (its configuration names
+/// it, the old file is free) and both the guest's pattern and 256 MiB the guest never
+/// touched are exact there; only allocated data was copied, and the image passes
+/// `qemu-img check`.
+#[test]
+fn a_disk_moves_while_the_guest_writes_and_a_cancelled_move_leaves_it_in_place() {
+    use ferry_vmm::disk_move::{MoveError, MoveMonitor};
+    let d = scratch("disk-move");
+    let disk = d.0.join("disk.raw");
+    let (fill_at, fill_len) = (64u64 << 20, 256usize << 20);
+    {
+        let f = std::fs::File::create(&disk).unwrap();
+        f.set_len(512 << 20).unwrap();
+        for off in (0..fill_len as u64).step_by(1 << 20) {
+            f.write_all_at(&host_fill(fill_at + off, 1 << 20), fill_at + off)
+                .unwrap();
+        }
+    }
+    let (vm, rx) = boot_disk(WORK, &disk);
+    let (mut seen, base) = first_pass(&rx);
+
+    let mon = MoveMonitor::default();
+    let target = d.0.join("moved.qcow2");
+    let r = std::thread::scope(|s| {
+        let h = s.spawn(|| vm.move_disk("disk0", &target, Some(Format::Qcow2), &mon));
+        while mon.status().is_none_or(|st| st.progress.cursor < 128 << 20) && !h.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        mon.cancel();
+        h.join().unwrap()
+    });
+    assert!(matches!(r, Err(MoveError::Cancelled { .. })), "{r:?}");
+    assert!(!target.exists(), "the cancelled move's target is deleted");
+    assert_eq!(vm.config_now().disks[0].path, disk);
+    vm.pause().unwrap();
+    let p = check_image(&vm, base, &disk);
+    vm.resume().unwrap();
+    wait_for(&rx, &mut seen, T, k_ok(p.pass + 1)).unwrap();
+
+    let mon = MoveMonitor::default();
+    let rep = vm
+        .move_disk("disk0", &d.0, Some(Format::Qcow2), &mon)
+        .expect("disk move");
+    let moved = d.0.join("disk.qcow2");
+    assert_eq!(rep.to, moved);
+    assert!(
+        rep.copied_bytes >= fill_len as u64 && rep.copied_bytes < (fill_len as u64) + (32 << 20),
+        "only allocated data is copied: {rep:?}"
+    );
+    let now = &vm.config_now().disks[0];
+    assert_eq!((&now.path, now.format), (&moved, Format::Qcow2));
+    drop(ferry_storage::open(&disk, Format::Raw, false).expect("the old file is free"));
+    // The guest goes on writing, on the new file.
+    wait_for(&rx, &mut seen, T, k_ok(p.pass + 3)).unwrap();
+    vm.pause().unwrap();
+    let p = disk_position(&reader(&vm), base).unwrap();
+    vm.shutdown().unwrap();
+    vm.wait();
+    drop(vm);
+    let img = ferry_storage::open(&moved, Format::Qcow2, true).unwrap();
+    verify_disk_image(
+        |off, buf| img.read_at(buf, off).map_err(|e| e.to_string()),
+        &p,
+    )
+    .expect("the moved image matches the guest's position");
+    let mut buf = vec![0u8; 1 << 20];
+    for off in (0..fill_len as u64).step_by(1 << 20) {
+        img.read_at(&mut buf, fill_at + off).unwrap();
+        assert!(
+            buf == host_fill(fill_at + off, 1 << 20),
+            "data at {:#x}",
+            fill_at + off
+        );
+    }
+    drop(img);
+    qemu_img(&["check", "-q", moved.to_str().unwrap()]);
 }

@@ -185,12 +185,9 @@ pub async fn start(
 ) -> Result<Json<Report>, ApiError> {
     super::handlers::not_arriving(&host)?;
     let vm = the_vm(&host)?;
-    let mon = host.begin_migration().ok_or_else(|| {
-        ApiError(
-            StatusCode::CONFLICT,
-            "a migration of this VM is already running".into(),
-        )
-    })?;
+    let mon = host
+        .begin_migration()
+        .map_err(|why| ApiError(StatusCode::CONFLICT, why.into()))?;
     let h = host.clone();
     let r = blocking(move || live_migrate(&vm, req, &mon)).await;
     h.end_migration();

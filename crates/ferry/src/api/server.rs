@@ -93,6 +93,11 @@ pub fn spawn(bound: Bound, host: Arc<Host>) -> Result<Server> {
             "/vm/migration/resume-postcopy",
             put(super::migration::resume_postcopy),
         )
+        .route(
+            "/vm/disk/move",
+            put(super::disk::start).get(super::disk::status),
+        )
+        .route("/vm/disk/move/cancel", put(super::disk::cancel))
         .fallback(super::extract::not_found)
         .method_not_allowed_fallback(super::extract::wrong_method)
         .layer(axum::extract::DefaultBodyLimit::max(

@@ -408,6 +408,16 @@ impl VirtioSlot {
         r
     }
 
+    /// Runs `f` on the block device under the device's lock (no request is being served
+    /// meanwhile); None when this is not a block device.
+    pub fn with_block<R>(
+        &self,
+        f: impl FnOnce(&mut ferry_devices::block::Block) -> R,
+    ) -> Option<R> {
+        let mut t = self.lock();
+        t.device_mut().as_block().map(f)
+    }
+
     /// The kernel command-line word Linux's virtio-mmio driver finds this device by.
     pub fn linux_cmdline(&self) -> String {
         format!("virtio_mmio.device=4K@{:#x}:{}", self.base, self.gsi)
