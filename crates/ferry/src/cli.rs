@@ -213,6 +213,21 @@ pub struct MigrateArgs {
     /// CPU and the migration can take very long).
     #[arg(long, value_enum, default_value_t = Priority::Normal)]
     pub copy_priority: Priority,
+    /// Shared-nothing migration: the disks come too. The destination creates each disk new
+    /// (in its --storage-dir, or where --disk-map says) and the allocated data is copied
+    /// first, while writes to what was copied go to both hosts; then memory moves as usual.
+    /// A failure before commit leaves the VM here on its own disks and the destination
+    /// deletes what it made.
+    #[arg(long, conflicts_with_all = ["quick", "resume_postcopy"])]
+    pub copy_storage: bool,
+    /// With --copy-storage: where the destination puts disk ID (a relative path is inside its
+    /// --storage-dir), and in which format: ID=PATH[,format=raw|qcow2] (repeatable).
+    #[arg(
+        long = "disk-map",
+        value_name = "ID=PATH[,format=F]",
+        requires = "copy_storage"
+    )]
+    pub disk_map: Vec<String>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -305,6 +320,10 @@ pub struct ReceiveArgs {
     /// Serve the control API on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    /// Where the disks of a shared-nothing migration (`ferry migrate --copy-storage`) are
+    /// created, unless the source maps them elsewhere (an existing file is never replaced).
+    #[arg(long)]
+    pub storage_dir: Option<PathBuf>,
     #[command(flatten)]
     pub tls: TlsArgs,
 }

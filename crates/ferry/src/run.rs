@@ -218,7 +218,13 @@ pub fn receive(args: ReceiveArgs) -> Result<i32> {
         .next_hello(None)
         .context("waiting for the migration connection")?;
     let peer = first.peer;
-    let dest = LiveDestination::new(console(&args.console_log)?);
+    let mut dest = LiveDestination::new(console(&args.console_log)?);
+    if let Some(dir) = &args.storage_dir {
+        if !dir.is_dir() {
+            anyhow::bail!("--storage-dir {}: not a directory", dir.display());
+        }
+        dest = dest.storage_dir(std::path::absolute(dir).unwrap_or_else(|_| dir.clone()));
+    }
     let (tx, running) = std::sync::mpsc::channel();
     dest.on_running(move |vm| {
         let _ = tx.send(vm);

@@ -295,3 +295,91 @@ fn ferry_disk_move_moves_a_disk_the_guest_writes_and_refuses_bad_targets_clearly
     assert_eq!(code, 0, "{err}");
     qemu_img(&["check", "-q", &moved]);
 }
+
+/// `ferry migrate --copy-storage` between two processes that share no disk: a receiver with no
+/// `--storage-dir` refuses the disk clearly and the VM stays; then the VM moves with its disk
+/// converted to qcow2 (`--disk-map`), the report says what the disks cost, the destination's
+/// `ferry vm info` names the new file, the guest goes on writing and checking its disk
+/// there, and the image passes `qemu-img check`.
+#[test]
+fn ferry_migrate_copy_storage_moves_the_vm_and_its_disk_to_a_host_that_shares_nothing() {
+    let s = Scratch::new("sn-cli");
+    let (src_dir, dst_dir) = (s.path("src"), s.path("dst"));
+    std::fs::create_dir(&src_dir).unwrap();
+    std::fs::create_dir(&dst_dir).unwrap();
+    let img = src_dir.join("d.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let a = s.path("a.sock");
+    let a = a.to_str().unwrap();
+    let disk = format!("path={}", img.display());
+    let mut vm = Running::start(&[
+        "--memory",
+        "64M",
+        "--api-socket",
+        a,
+        "--guest",
+        "disk span=4M rate=16M hb=2000",
+        "--disk",
+        &disk,
+    ]);
+    vm.wait_line(|l| l == "K0 1 ok");
+
+    let (r1, addr1) = receiver(&s.path("b1.sock"));
+    let out = ferry(&[
+        "migrate",
+        "--insecure",
+        "--to",
+        &addr1,
+        "--api-socket",
+        a,
+        "--copy-storage",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = error_line(&out);
+    assert!(
+        e.contains("disk disk0 comes with the VM, and this receiver has no --storage-dir")
+            && e.contains("the VM keeps running here"),
+        "{e}"
+    );
+    let (code, _, _) = r1.finish();
+    assert_eq!(code, 1);
+    assert!(std::fs::read_dir(&dst_dir).unwrap().next().is_none());
+
+    let b = s.path("b.sock");
+    let (mut dst, addr) = receiver_with(&b, &["--storage-dir", dst_dir.to_str().unwrap()]);
+    let out = migrate_ok(
+        &addr,
+        a,
+        &[
+            "--copy-storage",
+            "--disk-map",
+            "disk0=moved.qcow2,format=qcow2",
+            "--quiet",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("storage: 1 disk(s)"), "{text}");
+    let (code, err, _) = vm.finish();
+    assert_eq!(code, 0, "{err}");
+    let moved = dst_dir.join("moved.qcow2");
+    let info = String::from_utf8_lossy(
+        &ferry_ok(&["vm", "info", "--api-socket", b.to_str().unwrap()]).stdout,
+    )
+    .into_owned();
+    assert!(info.contains(moved.to_str().unwrap()), "{info}");
+    dst.wait_line(|l| l.starts_with("K0 ") && l.ends_with(" ok"));
+    let n: u64 = dst
+        .seen
+        .iter()
+        .filter_map(|(_, l)| l.strip_prefix("K0 ")?.strip_suffix(" ok")?.parse().ok())
+        .max()
+        .unwrap();
+    dst.wait_line(|l| l == format!("K0 {} ok", n + 1));
+    ferry_ok(&["vm", "shutdown", "--api-socket", b.to_str().unwrap()]);
+    let (code, err, _) = dst.finish();
+    assert_eq!(code, 0, "{err}");
+    qemu_img(&["check", "-q", moved.to_str().unwrap()]);
+}

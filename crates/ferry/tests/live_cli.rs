@@ -43,16 +43,7 @@ fn live_migration_between_two_processes() {
         ],
     );
     std::thread::sleep(std::time::Duration::from_millis(200));
-    let out = ferry_ok(&[
-        "migrate",
-        "--insecure",
-        "--to",
-        &addr,
-        "--api-socket",
-        a.to_str().unwrap(),
-        "--compress",
-        "lz4",
-    ]);
+    let out = migrate_ok(&addr, a.to_str().unwrap(), &["--compress", "lz4"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("downtime") && text.contains("pass  1"),
@@ -146,17 +137,11 @@ fn a_copy_behind_the_vcpus_still_moves_the_vm_intact() {
     ]);
     src.wait_line(|l| l.starts_with("V0 1 ok"));
     let (mut dst, addr) = receiver(&b);
-    let out = ferry_ok(&[
-        "migrate",
-        "--insecure",
-        "--to",
+    let out = migrate_ok(
         &addr,
-        "--api-socket",
         a.to_str().unwrap(),
-        "--copy-priority",
-        "low",
-        "--quiet",
-    ]);
+        &["--copy-priority", "low", "--quiet"],
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("downtime"));
     let (code, err, src_lines) = src.finish();
     assert_eq!(code, 0, "the source stops after the hand-off: {err}");

@@ -21,17 +21,11 @@ fn a_512_gib_vm_moves_with_bounded_source_memory() {
     let pid = src.child.id();
     let before = rss(pid);
     let (mut dst, addr) = receiver(&b);
-    let out = ferry_ok(&[
-        "migrate",
-        "--insecure",
-        "--to",
+    let out = migrate_ok(
         &addr,
-        "--api-socket",
         a.to_str().unwrap(),
-        "--downtime-limit",
-        "30",
-        "--quiet",
-    ]);
+        &["--downtime-limit", "30", "--quiet"],
+    );
     let peak = status_bytes(pid, "VmHWM:");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let downtime: f64 = text

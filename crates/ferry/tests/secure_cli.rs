@@ -70,15 +70,7 @@ fn probes_garbage_silence_and_old_versions_do_not_stop_a_receiver() {
         other => panic!("the older Ferry hears why: {other:?}"),
     }
     // A real migration, with the silent connection still open.
-    let out = ferry_ok(&[
-        "migrate",
-        "--insecure",
-        "--to",
-        &addr,
-        "--api-socket",
-        a.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let out = migrate_ok(&addr, a.to_str().unwrap(), &["--quiet"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("downtime"));
     let (code, _, src_lines) = src.finish();
     assert_eq!(code, 0);

@@ -3,6 +3,7 @@
 //! traits, so its logic is tested against an in-memory fake VM (tests/fake_vm.rs) and, through
 //! ferry-vmm, end to end on real KVM.
 pub mod certs;
+pub mod disk_wire;
 pub mod engine;
 #[doc(hidden)]
 pub mod fuzz;

@@ -13,6 +13,9 @@ pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 pub const VERSION: u32 = 4;
 /// [`Hello::caps`] bit: this connection reopens the interrupted post-copy of `session`.
 pub const CAP_RESUME: u64 = 1;
+/// `Hello.caps`: the VM's disks come too (shared-nothing migration): `Disks` follows
+/// `Welcome`, and one more connection (`Join` index = `connections`) carries their data.
+pub const CAP_STORAGE: u64 = 2;
 /// Highest guest page address (exclusive) a page list may name: 1 TiB.
 pub const MAX_GUEST_ADDR: u64 = 1 << 40;
 /// Most data connections one migration may use.
@@ -151,6 +154,10 @@ pub enum Message {
     Demand(Vec<u64>),
     /// Post-copy, destination to source: every page is in; the source is released.
     PostCopyDone(PostCopyFigures),
+    /// After `Welcome` when the disks come too: the disks the destination is to create.
+    Disks(Vec<crate::disk_wire::DiskSpec>),
+    /// The destination has created every disk (empty) and takes their data.
+    DisksReady,
 }
 
 /// What the destination measured during post-copy, sent with [`Message::PostCopyDone`].
@@ -186,6 +193,9 @@ const K_DEMAND: u8 = 13;
 const K_POSTCOPY_DONE: u8 = 14;
 const K_DISCARD: u8 = 15;
 const K_DISCARDED: u8 = 16;
+const K_DISKS: u8 = 17;
+const K_DISKS_READY: u8 = 18;
+pub(crate) use crate::disk_wire::{K_DISK_DATA, K_DISK_SYNC, K_DISK_ZERO};
 /// Most runs in one `Populated` frame.
 pub const MAX_RANGES: usize = (MAX_FRAME as usize - 4) / 16;
 /// `Pages` frame kind, for receivers that walk page frames in place ([`recv_raw`]).
@@ -211,6 +221,11 @@ pub fn kind_name(k: u8) -> &'static str {
         K_POSTCOPY_DONE => "PostCopyDone",
         K_DISCARD => "Discard",
         K_DISCARDED => "Discarded",
+        K_DISKS => "Disks",
+        K_DISKS_READY => "DisksReady",
+        K_DISK_DATA => "DiskData",
+        K_DISK_ZERO => "DiskZero",
+        K_DISK_SYNC => "DiskSync",
         _ => "unknown",
     }
 }
@@ -246,6 +261,8 @@ impl Message {
             Message::PostCopyDone(_) => K_POSTCOPY_DONE,
             Message::Discard(_) => K_DISCARD,
             Message::Discarded => K_DISCARDED,
+            Message::Disks(_) => K_DISKS,
+            Message::DisksReady => K_DISKS_READY,
         }
     }
 }
@@ -304,13 +321,18 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
             owned = postcard::to_stdvec(f).map_err(enc)?;
             &owned
         }
+        Message::Disks(d) => {
+            owned = postcard::to_stdvec(d).map_err(enc)?;
+            &owned
+        }
         Message::State(s) => s,
         Message::Abort(t) => t.as_bytes(),
         Message::Welcome
         | Message::Ready
         | Message::Commit
         | Message::Resumed
-        | Message::Discarded => &[],
+        | Message::Discarded
+        | Message::DisksReady => &[],
     };
     send_frame(w, m.kind(), payload)
 }
@@ -505,6 +527,18 @@ pub fn parse(kind: u8, p: Vec<u8>) -> Result<Message, ProtocolError> {
         K_ABORT => Ok(Message::Abort(String::from_utf8_lossy(&p).into_owned())),
         K_RESUMED => empty(Message::Resumed),
         K_DISCARDED => empty(Message::Discarded),
+        K_DISKS => {
+            let d: Vec<crate::disk_wire::DiskSpec> =
+                postcard::from_bytes(&p).map_err(|e| malformed(name, e))?;
+            if d.len() > crate::disk_wire::MAX_DISKS {
+                return Err(malformed(name, format!("{} disks", d.len())));
+            }
+            Ok(Message::Disks(d))
+        }
+        K_DISKS_READY => empty(Message::DisksReady),
+        K_DISK_DATA | K_DISK_ZERO | K_DISK_SYNC => {
+            Err(malformed(name, "belongs on the storage connection only"))
+        }
         k => Err(ProtocolError::UnknownKind(k)),
     }
 }

@@ -17,6 +17,8 @@ pub struct LiveSource<'a> {
     was_logging: bool,
     /// Disks and taps being let go since the pause (flushes overlap the last pass).
     releasing: Mutex<Option<crate::devices::Release>>,
+    /// The disks' mirrors of a shared-nothing migration.
+    disks: crate::live_storage::SourceDisks,
 }
 
 impl<'a> LiveSource<'a> {
@@ -26,6 +28,7 @@ impl<'a> LiveSource<'a> {
             was_paused: vm.state() == RunState::Paused,
             was_logging: vm.dirty_logging(),
             releasing: Mutex::new(None),
+            disks: Default::default(),
         }
     }
 
@@ -42,7 +45,9 @@ fn text<E: std::fmt::Display>(e: E) -> String {
 
 impl SourceVm for LiveSource<'_> {
     fn config(&self) -> Vec<u8> {
-        postcard::to_stdvec(self.vm.config()).unwrap_or_default()
+        // As the devices have it now (a disk moved since the start names its new file),
+        // the same configuration the state carries.
+        postcard::to_stdvec(&self.vm.config_now()).unwrap_or_default()
     }
     fn memory_end(&self) -> u64 {
         self.vm
@@ -142,6 +147,18 @@ impl SourceVm for LiveSource<'_> {
         self.released()?;
         postcard::to_stdvec(&self.vm.save_state().map_err(text)?).map_err(text)
     }
+    fn disks(&self) -> Vec<ferry_migration::disk_wire::DiskSpec> {
+        crate::live_storage::SourceDisks::specs(self.vm.bus().virtio())
+    }
+    fn mirror_disks(&self, link: ferry_migration::engine::DiskLink) -> Result<(), String> {
+        self.disks.mirror(self.vm.bus().virtio(), link)
+    }
+    fn copy_disks(&self) -> Result<ferry_migration::engine::DiskCopy, String> {
+        self.disks.copy()
+    }
+    fn unmirror_disks(&self) {
+        self.disks.unmirror(self.vm.bus().virtio())
+    }
 }
 
 /// The receiving side: builds the VM from the source's configuration, fills its memory, loads
@@ -159,6 +176,8 @@ pub struct LiveDestination {
     on_running: Mutex<Option<OnRunning>>,
     /// Pages were installed by userfaultfd, behind the dirty log's back.
     postcopy: AtomicBool,
+    /// Disks made here for a shared-nothing migration.
+    disks: crate::live_storage::DestDisks,
 }
 
 type OnRunning = Box<dyn FnOnce(Arc<Vm>) + Send>;
@@ -173,7 +192,15 @@ impl LiveDestination {
             missing: RwLock::new(None),
             on_running: Mutex::new(None),
             postcopy: AtomicBool::new(false),
+            disks: Default::default(),
         }
+    }
+
+    /// Where disks that come with the VM (shared-nothing migration) go unless the source
+    /// maps them elsewhere (`ferry receive --storage-dir`).
+    pub fn storage_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.disks.dir = Some(dir);
+        self
     }
 
     /// Has `f` called with the VM as soon as it runs here: at the switch-over, before a
@@ -257,7 +284,9 @@ impl DestinationVm for LiveDestination {
         self.advise(gpa, len, libc::MADV_POPULATE_WRITE).map(|_| ())
     }
     fn load_state(&self, state: &[u8]) -> Result<(), String> {
-        let state: VmState = postcard::from_bytes(state).map_err(|e| format!("VM state: {e}"))?;
+        let mut state: VmState =
+            postcard::from_bytes(state).map_err(|e| format!("VM state: {e}"))?;
+        self.disks.rewrite(&mut state);
         let inc = self
             .incoming
             .lock()
@@ -324,5 +353,23 @@ impl DestinationVm for LiveDestination {
         // in as ordinary (zero) memory.
         drop(self.missing.write().map_err(|_| "lock poisoned")?.take());
         Ok(())
+    }
+    fn create_disks(
+        &mut self,
+        disks: &[ferry_migration::disk_wire::DiskSpec],
+    ) -> Result<(), String> {
+        self.disks.create(disks)
+    }
+    fn disk_write(&self, disk: u32, offset: u64, data: &[u8]) -> Result<(), String> {
+        self.disks.write(disk, offset, data)
+    }
+    fn disk_zero(&self, disk: u32, offset: u64, len: u64) -> Result<(), String> {
+        self.disks.zero(disk, offset, len)
+    }
+    fn disk_sync(&self, last: bool) -> Result<(), String> {
+        self.disks.sync(last)
+    }
+    fn remove_disks(&self) {
+        self.disks.remove()
     }
 }

@@ -3,79 +3,17 @@
 //! against the guest's recorded position after a snapshot/restore, a live migration, a
 //! post-copy migration and a migration that fails before commit (shared storage: one image).
 mod common;
+use common::disk::*;
 use common::live::*;
 use common::*;
-use ferry_guest::console::{wait_for, LineSink, TimedLine};
+use ferry_guest::console::{wait_for, LineSink};
 use ferry_guest::tools::qemu_img;
 use ferry_guest::verify::{disk_position, verify_disk_bytes, verify_disk_image, DiskPosition};
 use ferry_migration::engine::Options;
 use ferry_storage::Format;
-use ferry_vmm::devices::DiskConfig;
 use ferry_vmm::snapshot::{restore, MemoryCheck};
-use ferry_vmm::{BootSource, GuestExit, RunState, Vm, VmConfig};
+use ferry_vmm::{GuestExit, RunState};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::mpsc::Receiver;
-
-/// A scratch directory with an 8 MiB sparse raw image in it.
-fn scratch_disk(tag: &str) -> (Dir, PathBuf) {
-    let d = scratch(tag);
-    let p = d.0.join("disk.raw");
-    std::fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
-    (d, p)
-}
-
-/// Waits for the guest's first disk pass; returns the lines so far and vCPU 0's region base.
-fn first_pass(rx: &Receiver<TimedLine>) -> (Vec<TimedLine>, u64) {
-    let mut seen = Vec::new();
-    wait_for(rx, &mut seen, T, k_ok(1)).unwrap();
-    let base = bases(&seen)[0];
-    (seen, base)
-}
-
-fn boot_disk(work: &str, disk: &Path) -> (Vm, Receiver<TimedLine>) {
-    boot_disk_as(work, disk, Format::Raw)
-}
-
-fn boot_disk_as(work: &str, disk: &Path, format: Format) -> (Vm, Receiver<TimedLine>) {
-    let (sink, rx) = LineSink::new();
-    let cfg = VmConfig {
-        cpus: 1,
-        memory: 256 << 20,
-        boot: BootSource::TestGuest { args: work.into() },
-        disks: vec![DiskConfig {
-            path: disk.to_owned(),
-            format,
-            readonly: false,
-            id: "disk0".into(),
-        }],
-        nets: Vec::new(),
-    };
-    let vm = Vm::new(cfg, Box::new(sink)).expect("create VM");
-    vm.start().expect("start");
-    (vm, rx)
-}
-
-/// The image checked against the guest's position (read from its paused memory).
-fn check_image(vm: &Vm, base: u64, disk: &Path) -> DiskPosition {
-    let p = disk_position(&reader(vm), base).expect("disk status page");
-    let f = std::fs::File::open(disk).unwrap();
-    verify_disk_image(
-        |off, buf| f.read_exact_at(buf, off).map_err(|e| e.to_string()),
-        &p,
-    )
-    .expect("disk image matches the guest's position");
-    p
-}
-
-fn k_ok(pass: u64) -> impl Fn(&str) -> bool {
-    move |l: &str| {
-        assert!(!l.contains("BAD") && !l.starts_with('!'), "guest: {l}");
-        l == format!("K0 {pass} ok")
-    }
-}
-
-const WORK: &str = "disk span=4M rate=16M hb=2000";
 
 #[test]
 fn what_the_guest_writes_through_virtio_blk_is_on_the_image_sector_for_sector() {
@@ -396,13 +334,6 @@ fn a_dropped_vm_releases_its_image_at_once() {
         let f = ferry_storage::open(&disk, Format::Raw, false);
         assert!(f.is_ok(), "round {round}: {:?}", f.err());
     }
-}
-
-/// What the host wrote at `off` before the guest started (outside the guest's span).
-fn host_fill(off: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| ((off + i) / 4096 % 251) as u8 + 1)
-        .collect()
 }
 
 /// `Vm::move_disk` (`ferry disk move`) while the guest writes its disk: cancelled once the

@@ -188,6 +188,8 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
             "cert": f.cert, "key": f.key, "ca": f.ca, "peers": f.peers,
         })),
         "insecure": args.tls.insecure,
+        "copy_storage": args.copy_storage,
+        "disk_map": disk_map(&args.disk_map)?,
     });
     if args.timeout.is_some_and(|t| !(t > 0.0 && t < 1e9)) {
         bail!("--timeout must be a positive number of seconds");
@@ -205,6 +207,30 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
         .context("empty migration answer")?;
     print_report(to, &v);
     Ok(())
+}
+
+/// `--disk-map ID=PATH[,format=F]` entries as the API's `disk_map`.
+fn disk_map(specs: &[String]) -> Result<Vec<serde_json::Value>> {
+    specs
+        .iter()
+        .map(|s| {
+            let (id, rest) = s
+                .split_once('=')
+                .with_context(|| format!("--disk-map {s}: expected ID=PATH[,format=raw|qcow2]"))?;
+            let (path, format) = match rest.split_once(",format=") {
+                Some((p, f)) => (p, Some(f)),
+                None => (rest, None),
+            };
+            if id.is_empty() || path.is_empty() {
+                bail!("--disk-map {s}: expected ID=PATH[,format=raw|qcow2]");
+            }
+            if let Some(f) = format {
+                f.parse::<ferry_storage::Format>()
+                    .map_err(|e| anyhow::anyhow!("--disk-map {s}: {e}"))?;
+            }
+            Ok(serde_json::json!({ "disk": id, "path": path, "format": format }))
+        })
+        .collect()
 }
 
 /// Prints a live migration's report: one line per pass, then the totals.
@@ -266,6 +292,20 @@ pub fn print_report(to: &str, v: &serde_json::Value) {
             d["zero_faults"],
             pc["recoveries"],
             pc["released_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
+    let st = &v["storage"];
+    if st.is_object() {
+        println!(
+            "storage: {} disk(s), {:.1} MiB of data copied of {:.1} MiB ({:.1} MiB on the wire with \
+             the guest's writes mirrored) in {:.2} s before the memory passes; last sync {:.2} ms \
+             in the downtime",
+            st["disks"],
+            mib(&st["copied_bytes"]),
+            mib(&st["size_bytes"]),
+            mib(&st["wire_bytes"]),
+            st["bulk_ms"].as_f64().unwrap_or(0.0) / 1e3,
+            st["final_sync_ms"].as_f64().unwrap_or(0.0),
         );
     }
 }

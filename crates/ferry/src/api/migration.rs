@@ -50,6 +50,22 @@ pub struct MigrateRequest {
     /// Plain TCP: no authentication, no encryption.
     #[serde(default)]
     insecure: bool,
+    /// The disks come too (shared-nothing migration).
+    #[serde(default)]
+    copy_storage: bool,
+    /// Where the destination puts each disk: `[{"disk": ID, "path": P, "format": F}]`.
+    #[serde(default)]
+    disk_map: Vec<DiskMapEntry>,
+}
+
+/// One `disk_map` entry of a migrate request.
+#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct DiskMapEntry {
+    pub disk: String,
+    pub path: String,
+    #[serde(default)]
+    pub format: Option<ferry_storage::Format>,
 }
 
 /// The `tls` member of a migrate request.
@@ -107,6 +123,12 @@ fn live_migrate(vm: &Vm, req: MigrateRequest, mon: &Monitor) -> Result<Report, A
             ),
         ));
     }
+    if !req.disk_map.is_empty() && !req.copy_storage {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "disk_map is for a migration with copy_storage".into(),
+        ));
+    }
     let tls =
         match (&req.tls, req.insecure) {
             (Some(_), true) => {
@@ -154,6 +176,18 @@ fn live_migrate(vm: &Vm, req: MigrateRequest, mon: &Monitor) -> Result<Report, A
         auto_postcopy: req.auto_postcopy,
         copy_priority: req.copy_priority,
         io_timeout: crate::run::MIGRATION_IO_TIMEOUT,
+        copy_storage: req.copy_storage,
+        disk_map: req
+            .disk_map
+            .iter()
+            .map(|m| {
+                (
+                    m.disk.clone(),
+                    m.path.clone(),
+                    m.format.map(|f| f.to_string()),
+                )
+            })
+            .collect(),
     };
     let to = req.to.clone();
     let source = ferry_vmm::live::LiveSource::new(vm);

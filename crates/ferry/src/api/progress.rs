@@ -32,6 +32,17 @@ pub fn follow<T>(socket: &Path, run: &std::thread::JoinHandle<T>) {
                 _ => format!("pass {}", s["pass"]),
             });
         }
+        if s["phase"].as_str() == Some("storage") {
+            // The disks' bulk copy: how far it is through the disks, in MiB.
+            bar.set_prefix("disks");
+            bar.set_length(s["disk_bytes"].as_u64().unwrap_or(0) >> 20);
+            bar.set_position(s["disk_cursor"].as_u64().unwrap_or(0) >> 20);
+            bar.set_message(format!(
+                "MiB  {:.0} MiB of data copied",
+                f("disk_copied") / 1048576.0
+            ));
+            continue;
+        }
         bar.set_length(s["pass_pages"].as_u64().unwrap_or(0));
         bar.set_position(s["pass_sent"].as_u64().unwrap_or(0));
         let throttle = match s["throttle_percent"].as_u64() {

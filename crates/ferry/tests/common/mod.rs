@@ -198,18 +198,22 @@ pub fn source_vm(sock: &std::path::Path, guest: &str) -> Running {
 
 /// Starts `ferry receive` on a free port with an API socket; returns it and its address.
 pub fn receiver(sock: &std::path::Path) -> (Running, String) {
+    receiver_with(sock, &[])
+}
+
+/// As [`receiver`], with more arguments (e.g. `--storage-dir DIR`).
+pub fn receiver_with(sock: &std::path::Path, extra: &[&str]) -> (Running, String) {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let r = Running::start_cmd(
-        "receive",
-        &[
-            "--insecure",
-            "--listen",
-            &addr,
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
-    );
+    let mut args = vec![
+        "--insecure",
+        "--listen",
+        &addr,
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let r = Running::start_cmd("receive", &args);
     // The receiver takes the first connection as its migration: wait for its socket file,
     // not its port.
     for _ in 0..500 {
@@ -219,6 +223,13 @@ pub fn receiver(sock: &std::path::Path) -> (Running, String) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     (r, addr)
+}
+
+/// Runs `ferry migrate --insecure --to TO --api-socket SOCK EXTRA...` and asserts it succeeded.
+pub fn migrate_ok(to: &str, sock: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["migrate", "--insecure", "--to", to, "--api-socket", sock];
+    args.extend_from_slice(extra);
+    ferry_ok(&args)
 }
 
 /// Starts `ferry migrate --to TO --api-socket SOCK EXTRA...` in the background, its output

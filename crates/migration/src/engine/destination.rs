@@ -47,10 +47,15 @@ pub fn receive<V: DestinationVm>(
     let Message::Hello(hello) = first else {
         return Err(first.unexpected("Hello").into());
     };
-    let r = run_destination(vm, &mut ctl, hello, acc);
+    let mut committed = false;
+    let r = run_destination(vm, &mut ctl, hello, acc, &mut committed);
     if let Err(e) = &r {
         if !matches!(e, EngineError::Protocol(ProtocolError::Peer(_))) {
             let _ = send(&mut ctl, &Message::Abort(e.to_string()));
+        }
+        if !committed {
+            // Before commit the disks made for this migration are nobody's.
+            vm.remove_disks();
         }
     }
     r
@@ -61,6 +66,7 @@ fn run_destination<V: DestinationVm>(
     ctl: &mut Conn,
     hello: Hello,
     acc: &Acceptor,
+    committed: &mut bool,
 ) -> Result<Received, EngineError> {
     if hello.caps & crate::protocol::CAP_RESUME != 0 {
         return Err(ProtocolError::Peer(
@@ -78,8 +84,27 @@ fn run_destination<V: DestinationVm>(
     }
     ok(vm.prepare(&hello.config))?;
     send(ctl, &Message::Welcome)?;
-    let data = accept_data(acc, hello.session, n, false)?;
-    let handles: Vec<Conn> = data.iter().filter_map(|s| s.try_clone().ok()).collect();
+    let disks = if hello.caps & crate::protocol::CAP_STORAGE != 0 {
+        Some(super::storage::create(vm, ctl)?)
+    } else {
+        None
+    };
+    let mut data = accept_data(acc, hello.session, n + disks.is_some() as u32, false)?;
+    // The storage connection joined last (index n). Its bulk copy comes before any page:
+    // received here, before the page receivers (and their timeouts) start. After it, the
+    // guest's writes come when they come: no timeout on it from then on (a failure shuts it
+    // down with the others).
+    let mut store = match disks {
+        Some(d) => {
+            let mut c = data.pop().ok_or(EngineError::Aborted)?;
+            super::storage::receive(&*vm, &mut c, d, false)?;
+            c.set_read_timeout(None).map_err(ProtocolError::Io)?;
+            Some((c, d))
+        }
+        None => None,
+    };
+    let mut handles: Vec<Conn> = data.iter().filter_map(|s| s.try_clone().ok()).collect();
+    handles.extend(store.as_ref().and_then(|(c, _)| c.try_clone().ok()));
     let failed = AtomicU8::new(OK);
     let stop_all = |how: u8| {
         failed.fetch_max(how, Ordering::SeqCst);
@@ -105,6 +130,16 @@ fn run_destination<V: DestinationVm>(
     // Pages dropped ahead of a post-copy switch-over (Discard).
     let mut discarded: Vec<(u64, u64)> = Vec::new();
     let (results, state, streams) = std::thread::scope(|scope| {
+        let storage = store.as_mut().map(|(c, d)| {
+            let (stop_all, d) = (&stop_all, *d);
+            scope.spawn(move || {
+                let r = super::storage::receive(shared, c, d, true);
+                if let Err(e) = &r {
+                    stop_all(if is_echo(e) { ECHO } else { FAULT });
+                }
+                r
+            })
+        });
         let workers: Vec<_> = data
             .into_iter()
             .map(|mut s| {
@@ -166,6 +201,15 @@ fn run_destination<V: DestinationVm>(
                 Err(_) => results.push(Err(EngineError::Vm("a receiver thread panicked".into()))),
             }
         }
+        if let Some(h) = storage {
+            match h.join() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => results.push(Err(e)),
+                Err(_) => {
+                    results.push(Err(EngineError::Vm("the storage receiver panicked".into())))
+                }
+            }
+        }
         tracing::debug!(drained = ?t_state.elapsed(), "receivers done after State");
         (results, state, streams)
     });
@@ -213,6 +257,7 @@ fn run_destination<V: DestinationVm>(
     let loaded = t.elapsed();
     send(ctl, &Message::Ready)?;
     expect(ctl, Message::Commit)?;
+    *committed = true;
     let committed = t.elapsed();
     let Some(pc) = postcopy else {
         ok(vm.resume())?;

@@ -26,12 +26,14 @@ mod pageset;
 mod postcopy_dst;
 mod postcopy_src;
 mod source;
+mod storage;
 
 pub use acceptor::{Acceptor, Incoming};
 pub use destination::{receive, Received};
 pub use monitor::{Monitor, Phase, Status};
 pub use pageset::PageSet;
 pub use source::migrate;
+pub use storage::{DiskCopy, DiskLink, StorageReport};
 
 use crate::protocol::{Compression, PostCopyFigures, ProtocolError};
 use serde::{Deserialize, Serialize};
@@ -69,6 +71,21 @@ pub trait SourceVm: Sync {
     fn throttle(&self, percent: u8) -> Result<(), String>;
     /// Every vCPU's and device's state (VM paused).
     fn save_state(&self) -> Result<Vec<u8>, String>;
+    /// The disks a migration that copies storage moves (`Options::copy_storage`).
+    fn disks(&self) -> Vec<crate::disk_wire::DiskSpec> {
+        Vec::new()
+    }
+    /// Starts mirroring every disk to `link`: from now on a guest write to a part already
+    /// copied goes there too before it completes.
+    fn mirror_disks(&self, _link: DiskLink) -> Result<(), String> {
+        Err("this VM cannot copy its disks".into())
+    }
+    /// One step of the disks' bulk copy (a MiB or so, sent through the link).
+    fn copy_disks(&self) -> Result<DiskCopy, String> {
+        Err("this VM cannot copy its disks".into())
+    }
+    /// Ends the mirrors (a migration that failed): the disks are the VM's own images again.
+    fn unmirror_disks(&self) {}
 }
 
 /// What the engine needs from the VM being received. Pages arrive on several connections at
@@ -101,6 +118,25 @@ pub trait DestinationVm: Sync {
     fn install_zero(&self, gpa: u64) -> Result<bool, String>;
     /// Every page is in: memory behaves as ordinary memory again.
     fn end_postcopy(&self) -> Result<(), String>;
+    /// Creates the disks the source sends (empty), before their data arrives.
+    fn create_disks(&mut self, _disks: &[crate::disk_wire::DiskSpec]) -> Result<(), String> {
+        Err("this receiver does not take disks".into())
+    }
+    /// Writes disk data the source sent (disk: index in the `Disks` list).
+    fn disk_write(&self, _disk: u32, _offset: u64, _data: &[u8]) -> Result<(), String> {
+        Err("no disks here".into())
+    }
+    /// The range of the disk reads as zeroes.
+    fn disk_zero(&self, _disk: u32, _offset: u64, _len: u64) -> Result<(), String> {
+        Err("no disks here".into())
+    }
+    /// Makes what was written durable; `last`: nothing follows, close the images (the VM's
+    /// devices open them when the state is loaded).
+    fn disk_sync(&self, _last: bool) -> Result<(), String> {
+        Ok(())
+    }
+    /// The migration failed before commit: deletes the disks created for it.
+    fn remove_disks(&self) {}
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +211,13 @@ pub struct Options {
     /// destination that stopped reading, or answering, without closing).
     #[serde(default = "default_io_timeout")]
     pub io_timeout: Duration,
+    /// Copy the VM's disks too (shared-nothing migration): the destination creates them.
+    #[serde(default)]
+    pub copy_storage: bool,
+    /// Where the destination puts disks, by id: (path, format); the others go to its
+    /// storage directory.
+    #[serde(default)]
+    pub disk_map: Vec<(String, String, Option<String>)>,
 }
 
 /// Default of [`Options::io_timeout`] and [`Limits::io_timeout`].
@@ -224,6 +267,8 @@ impl Default for Options {
             auto_postcopy: false,
             copy_priority: CopyPriority::Normal,
             io_timeout: IO_TIMEOUT,
+            copy_storage: false,
+            disk_map: Vec::new(),
         }
     }
 }
@@ -268,6 +313,9 @@ pub struct Report {
     pub max_throttle_percent: u8,
     /// Present when the migration finished by post-copy.
     pub postcopy: Option<PostCopyReport>,
+    /// Present when the disks came too.
+    #[serde(default)]
+    pub storage: Option<StorageReport>,
 }
 
 /// The post-copy phase of a migration.

@@ -11,6 +11,8 @@ use std::time::Instant;
 pub enum Phase {
     #[default]
     Setup,
+    /// The disks' bulk copy (shared-nothing migration), before the memory passes.
+    Storage,
     PreCopy,
     SwitchOver,
     /// The VM runs on the destination; the pages it lacks are still being sent.
@@ -47,6 +49,14 @@ pub struct Status {
     /// Time left for the current pass at the measured bandwidth.
     pub eta_ms: f64,
     pub throttle_percent: u8,
+    /// Shared-nothing migration: the disks' total size, how far their copy has got, and
+    /// the data it sent.
+    #[serde(default)]
+    pub disk_bytes: u64,
+    #[serde(default)]
+    pub disk_cursor: u64,
+    #[serde(default)]
+    pub disk_copied: u64,
     pub elapsed_ms: f64,
     pub report: Option<Report>,
     pub error: Option<String>,

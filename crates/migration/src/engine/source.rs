@@ -1,12 +1,13 @@
 //! The sending side: a coordinator (this thread) decides passes and switch-over; one sender
 //! thread per data connection re-arms, reads, encodes and sends pages, claiming the pass's
 //! page set 4096 pages at a time from a shared cursor so fast connections carry more.
+use super::storage::StorageSource;
 use super::{
     ok, EngineError, Monitor, Options, PageSet, Pass, Phase, Report, SourceVm, TimeoutPolicy,
 };
 use crate::protocol::{
-    expect, recv, send, Hello, Message, PagesBuf, ProtocolError, KIND_ABORT, MAGIC, MAX_BATCH,
-    MAX_CONNECTIONS, MAX_RANGES, PAGE, PAGE_HEADER_LEN, VERSION,
+    expect, recv, send, Hello, Message, PagesBuf, ProtocolError, CAP_STORAGE, KIND_ABORT, MAGIC,
+    MAX_BATCH, MAX_CONNECTIONS, MAX_RANGES, PAGE, PAGE_HEADER_LEN, VERSION,
 };
 use crate::transport::{Conn, Peek};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -176,12 +177,13 @@ fn run_source<V: SourceVm>(
     let t0 = Instant::now();
     let n = opts.connections.clamp(1, MAX_CONNECTIONS);
     let session = session_id();
+    let specs = super::storage::offer(vm, opts)?;
     send(
         ctl,
         &Message::Hello(Hello {
             magic: MAGIC,
             version: VERSION,
-            caps: 0,
+            caps: if specs.is_some() { CAP_STORAGE } else { 0 },
             session,
             connections: n,
             config: vm.config(),
@@ -196,6 +198,56 @@ fn run_source<V: SourceVm>(
         e => e.into(),
     })?;
     let streams = join_data(connect, session, n, opts.io_timeout)?;
+    let disks = match specs {
+        Some(s) => Some(StorageSource::start(
+            ctl,
+            s,
+            connect,
+            session,
+            n,
+            opts.io_timeout,
+        )?),
+        None => None,
+    };
+    let r = run_passes(
+        vm,
+        ctl,
+        streams,
+        connect,
+        opts,
+        mon,
+        undo,
+        (t0, session, n),
+        disks.as_ref(),
+    );
+    if r.is_err() {
+        if let Some(d) = &disks {
+            // A mirror stuck in a write on a dead link lets go; the disks are the VM's own.
+            d.shutdown();
+        }
+        vm.unmirror_disks();
+    }
+    let mut report = r?;
+    report.storage = disks.map(|d| d.figures());
+    Ok(report)
+}
+
+/// The storage bulk copy, the memory passes, the switch-over and, if asked, post-copy.
+#[allow(clippy::too_many_arguments)]
+fn run_passes<V: SourceVm>(
+    vm: &V,
+    ctl: &mut Conn,
+    streams: Vec<Conn>,
+    connect: Connect,
+    opts: &Options,
+    mon: &Monitor,
+    undo: &mut Undo,
+    (t0, session, n): (Instant, u64, u32),
+    disks: Option<&StorageSource>,
+) -> Result<Report, EngineError> {
+    if let Some(d) = disks {
+        d.bulk(vm, ctl, mon)?;
+    }
     // Clones to unblock senders stuck in a write when the migration fails.
     let handles: Vec<Conn> = streams.iter().filter_map(|s| s.try_clone().ok()).collect();
     // Post-copy at once sends no pass: what to fetch is read after the pause, so no dirty
@@ -227,6 +279,7 @@ fn run_source<V: SourceVm>(
             handles: &handles,
             set: &set,
             none: &none,
+            disks,
         };
         let r = coord.run(ctl, t0, &mut undo.paused);
         if let Err(e) = &r {
@@ -274,6 +327,8 @@ struct Coordinator<'a, 's, V> {
     set: &'s PageSet,
     /// An empty set: the last pass of a post-copy carries no page.
     none: &'s PageSet,
+    /// The disks' link, when they come too: their last sync is part of the switch-over.
+    disks: Option<&'a StorageSource>,
 }
 
 impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
@@ -428,6 +483,9 @@ impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
         let last = if postcopy { self.none } else { set };
         mon.begin_pass(number, last.len(), Phase::SwitchOver);
         let (mut pass, _) = self.pass(number, last, true, None)?;
+        if let Some(d) = self.disks {
+            d.finish(vm)?;
+        }
         let t_pages = t_pause.elapsed();
         pass.ms = t_pause.elapsed().as_secs_f64() * 1e3;
         pass.harvest_ms = t_paused.as_secs_f64() * 1e3;

@@ -32,6 +32,22 @@ pub fn destination_with(
     hook: Option<Hook>,
     tls: Option<std::sync::Arc<ferry_migration::tls::TlsServer>>,
 ) -> (std::net::SocketAddr, Dest) {
+    destination_full(hook, tls, None)
+}
+
+/// As [`destination`], creating the disks of a shared-nothing migration in `storage`.
+pub fn destination_storing(
+    hook: Option<Hook>,
+    storage: &std::path::Path,
+) -> (std::net::SocketAddr, Dest) {
+    destination_full(hook, None, Some(storage.to_owned()))
+}
+
+fn destination_full(
+    hook: Option<Hook>,
+    tls: Option<std::sync::Arc<ferry_migration::tls::TlsServer>>,
+    storage: Option<std::path::PathBuf>,
+) -> (std::net::SocketAddr, Dest) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let acc = Acceptor::new(l, tls, Limits::default()).unwrap();
@@ -39,6 +55,9 @@ pub fn destination_with(
         let first = acc.next_hello(None).unwrap();
         let (sink, rx) = LineSink::new();
         let mut d = LiveDestination::new(Box::new(sink));
+        if let Some(dir) = storage {
+            d = d.storage_dir(dir);
+        }
         let r = receive(&mut d, first, &acc).map(|_| ());
         (r, d.into_vm(), rx)
     });

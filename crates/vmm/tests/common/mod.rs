@@ -1,5 +1,6 @@
 //! Helpers shared by the KVM test binaries.
 #![allow(dead_code)]
+pub mod disk;
 use ferry_guest::console::{LineSink, TimedLine};
 use ferry_guest::heartbeat::{parse_line, GuestLine};
 use ferry_vmm::{BootSource, Vm, VmConfig};
