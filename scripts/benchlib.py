@@ -48,8 +48,8 @@ def interleaved(cmds, runs, measure, prepare=None):
     return res
 
 
-def microvm(image, work, disk=None, tap=None, extra=()):
-    c = ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-m", "256", "-nodefaults",
+def microvm(image, work, disk=None, tap=None, extra=(), mem="256"):
+    c = ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-m", mem, "-nodefaults",
          "-display", "none", "-no-reboot", "-serial", "stdio",
          "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
          "-global", "virtio-mmio.force-legacy=false"]

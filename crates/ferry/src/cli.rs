@@ -26,7 +26,8 @@ pub enum Command {
     /// Control a running VM through its API socket.
     Vm(VmArgs),
     /// Ferry's main job in one command: two local "hosts" (ferry processes), the test guest
-    /// rewriting memory with a heartbeat, live-migrated A→B→A, each move's report and the
+    /// rewriting memory with a heartbeat and writing its disk, live-migrated A→B (shared
+    /// storage) and back B→A with its disk (shared-nothing), each move's report and the
     /// downtime the guest itself saw (largest heartbeat gap).
     Demo(DemoArgs),
     /// Save a VM (state and memory) to a directory through its API socket.

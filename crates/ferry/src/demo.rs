@@ -1,6 +1,7 @@
 //! `ferry demo`: Ferry's main job on one machine. Two local "hosts" are `ferry` processes: a
 //! VM runs the test guest (rewriting memory, heartbeat every 2 ms) on host A, is live-migrated
-//! to a `ferry receive` (host B), then back to a new receiver on A. Each move prints its
+//! to a `ferry receive` (host B) over storage both see, then back to a new receiver on A with
+//! its disk (shared-nothing: A's receiver keeps disks in a directory of its own). Each move prints its
 //! report and the downtime the guest itself saw (the largest heartbeat gap, timestamped by the
 //! host); at the end the guest's whole heartbeat sequence is checked for gaps and repeats.
 use crate::api::client::{call, print_report};
@@ -125,6 +126,7 @@ fn receiver(
     sock: &Path,
     sec: &Security,
     peer: &str,
+    extra: &[&str],
 ) -> Result<Host> {
     let listen = format!("127.0.0.1:{port}");
     let mut argv: Vec<String> = ["receive", "--listen", &listen, "--api-socket"]
@@ -133,6 +135,7 @@ fn receiver(
         .collect();
     argv.push(sock.to_string_lossy().into_owned());
     argv.extend(sec.receive_args(name, peer));
+    argv.extend(extra.iter().map(|s| s.to_string()));
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut h = spawn(name, &argv)?;
     let mut err = BufReader::new(h.child.stderr.take().context("stderr")?);
@@ -170,8 +173,10 @@ fn beats(lines: &[TimedLine]) -> Vec<(std::time::Instant, u64, u64)> {
         .collect()
 }
 
-/// Moves the VM from `from` (API socket `sock`) to the receiver on `port`; returns the gap
-/// between the last heartbeat on the source and the first on the destination.
+/// Moves the VM from `from` (API socket `sock`) to the receiver on `port`, with its disk if
+/// `copy_storage`; returns the gap between the last heartbeat on the source and the first on
+/// the destination.
+#[allow(clippy::too_many_arguments)]
 fn migrate(
     from: &mut Host,
     to: &mut Host,
@@ -179,11 +184,17 @@ fn migrate(
     port: u16,
     args: &DemoArgs,
     sec: &Security,
+    copy_storage: bool,
 ) -> Result<Duration> {
     println!(
-        "\n== live migration{}: host {} -> host {} ==",
+        "\n== live migration{}{}: host {} -> host {} ==",
         if args.postcopy {
             " (post-copy after one pass unless pre-copy converges first)"
+        } else {
+            ""
+        },
+        if copy_storage {
+            " with its disk, to a host that does not share it"
         } else {
             ""
         },
@@ -195,6 +206,7 @@ fn migrate(
         "downtime_limit_ms": args.downtime_limit,
         "connections": args.connections,
         "postcopy_after": if args.postcopy { Some(1) } else { None },
+        "copy_storage": copy_storage,
     });
     if let (Some(b), serde_json::Value::Object(extra)) =
         (body.as_object_mut(), sec.request(from.name, to.name))
@@ -237,10 +249,10 @@ fn run(args: &DemoArgs, dir: &Path) -> Result<()> {
     std::fs::File::create(&disk)?.set_len(64 << 20)?;
     let disk_arg = format!("path={},id=demo-disk", disk.display());
     println!("ferry demo: host A runs the test guest ('{workload}', 2 vCPUs, 1 GiB,");
-    println!("a 64 MiB virtio-blk disk on storage both hosts see);");
+    println!("a 64 MiB virtio-blk disk on storage A and B both see);");
     println!(
-        "it moves to host B and back while vCPU 0 writes memory and beats every 2 ms and vCPU 1\n\
-         writes its disk and reads each pass back."
+        "it moves to host B, then back to A with its disk copied to A's own storage, while vCPU 0\n\
+         writes memory and beats every 2 ms and vCPU 1 writes its disk and reads each pass back."
     );
     let sec = Security::new(args, dir)?;
     let mut a = spawn(
@@ -267,13 +279,31 @@ fn run(args: &DemoArgs, dir: &Path) -> Result<()> {
     );
 
     let pb = free_port()?;
-    let mut b = receiver("B", pb, &sock("b.sock"), &sec, "A")?;
-    let gap1 = migrate(&mut a, &mut b, &sock("a.sock"), pb, args, &sec)?;
+    let mut b = receiver("B", pb, &sock("b.sock"), &sec, "A", &[])?;
+    let gap1 = migrate(&mut a, &mut b, &sock("a.sock"), pb, args, &sec, false)?;
     wait_for(&b.lines, &mut b.seen, WAIT, |l| l.starts_with("D0 ")).map_err(anyhow::Error::msg)?;
 
     let pa = free_port()?;
-    let mut a2 = receiver("A", pa, &sock("a2.sock"), &sec, "B")?;
-    let gap2 = migrate(&mut b, &mut a2, &sock("b.sock"), pa, args, &sec)?;
+    // Back to A with the disk: A's receiver keeps disks in a directory of its own, which B
+    // does not see (shared-nothing migration).
+    let a_disks = dir.join("host-a-disks");
+    std::fs::create_dir_all(&a_disks)?;
+    let a_disks_arg = a_disks.to_string_lossy().into_owned();
+    let mut a2 = receiver(
+        "A",
+        pa,
+        &sock("a2.sock"),
+        &sec,
+        "B",
+        &["--storage-dir", &a_disks_arg],
+    )?;
+    let gap2 = migrate(&mut b, &mut a2, &sock("b.sock"), pa, args, &sec, true)?;
+    let info = call(&sock("a2.sock"), Method::GET, "/vm", None)?.context("no VM info")?;
+    println!(
+        "host A: the VM's disk is now {} (the shared {} is no longer used)",
+        info["config"]["disks"][0]["path"].as_str().unwrap_or("?"),
+        disk.display()
+    );
     wait_for(&a2.lines, &mut a2.seen, WAIT, |l| l.starts_with("D0 "))
         .map_err(anyhow::Error::msg)?;
     // A whole disk pass written and read back on A after both moves.
