@@ -14,6 +14,7 @@ use ferry_storage::Format;
 use ferry_vmm::snapshot::{restore, MemoryCheck};
 use ferry_vmm::{GuestExit, RunState};
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 
 #[test]
 fn what_the_guest_writes_through_virtio_blk_is_on_the_image_sector_for_sector() {
@@ -414,4 +415,54 @@ fn a_disk_moves_while_the_guest_writes_and_a_cancelled_move_leaves_it_in_place()
     }
     drop(img);
     qemu_img(&["check", "-q", moved.to_str().unwrap()]);
+}
+
+/// A move whose target fills up (a 16 MiB tmpfs for 64 MiB of data) fails: the VM stays on
+/// its file, exact, the partial target is deleted, and the guest goes on.
+#[test]
+fn a_disk_move_that_runs_out_of_space_leaves_the_vm_on_its_file() {
+    use ferry_vmm::disk_move::{MoveError, MoveMonitor};
+    let d = scratch("disk-move-full");
+    let disk = d.0.join("disk.raw");
+    {
+        let f = std::fs::File::create(&disk).unwrap();
+        f.set_len(128 << 20).unwrap();
+        for off in (0..64u64 << 20).step_by(1 << 20) {
+            f.write_all_at(&host_fill((32 << 20) + off, 1 << 20), (32 << 20) + off)
+                .unwrap();
+        }
+    }
+    let small = d.0.join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16M", "tmpfs"])
+        .arg(&small)
+        .status()
+        .expect("mount (root)");
+    assert!(mounted.success(), "mounting a tmpfs needs root");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(small.clone());
+    let (vm, rx) = boot_disk(WORK, &disk);
+    let (mut seen, base) = first_pass(&rx);
+    let r = vm.move_disk("disk0", &small, None, &MoveMonitor::default());
+    match &r {
+        Err(MoveError::Copy { why, .. }) => assert!(why.contains("space"), "{why}"),
+        other => panic!("expected a failed copy: {other:?}"),
+    }
+    assert!(
+        std::fs::read_dir(&small).unwrap().next().is_none(),
+        "the target is deleted"
+    );
+    assert_eq!(vm.config_now().disks[0].path, disk);
+    vm.pause().unwrap();
+    let p = check_image(&vm, base, &disk);
+    vm.resume().unwrap();
+    wait_for(&rx, &mut seen, T, k_ok(p.pass + 1)).unwrap();
+    vm.shutdown().unwrap();
+    vm.wait();
 }

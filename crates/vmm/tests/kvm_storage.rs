@@ -148,6 +148,10 @@ fn killed(tag: &str, mut when: impl FnMut(usize, u8, &[u8]) -> bool + Send + 'st
 /// Runs a shared-nothing migration through `hook` (see [`Hook`]), which makes it fail; the
 /// source runs on with its disk exact, and the destination's directory is empty.
 fn fails(tag: &str, hook: Hook) {
+    fails_with(tag, hook, Options::default());
+}
+
+fn fails_with(tag: &str, hook: Hook, opts: Options) {
     let (src_dir, dst_dir) = (
         scratch(&format!("{tag}-src")),
         scratch(&format!("{tag}-dst")),
@@ -158,7 +162,7 @@ fn fails(tag: &str, hook: Hook) {
     let (addr, dest) = destination_storing(Some(hook), &dst_dir.0);
     let opts = Options {
         copy_storage: true,
-        ..Options::default()
+        ..opts
     };
     let r = send_vm(&src, addr, &opts);
     assert!(r.is_err(), "the migration must fail: {r:?}");
@@ -225,5 +229,34 @@ fn a_flipped_byte_in_a_disk_frame_is_refused_and_the_source_runs_on() {
             }
             true
         }),
+    );
+}
+
+/// A destination that stops reading without closing (a paused process, a stuck disk): the
+/// source's mirror and copy block for at most the I/O timeout, then the migration fails and
+/// the source runs on, its disk exact (the proxy, stalled for 5 s, then drops everything).
+#[test]
+fn a_destination_that_stops_reading_fails_the_migration_within_the_io_timeout() {
+    let mut n = 0;
+    let t = std::time::Instant::now();
+    fails_with(
+        "sn-stall",
+        Box::new(move |_, k, _| {
+            n += (k == K_DISK_DATA) as u32;
+            if n == 5 && k == K_DISK_DATA {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                return false;
+            }
+            true
+        }),
+        Options {
+            io_timeout: std::time::Duration::from_secs(2),
+            ..Options::default()
+        },
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        t.elapsed()
     );
 }
