@@ -7,7 +7,7 @@
 //! | 19 | DiskData | src → dst | `disk u32, offset u64`, then the bytes (≤ 4 MiB) |
 //! | 20 | DiskZero | src → dst | `disk u32, offset u64, len u64`: the range reads as zeroes |
 //! | 21 | DiskSync | both | `last u8`: src → dst, everything so far is sent, make it durable; dst → src, it is (answering each, in order). `last` = the VM is paused, nothing follows |
-use crate::protocol::{malformed, send_frame, ProtocolError};
+use crate::protocol::{malformed, send_frame, send_frame_parts, ProtocolError};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 
@@ -64,13 +64,10 @@ pub fn send_data(
     disk: u32,
     offset: u64,
     data: &[u8],
-    buf: &mut Vec<u8>,
 ) -> Result<(), ProtocolError> {
     for (i, piece) in data.chunks(MAX_DISK_DATA).enumerate() {
-        buf.clear();
-        buf.extend_from_slice(&head(disk, offset + (i * MAX_DISK_DATA) as u64));
-        buf.extend_from_slice(piece);
-        send_frame(w, K_DISK_DATA, buf)?;
+        let h = head(disk, offset + (i * MAX_DISK_DATA) as u64);
+        send_frame_parts(w, K_DISK_DATA, &[&h, piece])?;
     }
     Ok(())
 }
@@ -129,7 +126,7 @@ mod tests {
     fn frames_roundtrip_and_large_data_is_split() {
         let mut w = Vec::new();
         let data: Vec<u8> = (0..(MAX_DISK_DATA + 100)).map(|i| i as u8).collect();
-        send_data(&mut w, 3, 1 << 40, &data, &mut Vec::new()).unwrap();
+        send_data(&mut w, 3, 1 << 40, &data).unwrap();
         send_zero(&mut w, 1, 512, 4096).unwrap();
         send_sync(&mut w, true).unwrap();
         let mut r = w.as_slice();

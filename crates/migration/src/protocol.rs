@@ -342,16 +342,31 @@ pub(crate) fn send_frame(
     kind: u8,
     payload: &[u8],
 ) -> Result<(), ProtocolError> {
-    if payload.len() > MAX_FRAME as usize {
-        return Err(ProtocolError::Oversized(payload.len() as u32));
+    send_frame_parts(w, kind, &[payload])
+}
+
+/// As [`send_frame`], the payload given in pieces (sent as they are, without gathering them
+/// into one buffer first).
+pub(crate) fn send_frame_parts(
+    w: &mut impl Write,
+    kind: u8,
+    parts: &[&[u8]],
+) -> Result<(), ProtocolError> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len > MAX_FRAME as usize {
+        return Err(ProtocolError::Oversized(len as u32));
     }
     let mut h = [0u8; HEADER_LEN];
     h[0] = kind;
-    h[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    let crc = frame_crc(&h, payload);
+    h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    let crc = parts
+        .iter()
+        .fold(crc32c::crc32c(&h[..8]), |c, p| crc32c::crc32c_append(c, p));
     h[8..12].copy_from_slice(&crc.to_le_bytes());
     w.write_all(&h)?;
-    w.write_all(payload)?;
+    for p in parts {
+        w.write_all(p)?;
+    }
     w.flush()?; // under TLS: seals the last partial record
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// How much data one copy step moves.
-const STEP: usize = 1 << 20;
+const STEP: usize = 4 << 20;
 
 /// One disk's mirror onto the link, as a `Sink`.
 struct LinkSink {

@@ -466,6 +466,12 @@ impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
             }
         }
         // Switch-over.
+        if let Some(d) = self.disks {
+            // What the guest wrote to its disks during the passes goes to the destination's
+            // disk now, while the guest still runs: the sync in the pause has only the last
+            // moments' writes left to make durable.
+            d.presync()?;
+        }
         ok(vm.before_pause())?;
         let t_pause = Instant::now();
         ok(vm.pause())?;

@@ -53,7 +53,7 @@ pub struct StorageReport {
 }
 
 struct Link {
-    conn: Mutex<(Conn, Vec<u8>)>,
+    conn: Mutex<Conn>,
     /// For reading the destination's answers without holding the writers' lock.
     answers: Mutex<Conn>,
     bytes: AtomicU64,
@@ -67,16 +67,14 @@ impl DiskLink {
     fn new(c: Conn) -> Result<DiskLink, EngineError> {
         let answers = c.try_clone().map_err(ProtocolError::Io)?;
         Ok(DiskLink(Arc::new(Link {
-            conn: Mutex::new((c, Vec::new())),
+            conn: Mutex::new(c),
             answers: Mutex::new(answers),
             bytes: AtomicU64::new(0),
         })))
     }
 
-    fn with<R>(&self, f: impl FnOnce(&mut Conn, &mut Vec<u8>) -> R) -> R {
-        let mut g = self.0.conn.lock().unwrap_or_else(|e| e.into_inner());
-        let (c, buf) = &mut *g;
-        f(c, buf)
+    fn with<R>(&self, f: impl FnOnce(&mut Conn) -> R) -> R {
+        f(&mut self.0.conn.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Sends `data` for `offset` of disk `disk` (index in the `Disks` list).
@@ -85,21 +83,21 @@ impl DiskLink {
         self.0
             .bytes
             .fetch_add(data.len() as u64 + frames * 28, Ordering::Relaxed);
-        self.with(|c, buf| disk_wire::send_data(c, disk, offset, data, buf))
+        self.with(|c| disk_wire::send_data(c, disk, offset, data))
             .map_err(|e| format!("storage connection: {e}"))
     }
 
     /// The range of disk `disk` reads as zeroes (a discard or write-zeroes).
     pub fn zero(&self, disk: u32, offset: u64, len: u64) -> Result<(), String> {
         self.0.bytes.fetch_add(36, Ordering::Relaxed);
-        self.with(|c, _| disk_wire::send_zero(c, disk, offset, len))
+        self.with(|c| disk_wire::send_zero(c, disk, offset, len))
             .map_err(|e| format!("storage connection: {e}"))
     }
 
     /// Asks the destination to make everything sent so far durable and waits for its answer
     /// (the mirrors go on sending meanwhile).
     fn sync(&self, last: bool) -> Result<(), EngineError> {
-        self.with(|c, _| disk_wire::send_sync(c, last))?;
+        self.with(|c| disk_wire::send_sync(c, last))?;
         let mut r = self.0.answers.lock().unwrap_or_else(|e| e.into_inner());
         let mut p = Vec::new();
         let kind = recv_raw(&mut *r, &mut p)?;
@@ -117,7 +115,7 @@ impl DiskLink {
     }
 
     fn shutdown(&self) {
-        self.with(|c, _| c.shutdown());
+        self.with(|c| c.shutdown());
     }
 }
 
@@ -211,6 +209,11 @@ impl StorageSource {
         self.link.sync(false)?;
         self.report().bulk_ms = t.elapsed().as_secs_f64() * 1e3;
         Ok(())
+    }
+
+    /// Just before the pause: what was sent so far is made durable on the destination.
+    pub fn presync(&self) -> Result<(), EngineError> {
+        self.link.sync(false)
     }
 
     /// With the VM paused (nothing in flight): every mirror still whole, and everything
