@@ -57,17 +57,7 @@ fn a_guest_writes_a_qcow2_overlay_and_qemu_img_finds_the_pattern_over_the_base()
     let base = s.path("base.qcow2").display().to_string();
     let top = s.path("top.qcow2").display().to_string();
     qemu_img(&["create", "-q", "-f", "qcow2", &base, "8M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        &top,
-    ]);
+    ferry_guest::tools::qcow2_overlay("base.qcow2", top.as_ref());
     let spec = format!("path={top},format=qcow2");
     let out = ferry(&[
         "run",

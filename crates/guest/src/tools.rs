@@ -14,3 +14,12 @@ pub fn qemu_img(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Creates the qcow2 overlay `top` on the qcow2 image `base` (a name relative to `top`'s
+/// directory, as qcow2 stores it), with qemu-img.
+pub fn qcow2_overlay(base: &str, top: &std::path::Path) {
+    let top = top.to_str().expect("a UTF-8 path");
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top,
+    ]);
+}

@@ -201,17 +201,7 @@ fn a_live_migration_of_a_vm_writing_a_qcow2_overlay_is_pattern_exact() {
     let base = d.0.join("base.qcow2");
     let top = d.0.join("top.qcow2");
     run(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
-    run(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    ferry_guest::tools::qcow2_overlay("base.qcow2", top.as_ref());
     let (src, rx) = boot_disk_as(WORK, &top, Format::Qcow2);
     let (mut seen, base_gpa) = first_pass(&rx);
     let (addr, dest) = destination(None);

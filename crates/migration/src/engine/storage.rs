@@ -56,6 +56,8 @@ struct Link {
     conn: Mutex<Conn>,
     /// For reading the destination's answers without holding the writers' lock.
     answers: Mutex<Conn>,
+    /// For shutting the connection down while a writer is blocked in it (holding its lock).
+    killer: Conn,
     bytes: AtomicU64,
 }
 
@@ -66,9 +68,11 @@ pub struct DiskLink(Arc<Link>);
 impl DiskLink {
     fn new(c: Conn) -> Result<DiskLink, EngineError> {
         let answers = c.try_clone().map_err(ProtocolError::Io)?;
+        let killer = c.try_clone().map_err(ProtocolError::Io)?;
         Ok(DiskLink(Arc::new(Link {
             conn: Mutex::new(c),
             answers: Mutex::new(answers),
+            killer,
             bytes: AtomicU64::new(0),
         })))
     }
@@ -115,7 +119,7 @@ impl DiskLink {
     }
 
     fn shutdown(&self) {
-        self.with(|c| c.shutdown());
+        self.0.killer.shutdown();
     }
 }
 
@@ -182,16 +186,43 @@ impl StorageSource {
         let t = Instant::now();
         ok(vm.mirror_disks(self.link.clone()))?;
         mon.begin_pass(0, 0, Phase::Storage);
-        let mut last_check = Instant::now();
+        // A watcher, so that a copy step blocked in a write (a destination that stopped
+        // reading) ends at once on the destination's Abort or a cancel, not at the timeout.
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let why: Mutex<Option<EngineError>> = Mutex::new(None);
+        let r = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !done.load(Ordering::SeqCst) {
+                    let e = if mon.cancelled() {
+                        Some(EngineError::Cancelled)
+                    } else {
+                        destination_gone(ctl)
+                    };
+                    if let Some(e) = e {
+                        *why.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        self.link.shutdown();
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+            let r = self.copy_all(vm, mon);
+            done.store(true, Ordering::SeqCst);
+            r
+        });
+        if let Some(e) = why.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        r?;
+        self.link.sync(false)?;
+        self.report().bulk_ms = t.elapsed().as_secs_f64() * 1e3;
+        Ok(())
+    }
+
+    fn copy_all<V: SourceVm>(&self, vm: &V, mon: &Monitor) -> Result<(), EngineError> {
         loop {
             if mon.cancelled() {
                 return Err(EngineError::Cancelled);
-            }
-            if last_check.elapsed() > Duration::from_millis(20) {
-                last_check = Instant::now();
-                if let Some(e) = destination_gone(ctl) {
-                    return Err(e);
-                }
             }
             let c = ok(vm.copy_disks())?;
             let wire = self.link.0.bytes.load(Ordering::Relaxed);
@@ -203,12 +234,9 @@ impl StorageSource {
             });
             self.report().copied_bytes = c.copied;
             if c.done {
-                break;
+                return Ok(());
             }
         }
-        self.link.sync(false)?;
-        self.report().bulk_ms = t.elapsed().as_secs_f64() * 1e3;
-        Ok(())
     }
 
     /// Just before the pause: what was sent so far is made durable on the destination.
