@@ -3,9 +3,10 @@
 //! post-copy, a set of missing pages a test "vCPU" can fault on), and a loopback pair with an
 //! optional proxy that tampers with or cuts the source's bytes.
 #![allow(dead_code)]
+use ferry_migration::disk_wire::DiskSpec;
 use ferry_migration::engine::{
-    migrate, receive, Acceptor, DestinationVm, EngineError, Limits, Monitor, Options, PageSet,
-    SourceVm,
+    migrate, receive, Acceptor, DestinationVm, DiskCopy, DiskLink, EngineError, Limits, Monitor,
+    Options, PageSet, SourceVm,
 };
 use ferry_migration::protocol::PAGE;
 use ferry_migration::tls::{TlsClient, TlsServer};
@@ -39,6 +40,48 @@ pub struct FakeSource {
     pub rearmed: AtomicU64,
     /// Nice value of the last thread that read a page (the senders' CPU priority).
     pub reader_nice: std::sync::atomic::AtomicI32,
+    /// A disk that comes with the VM (`copy_storage`), mirrored as Ferry's mirror does.
+    pub disk: Option<FakeDisk>,
+}
+
+/// The source's disk: its bytes, the bulk copy's cursor, the link of a running mirror. A
+/// "guest write" lands on the disk and, below the cursor, on the link too, under one lock.
+#[derive(Default)]
+pub struct FakeDisk {
+    pub state: Mutex<(Vec<u8>, u64, Option<DiskLink>)>,
+    pub unmirrored: AtomicBool,
+    pub writes: AtomicU64,
+}
+
+impl FakeDisk {
+    pub fn new(len: usize) -> Self {
+        let mut d = vec![0u8; len];
+        // Data in the first and third quarters; the rest stays zero (holes).
+        for (i, b) in d.iter_mut().enumerate() {
+            if (i / (len / 4)).is_multiple_of(2) {
+                *b = (i / 512) as u8 | 1;
+            }
+        }
+        FakeDisk {
+            state: Mutex::new((d, 0, None)),
+            ..Default::default()
+        }
+    }
+
+    /// The guest writes 512 bytes at a place derived from `k`.
+    pub fn guest_write(&self, k: u64) -> Result<(), String> {
+        let mut st = self.state.lock().unwrap();
+        let (d, cursor, link) = &mut *st;
+        let off = (k.wrapping_mul(2654435761) % (d.len() as u64 / 512)) * 512;
+        let v = self.writes.fetch_add(1, Ordering::SeqCst) as u8 ^ 0xa5;
+        d[off as usize..off as usize + 512].fill(v);
+        if off < *cursor {
+            if let Some(l) = link {
+                let _ = l.write(0, off, &d[off as usize..off as usize + 512]);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The calling thread's nice value.
@@ -72,6 +115,7 @@ impl FakeSource {
             manual: false,
             rearmed: AtomicU64::new(0),
             reader_nice: Default::default(),
+            disk: None,
         }
     }
 
@@ -185,6 +229,57 @@ impl SourceVm for FakeSource {
     fn save_state(&self) -> Result<Vec<u8>, String> {
         Ok(format!("state v{}", self.version.load(Ordering::SeqCst)).into_bytes())
     }
+    fn disks(&self) -> Vec<DiskSpec> {
+        self.disk
+            .iter()
+            .map(|d| DiskSpec {
+                id: "disk0".into(),
+                size: d.state.lock().unwrap().0.len() as u64,
+                format: "raw".into(),
+                name: "disk0.raw".into(),
+                path: None,
+                to_format: None,
+            })
+            .collect()
+    }
+    fn mirror_disks(&self, link: DiskLink) -> Result<(), String> {
+        let d = self.disk.as_ref().ok_or("no disk")?;
+        d.state.lock().unwrap().2 = Some(link);
+        Ok(())
+    }
+    fn copy_disks(&self) -> Result<DiskCopy, String> {
+        let d = self.disk.as_ref().ok_or("no disk")?;
+        if !self.paused.load(Ordering::SeqCst) {
+            for k in 0..3 {
+                d.guest_write(self.version.fetch_add(1, Ordering::SeqCst) * 3 + k)?;
+            }
+        }
+        let mut st = d.state.lock().unwrap();
+        let (data, cursor, link) = &mut *st;
+        let len = data.len() as u64;
+        let link = link.as_ref().ok_or("not mirrored")?;
+        if *cursor < len {
+            let end = (*cursor + (64 << 10)).min(len);
+            let chunk = &data[*cursor as usize..end as usize];
+            // Holes (all zeroes) are skipped, as the real mirror's allocation map does.
+            if chunk.iter().any(|&b| b != 0) {
+                link.write(0, *cursor, chunk)?;
+            }
+            *cursor = end;
+        }
+        Ok(DiskCopy {
+            done: *cursor >= len,
+            size: len,
+            cursor: *cursor,
+            copied: *cursor,
+        })
+    }
+    fn unmirror_disks(&self) {
+        if let Some(d) = &self.disk {
+            d.state.lock().unwrap().2 = None;
+            d.unmirrored.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -196,6 +291,10 @@ pub struct FakeDest {
     pub resumed: AtomicBool,
     /// Post-copy: missing pages and the "vCPU" faults on them (shared with the test).
     pub pc: std::sync::Arc<Faults>,
+    /// The disk created for a `copy_storage` migration, and what happened to it.
+    pub disk: Mutex<Option<Vec<u8>>>,
+    pub disk_synced_last: AtomicBool,
+    pub disk_removed: AtomicBool,
 }
 
 /// The destination's missing pages in post-copy, and a "vCPU" that touches pages: a touch of
@@ -313,6 +412,39 @@ impl DestinationVm for FakeDest {
     }
     fn install_zero(&self, gpa: u64) -> Result<bool, String> {
         Ok(self.install_pages(gpa, &[0; PAGE])? != 0)
+    }
+    fn create_disks(&mut self, disks: &[DiskSpec]) -> Result<(), String> {
+        let [d] = disks else {
+            return Err(format!("{} disks", disks.len()));
+        };
+        *self.disk.lock().unwrap() = Some(vec![0u8; d.size as usize]);
+        Ok(())
+    }
+    fn disk_write(&self, disk: u32, offset: u64, data: &[u8]) -> Result<(), String> {
+        let mut g = self.disk.lock().unwrap();
+        let d = g.as_mut().filter(|_| disk == 0).ok_or("no such disk")?;
+        d.get_mut(offset as usize..offset as usize + data.len())
+            .ok_or("outside the disk")?
+            .copy_from_slice(data);
+        Ok(())
+    }
+    fn disk_zero(&self, disk: u32, offset: u64, len: u64) -> Result<(), String> {
+        let mut g = self.disk.lock().unwrap();
+        let d = g.as_mut().filter(|_| disk == 0).ok_or("no such disk")?;
+        d.get_mut(offset as usize..(offset + len) as usize)
+            .ok_or("outside the disk")?
+            .fill(0);
+        Ok(())
+    }
+    fn disk_sync(&self, last: bool) -> Result<(), String> {
+        if last {
+            self.disk_synced_last.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+    fn remove_disks(&self) {
+        self.disk.lock().unwrap().take();
+        self.disk_removed.store(true, Ordering::SeqCst);
     }
     fn end_postcopy(&self) -> Result<(), String> {
         let m = self.pc.missing.lock().unwrap();
