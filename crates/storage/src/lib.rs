@@ -91,6 +91,10 @@ pub trait Image: Send + Sync {
     /// extents copies the disk; how fine the map is depends on the format (file system
     /// blocks, clusters), and a data extent may still hold zeroes.
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, StorageError>;
+    /// Starts writing `[offset, offset + len)` back to the storage device without waiting
+    /// (a hint: a bulk copy's later `flush` then has little left to do). Durability still
+    /// needs `flush`.
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
 }
 
 /// A run of an image (see [`Image::extents`]).

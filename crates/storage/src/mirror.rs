@@ -30,7 +30,9 @@ pub struct ImageSink(pub Arc<dyn Image>);
 
 impl Sink for ImageSink {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
-        self.0.write_at(data, offset)
+        self.0.write_at(data, offset)?;
+        self.0.start_writeback(offset, data.len() as u64);
+        Ok(())
     }
     fn zero(&mut self, offset: u64, len: u64) -> Result<(), StorageError> {
         self.0.write_zeroes(offset, len, true)
