@@ -67,6 +67,17 @@ def guest_checked(dc, work, after):
     return dc.lines[n][1].endswith(" ok")
 
 
+def after_move(sc, dc, work, t0, b0):
+    """Once the destination runs: total ms since t0, loopback bytes since b0, whether the
+    guest checked its disk there, and the guest-observed downtime."""
+    total = (time.monotonic() - t0) * 1e3
+    wire = lo_bytes() - b0
+    first = dc.wait("H0 ", timeout=60)
+    ok = guest_checked(dc, work, first)
+    time.sleep(0.5)
+    return total, wire, ok, observed_gap(sc, dc)
+
+
 def qemu(image, work, disk, qmp, incoming):
     dev = ["-blockdev", f"driver=file,filename={disk},node-name=f0,cache.direct=off",
            "-blockdev", "driver=raw,file=f0,node-name=d0",
@@ -128,12 +139,7 @@ def run_qemu(a, d, image, work, mode):
                 raise RuntimeError(f"QEMU migration {st['status']}")
         except TimeoutError as e:
             return {"converged": False, "why": str(e)}
-        total = (time.monotonic() - t0) * 1e3
-        wire = lo_bytes() - b0
-        first = dc.wait("H0 ", timeout=60)
-        ok = guest_checked(dc, work, first)
-        time.sleep(0.5)
-        gap = observed_gap(sc, dc)
+        total, wire, ok, gap = after_move(sc, dc, work, t0, b0)
     finally:
         for p in (src, dst):
             p.kill()
@@ -163,12 +169,7 @@ def run_ferry(a, d, image, work):
                               "--quiet", "--timeout", str(a.limit)], capture_output=True, text=True)
         if out.returncode != 0:
             return {"converged": False, "why": out.stderr.strip()}
-        total = (time.monotonic() - t0) * 1e3
-        wire = lo_bytes() - b0
-        first = dc.wait("H0 ", timeout=60)
-        ok = guest_checked(dc, work, first)
-        time.sleep(0.5)
-        gap = observed_gap(sc, dc)
+        total, wire, ok, gap = after_move(sc, dc, work, t0, b0)
         storage = re.search(r"storage: .*", out.stdout)
     finally:
         for p in (src, dst):

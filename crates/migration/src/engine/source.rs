@@ -141,6 +141,21 @@ struct Undo {
     told: bool,
 }
 
+/// Looks at the control connection `c` without waiting: the destination's Abort, or its end,
+/// means it is gone. An acknowledgement waiting there is left for its reader.
+pub(super) fn destination_gone(c: &Conn) -> Option<EngineError> {
+    match c.peek_now() {
+        Ok(Peek::Closed) => Some(ProtocolError::Closed.into()),
+        Ok(Peek::Byte(KIND_ABORT)) => match recv(&mut &*c) {
+            Ok(Message::Abort(why)) => Some(ProtocolError::Peer(why).into()),
+            Ok(_) => None,
+            Err(e) => Some(e.into()),
+        },
+        Ok(_) => None,
+        Err(e) => Some(ProtocolError::Io(e).into()),
+    }
+}
+
 /// Opens the `n` data connections of `session`.
 pub(super) fn join_data(
     connect: Connect,
@@ -538,17 +553,7 @@ impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
     /// Looks at the control connection without waiting: the destination's Abort, or its
     /// end, means it is gone. An acknowledgement waiting there is left for its reader.
     fn destination_gone(&self) -> Option<EngineError> {
-        let c = self.watch.as_ref()?;
-        match c.peek_now() {
-            Ok(Peek::Closed) => Some(ProtocolError::Closed.into()),
-            Ok(Peek::Byte(KIND_ABORT)) => match recv(&mut &*c) {
-                Ok(Message::Abort(why)) => Some(ProtocolError::Peer(why).into()),
-                Ok(_) => None,
-                Err(e) => Some(e.into()),
-            },
-            Ok(_) => None,
-            Err(e) => Some(ProtocolError::Io(e).into()),
-        }
+        destination_gone(self.watch.as_ref()?)
     }
 
     /// Runs one pass of `set` on every connection. Returns its figures and whether the

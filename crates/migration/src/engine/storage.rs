@@ -16,11 +16,11 @@
 //! order of everything sent for a disk: the destination applies it in arrival order.
 //! Any failure before commit: the source's disks are its own images again (never touched by
 //! the migration), and the destination deletes what it created.
-use super::source::deadlines;
+use super::source::{deadlines, destination_gone};
 use super::{ok, DestinationVm, EngineError, Monitor, Phase, SourceVm};
 use crate::disk_wire::{self, DiskFrame, DiskSpec};
 use crate::protocol::{recv_raw, send, Message, ProtocolError, KIND_ABORT};
-use crate::transport::{Conn, Peek};
+use crate::transport::Conn;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -213,7 +213,20 @@ impl StorageSource {
         if let Some(e) = why.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
         }
-        r?;
+        if let Err(e) = r {
+            // The link failing under a write is often the echo of the destination's refusal:
+            // its reason may still be on its way on the control connection.
+            let until = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < until {
+                match destination_gone(ctl) {
+                    Some(why @ EngineError::Protocol(ProtocolError::Peer(_))) => return Err(why),
+                    Some(_) => return Err(e), // gone without a word: ours is the reason
+                    None => {}
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return Err(e);
+        }
         self.link.sync(false)?;
         self.report().bulk_ms = t.elapsed().as_secs_f64() * 1e3;
         Ok(())
@@ -271,19 +284,6 @@ impl StorageSource {
     /// Frees a mirror stuck in a write on a dead link (a failed migration).
     pub fn shutdown(&self) {
         self.link.shutdown();
-    }
-}
-
-fn destination_gone(c: &Conn) -> Option<EngineError> {
-    match c.peek_now() {
-        Ok(Peek::Closed) => Some(ProtocolError::Closed.into()),
-        Ok(Peek::Byte(KIND_ABORT)) => match crate::protocol::recv(&mut &*c) {
-            Ok(Message::Abort(why)) => Some(ProtocolError::Peer(why).into()),
-            Ok(_) => None,
-            Err(e) => Some(e.into()),
-        },
-        Ok(_) => None,
-        Err(e) => Some(ProtocolError::Io(e).into()),
     }
 }
 
