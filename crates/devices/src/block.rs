@@ -49,6 +49,9 @@ pub struct Block {
     format: Format,
     size: u64,
     readonly: bool,
+    /// The image's logical sector (512, or 4096 for a 4K-native VHDX): offered to the
+    /// driver as `blk_size` when it is not 512.
+    sector: u32,
     sizes: [u16; 1],
     buf: Vec<u8>,
     /// The driver did not accept VIRTIO_BLK_F_FLUSH: writes are synced before completing.
@@ -68,6 +71,7 @@ impl Block {
         Block {
             size: image.size(),
             readonly: image.readonly(),
+            sector: image.sector_size(),
             image: Some(image.into()),
             id,
             path,
@@ -146,6 +150,13 @@ impl Block {
                 self.size
             ));
         }
+        if image.sector_size() != self.sector {
+            return Err(format!(
+                "the new image has {}-byte sectors, the disk {}-byte ones",
+                image.sector_size(),
+                self.sector
+            ));
+        }
         let old = self
             .image
             .take()
@@ -166,10 +177,12 @@ impl Block {
         let mut c = [0u8; 60];
         c[0..8].copy_from_slice(&(self.size / SECTOR).to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&self.sector.to_le_bytes()); // blk_size
         c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
         c[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors
         c[40..44].copy_from_slice(&MAX_RANGE_SEGS.to_le_bytes());
-        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        let align = (u64::from(self.sector) / SECTOR) as u32;
+        c[44..48].copy_from_slice(&align.to_le_bytes()); // discard_sector_alignment
         c[48..52].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
         c[52..56].copy_from_slice(&MAX_RANGE_SEGS.to_le_bytes());
         c[56] = 1; // write_zeroes_may_unmap
@@ -382,6 +395,9 @@ where
             | (1 << VIRTIO_RING_F_INDIRECT_DESC);
         if self.readonly {
             f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        if u64::from(self.sector) != SECTOR {
+            f |= 1 << VIRTIO_BLK_F_BLK_SIZE;
         }
         f
     }

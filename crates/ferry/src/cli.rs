@@ -93,8 +93,8 @@ pub struct RunArgs {
     /// Serve the control API (HTTP/JSON) on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
-    /// A virtio-blk disk: path=FILE[,format=raw][,readonly=on][,id=NAME] (repeatable; the
-    /// image is locked while the VM runs).
+    /// A virtio-blk disk: path=FILE[,format=raw|qcow2|vhdx][,readonly=on][,id=NAME]
+    /// (repeatable; default format raw; the image is locked while the VM runs).
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
     /// A virtio-net NIC on an existing tap: tap=NAME[,mac=52:54:00:12:34:56] (repeatable;
@@ -222,7 +222,7 @@ pub struct MigrateArgs {
     #[arg(long, conflicts_with_all = ["quick", "resume_postcopy"])]
     pub copy_storage: bool,
     /// With --copy-storage: where the destination puts disk ID (a relative path is inside its
-    /// --storage-dir), and in which format: ID=PATH[,format=raw|qcow2] (repeatable).
+    /// --storage-dir), and in which format: ID=PATH[,format=raw|qcow2|vhdx] (repeatable).
     #[arg(
         long = "disk-map",
         value_name = "ID=PATH[,format=F]",
@@ -406,7 +406,7 @@ pub struct DiskMoveArgs {
     #[arg(long)]
     pub to: PathBuf,
     /// Format of the new image (default: the disk's own).
-    #[arg(long, value_parser = ["raw", "qcow2"])]
+    #[arg(long, value_parser = ["raw", "qcow2", "vhdx"])]
     pub format: Option<String>,
     /// No progress bar.
     #[arg(long, short)]

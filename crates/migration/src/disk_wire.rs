@@ -31,6 +31,14 @@ pub struct DiskSpec {
     /// Where the source asks for it (`--disk-map ID=PATH`), and in which format.
     pub path: Option<String>,
     pub to_format: Option<String>,
+    /// The logical sector size the guest sees (4096 for a 4K-native VHDX; absent from
+    /// peers before it: 512).
+    #[serde(default = "sector_512")]
+    pub sector: u32,
+}
+
+fn sector_512() -> u32 {
+    512
 }
 
 /// A frame of the storage connection, decoded in place.

@@ -1,4 +1,4 @@
-//! Disk images (raw; qcow2 through imago) behind one trait, [`Image`]: what a virtual disk needs of its backing file
+//! Disk images (raw; qcow2 through imago; VHDX, Ferry's own) behind one trait, [`Image`]: what a virtual disk needs of its backing file
 //! (positional reads and writes, flush, discard, write-zeroes), and nothing of virtio or KVM.
 //!
 //! Guarantees:
@@ -12,10 +12,12 @@ mod lock;
 pub mod mirror;
 mod qcow2;
 mod raw;
+pub mod vhdx;
 
 pub use lock::{open_locked, LockMode};
 pub use qcow2::Qcow2Image;
 pub use raw::RawImage;
+pub use vhdx::{VhdxImage, VhdxOptions};
 
 use std::path::{Path, PathBuf};
 
@@ -48,6 +50,7 @@ pub enum StorageError {
 pub enum Format {
     Raw,
     Qcow2,
+    Vhdx,
 }
 
 impl std::str::FromStr for Format {
@@ -56,7 +59,10 @@ impl std::str::FromStr for Format {
         match s {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
-            other => Err(format!("unknown disk format {other:?} (known: raw, qcow2)")),
+            "vhdx" => Ok(Format::Vhdx),
+            other => Err(format!(
+                "unknown disk format {other:?} (known: raw, qcow2, vhdx)"
+            )),
         }
     }
 }
@@ -66,6 +72,7 @@ impl std::fmt::Display for Format {
         f.write_str(match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Vhdx => "vhdx",
         })
     }
 }
@@ -95,6 +102,10 @@ pub trait Image: Send + Sync {
     /// (a hint: a bulk copy's later `flush` then has little left to do). Durability still
     /// needs `flush`.
     fn start_writeback(&self, _offset: u64, _len: u64) {}
+    /// The logical sector size the disk presents (512, or 4096 for a 4K-native VHDX).
+    fn sector_size(&self) -> u32 {
+        512
+    }
 }
 
 /// A run of an image (see [`Image::extents`]).
@@ -124,6 +135,59 @@ pub(crate) fn push_extent(v: &mut Vec<Extent>, offset: u64, len: u64, data: bool
 /// opens it locked for writing. An existing file is never overwritten: that is an error.
 /// On any failure after the file was made, the file is removed again.
 pub fn create(path: &Path, format: Format, size: u64) -> Result<Box<dyn Image>, StorageError> {
+    match format {
+        Format::Vhdx => create_vhdx(path, &VhdxOptions::dynamic(size)),
+        _ => create_file(path, format, |f| match format {
+            Format::Qcow2 => qcow2::format(path, f, size),
+            _ => Ok(f.set_len(size)?),
+        }),
+    }
+}
+
+/// [`create`] for a copy of a disk whose guest sees `sector`-byte logical sectors: a VHDX
+/// gets the same; raw and qcow2 have only 512, so another size is refused.
+pub fn create_for(
+    path: &Path,
+    format: Format,
+    size: u64,
+    sector: u32,
+) -> Result<Box<dyn Image>, StorageError> {
+    match (format, sector) {
+        (_, 512) => create(path, format, size),
+        (Format::Vhdx, _) => create_vhdx(
+            path,
+            &VhdxOptions {
+                logical_sector: sector,
+                ..VhdxOptions::dynamic(size)
+            },
+        ),
+        _ => Err(StorageError::Format {
+            path: path.to_owned(),
+            why: format!(
+                "the disk has {sector}-byte sectors and {format} images only 512-byte ones: \
+                 keep it vhdx"
+            ),
+        }),
+    }
+}
+
+/// [`create`] for a VHDX image with these options (fixed, 4 KiB sectors, block size).
+pub fn create_vhdx(path: &Path, o: &VhdxOptions) -> Result<Box<dyn Image>, StorageError> {
+    create_file(path, Format::Vhdx, |f| {
+        vhdx::format(&f, o).map_err(|why| StorageError::Format {
+            path: path.to_owned(),
+            why: format!("cannot create a VHDX image: {why}"),
+        })
+    })
+}
+
+/// Makes `path` (never overwriting), lets `init` lay out an empty image in it, opens it;
+/// removes the file again on any failure.
+fn create_file(
+    path: &Path,
+    format: Format,
+    init: impl FnOnce(std::fs::File) -> Result<(), StorageError>,
+) -> Result<Box<dyn Image>, StorageError> {
     let err = |err| StorageError::Open {
         path: path.to_owned(),
         err,
@@ -134,13 +198,7 @@ pub fn create(path: &Path, format: Format, size: u64) -> Result<Box<dyn Image>, 
         .create_new(true)
         .open(path)
         .map_err(err)?;
-    let made = (|| {
-        match format {
-            Format::Raw => f.set_len(size).map_err(err)?,
-            Format::Qcow2 => qcow2::format(path, f, size)?,
-        }
-        open(path, format, false)
-    })();
+    let made = init(f).and_then(|()| open(path, format, false));
     if made.is_err() {
         let _ = std::fs::remove_file(path);
     }
@@ -152,6 +210,7 @@ pub fn open(path: &Path, format: Format, readonly: bool) -> Result<Box<dyn Image
     match format {
         Format::Raw => Ok(Box::new(RawImage::open(path, readonly)?)),
         Format::Qcow2 => Ok(Box::new(Qcow2Image::open(path, readonly)?)),
+        Format::Vhdx => Ok(Box::new(VhdxImage::open(path, readonly)?)),
     }
 }
 

@@ -209,4 +209,7 @@ impl Image for Mirror {
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, StorageError> {
         self.source.extents(offset, len)
     }
+    fn sector_size(&self) -> u32 {
+        self.source.sector_size()
+    }
 }

@@ -40,40 +40,6 @@ impl RawImage {
     fn writable(&self, offset: u64, len: u64) -> Result<(), StorageError> {
         crate::check_writable(self.readonly, offset, len, self.size)
     }
-
-    /// `lseek(SEEK_DATA | SEEK_HOLE)` from `at`: the next such offset, None when there is
-    /// no more data (ENXIO).
-    fn seek(&self, at: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
-        // SAFETY: plain syscall on an open fd; the file position it moves is unused (all
-        // I/O here is positional).
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), at as libc::off_t, whence) };
-        if r >= 0 {
-            return Ok(Some(r as u64));
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        }
-    }
-
-    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        // SAFETY: plain syscall on an open fd; no memory is passed.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    }
 }
 
 impl Image for RawImage {
@@ -109,7 +75,8 @@ impl Image for RawImage {
         if len == 0 {
             return Ok(());
         }
-        self.fallocate(
+        fallocate(
+            &self.file,
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
             len,
@@ -122,53 +89,111 @@ impl Image for RawImage {
         if len == 0 {
             return Ok(());
         }
-        let mode = if unmap {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-        } else {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-        };
-        if self.fallocate(mode, offset, len).is_ok() {
-            return Ok(());
-        }
-        // The file system cannot: write the zeroes.
-        let zero = vec![0u8; 1 << 20];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(zero.len() as u64) as usize;
-            self.file.write_all_at(&zero[..n], at)?;
-            at += n as u64;
-        }
+        zero_range(&self.file, offset, len, unmap)?;
         Ok(())
     }
 
     fn start_writeback(&self, offset: u64, len: u64) {
-        // SAFETY: plain syscall on an open fd; no memory is passed. A failure only means
-        // the later flush does all the work.
-        unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                offset as libc::off64_t,
-                len as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
+        start_writeback(&self.file, offset, len);
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, StorageError> {
         in_range(offset, len, self.size)?;
-        let end = offset + len;
         let mut v = Vec::new();
-        let mut at = offset;
-        while at < end {
-            let data = self.seek(at, libc::SEEK_DATA)?.unwrap_or(end).min(end);
-            push_extent(&mut v, at, data - at, false);
-            if data >= end {
-                break;
-            }
-            let hole = self.seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-            push_extent(&mut v, data, hole - data, true);
-            at = hole;
-        }
+        push_file_extents(&self.file, &mut v, offset, len, offset)?;
         Ok(v)
+    }
+}
+
+/// `lseek(SEEK_DATA | SEEK_HOLE)` from `at`: the next such offset, None when there is no
+/// more data (ENXIO).
+fn lseek(file: &File, at: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    // SAFETY: plain syscall on an open fd; the file position it moves is unused (all I/O
+    // here is positional).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+pub(crate) fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: plain syscall on an open fd; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Makes file bytes `[offset, offset + len)` read as zeroes: a hole punched when `punch`,
+/// else zeroed in place (still allocated); written out when the file system can do neither.
+pub(crate) fn zero_range(file: &File, offset: u64, len: u64, punch: bool) -> std::io::Result<()> {
+    let mode = if punch {
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+    };
+    if len == 0 || fallocate(file, mode, offset, len).is_ok() {
+        return Ok(());
+    }
+    let zero = vec![0u8; 1 << 20];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(zero.len() as u64) as usize;
+        file.write_all_at(&zero[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Appends to `v` the data and hole runs of file bytes `[at, at + len)`, as runs of the
+/// disk starting at `disk` (where those file bytes sit in the disk).
+pub(crate) fn push_file_extents(
+    file: &File,
+    v: &mut Vec<Extent>,
+    at: u64,
+    len: u64,
+    disk: u64,
+) -> std::io::Result<()> {
+    let end = at + len;
+    let mut pos = at;
+    while pos < end {
+        let data = lseek(file, pos, libc::SEEK_DATA)?.unwrap_or(end).min(end);
+        push_extent(v, disk + (pos - at), data - pos, false);
+        if data >= end {
+            break;
+        }
+        let hole = lseek(file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        push_extent(v, disk + (data - at), hole - data, true);
+        pos = hole;
+    }
+    Ok(())
+}
+
+/// Starts writing file bytes `[offset, offset + len)` back without waiting (a hint).
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
+    // SAFETY: plain syscall on an open fd; no memory is passed. A failure only means the
+    // later flush does all the work.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
 }

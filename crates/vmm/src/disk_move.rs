@@ -192,9 +192,10 @@ impl Vm {
         let format = format.unwrap_or(from_format);
         let to = target_path(to, &from, from_format, format)?;
         let to = std::path::absolute(&to).unwrap_or(to);
-        let dst: Arc<dyn Image> = ferry_storage::create(&to, format, src.size())
-            .map_err(MoveError::Create)?
-            .into();
+        let dst: Arc<dyn Image> =
+            ferry_storage::create_for(&to, format, src.size(), src.sector_size())
+                .map_err(MoveError::Create)?
+                .into();
         let mirror = Arc::new(Mirror::new(src.clone(), Box::new(ImageSink(dst.clone()))));
         *mon.status.lock().unwrap_or_else(|e| e.into_inner()) = Some(MoveStatus {
             phase: MovePhase::Copying,

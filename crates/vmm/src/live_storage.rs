@@ -65,6 +65,7 @@ impl SourceDisks {
                             .unwrap_or_else(|| format!("{}.{format}", b.id())),
                         path: None,
                         to_format: None,
+                        sector: b.image().map_or(512, |i| i.sector_size()),
                     }
                 })
             })
@@ -208,7 +209,7 @@ impl DestDisks {
     pub fn create(&self, specs: &[DiskSpec]) -> Result<(), String> {
         for d in specs {
             let made = self.place(d).and_then(|(path, format)| {
-                let img = ferry_storage::create(&path, format, d.size)
+                let img = ferry_storage::create_for(&path, format, d.size, d.sector)
                     .map_err(|e| format!("disk {}: cannot create it: {e}", d.id))?;
                 Ok(Created {
                     id: d.id.clone(),

@@ -330,8 +330,8 @@ fn a_dropped_vm_releases_its_image_at_once() {
 /// `Vm::move_disk` (`ferry disk move`) while the guest writes its disk: cancelled once the
 /// copy is under way, the VM stays on its file and the target is gone; then moved to a
 /// directory as qcow2 to completion, the VM runs on the new file (its configuration names
-/// it, the old file is free) and both the guest's pattern and 256 MiB the guest never
-/// touched are exact there; only allocated data was copied, and the image passes
+/// it, the old file is free); then on to VHDX, where both the guest's pattern and 256 MiB
+/// the guest never touched are exact; only allocated data was copied, and both images pass
 /// `qemu-img check`.
 #[test]
 fn a_disk_moves_while_the_guest_writes_and_a_cancelled_move_leaves_it_in_place() {
@@ -381,14 +381,21 @@ fn a_disk_moves_while_the_guest_writes_and_a_cancelled_move_leaves_it_in_place()
     let now = &vm.config_now().disks[0];
     assert_eq!((&now.path, now.format), (&moved, Format::Qcow2));
     drop(ferry_storage::open(&disk, Format::Raw, false).expect("the old file is free"));
-    // The guest goes on writing, on the new file.
+    // The guest goes on writing, on the new file; then the disk moves on, to VHDX.
     wait_for(&rx, &mut seen, T, k_ok(p.pass + 3)).unwrap();
+    let rep = vm
+        .move_disk("disk0", &d.0, Some(Format::Vhdx), &MoveMonitor::default())
+        .expect("disk move to vhdx");
+    let vhdx = d.0.join("disk.vhdx");
+    assert_eq!(rep.to, vhdx);
+    assert_eq!(vm.config_now().disks[0].format, Format::Vhdx);
+    wait_for(&rx, &mut seen, T, k_ok(p.pass + 5)).unwrap();
     vm.pause().unwrap();
     let p = disk_position(&reader(&vm), base).unwrap();
     vm.shutdown().unwrap();
     vm.wait();
     drop(vm);
-    let img = ferry_storage::open(&moved, Format::Qcow2, true).unwrap();
+    let img = ferry_storage::open(&vhdx, Format::Vhdx, true).unwrap();
     verify_disk_image(
         |off, buf| img.read_at(buf, off).map_err(|e| e.to_string()),
         &p,
@@ -405,6 +412,7 @@ fn a_disk_moves_while_the_guest_writes_and_a_cancelled_move_leaves_it_in_place()
     }
     drop(img);
     qemu_img(&["check", "-q", moved.to_str().unwrap()]);
+    qemu_img(&["check", "-q", vhdx.to_str().unwrap()]);
 }
 
 /// A move whose target fills up (a 16 MiB tmpfs for 64 MiB of data) fails: the VM stays on

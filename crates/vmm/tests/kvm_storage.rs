@@ -283,20 +283,62 @@ fn a_destination_that_stops_reading_fails_the_migration_within_the_io_timeout() 
     );
 }
 
+/// Writes [`FILL`] into the image at `p`.
+fn fill(p: &Path, format: Format) {
+    let img = ferry_storage::open(p, format, false).unwrap();
+    for off in (0..FILL.1 as u64).step_by(1 << 20) {
+        img.write_at(&host_fill(FILL.0 + off, 1 << 20), FILL.0 + off)
+            .unwrap();
+    }
+    img.flush().unwrap();
+}
+
+/// A 1 TiB qcow2 image holding [`FILL`], made with qemu-img.
+fn qcow2_disk(dir: &Path) -> PathBuf {
+    let p = dir.join("disk.qcow2");
+    ferry_guest::tools::qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1T"]);
+    fill(&p, Format::Qcow2);
+    p
+}
+
 /// A qcow2 overlay (empty) on a 1 TiB qcow2 base holding [`FILL`], made with qemu-img.
 fn overlay_disk(dir: &Path) -> PathBuf {
-    let (base, top) = (dir.join("base.qcow2"), dir.join("top.qcow2"));
-    ferry_guest::tools::qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1T"]);
-    {
-        let img = ferry_storage::open(&base, Format::Qcow2, false).unwrap();
-        for off in (0..FILL.1 as u64).step_by(1 << 20) {
-            img.write_at(&host_fill(FILL.0 + off, 1 << 20), FILL.0 + off)
-                .unwrap();
-        }
-        img.flush().unwrap();
-    }
-    ferry_guest::tools::qcow2_overlay("base.qcow2", top.as_ref());
+    let base = qcow2_disk(dir);
+    let top = dir.join("top.qcow2");
+    ferry_guest::tools::qcow2_overlay(base.file_name().unwrap().to_str().unwrap(), &top);
     top
+}
+
+/// A 1 TiB dynamic VHDX image holding [`FILL`].
+fn vhdx_disk(dir: &Path) -> PathBuf {
+    let p = dir.join("disk.vhdx");
+    drop(ferry_storage::create(&p, Format::Vhdx, TIB).unwrap());
+    fill(&p, Format::Vhdx);
+    p
+}
+
+#[test]
+fn a_vm_on_qcow2_moves_with_its_disk_converted_to_vhdx() {
+    move_from(
+        "sn-vhdx",
+        WORK,
+        qcow2_disk,
+        Format::Qcow2,
+        Some(Format::Vhdx),
+        Options::default(),
+    );
+}
+
+#[test]
+fn a_vm_on_vhdx_moves_with_its_disk_converted_to_raw() {
+    move_from(
+        "sn-vhdx-raw",
+        WORK,
+        vhdx_disk,
+        Format::Vhdx,
+        Some(Format::Raw),
+        Options::default(),
+    );
 }
 
 /// qcow2 → raw across a migration: the overlay is flattened on the way (its base's data

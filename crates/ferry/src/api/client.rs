@@ -214,15 +214,15 @@ fn disk_map(specs: &[String]) -> Result<Vec<serde_json::Value>> {
     specs
         .iter()
         .map(|s| {
-            let (id, rest) = s
-                .split_once('=')
-                .with_context(|| format!("--disk-map {s}: expected ID=PATH[,format=raw|qcow2]"))?;
+            let (id, rest) = s.split_once('=').with_context(|| {
+                format!("--disk-map {s}: expected ID=PATH[,format=raw|qcow2|vhdx]")
+            })?;
             let (path, format) = match rest.split_once(",format=") {
                 Some((p, f)) => (p, Some(f)),
                 None => (rest, None),
             };
             if id.is_empty() || path.is_empty() {
-                bail!("--disk-map {s}: expected ID=PATH[,format=raw|qcow2]");
+                bail!("--disk-map {s}: expected ID=PATH[,format=raw|qcow2|vhdx]");
             }
             if let Some(f) = format {
                 f.parse::<ferry_storage::Format>()

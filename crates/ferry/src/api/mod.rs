@@ -11,7 +11,7 @@
 //! | GET    | /vm/migration | | 200 progress of the running or last migration (phase incl. `post_copy` / `post_copy_paused`, pass, pages, rate, ETA, throttle, report or error); 404 when none ran |
 //! | PUT    | /vm/migration/cancel | | 202; the migration rolls back (unless committed); 409 when none runs or it is in post-copy |
 //! | PUT    | /vm/migration/resume-postcopy | `{"to": "HOST:PORT"}` (optional) | 202; a post-copy whose link broke reconnects now (to `to` from now on); 409 when no post-copy runs |
-//! | PUT    | /vm/disk/move | `{"disk": ID, "to": PATH, "format": "raw"\|"qcow2"}` (format optional) | 200 report (from, to, copied and mirrored bytes, total ms, pivot µs); the VM runs on the new file; 404 no such disk; 400 bad target; 409 when cancelled, another move or a migration runs |
+//! | PUT    | /vm/disk/move | `{"disk": ID, "to": PATH, "format": "raw"\|"qcow2"\|"vhdx"}` (format optional) | 200 report (from, to, copied and mirrored bytes, total ms, pivot µs); the VM runs on the new file; 404 no such disk; 400 bad target; 409 when cancelled, another move or a migration runs |
 //! | GET    | /vm/disk/move | | 200 progress of the running or last move (phase, size, cursor, copied, mirrored, elapsed, error); 404 when none ran |
 //! | PUT    | /vm/disk/move/cancel | | 202; the VM stays on its old file, the target is deleted; 409 when none runs |
 //! | PUT    | /vm/restore   | `{"from": DIR, "lazy_check": bool}` | 200 report; 409 when the VMM has a VM |

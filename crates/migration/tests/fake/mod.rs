@@ -239,6 +239,7 @@ impl SourceVm for FakeSource {
                 name: "disk0.raw".into(),
                 path: None,
                 to_format: None,
+                sector: 512,
             })
             .collect()
     }
