@@ -1,8 +1,8 @@
 //! `ferry demo`: Ferry's main job on one machine. Two local "hosts" are `ferry` processes: a
 //! VM runs the test guest (rewriting memory, heartbeat every 2 ms) on host A, is live-migrated
 //! to a `ferry receive` (host B) over storage both see, then back to a new receiver on A with
-//! its disk (shared-nothing: A's receiver keeps disks in a directory of its own). Each move prints its
-//! report and the downtime the guest itself saw (the largest heartbeat gap, timestamped by the
+//! its disk (shared-nothing: A's receiver keeps disks in a directory of its own, and the disk
+//! arrives converted from raw to VHDX). Each move prints its report and the downtime the guest itself saw (the largest heartbeat gap, timestamped by the
 //! host); at the end the guest's whole heartbeat sequence is checked for gaps and repeats.
 use crate::api::client::{call, print_report};
 use crate::cli::DemoArgs;
@@ -194,7 +194,7 @@ fn migrate(
             ""
         },
         if copy_storage {
-            " with its disk, to a host that does not share it"
+            " with its disk, to a host that does not share it, raw -> VHDX on the way"
         } else {
             ""
         },
@@ -208,6 +208,10 @@ fn migrate(
         "postcopy_after": if args.postcopy { Some(1) } else { None },
         "copy_storage": copy_storage,
     });
+    if copy_storage {
+        body["disk_map"] =
+            serde_json::json!([{"disk": "demo-disk", "path": "disk.vhdx", "format": "vhdx"}]);
+    }
     if let (Some(b), serde_json::Value::Object(extra)) =
         (body.as_object_mut(), sec.request(from.name, to.name))
     {

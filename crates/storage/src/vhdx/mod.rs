@@ -164,6 +164,13 @@ impl VhdxImage {
                 && log_offset.is_multiple_of(MIB)
                 && log_length.is_multiple_of(MIB)
                 && log_offset + log_length <= len);
+        if !readonly && log_length == 0 {
+            return Err(bad(
+                "it has no log, and Ferry changes VHDX metadata only through the log: \
+                 open it read-only"
+                    .into(),
+            ));
+        }
         if !log_ok {
             return Err(bad(format!(
                 "log of {log_length} bytes at {log_offset:#x} is misplaced"
