@@ -35,6 +35,8 @@ const LOG_OFFSET: u64 = MIB;
 const LOG_LENGTH: u64 = MIB;
 const METADATA_OFFSET: u64 = 2 * MIB;
 const BAT_OFFSET: u64 = 3 * MIB;
+/// The largest metadata region and log an image may have here.
+const MAX_REGION: u64 = 32 * MIB;
 
 /// How to make a new image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +148,14 @@ impl VhdxImage {
                     r.offset
                 )));
             }
+        }
+        // Hyper-V and QEMU make 1 MiB of each; larger ones are refused before any is read
+        // into memory.
+        if u64::from(meta.length) > MAX_REGION || u64::from(header.log_length) > MAX_REGION {
+            return Err(bad(format!(
+                "metadata region of {} bytes or log of {} bytes (Ferry reads up to {MAX_REGION})",
+                meta.length, header.log_length
+            )));
         }
         let mut m = vec![0u8; meta.length as usize];
         file.read_exact_at(&mut m, meta.offset)?;
