@@ -373,3 +373,106 @@ fn ferry_migrate_copy_storage_moves_the_vm_and_its_disk_to_a_host_that_shares_no
     assert_eq!(code, 0, "{err}");
     qemu_img(&["check", "-q", moved.to_str().unwrap()]);
 }
+
+/// Host data the guest never touches (it writes its first 4 MiB): a pattern of the offset.
+fn host_data(off: u64, n: usize) -> Vec<u8> {
+    (0..n as u64)
+        .map(|i| ((off + i) / 4096 * 7 + (off + i) % 251) as u8)
+        .collect()
+}
+
+/// A real `ferry receive` killed (SIGKILL) while the disk's bulk copy is under way: `ferry
+/// migrate` fails saying the VM keeps running, the guest goes on writing its disk on the
+/// source, the source's image still holds the host's data; a second migration, to another
+/// receiver, then succeeds and brings that data.
+#[test]
+fn a_receiver_killed_during_the_disk_copy_leaves_the_vm_running_on_its_disk() {
+    use std::os::unix::fs::FileExt;
+    let s = Scratch::new("sn-kill-cli");
+    let (src_dir, dst1, dst2) = (s.path("src"), s.path("dst1"), s.path("dst2"));
+    for d in [&src_dir, &dst1, &dst2] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let img = src_dir.join("d.raw");
+    let (at, len) = (64u64 << 20, 256usize << 20);
+    {
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(512 << 20).unwrap();
+        for off in (0..len as u64).step_by(4 << 20) {
+            f.write_all_at(&host_data(at + off, 4 << 20), at + off)
+                .unwrap();
+        }
+    }
+    let check = |p: &std::path::Path| {
+        let f = std::fs::File::open(p).unwrap();
+        let mut b = vec![0u8; 4 << 20];
+        for off in (0..len as u64).step_by(4 << 20) {
+            f.read_exact_at(&mut b, at + off).unwrap();
+            assert!(
+                b == host_data(at + off, 4 << 20),
+                "{}: host data at {off:#x}",
+                p.display()
+            );
+        }
+    };
+    let a = s.path("a.sock");
+    let a = a.to_str().unwrap();
+    let disk = format!("path={}", img.display());
+    let mut vm = Running::start(&[
+        "--memory",
+        "64M",
+        "--api-socket",
+        a,
+        "--guest",
+        "disk span=4M rate=16M hb=2000",
+        "--disk",
+        &disk,
+    ]);
+    vm.wait_line(|l| l == "K0 1 ok");
+
+    let (mut r1, addr1) = receiver_with(
+        &s.path("b1.sock"),
+        &["--storage-dir", dst1.to_str().unwrap()],
+    );
+    let mig = spawn_migrate(&addr1, a, &["--copy-storage", "--quiet"]);
+    // Killed once the destination's copy holds 16 MiB of the 256.
+    let target = dst1.join("d.raw");
+    let t = std::time::Instant::now();
+    while std::fs::metadata(&target).map_or(0, |m| {
+        use std::os::unix::fs::MetadataExt;
+        m.blocks() * 512
+    }) < 16 << 20
+    {
+        assert!(t.elapsed().as_secs() < 60, "the copy never started");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    r1.child.kill().unwrap();
+    let out = mig.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("keeps running here"), "{err}");
+    let _ = r1.finish();
+    // The guest goes on, on its own disk.
+    let n = vm.seen.len();
+    vm.wait_line(|l| l.starts_with("K0 ") && l.ends_with(" ok") && !l.starts_with("K0 1 "));
+    assert!(vm.seen.len() > n);
+    let info =
+        String::from_utf8_lossy(&ferry_ok(&["vm", "info", "--api-socket", a]).stdout).into_owned();
+    assert!(
+        info.contains("\"running\"") && info.contains(img.to_str().unwrap()),
+        "{info}"
+    );
+    check(&img);
+
+    let b2 = s.path("b2.sock");
+    let (mut r2, addr2) = receiver_with(&b2, &["--storage-dir", dst2.to_str().unwrap()]);
+    migrate_ok(&addr2, a, &["--copy-storage", "--quiet"]);
+    let (code, err, _) = vm.finish();
+    assert_eq!(code, 0, "{err}");
+    r2.wait_line(|l| l.starts_with("K0 ") && l.ends_with(" ok"));
+    ferry_ok(&["vm", "shutdown", "--api-socket", b2.to_str().unwrap()]);
+    let (code, err, _) = r2.finish();
+    assert_eq!(code, 0, "{err}");
+    check(&dst2.join("d.raw"));
+    check(&img);
+}
