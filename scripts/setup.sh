@@ -8,9 +8,11 @@ sudo=""
 
 # Debian packages: QEMU (side-by-side runs), tools to unpack the Linux test kernel, iperf3,
 # libclang-dev (the userfaultfd crate generates its kernel bindings with bindgen at build time),
-# qemu-utils (qemu-img: the oracle the disk-image tests check against).
+# qemu-utils (qemu-img: the oracle the disk-image tests check against), etcd-server (the
+# cluster store's tests run real etcd members), protobuf-compiler (the etcd-client crate
+# compiles etcd's gRPC definitions at build time).
 need=()
-for p in qemu-system-x86 qemu-utils lz4 zstd xz-utils python3 iperf3 libclang-dev; do
+for p in qemu-system-x86 qemu-utils lz4 zstd xz-utils python3 iperf3 libclang-dev etcd-server protobuf-compiler; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
