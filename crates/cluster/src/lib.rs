@@ -1,7 +1,10 @@
-//! Ferry's cluster. For now its foundation: the cluster store ([`store`]) — etcd for several
-//! hosts, or an embedded store for one host, so a single host needs nothing but the `ferry`
-//! binary — behind one trait, with leases and compare-and-swap transactions.
-//! docs/cluster.md states what it guarantees.
+//! Ferry's cluster, built up in issue #13. Today: the cluster store ([`store`]) — etcd for
+//! several hosts, or an embedded store for one host, so a single host needs nothing but the
+//! `ferry` binary — behind one trait, with leases and compare-and-swap transactions; host
+//! membership by lease with a deadline on the monotonic clock ([`membership`]); VM records and
+//! owners with epochs ([`records`]). docs/cluster.md states what each guarantees.
+pub mod membership;
+pub mod records;
 pub mod store;
 
 pub use store::{Compare, KeyValue, LeaseId, Op, Store, StoreError, TxnResult};

@@ -128,11 +128,15 @@ impl Store for EtcdStore {
     }
 
     fn txn(&self, when: &[Compare], then: &[Op]) -> Result<TxnResult, StoreError> {
-        use etcd_client::{Compare as C, CompareOp::Equal};
+        use etcd_client::{
+            Compare as C,
+            CompareOp::{Equal, Greater},
+        };
         let cmps: Vec<C> = when
             .iter()
             .map(|c| match c {
                 Compare::Absent(k) => C::create_revision(k.as_str(), Equal, 0),
+                Compare::Present(k) => C::create_revision(k.as_str(), Greater, 0),
                 Compare::ModRevision(k, r) => C::mod_revision(k.as_str(), Equal, *r),
                 Compare::Value(k, v) => C::value(k.as_str(), Equal, v.clone()),
             })

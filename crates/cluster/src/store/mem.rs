@@ -168,6 +168,7 @@ impl Inner {
     fn holds(&self, c: &Compare) -> bool {
         match c {
             Compare::Absent(k) => !self.keys.contains_key(k),
+            Compare::Present(k) => self.keys.contains_key(k),
             Compare::ModRevision(k, r) => self.keys.get(k).is_some_and(|e| e.mod_revision == *r),
             Compare::Value(k, v) => self.keys.get(k).is_some_and(|e| e.value == *v),
         }

@@ -48,6 +48,8 @@ pub struct KeyValue {
 pub enum Compare {
     /// The key does not exist.
     Absent(String),
+    /// The key exists (a host's leased record: the host is alive).
+    Present(String),
     /// The key exists and was last written at this revision.
     ModRevision(String, i64),
     /// The key exists and holds these bytes.

@@ -1,0 +1,204 @@
+//! Host membership: a host is in the cluster while its record `/ferry/hosts/ID` exists, and
+//! that record is attached to a lease the host keeps alive. A keeper thread renews it every
+//! third of its TTL and keeps the host's **deadline**: the time until which the host may
+//! assume its lease still holds, counted on the monotonic clock from when the last
+//! acknowledged renewal was *sent* (etcd restarts the TTL when it receives it, later), minus
+//! a margin for clock-rate differences. Past the deadline — renewals failing, the store
+//! unreachable, or this process paused — the host must act as if it had lost the lease
+//! (issue #13's fencing builds on this; docs/cluster.md).
+use crate::store::{LeaseId, Store, StoreError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The prefix of host records.
+pub const HOSTS: &str = "/ferry/hosts/";
+
+/// What a host says of itself in its record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostRecord {
+    pub version: u32,
+    pub id: String,
+    /// Where its agent listens.
+    pub addr: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+}
+
+/// Why joining or staying failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MemberError {
+    #[error("host id {0:?} is taken by a host that is still alive (its lease holds)")]
+    IdTaken(String),
+    #[error("host id {0:?}: ids are 1-64 letters, digits, '-', '_' or '.'")]
+    BadId(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct State {
+    deadline: Instant,
+    /// The store said the lease is gone, or the deadline passed without a renewal.
+    lost: bool,
+    stop: bool,
+}
+
+/// This host's membership; leaving (or dropping) revokes the lease.
+pub struct Membership {
+    store: Arc<dyn Store>,
+    lease: LeaseId,
+    id: String,
+    state: Arc<(Mutex<State>, Condvar)>,
+    keeper: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Part of the TTL not counted on, for clock-rate differences and scheduling.
+fn margin(ttl: Duration) -> Duration {
+    (ttl / 10).max(Duration::from_millis(200))
+}
+
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Membership {
+    /// Registers `rec` under a new lease of `ttl` (whole seconds, at least 1: etcd counts
+    /// leases in seconds, so a fraction is dropped rather than counted on) and starts
+    /// keeping it alive.
+    pub fn join(
+        store: Arc<dyn Store>,
+        rec: &HostRecord,
+        ttl: Duration,
+    ) -> Result<Membership, MemberError> {
+        if !valid_id(&rec.id) {
+            return Err(MemberError::BadId(rec.id.clone()));
+        }
+        let ttl = Duration::from_secs(ttl.as_secs().max(1));
+        let sent = Instant::now();
+        let lease = store.grant(ttl)?;
+        let key = format!("{HOSTS}{}", rec.id);
+        let value = serde_json::to_vec(rec).map_err(|e| StoreError::File {
+            path: key.clone(),
+            why: e.to_string(),
+        })?;
+        if store.create(&key, &value, Some(lease))?.is_none() {
+            let _ = store.revoke(lease);
+            return Err(MemberError::IdTaken(rec.id.clone()));
+        }
+        let state = Arc::new((
+            Mutex::new(State {
+                deadline: sent + ttl - margin(ttl),
+                lost: false,
+                stop: false,
+            }),
+            Condvar::new(),
+        ));
+        let keeper = {
+            let (store, state) = (store.clone(), state.clone());
+            std::thread::Builder::new()
+                .name("ferry-lease".into())
+                .spawn(move || keep(&*store, lease, ttl, &state))
+                .map_err(|e| StoreError::Unavailable {
+                    endpoint: "lease keeper".into(),
+                    why: e.to_string(),
+                })?
+        };
+        Ok(Membership {
+            store,
+            lease,
+            id: rec.id.clone(),
+            state,
+            keeper: Some(keeper),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn lease(&self) -> LeaseId {
+        self.lease
+    }
+
+    fn now_state(&self) -> State {
+        let mut s = *self.state.0.lock().unwrap_or_else(|e| e.into_inner());
+        if Instant::now() >= s.deadline {
+            s.lost = true;
+        }
+        s
+    }
+
+    /// Until when this host may act as a member (monotonic clock).
+    pub fn deadline(&self) -> Instant {
+        self.now_state().deadline
+    }
+
+    /// The lease is gone, or may be: the deadline passed.
+    pub fn lost(&self) -> bool {
+        self.now_state().lost
+    }
+
+    /// Leaves the cluster: the lease is revoked, the record deleted.
+    pub fn leave(mut self) -> Result<(), StoreError> {
+        self.stop();
+        self.store.revoke(self.lease)
+    }
+
+    fn stop(&mut self) {
+        {
+            let mut s = self.state.0.lock().unwrap_or_else(|e| e.into_inner());
+            s.stop = true;
+        }
+        self.state.1.notify_all();
+        if let Some(k) = self.keeper.take() {
+            let _ = k.join();
+        }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        if self.keeper.is_some() {
+            self.stop();
+            let _ = self.store.revoke(self.lease);
+        }
+    }
+}
+
+/// The keeper: renews every third of the TTL (sooner after a failure), moves the deadline on
+/// each acknowledged renewal, and marks the membership lost when the store says the lease is
+/// gone or the deadline passes.
+fn keep(store: &dyn Store, lease: LeaseId, ttl: Duration, state: &(Mutex<State>, Condvar)) {
+    let every = ttl / 3;
+    loop {
+        let wait = {
+            let g = state.0.lock().unwrap_or_else(|e| e.into_inner());
+            let (g, _) = state
+                .1
+                .wait_timeout_while(g, every, |s| !s.stop)
+                .unwrap_or_else(|e| e.into_inner());
+            if g.stop || g.lost {
+                return;
+            }
+            g.deadline
+        };
+        let sent = Instant::now();
+        let r = store.keep_alive(lease);
+        let mut g = state.0.lock().unwrap_or_else(|e| e.into_inner());
+        match r {
+            Ok(granted) => {
+                let granted = granted.min(ttl);
+                g.deadline = g.deadline.max(sent + granted - margin(ttl).min(granted));
+            }
+            Err(StoreError::LeaseExpired(_)) => g.lost = true,
+            Err(_) if Instant::now() >= wait => g.lost = true,
+            Err(_) => {} // the store may come back before the deadline
+        }
+        if g.lost {
+            return;
+        }
+    }
+}

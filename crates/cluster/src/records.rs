@@ -1,0 +1,159 @@
+//! VM records and their owners. A VM's record (`/ferry/vms/NAME`: its spec, the state it
+//! should be in, its restart priority) and its owner (`/ferry/owners/NAME`: the host that
+//! runs it) are separate keys, so that the owner key changes only when ownership does: its
+//! revision is the owner's **epoch**, the fencing token every act of the owner carries.
+//! Every change is a compare-and-swap; a host can take a VM only from the owner it read
+//! (by epoch) and only while its own membership record exists.
+use crate::membership::HOSTS;
+use crate::store::{Compare, Op, Store, StoreError};
+
+pub const VMS: &str = "/ferry/vms/";
+pub const OWNERS: &str = "/ferry/owners/";
+
+/// The state a VM should be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Desired {
+    Running,
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmRecord {
+    pub version: u32,
+    pub name: String,
+    /// How to run it (the agents' business: memory, vCPUs, disks, guest).
+    pub spec: serde_json::Value,
+    pub desired: Desired,
+    /// Higher restarts first after a failure.
+    pub priority: i32,
+}
+
+/// Who runs a VM, since which revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub host: String,
+    pub epoch: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("VM {0:?} already exists")]
+    Exists(String),
+    #[error("no VM {0:?}")]
+    NoSuchVm(String),
+    /// The owner is not the one the caller read: someone else changed it first.
+    #[error("VM {name:?} changed owner meanwhile (now {now:?})")]
+    Conflict { name: String, now: Option<Owner> },
+    #[error("host {0:?} is not a live member (its lease is gone)")]
+    HostGone(String),
+    #[error("VM record {0:?} is damaged: {1}")]
+    Damaged(String, String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn parse(key: &str, b: &[u8]) -> Result<VmRecord, RecordError> {
+    serde_json::from_slice(b).map_err(|e| RecordError::Damaged(key.into(), e.to_string()))
+}
+
+/// Creates a VM's record (no owner yet); refused if the name is taken.
+pub fn define(store: &dyn Store, rec: &VmRecord) -> Result<i64, RecordError> {
+    let key = format!("{VMS}{}", rec.name);
+    let b =
+        serde_json::to_vec(rec).map_err(|e| RecordError::Damaged(key.clone(), e.to_string()))?;
+    store
+        .create(&key, &b, None)?
+        .ok_or_else(|| RecordError::Exists(rec.name.clone()))
+}
+
+/// A VM's record and its revision.
+pub fn vm(store: &dyn Store, name: &str) -> Result<Option<(VmRecord, i64)>, RecordError> {
+    let key = format!("{VMS}{name}");
+    store
+        .get(&key)?
+        .map(|kv| Ok((parse(&key, &kv.value)?, kv.mod_revision)))
+        .transpose()
+}
+
+/// Every VM's record, by name.
+pub fn vms(store: &dyn Store) -> Result<Vec<VmRecord>, RecordError> {
+    store
+        .list(VMS)?
+        .iter()
+        .map(|kv| parse(&kv.key, &kv.value))
+        .collect()
+}
+
+/// Changes what state a VM should be in (retrying if its record changes meanwhile).
+pub fn set_desired(store: &dyn Store, name: &str, desired: Desired) -> Result<(), RecordError> {
+    loop {
+        let (mut rec, rev) = vm(store, name)?.ok_or_else(|| RecordError::NoSuchVm(name.into()))?;
+        rec.desired = desired;
+        let b = serde_json::to_vec(&rec)
+            .map_err(|e| RecordError::Damaged(name.into(), e.to_string()))?;
+        if store.replace(&format!("{VMS}{name}"), rev, &b)?.is_some() {
+            return Ok(());
+        }
+    }
+}
+
+/// Who owns `name` now.
+pub fn owner(store: &dyn Store, name: &str) -> Result<Option<Owner>, RecordError> {
+    Ok(store.get(&format!("{OWNERS}{name}"))?.map(|kv| Owner {
+        host: String::from_utf8_lossy(&kv.value).into_owned(),
+        epoch: kv.mod_revision,
+    }))
+}
+
+/// Makes `host` the owner of `name`, if the owner is still the one read (`from`: its epoch,
+/// or None for no owner) and `host` is a live member. Returns the new owner (its epoch).
+pub fn claim(
+    store: &dyn Store,
+    name: &str,
+    host: &str,
+    from: Option<i64>,
+) -> Result<Owner, RecordError> {
+    let key = format!("{OWNERS}{name}");
+    let member = format!("{HOSTS}{host}");
+    let vm_key = format!("{VMS}{name}");
+    let mut when = vec![Compare::Present(member.clone()), Compare::Present(vm_key)];
+    when.push(match from {
+        None => Compare::Absent(key.clone()),
+        Some(e) => Compare::ModRevision(key.clone(), e),
+    });
+    let r = store.txn(&when, &[Op::put(key, host)])?;
+    if r.succeeded {
+        return Ok(Owner {
+            host: host.into(),
+            epoch: r.revision,
+        });
+    }
+    if store.get(&member)?.is_none() {
+        return Err(RecordError::HostGone(host.into()));
+    }
+    if vm(store, name)?.is_none() {
+        return Err(RecordError::NoSuchVm(name.into()));
+    }
+    Err(RecordError::Conflict {
+        name: name.into(),
+        now: owner(store, name)?,
+    })
+}
+
+/// Gives up ownership (the VM stopped), if `epoch` is still the owner's.
+pub fn release(store: &dyn Store, name: &str, epoch: i64) -> Result<(), RecordError> {
+    let key = format!("{OWNERS}{name}");
+    let r = store.txn(
+        &[Compare::ModRevision(key.clone(), epoch)],
+        &[Op::delete(key)],
+    )?;
+    if r.succeeded {
+        Ok(())
+    } else {
+        Err(RecordError::Conflict {
+            name: name.into(),
+            now: owner(store, name)?,
+        })
+    }
+}
