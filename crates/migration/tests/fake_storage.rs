@@ -46,12 +46,20 @@ fn a_disk_written_above_and_below_the_cursor_arrives_equal() {
 /// Runs a storage migration through `tamper`, which makes it fail; checks what must hold.
 /// Returns the source's error and how long its migration took to fail.
 fn fails(tamper: Tamper, opts: Options) -> (EngineError, Duration) {
+    fails_with(Some(tamper), Default::default(), opts)
+}
+
+fn fails_with(
+    tamper: Option<Tamper>,
+    faults: std::sync::Arc<Faults>,
+    opts: Options,
+) -> (EngineError, Duration) {
     let src = source();
     let limits = ferry_migration::engine::Limits {
         io_timeout: opts.io_timeout,
         ..Default::default()
     };
-    let p = pair_limits(Some(tamper), Default::default(), limits);
+    let p = pair_limits(tamper, faults, limits);
     let t = Instant::now();
     let e = p.migrate(&src, &opts).expect_err("the migration must fail");
     let took = t.elapsed();
@@ -122,4 +130,15 @@ fn a_flipped_byte_on_the_storage_connection_is_refused() {
         e.to_string().contains("CRC") || e.to_string().contains("Disk"),
         "{e}"
     );
+}
+
+/// The destination's disk fills up in the bulk copy: the migration fails at once (not at an
+/// I/O timeout: the destination's writer stops its reader), with the destination's reason.
+#[test]
+fn a_destination_disk_that_fills_up_fails_the_migration_with_its_reason() {
+    let faults = std::sync::Arc::new(Faults::default());
+    *faults.disk_full_at.lock().unwrap() = Some(1 << 20);
+    let (e, took) = fails_with(None, faults, opts());
+    assert!(e.to_string().contains("No space left"), "{e}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
 }

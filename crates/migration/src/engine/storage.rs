@@ -299,57 +299,113 @@ pub(super) fn create<V: DestinationVm>(vm: &mut V, ctl: &mut Conn) -> Result<u32
     Ok(specs.len() as u32)
 }
 
+/// Frames read ahead of the one being applied: the next ones are received while a write is
+/// on its way to the file (the two otherwise take turns, and half of a core sits idle).
+const READ_AHEAD: usize = 2;
+
 /// Destination: applies what the storage connection carries, in order, answering each sync,
 /// until a sync with `last == until` (the bulk copy's end: false; the switch-over: true).
-/// Returns the bytes written.
+/// Returns the bytes written. One thread reads and checks frames, another applies them in
+/// arrival order and answers the syncs (each answer after everything before it is durable).
 pub(super) fn receive<V: DestinationVm>(
     vm: &V,
     c: &mut Conn,
     disks: u32,
     until: bool,
 ) -> Result<u64, EngineError> {
-    let mut p = Vec::new();
-    let mut written = 0u64;
+    let mut answers = c.try_clone().map_err(ProtocolError::Io)?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u8, Vec<u8>)>(READ_AHEAD);
+    let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|scope| {
+        // Err(None): the reader stopped first, and its error is the one to report.
+        let writer = scope.spawn(move || -> Result<u64, Option<EngineError>> {
+            let mut written = 0u64;
+            let r = (|| {
+                for (kind, p) in rx {
+                    match disk_wire::parse(kind, &p)? {
+                        DiskFrame::Data { disk, offset, data } => {
+                            ok(vm.disk_write(disk, offset, data))?;
+                            written += data.len() as u64;
+                        }
+                        DiskFrame::Zero { disk, offset, len } => {
+                            ok(vm.disk_zero(disk, offset, len))?
+                        }
+                        DiskFrame::Sync { last } => {
+                            ok(vm.disk_sync(last))?;
+                            disk_wire::send_sync(&mut answers, last)?;
+                            if last == until {
+                                return Ok(Some(written));
+                            }
+                        }
+                    }
+                    let _ = spare_tx.send(p);
+                }
+                Ok::<_, EngineError>(None)
+            })();
+            match r {
+                Ok(Some(n)) => Ok(n),
+                Ok(None) => Err(None),
+                Err(e) => {
+                    // Unblock the reader (it may wait for frames the source will not send).
+                    answers.shutdown();
+                    Err(Some(e))
+                }
+            }
+        });
+        let read = read_frames(c, disks, until, &tx, &spare_rx);
+        drop(tx);
+        let applied = writer.join().unwrap_or_else(|_| {
+            Err(Some(EngineError::Vm(
+                "the disk writer thread panicked".into(),
+            )))
+        });
+        match (applied, read) {
+            (Ok(n), _) => Ok(n),
+            (Err(Some(e)), _) => Err(e),
+            (Err(None), Err(e)) => Err(e),
+            (Err(None), Ok(())) => Err(ProtocolError::Closed.into()),
+        }
+    })
+}
+
+/// Reads, checks and hands on frames until the sync that ends this phase (or the writer
+/// stops taking them).
+fn read_frames(
+    c: &mut Conn,
+    disks: u32,
+    until: bool,
+    tx: &std::sync::mpsc::SyncSender<(u8, Vec<u8>)>,
+    spare: &std::sync::mpsc::Receiver<Vec<u8>>,
+) -> Result<(), EngineError> {
     loop {
+        let mut p = spare.try_recv().unwrap_or_default();
         let kind = recv_raw(c, &mut p)?;
         if kind == KIND_ABORT {
             return Err(ProtocolError::Peer(String::from_utf8_lossy(&p).into_owned()).into());
         }
-        let f = disk_wire::parse(kind, &p)?;
-        let bad = |disk: u32| {
-            EngineError::Protocol(ProtocolError::Malformed {
-                what: "storage frame",
-                why: format!("disk {disk} of {disks}"),
-            })
+        let end = match disk_wire::parse(kind, &p)? {
+            DiskFrame::Data { disk, .. } | DiskFrame::Zero { disk, .. } if disk >= disks => {
+                return Err(ProtocolError::Malformed {
+                    what: "storage frame",
+                    why: format!("disk {disk} of {disks}"),
+                }
+                .into())
+            }
+            DiskFrame::Sync { last: true } if !until => {
+                return Err(ProtocolError::Malformed {
+                    what: "DiskSync",
+                    why: "the last sync before the bulk copy ended".into(),
+                }
+                .into())
+            }
+            DiskFrame::Sync { last } => last == until,
+            _ => false,
         };
-        match f {
-            DiskFrame::Data { disk, offset, data } => {
-                if disk >= disks {
-                    return Err(bad(disk));
-                }
-                ok(vm.disk_write(disk, offset, data))?;
-                written += data.len() as u64;
-            }
-            DiskFrame::Zero { disk, offset, len } => {
-                if disk >= disks {
-                    return Err(bad(disk));
-                }
-                ok(vm.disk_zero(disk, offset, len))?;
-            }
-            DiskFrame::Sync { last } => {
-                ok(vm.disk_sync(last))?;
-                disk_wire::send_sync(c, last)?;
-                if last == until {
-                    return Ok(written);
-                }
-                if last {
-                    return Err(ProtocolError::Malformed {
-                        what: "DiskSync",
-                        why: "the last sync before the bulk copy ended".into(),
-                    }
-                    .into());
-                }
-            }
+        if tx.send((kind, p)).is_err() {
+            return Ok(()); // the writer failed: its error is the one to report
+        }
+        if end {
+            return Ok(());
         }
     }
 }

@@ -308,6 +308,8 @@ pub struct Faults {
     pub active: AtomicBool,
     pub resumed: AtomicBool,
     pub ended: AtomicBool,
+    /// The destination's disk refuses writes at and past this offset (a full disk).
+    pub disk_full_at: Mutex<Option<u64>>,
 }
 
 impl Faults {
@@ -422,6 +424,15 @@ impl DestinationVm for FakeDest {
         Ok(())
     }
     fn disk_write(&self, disk: u32, offset: u64, data: &[u8]) -> Result<(), String> {
+        if self
+            .pc
+            .disk_full_at
+            .lock()
+            .unwrap()
+            .is_some_and(|f| offset >= f)
+        {
+            return Err("No space left on device (os error 28)".into());
+        }
         let mut g = self.disk.lock().unwrap();
         let d = g.as_mut().filter(|_| disk == 0).ok_or("no such disk")?;
         d.get_mut(offset as usize..offset as usize + data.len())
