@@ -8,7 +8,7 @@ use ferry_migration::engine::{DiskCopy, DiskLink};
 use ferry_storage::mirror::{Mirror, Sink};
 use ferry_storage::{Format, Image, StorageError};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 
 /// How much data one copy step moves.
 const STEP: usize = 4 << 20;
@@ -163,6 +163,80 @@ pub(crate) struct DestDisks {
     /// Where disks go that the source did not map (`ferry receive --storage-dir`).
     pub dir: Option<PathBuf>,
     made: Mutex<Vec<Created>>,
+    wb: Writeback,
+}
+
+/// Starts the writeback of what the copy wrote, on a thread of its own: `sync_file_range`
+/// blocks while the device's queue is full, and the copy must not wait for it (measured
+/// here: up to 0.6 s of a 1.6 s bulk copy, with another file's writeback in flight).
+#[derive(Default)]
+struct Writeback(Mutex<Option<(mpsc::Sender<Wb>, std::thread::JoinHandle<()>)>>);
+
+enum Wb {
+    Range(Arc<dyn Image>, u64, u64),
+    /// Answered once everything before it was started (and its image let go).
+    Barrier(mpsc::Sender<()>),
+}
+
+impl Writeback {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<(mpsc::Sender<Wb>, std::thread::JoinHandle<()>)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn start(&self, img: Arc<dyn Image>, offset: u64, len: u64) {
+        let mut g = self.lock();
+        if g.is_none() {
+            let (tx, rx) = mpsc::channel::<Wb>();
+            let t = std::thread::Builder::new()
+                .name("disk-writeback".into())
+                .spawn(move || {
+                    for m in rx {
+                        match m {
+                            Wb::Range(i, o, l) => i.start_writeback(o, l),
+                            Wb::Barrier(done) => {
+                                let _ = done.send(());
+                            }
+                        }
+                    }
+                });
+            if let Ok(t) = t {
+                *g = Some((tx, t));
+            }
+        }
+        match &*g {
+            Some((tx, _)) => {
+                if let Err(mpsc::SendError(Wb::Range(i, o, l))) =
+                    tx.send(Wb::Range(img, offset, len))
+                {
+                    i.start_writeback(o, l);
+                }
+            }
+            // No thread: a hint only, given here.
+            None => img.start_writeback(offset, len),
+        }
+    }
+
+    /// Waits until every range handed over has been started and its image let go.
+    fn drain(&self) {
+        let g = self.lock();
+        if let Some((tx, _)) = &*g {
+            let (done, wait) = mpsc::channel();
+            if tx.send(Wb::Barrier(done)).is_ok() {
+                let _ = wait.recv();
+            }
+        }
+    }
+}
+
+impl Drop for Writeback {
+    fn drop(&mut self) {
+        if let Some((tx, t)) = self.lock().take() {
+            drop(tx);
+            let _ = t.join();
+        }
+    }
 }
 
 impl DestDisks {
@@ -242,7 +316,7 @@ impl DestDisks {
             .map_err(|e| format!("disk {disk}: {e}"))?;
         // Written back as it comes, beside the copy: the syncs before and in the pause then
         // have little left (fdatasync of 1 GiB: ~0.6 s here).
-        img.start_writeback(offset, data.len() as u64);
+        self.wb.start(img, offset, data.len() as u64);
         Ok(())
     }
 
@@ -254,6 +328,7 @@ impl DestDisks {
 
     /// Flushes every disk; `last`: closes them too.
     pub fn sync(&self, last: bool) -> Result<(), String> {
+        self.wb.drain();
         let mut m = self.lock();
         for c in m.iter_mut() {
             if let Some(i) = &c.image {
@@ -269,6 +344,7 @@ impl DestDisks {
 
     /// Deletes every disk made (the migration failed before commit).
     pub fn remove(&self) {
+        self.wb.drain();
         for c in self.lock().drain(..) {
             drop(c.image);
             let _ = std::fs::remove_file(&c.path);
