@@ -113,7 +113,13 @@ impl SourceVm for LiveSource<'_> {
     }
     fn before_pause(&self) -> Result<(), String> {
         // Write the disks' dirty data back while the guest still runs: the flush at the
-        // hand-over, inside the downtime, then has only the last moments' writes to do.
+        // hand-over, inside the downtime, then has only the last moments' writes to do. Not
+        // when they are copied (shared-nothing): the destination's copies are synced by the
+        // migration, and the source's images are not handed over (flushing them waited for
+        // whatever the host had left unwritten in them: 0.6 s in a benchmark).
+        if self.disks.mirrored() {
+            return Ok(());
+        }
         self.vm.flush_disks().map_err(text)
     }
     fn pause(&self) -> Result<(), String> {
@@ -122,7 +128,10 @@ impl SourceVm for LiveSource<'_> {
         }
         // Shared storage and taps: let go of them now, while the last pages travel; the
         // state is sent (and the destination opens them) only once that has finished.
-        let r = self.vm.release_backends().map_err(text)?;
+        let r = self
+            .vm
+            .release_backends(!self.disks.mirrored())
+            .map_err(text)?;
         *self.releasing.lock().map_err(|_| "lock poisoned")? = Some(r);
         Ok(())
     }

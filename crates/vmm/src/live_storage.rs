@@ -73,6 +73,11 @@ impl SourceDisks {
     }
 
     /// Puts a mirror onto `link` in place of each disk's image.
+    /// The disks are mirrored onto a migration's storage connection.
+    pub fn mirrored(&self) -> bool {
+        !self.lock().is_empty()
+    }
+
     pub fn mirror(&self, slots: &[VirtioSlot], link: DiskLink) -> Result<(), String> {
         let mut m = self.lock();
         if !m.is_empty() {

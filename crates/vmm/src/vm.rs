@@ -321,8 +321,10 @@ impl Vm {
     /// released, each NIC's tap detached — for a hand-over to another host, on a thread of
     /// its own (a flush can take milliseconds: the caller does other work of the pause
     /// meanwhile); [`Release::wait`] for it. The VM must be paused;
-    /// [`reacquire_backends`](Self::reacquire_backends) undoes it.
-    pub fn release_backends(&self) -> Result<crate::devices::Release, VmError> {
+    /// [`reacquire_backends`](Self::reacquire_backends) undoes it. `disks: false` keeps the
+    /// disks (a shared-nothing migration: the destination has copies of its own, and the
+    /// source's images need neither a flush nor a hand-over).
+    pub fn release_backends(&self, disks: bool) -> Result<crate::devices::Release, VmError> {
         let state = self.state();
         if !matches!(state, RunState::Paused | RunState::Created) {
             return Err(VmError::State {
@@ -330,7 +332,7 @@ impl Vm {
                 state,
             });
         }
-        IoBus::release_backends(&self.bus).map_err(VmError::Thread)
+        IoBus::release_backends(&self.bus, disks).map_err(VmError::Thread)
     }
 
     /// Opens the released images and taps again. Another host that opened them meanwhile (a hand-over

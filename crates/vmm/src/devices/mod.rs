@@ -186,11 +186,16 @@ impl IoBus {
     }
 
     /// Releases every device's backend on a thread of its own (see `Vm::release_backends`).
-    pub fn release_backends(bus: &Arc<IoBus>) -> std::io::Result<Release> {
+    pub fn release_backends(bus: &Arc<IoBus>, disks: bool) -> std::io::Result<Release> {
         let bus = bus.clone();
         std::thread::Builder::new()
             .name("release".into())
-            .spawn(move || bus.virtio.iter().try_for_each(VirtioSlot::release))
+            .spawn(move || {
+                bus.virtio
+                    .iter()
+                    .filter(|s| disks || s.with_block(|_| ()).is_none())
+                    .try_for_each(VirtioSlot::release)
+            })
             .map(Release)
     }
 
