@@ -2,7 +2,7 @@
 //! error line, with nothing started, for each kind of bad disk.
 mod common;
 use common::*;
-use ferry_guest::tools::qemu_img;
+use ferry_guest::tools::{host_fill, qemu_img};
 use std::process::{Command, Stdio};
 
 fn error_line(out: &std::process::Output) -> String {
@@ -212,18 +212,7 @@ fn ferry_disk_move_moves_a_disk_the_guest_writes_and_refuses_bad_targets_clearly
     let img = image(&s, "d.raw", 64 << 20);
     let sock = s.path("api.sock");
     let sock = sock.to_str().unwrap();
-    let disk = format!("path={img}");
-    let mut vm = Running::start(&[
-        "--memory",
-        "64M",
-        "--api-socket",
-        sock,
-        "--guest",
-        "disk span=4M rate=16M hb=2000",
-        "--disk",
-        &disk,
-    ]);
-    vm.wait_line(|l| l == "K0 1 ok");
+    let mut vm = disk_vm(sock, std::path::Path::new(&img));
     let moved = s.path("moved.qcow2").display().to_string();
     let mv = |disk: &str, to: &str| {
         ferry(&[
@@ -304,18 +293,7 @@ fn ferry_migrate_copy_storage_moves_the_vm_and_its_disk_to_a_host_that_shares_no
         .unwrap();
     let a = s.path("a.sock");
     let a = a.to_str().unwrap();
-    let disk = format!("path={}", img.display());
-    let mut vm = Running::start(&[
-        "--memory",
-        "64M",
-        "--api-socket",
-        a,
-        "--guest",
-        "disk span=4M rate=16M hb=2000",
-        "--disk",
-        &disk,
-    ]);
-    vm.wait_line(|l| l == "K0 1 ok");
+    let vm = disk_vm(a, &img);
 
     let (r1, addr1) = receiver(&s.path("b1.sock"));
     let out = ferry(&[
@@ -374,11 +352,22 @@ fn ferry_migrate_copy_storage_moves_the_vm_and_its_disk_to_a_host_that_shares_no
     qemu_img(&["check", "-q", moved.to_str().unwrap()]);
 }
 
-/// Host data the guest never touches (it writes its first 4 MiB): a pattern of the offset.
-fn host_data(off: u64, n: usize) -> Vec<u8> {
-    (0..n as u64)
-        .map(|i| ((off + i) / 4096 * 7 + (off + i) % 251) as u8)
-        .collect()
+/// A VM with API socket `sock` writing its disk `img` (4 MiB at 16 MB/s), once its first
+/// pass over the disk checked out.
+fn disk_vm(sock: &str, img: &std::path::Path) -> Running {
+    let disk = format!("path={}", img.display());
+    let mut vm = Running::start(&[
+        "--memory",
+        "64M",
+        "--api-socket",
+        sock,
+        "--guest",
+        "disk span=4M rate=16M hb=2000",
+        "--disk",
+        &disk,
+    ]);
+    vm.wait_line(|l| l == "K0 1 ok");
+    vm
 }
 
 /// A real `ferry receive` killed (SIGKILL) while the disk's bulk copy is under way: `ferry
@@ -399,7 +388,7 @@ fn a_receiver_killed_during_the_disk_copy_leaves_the_vm_running_on_its_disk() {
         let f = std::fs::File::create(&img).unwrap();
         f.set_len(512 << 20).unwrap();
         for off in (0..len as u64).step_by(4 << 20) {
-            f.write_all_at(&host_data(at + off, 4 << 20), at + off)
+            f.write_all_at(&host_fill(at + off, 4 << 20), at + off)
                 .unwrap();
         }
     }
@@ -409,7 +398,7 @@ fn a_receiver_killed_during_the_disk_copy_leaves_the_vm_running_on_its_disk() {
         for off in (0..len as u64).step_by(4 << 20) {
             f.read_exact_at(&mut b, at + off).unwrap();
             assert!(
-                b == host_data(at + off, 4 << 20),
+                b == host_fill(at + off, 4 << 20),
                 "{}: host data at {off:#x}",
                 p.display()
             );
@@ -417,18 +406,7 @@ fn a_receiver_killed_during_the_disk_copy_leaves_the_vm_running_on_its_disk() {
     };
     let a = s.path("a.sock");
     let a = a.to_str().unwrap();
-    let disk = format!("path={}", img.display());
-    let mut vm = Running::start(&[
-        "--memory",
-        "64M",
-        "--api-socket",
-        a,
-        "--guest",
-        "disk span=4M rate=16M hb=2000",
-        "--disk",
-        &disk,
-    ]);
-    vm.wait_line(|l| l == "K0 1 ok");
+    let mut vm = disk_vm(a, &img);
 
     let (mut r1, addr1) = receiver_with(
         &s.path("b1.sock"),

@@ -23,3 +23,11 @@ pub fn qcow2_overlay(base: &str, top: &std::path::Path) {
         "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top,
     ]);
 }
+
+/// Data a test's host writes into a disk image at `off` before the guest starts (outside the
+/// guest's span), to find it unchanged wherever the disk goes.
+pub fn host_fill(off: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| ((off + i) / 4096 % 251) as u8 + 1)
+        .collect()
+}

@@ -411,6 +411,11 @@ pub fn bat_entries(p: &Params) -> u64 {
     }
 }
 
+/// The BAT index of payload block `b`: a sector bitmap entry follows every `ratio` of them.
+pub fn bat_index(b: u64, ratio: u64) -> u64 {
+    b + b / ratio
+}
+
 pub fn bat_state(e: u64) -> u64 {
     e & 7
 }

@@ -88,6 +88,22 @@ struct Map {
     dirty: BTreeSet<usize>,
 }
 
+impl Map {
+    /// Takes the dirty BAT sectors: each one's file offset and its bytes now.
+    fn take_dirty(&mut self, bat_offset: u64) -> Vec<(u64, Vec<u8>)> {
+        std::mem::take(&mut self.dirty)
+            .into_iter()
+            .map(|s| {
+                let bytes = self.bat[s * PER_SECTOR..][..PER_SECTOR]
+                    .iter()
+                    .flat_map(|e| e.to_le_bytes())
+                    .collect();
+                (bat_offset + s as u64 * 4096, bytes)
+            })
+            .collect()
+    }
+}
+
 struct Journal {
     header: Header,
     /// Which header slot holds `header`.
@@ -132,7 +148,7 @@ impl VhdxImage {
             .find_map(|o| parse_regions(&head[*o as usize..]))
             .ok_or_else(|| bad("both VHDX region tables are damaged".into()))?;
         let find = |g: Guid| regions.iter().find(|r| r.guid == g).copied();
-        let (Some(bat), Some(meta)) = (find(REGION_BAT), find(REGION_METADATA)) else {
+        let (Some(bat_r), Some(meta)) = (find(REGION_BAT), find(REGION_METADATA)) else {
             return Err(bad("the region table lacks the BAT or the metadata".into()));
         };
         if regions
@@ -141,7 +157,7 @@ impl VhdxImage {
         {
             return Err(bad("a required region is unknown to Ferry".into()));
         }
-        for r in [&bat, &meta] {
+        for r in [&bat_r, &meta] {
             if r.offset < MIB || r.offset.saturating_add(u64::from(r.length)) > len {
                 return Err(bad(format!(
                     "a region at {:#x} lies outside the file",
@@ -187,10 +203,10 @@ impl VhdxImage {
             )));
         }
         let entries = bat_entries(&p) as usize;
-        if (u64::from(bat.length)) < entries as u64 * 8 {
+        if (u64::from(bat_r.length)) < entries as u64 * 8 {
             return Err(bad(format!(
                 "BAT region of {} bytes holds fewer than its {entries} entries",
-                bat.length
+                bat_r.length
             )));
         }
         let mut img = VhdxImage {
@@ -200,7 +216,7 @@ impl VhdxImage {
             block: u64::from(p.block_size),
             ratio: chunk_ratio(&p),
             p,
-            bat_offset: bat.offset,
+            bat_offset: bat_r.offset,
             log_offset,
             log_length,
             map: RwLock::new(Map {
@@ -218,15 +234,14 @@ impl VhdxImage {
         img.replay()?;
         let len = img.file.metadata()?.len();
         let mut raw = vec![0u8; entries.div_ceil(PER_SECTOR) * 4096];
-        let have = (u64::from(bat.length)).min(raw.len() as u64) as usize;
-        img.file.read_exact_at(&mut raw[..have], bat.offset)?;
+        let have = (u64::from(bat_r.length)).min(raw.len() as u64) as usize;
+        img.file.read_exact_at(&mut raw[..have], bat_r.offset)?;
         let bat: Vec<u64> = raw.chunks(8).map(|c| u64_at(c, 0)).collect();
-        img.check_bat(
-            &bat,
-            entries,
-            len,
-            &[(bat_region(&img), "BAT"), (meta_region(&meta), "metadata")],
-        )?;
+        let regions = [
+            ((bat_r.offset, u64::from(bat_r.length)), "BAT"),
+            ((meta.offset, u64::from(meta.length)), "metadata"),
+        ];
+        img.check_bat(&bat, entries, len, &regions)?;
         let m = img.map.get_mut().unwrap_or_else(|e| e.into_inner());
         m.bat = bat;
         m.file_end = len.next_multiple_of(MIB);
@@ -342,7 +357,7 @@ impl VhdxImage {
 
     /// The BAT index of payload block `b`.
     fn index(&self, b: u64) -> usize {
-        (b + b / self.ratio) as usize
+        bat_index(b, self.ratio) as usize
     }
 
     fn read_map(&self) -> std::sync::RwLockReadGuard<'_, Map> {
@@ -434,6 +449,14 @@ impl VhdxImage {
         })
     }
 
+    /// The next log entry, holding `sectors` (each its own tail: it needs no earlier one).
+    fn entry(j: &mut Journal, sectors: &[(u64, Vec<u8>)], end: u64) -> Vec<u8> {
+        let refs: Vec<(u64, &[u8])> = sectors.iter().map(|(o, d)| (*o, d.as_slice())).collect();
+        let e = log::encode(j.seq, j.header.log_guid, 0, &refs, end, end);
+        j.seq += 1;
+        e
+    }
+
     /// Writes the dirty BAT sectors through the log (the data is synced already).
     fn commit(
         &self,
@@ -443,9 +466,7 @@ impl VhdxImage {
     ) -> Result<(), StorageError> {
         let max = log::max_data_sectors(self.log_length).max(1);
         for chunk in sectors.chunks(max) {
-            let refs: Vec<(u64, &[u8])> = chunk.iter().map(|(o, d)| (*o, d.as_slice())).collect();
-            let entry = log::encode(j.seq, j.header.log_guid, 0, &refs, end, end);
-            j.seq += 1;
+            let entry = Self::entry(j, chunk, end);
             self.file.write_all_at(&entry, self.log_offset)?;
             self.file.sync_data()?;
             for (o, d) in chunk {
@@ -455,17 +476,6 @@ impl VhdxImage {
         }
         Ok(())
     }
-}
-
-fn bat_region(img: &VhdxImage) -> (u64, u64) {
-    (
-        img.bat_offset,
-        (bat_entries(&img.p) * 8).next_multiple_of(MIB),
-    )
-}
-
-fn meta_region(r: &Region) -> (u64, u64) {
-    (r.offset, u64::from(r.length))
 }
 
 /// Writes `h` (with the next sequence number) into the header slot not in use, synced: a
@@ -536,18 +546,7 @@ impl Image for VhdxImage {
         let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
         let (sectors, end) = {
             let mut m = self.write_map();
-            let dirty = std::mem::take(&mut m.dirty);
-            let sectors: Vec<(u64, Vec<u8>)> = dirty
-                .iter()
-                .map(|&s| {
-                    let bytes = m.bat[s * PER_SECTOR..][..PER_SECTOR]
-                        .iter()
-                        .flat_map(|e| e.to_le_bytes())
-                        .collect();
-                    (self.bat_offset + s as u64 * 4096, bytes)
-                })
-                .collect();
-            (sectors, m.file_end)
+            (m.take_dirty(self.bat_offset), m.file_end)
         };
         let done = self
             .file
@@ -675,16 +674,13 @@ pub fn format(f: &File, o: &VhdxOptions) -> Result<(), String> {
     let mut end = data;
     if o.fixed {
         let ratio = chunk_ratio(&p);
-        let mut bat = Vec::with_capacity(entries as usize * 8);
+        let mut bat = vec![0u64; entries as usize];
         for b in 0..blocks {
-            bat.extend_from_slice(
-                &bat_entry(PAYLOAD_FULLY_PRESENT, data + b * u64::from(block_size)).to_le_bytes(),
-            );
-            if (b + 1).is_multiple_of(ratio) && b + 1 < blocks {
-                bat.extend_from_slice(&0u64.to_le_bytes());
-            }
+            bat[bat_index(b, ratio) as usize] =
+                bat_entry(PAYLOAD_FULLY_PRESENT, data + b * u64::from(block_size));
         }
-        f.write_all_at(&bat, BAT_OFFSET).map_err(io)?;
+        let bytes: Vec<u8> = bat.iter().flat_map(|e| e.to_le_bytes()).collect();
+        f.write_all_at(&bytes, BAT_OFFSET).map_err(io)?;
         end = data + blocks * u64::from(block_size);
     }
     f.set_len(end).map_err(io)?;

@@ -37,18 +37,7 @@ fn dirty_writes(img: &VhdxImage) -> (Vec<(u64, Vec<u8>)>, u64) {
     }
     img.file.sync_data().unwrap();
     let mut m = img.write_map();
-    let dirty = std::mem::take(&mut m.dirty);
-    let sectors = dirty
-        .iter()
-        .map(|&s| {
-            let b = m.bat[s * PER_SECTOR..][..PER_SECTOR]
-                .iter()
-                .flat_map(|e| e.to_le_bytes())
-                .collect();
-            (img.bat_offset + s as u64 * 4096, b)
-        })
-        .collect();
-    (sectors, m.file_end)
+    (m.take_dirty(img.bat_offset), m.file_end)
 }
 
 fn expect(img: &VhdxImage, written: bool) {
@@ -67,15 +56,7 @@ fn crash_after_the_log_entry_replays_it_on_open() {
     let (sectors, end) = dirty_writes(&img);
     // The entry is durable, the BAT in place is not written: the crash point.
     let mut j = img.journal.lock().unwrap();
-    let entry = log::encode(
-        j.seq,
-        j.header.log_guid,
-        0,
-        &[(sectors[0].0, &sectors[0].1)],
-        end,
-        end,
-    );
-    j.seq += 1;
+    let entry = VhdxImage::entry(&mut j, &sectors[..1], end);
     img.file.write_all_at(&entry, img.log_offset).unwrap();
     img.file.sync_data().unwrap();
     drop(j);
@@ -121,15 +102,8 @@ fn crash_before_the_entry_is_whole_keeps_the_old_bat() {
     let d = tempfile::tempdir().unwrap();
     let (p, img) = new_image(d.path(), &opts());
     let (sectors, end) = dirty_writes(&img);
-    let j = img.journal.lock().unwrap();
-    let mut entry = log::encode(
-        j.seq,
-        j.header.log_guid,
-        0,
-        &[(sectors[0].0, &sectors[0].1)],
-        end,
-        end,
-    );
+    let mut j = img.journal.lock().unwrap();
+    let mut entry = VhdxImage::entry(&mut j, &sectors[..1], end);
     // Torn: the data sector never reached the disk.
     let n = entry.len();
     entry[n - 4096..].fill(0);

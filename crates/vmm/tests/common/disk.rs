@@ -70,9 +70,5 @@ pub fn k_ok(pass: u64) -> impl Fn(&str) -> bool {
 
 pub const WORK: &str = "disk span=4M rate=16M hb=2000";
 
-/// What the host wrote at `off` before the guest started (outside the guest's span).
-pub fn host_fill(off: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| ((off + i) / 4096 % 251) as u8 + 1)
-        .collect()
-}
+#[allow(unused_imports)] // not every test binary uses it
+pub use ferry_guest::tools::host_fill;
