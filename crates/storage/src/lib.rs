@@ -8,6 +8,7 @@
 //! - A write is acknowledged (`Ok`) only once the host file holds it; `flush` makes every
 //!   acknowledged write durable (`fdatasync`).
 //! - Out-of-range requests are refused with [`StorageError::OutOfRange`] before any I/O.
+pub mod fence;
 mod lock;
 pub mod mirror;
 mod qcow2;
@@ -40,6 +41,17 @@ pub enum StorageError {
     ReadOnly,
     #[error("the image is released (the VM is paused for a hand-over to another host)")]
     Released,
+    /// The VMM's right to write has lapsed (its host's lease deadline passed): issue #13's
+    /// fencing ([`fence`]).
+    #[error("write refused: this VMM is fenced (its ownership, epoch {epoch}, may have passed to another host)")]
+    Fenced { epoch: i64 },
+    /// A higher ownership epoch was accepted for the disk: another owner has it.
+    #[error("{}: owned by epoch {stored}, this VMM holds only epoch {mine}: another host owns the disk now", path.display())]
+    StaleEpoch {
+        path: PathBuf,
+        stored: i64,
+        mine: i64,
+    },
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
