@@ -101,6 +101,14 @@ pub struct RunArgs {
     /// create the tap first: ip tuntap add dev NAME mode tap).
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<String>,
+    /// For cluster agents: this VMM owns its disks with this ownership epoch. Each writable
+    /// disk's FILE.epoch must not hold a higher one (it is raised to this); every write is
+    /// refused, and the vCPUs stop, past --fence-deadline-ns (moved on by PUT /vm/fence).
+    #[arg(long)]
+    pub fence_epoch: Option<i64>,
+    /// With --fence-epoch: the deadline, in nanoseconds of the host's CLOCK_MONOTONIC.
+    #[arg(long, requires = "fence_epoch")]
+    pub fence_deadline_ns: Option<u64>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -76,8 +76,17 @@ pub fn main(args: RunArgs) -> Result<i32> {
         return Ok(finish(&vm, server));
     }
     let config = config_from(&args)?;
-    let vm = Vm::new(config, console(&args.console_log)?)?;
-    serve_and_wait(Arc::new(vm), listener, &args.console_log, true, None)
+    let fence = args.fence_epoch.map(|e| {
+        let f = ferry_storage::fence::Fence::new(e, args.fence_deadline_ns);
+        // The first install in this process: nothing else installs one.
+        let _ = ferry_storage::fence::install(f.clone());
+        f
+    });
+    let vm = Arc::new(Vm::new(config, console(&args.console_log)?)?);
+    if let Some(f) = fence {
+        crate::api::watch_fence(vm.clone(), f);
+    }
+    serve_and_wait(vm, listener, &args.console_log, true, None)
 }
 
 fn bind(p: &Option<std::path::PathBuf>) -> Result<Option<crate::api::server::Bound>> {

@@ -175,6 +175,19 @@ impl Fence {
     }
 }
 
+static PROCESS_FENCE: std::sync::OnceLock<Arc<Fence>> = std::sync::OnceLock::new();
+
+/// Fences every writable image this process opens from now on with `fence` (a VMM has one
+/// owner and one fence). Refused once one is installed.
+pub fn install(fence: Arc<Fence>) -> Result<(), Arc<Fence>> {
+    PROCESS_FENCE.set(fence)
+}
+
+/// The process's fence, if one is installed.
+pub fn installed() -> Option<Arc<Fence>> {
+    PROCESS_FENCE.get().cloned()
+}
+
 /// An image whose writes are fenced (see the module's documentation).
 pub struct FencedImage {
     inner: Box<dyn Image>,

@@ -217,12 +217,18 @@ fn create_file(
     made
 }
 
-/// Opens `path` as `format`, locked for writing unless `readonly`.
+/// Opens `path` as `format`, locked for writing unless `readonly`. In a process with a fence
+/// installed ([`fence::install`]: a VMM run by a cluster agent) a writable image is fenced
+/// ([`fence::FencedImage`]): opening it accepts the fence's epoch for the disk.
 pub fn open(path: &Path, format: Format, readonly: bool) -> Result<Box<dyn Image>, StorageError> {
-    match format {
-        Format::Raw => Ok(Box::new(RawImage::open(path, readonly)?)),
-        Format::Qcow2 => Ok(Box::new(Qcow2Image::open(path, readonly)?)),
-        Format::Vhdx => Ok(Box::new(VhdxImage::open(path, readonly)?)),
+    let img: Box<dyn Image> = match format {
+        Format::Raw => Box::new(RawImage::open(path, readonly)?),
+        Format::Qcow2 => Box::new(Qcow2Image::open(path, readonly)?),
+        Format::Vhdx => Box::new(VhdxImage::open(path, readonly)?),
+    };
+    match fence::installed() {
+        Some(f) if !readonly => Ok(Box::new(fence::FencedImage::new(img, path, f)?)),
+        _ => Ok(img),
     }
 }
 

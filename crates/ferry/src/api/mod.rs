@@ -14,6 +14,8 @@
 //! | PUT    | /vm/disk/move | `{"disk": ID, "to": PATH, "format": "raw"\|"qcow2"\|"vhdx"}` (format optional) | 200 report (from, to, copied and mirrored bytes, total ms, pivot µs); the VM runs on the new file; 404 no such disk; 400 bad target; 409 when cancelled, another move or a migration runs |
 //! | GET    | /vm/disk/move | | 200 progress of the running or last move (phase, size, cursor, copied, mirrored, elapsed, error); 404 when none ran |
 //! | PUT    | /vm/disk/move/cancel | | 202; the VM stays on its old file, the target is deleted; 409 when none runs |
+//! | GET    | /vm/fence     | | 200 `{epoch, deadline_ns, now_ns, expired, refused_writes}`; 404 when the VMM is not fenced (no `--fence-epoch`) |
+//! | PUT    | /vm/fence     | `{"deadline_ns": N}` (CLOCK_MONOTONIC) | 204; 409 once the deadline has passed (fenced for good); 404 not fenced |
 //! | PUT    | /vm/restore   | `{"from": DIR, "lazy_check": bool}` | 200 report; 409 when the VMM has a VM |
 //!
 //! Without a VM (an empty VMM, `ferry run --api-socket S`) the VM routes answer 404.
@@ -24,6 +26,8 @@ pub mod client;
 mod disk;
 pub mod disk_client;
 mod extract;
+mod fence;
+pub use fence::watch as watch_fence;
 mod handlers;
 pub mod host;
 mod migration;

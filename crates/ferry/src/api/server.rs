@@ -98,6 +98,10 @@ pub fn spawn(bound: Bound, host: Arc<Host>) -> Result<Server> {
             put(super::disk::start).get(super::disk::status),
         )
         .route("/vm/disk/move/cancel", put(super::disk::cancel))
+        .route(
+            "/vm/fence",
+            get(super::fence::info).put(super::fence::renew),
+        )
         .fallback(super::extract::not_found)
         .method_not_allowed_fallback(super::extract::wrong_method)
         .layer(axum::extract::DefaultBodyLimit::max(
