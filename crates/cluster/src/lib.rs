@@ -1,8 +1,9 @@
-//! Ferry's cluster, built up in issue #13. Today: the cluster store ([`store`]) — etcd for
+//! Ferry's cluster, built up in issue #13. Today: the balancing policy ([`balance`]); the cluster store ([`store`]) — etcd for
 //! several hosts, or an embedded store for one host, so a single host needs nothing but the
 //! `ferry` binary — behind one trait, with leases and compare-and-swap transactions; host
 //! membership by lease with a deadline on the monotonic clock ([`membership`]); VM records and
 //! owners with epochs ([`records`]). docs/cluster.md states what each guarantees.
+pub mod balance;
 pub mod membership;
 pub mod records;
 pub mod store;
