@@ -64,6 +64,21 @@ enum Status {
     Ok = VIRTIO_BLK_S_OK as isize,
     IoErr = VIRTIO_BLK_S_IOERR as isize,
     Unsupp = VIRTIO_BLK_S_UNSUPP as isize,
+    /// Not completed: the image refused it because this VMM is fenced. No status is
+    /// written; the request stays on the ring.
+    Held = 0x100,
+}
+
+/// The status a storage error ends a request with: held when the VMM is fenced (the VM
+/// stops rather than see an I/O error its new owner would not see), else an I/O error.
+fn failed(id: &str, e: StorageError) -> Status {
+    match e {
+        StorageError::Fenced { .. } | StorageError::StaleEpoch { .. } => Status::Held,
+        e => {
+            tracing::warn!("virtio-blk {id}: {e}");
+            Status::IoErr
+        }
+    }
 }
 
 impl Block {
@@ -189,8 +204,13 @@ impl Block {
         c
     }
 
-    /// Handles one request; returns the bytes written into its device-writable part.
-    fn handle<'a, B: BitmapSlice, Mm>(&mut self, chain: DescriptorChain<&'a Mm>, mem: &'a Mm) -> u32
+    /// Handles one request; returns the bytes written into its device-writable part, or
+    /// None when it is held (not completed: [`Status::Held`]).
+    fn handle<'a, B: BitmapSlice, Mm>(
+        &mut self,
+        chain: DescriptorChain<&'a Mm>,
+        mem: &'a Mm,
+    ) -> Option<u32>
     where
         Mm: GuestMemory,
         <Mm as GuestMemory>::Bitmap: WithBitmapSlice<'a, S = B>,
@@ -199,14 +219,14 @@ impl Block {
             Reader::<B>::new(mem, chain.clone()),
             Writer::<B>::new(mem, chain),
         ) else {
-            return 0; // an address outside memory: nowhere safe to put a status
+            return Some(0); // an address outside memory: nowhere safe to put a status
         };
         // The status byte is the last device-writable one; without it, nothing is written.
         let Some(data_len) = w.available_bytes().checked_sub(1) else {
-            return 0;
+            return Some(0);
         };
         let Ok(mut status_w) = w.split_at(data_len) else {
-            return 0;
+            return Some(0);
         };
         let mut head = [0u8; 16];
         let status = match r.read_exact(&mut head) {
@@ -217,11 +237,14 @@ impl Block {
                 self.request(ty, sector, &mut r, &mut w, data_len)
             }
         };
+        if status == Status::Held {
+            return None;
+        }
         let written = w.bytes_written();
         if status_w.write_all(&[status as u8]).is_err() {
-            return written as u32;
+            return Some(written as u32);
         }
-        (written + 1) as u32
+        Some((written + 1) as u32)
     }
 
     fn request<B: BitmapSlice>(
@@ -232,10 +255,8 @@ impl Block {
         w: &mut Writer<'_, B>,
         data_len: usize,
     ) -> Status {
-        let io = |e: StorageError| {
-            tracing::warn!("virtio-blk: {e}");
-            Status::IoErr
-        };
+        let id = self.id.clone();
+        let io = |e: StorageError| failed(&id, e);
         let Some(offset) = sector.checked_mul(SECTOR) else {
             return Status::IoErr;
         };
@@ -314,10 +335,7 @@ impl Block {
         }
         match self.img().and_then(|i| i.flush()) {
             Ok(()) => Status::Ok,
-            Err(e) => {
-                tracing::warn!("virtio-blk {}: {e}", self.id);
-                Status::IoErr
-            }
+            Err(e) => failed(&self.id, e),
         }
     }
 
@@ -366,8 +384,7 @@ impl Block {
                 }
             });
             if let Err(e) = r {
-                tracing::warn!("virtio-blk {}: {e}", self.id);
-                return Status::IoErr;
+                return failed(&self.id, e);
             }
         }
         self.durable()
@@ -437,7 +454,12 @@ where
                 break;
             };
             let head = chain.head_index();
-            let len = self.handle(chain, mem);
+            let Some(len) = self.handle(chain, mem) else {
+                // Fenced: back on the ring, and nothing more from this queue.
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                served.held = true;
+                break;
+            };
             if queue.add_used(mem, head, len).is_err() {
                 served.broken = true;
                 break;

@@ -36,6 +36,10 @@ pub struct Served {
     pub completed: u32,
     /// The queue is unusable (its rings lie outside memory): the device needs a reset.
     pub broken: bool,
+    /// A request was held back, not completed: the disk is fenced (another host may own
+    /// it). It stays on the ring, as QEMU's `werror=stop` keeps it, so the guest never sees
+    /// an error for it; the VMM stops the vCPUs.
+    pub held: bool,
 }
 
 /// A device's saved state, by kind. Every device returns one from

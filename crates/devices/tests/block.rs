@@ -427,3 +427,70 @@ fn writes_are_durable_on_completion_unless_the_driver_accepted_flush() {
         );
     }
 }
+
+/// A write refused because the VMM is fenced (its lease ran out: another host may own the
+/// disk) is held, not failed: no status, no used entry, the request stays on the ring, so
+/// the guest never sees an I/O error its next owner would not see. Saved in that state, a
+/// device on the next owner's unfenced image serves it.
+#[test]
+fn a_write_refused_by_the_fence_is_held_on_the_ring_for_the_next_owner() {
+    use ferry_storage::fence::{Fence, FencedImage};
+    let d = disk(1 << 20);
+    let mem = memory();
+    let fence = Fence::new(3, Some(u64::MAX));
+    let img = RawImage::open(&d.path, false).unwrap();
+    let fenced = FencedImage::new(Box::new(img), &d.path, fence.clone()).unwrap();
+    let dev = Block::new(
+        Box::new(fenced),
+        "ferry-disk0".into(),
+        d.path.clone(),
+        Format::Raw,
+    );
+    let mut drv = ready(dev, &mem);
+    assert_eq!(
+        request(&mut drv, &mem, T_OUT, 0, Some(&pattern(0, 4096)), 0).0,
+        S_OK
+    );
+    fence.set_deadline(0); // the lease ran out
+    header(&mem, T_OUT, 8);
+    mem.write_slice(&pattern(1, 4096), GuestAddress(DATA))
+        .unwrap();
+    drv.post(&mem, &[(HDR, 16, 0), (DATA, 4096, 0), (STATUS, 1, F_WRITE)]);
+    drv.notify(&mem);
+    assert_eq!(drv.next_used(&mem), None, "a fenced write completed");
+    assert_eq!(drv.used_idx(&mem), 1);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        0xff,
+        "a status was written"
+    );
+    assert!(fence.refused() >= 1);
+    let on_disk = std::fs::read(&d.path).unwrap();
+    assert_eq!(
+        &on_disk[4096..8192],
+        &[0u8; 4096][..],
+        "the fenced write reached the disk"
+    );
+    // Another notification does not complete it either.
+    drv.notify(&mem);
+    assert_eq!(drv.next_used(&mem), None);
+    // The next owner: the state saved now, restored over an image without the fence.
+    let mut drv = drv.rebuild(|t| {
+        let DeviceState::Block(bs) = t.device().save() else {
+            panic!("a block device saves block state")
+        };
+        let ts = t.save();
+        drop(t);
+        let img = RawImage::open(&bs.path, false).unwrap();
+        let dev = Block::from_state(&bs, Box::new(img)).unwrap();
+        MmioTransport::from_state(&ts, Box::new(dev), Arc::new(Irq::default())).unwrap()
+    });
+    drv.notify(&mem);
+    let (_, len) = drv
+        .next_used(&mem)
+        .expect("the held write completed on the next owner");
+    assert_eq!(len, 1);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+    let on_disk = std::fs::read(&d.path).unwrap();
+    assert_eq!(&on_disk[4096..8192], &pattern(1, 4096)[..]);
+}

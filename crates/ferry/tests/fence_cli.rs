@@ -120,9 +120,16 @@ fn past_its_deadline_a_fenced_vmm_stops_and_its_disk_no_longer_changes() {
     );
     assert_eq!(code, 409, "{body}");
     assert_eq!(api(&sock, "PUT", "/vm/shutdown", "").0, 204);
-    let (code, err, _) = vm.finish();
+    let (code, err, lines) = vm.finish();
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("fenced"), "{err}");
+    // The write the fence refused was held, as QEMU's werror=stop holds it: the guest never
+    // saw an I/O error.
+    assert!(
+        !lines.iter().any(|l| l.1.contains("failed")),
+        "the guest saw a failed write: {:?}",
+        lines.iter().map(|l| &l.1).collect::<Vec<_>>()
+    );
 
     // A newer owner took the disk (epoch 9): the old epoch is refused with a clear error,
     // the newer one runs.
