@@ -99,7 +99,8 @@ fn share(cpu: f64, h: &HostLoad) -> f64 {
 }
 
 /// Where a new VM of `memory_bytes` goes: the host (not draining) with the lowest CPU share
-/// that has the memory; None when none fits.
+/// that has the memory (of equal shares, the one with the least memory given out, so idle
+/// VMs spread); None when none fits.
 pub fn place(hosts: &[HostLoad], vms: &[VmLoad], memory_bytes: u64) -> Option<String> {
     let u = usage(hosts, vms);
     hosts
@@ -109,6 +110,7 @@ pub fn place(hosts: &[HostLoad], vms: &[VmLoad], memory_bytes: u64) -> Option<St
         .min_by(|a, b| {
             share(u[&a.id].cpu, a)
                 .total_cmp(&share(u[&b.id].cpu, b))
+                .then(u[&a.id].mem.cmp(&u[&b.id].mem))
                 .then(a.id.cmp(&b.id))
         })
         .map(|h| h.id.clone())
