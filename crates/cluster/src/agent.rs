@@ -235,6 +235,10 @@ impl<R: Runner> Agent<R> {
         self.member.id()
     }
 
+    pub fn runner(&self) -> &R {
+        &self.runner
+    }
+
     /// The counters, shared with whoever serves them.
     pub fn stats(&self) -> Arc<Mutex<Stats>> {
         self.stats.clone()
@@ -432,7 +436,8 @@ impl<R: Runner> Agent<R> {
     fn assign(&mut self, v: &View) -> Result<(), AgentError> {
         let now = Instant::now();
         let live: HashSet<&str> = v.hosts.iter().map(|h| h.id.as_str()).collect();
-        self.gone.retain(|h, _| !live.contains(h.as_str()));
+        self.gone
+            .retain(|h, _| !live.contains(h.as_str()) && v.owners.values().any(|o| &o.host == h));
         let (hosts, mut vms) = scores(&*self.store)?;
         vms.retain(|l| live.contains(l.host.as_str()));
         let mut todo: Vec<&VmRecord> = v.vms.iter().collect();

@@ -55,6 +55,12 @@ pub enum Command {
     /// works): `ferry certs init --dir D`, then `ferry certs issue NAME --dir D` per host, and
     /// copy D/ca.pem, D/NAME.pem and D/NAME.key to that host.
     Certs(CertsArgs),
+    /// A cluster host agent: joins the cluster (etcd, or the embedded store for one host),
+    /// runs one fenced VMM per VM this host owns, restarts a failed host's VMs when it
+    /// leads, and serves the cluster API and /metrics (docs/cluster.md).
+    Host(crate::cluster::args::HostArgs),
+    /// Talk to a cluster through any host agent: hosts, vms, create, start, stop, delete.
+    Cluster(crate::cluster::args::ClusterArgs),
     /// Write Ferry's test guest image (a multiboot ELF) to a file, e.g. to boot it in QEMU:
     /// qemu-system-x86_64 -enable-kvm -kernel FILE -append 'heartbeat count=10'
     ///   -device isa-debug-exit,iobase=0xf4,iosize=4 -serial stdio -display none

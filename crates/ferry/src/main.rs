@@ -1,6 +1,7 @@
 //! `ferry`: one binary, several roles (see `ferry --help`).
 mod api;
 mod cli;
+mod cluster;
 mod demo;
 mod run;
 
@@ -42,6 +43,7 @@ fn main() {
             | cli::Command::Snapshot(_)
             | cli::Command::Migrate(_)
             | cli::Command::Disk(_)
+            | cli::Command::Cluster(_)
     ) {
         // Client commands end quietly when their output pipe closes (`ferry migrate | head`),
         // as Unix tools do. VMM commands keep ignoring SIGPIPE: a console reader going away
@@ -58,6 +60,8 @@ fn main() {
         cli::Command::Disk(args) => api::disk_client::main(args).map(|()| 0),
         cli::Command::Restore(args) => run::restore(args),
         cli::Command::Receive(args) => run::receive(args),
+        cli::Command::Host(args) => cluster::host::main(args),
+        cli::Command::Cluster(args) => cluster::client::main(args).map(|()| 0),
         cli::Command::Certs(args) => run::certs(args).map(|()| 0),
         cli::Command::GuestImage { output } => std::fs::write(&output, ferry_guest::IMAGE)
             .map(|()| 0)

@@ -3,29 +3,7 @@
 //! refused once it has passed; a lower epoch cannot take a disk a higher one holds.
 mod common;
 use common::*;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
-
-/// One HTTP request over the API socket; (status, body).
-fn api(sock: &std::path::Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(sock).expect("connect to the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (code, body)
-}
 
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
@@ -71,6 +49,19 @@ fn past_its_deadline_a_fenced_vmm_stops_and_its_disk_no_longer_changes() {
     let f = json(&body);
     assert_eq!(f["epoch"], 7);
     assert_eq!(f["expired"], false);
+    // The fenced VMM shares the disk only with other fenced VMMs (the next owner): a VMM
+    // that is not fenced cannot open it for writing.
+    let out = ferry(&[
+        "run",
+        "--memory",
+        "16M",
+        "--guest",
+        "heartbeat count=1",
+        "--disk",
+        &spec,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("in use"), "{err}");
     // A renewal moves the deadline on (2 s more).
     let later = now_ns() + 2_000_000_000;
     let (code, body) = api(

@@ -44,7 +44,16 @@ pub fn open_locked(path: &Path, mode: LockMode) -> Result<File, StorageError> {
             why: "not a regular file".into(),
         });
     }
-    match lock_file(&f, mode) {
+    // A fenced VMM (a cluster's) shares its writable images with the next owner's VMM, which
+    // may open them while this one, fenced, still runs: the ownership epoch decides who may
+    // write (crate::fence). A writer that is not fenced still excludes, and is excluded by,
+    // everyone.
+    let lock = if mode == LockMode::Write && crate::fence::installed().is_some() {
+        LockMode::Read
+    } else {
+        mode
+    };
+    match lock_file(&f, lock) {
         Ok(()) => Ok(f),
         Err(Ok(held)) => Err(StorageError::Locked {
             path: path.to_owned(),

@@ -25,10 +25,10 @@
 pub mod client;
 mod disk;
 pub mod disk_client;
-mod extract;
+pub mod extract;
 mod fence;
 pub use fence::watch as watch_fence;
-mod handlers;
+pub mod handlers;
 pub mod host;
 mod migration;
 mod progress;

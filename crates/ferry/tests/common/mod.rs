@@ -244,3 +244,55 @@ pub fn spawn_migrate(to: &str, sock: &str, extra: &[&str]) -> Child {
         .spawn()
         .expect("spawn ferry migrate")
 }
+
+/// One HTTP/1.1 request on a fresh connection; (status, body), or (0, "") when the
+/// connection fails.
+fn exchange<S: std::io::Read + std::io::Write>(
+    mut s: S,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
+}
+
+/// One request over a VMM's API socket, which must exist; (status, body).
+pub fn api(sock: &std::path::Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    try_api(sock, method, path, body).expect("connect to the API socket")
+}
+
+/// As [`api`], None when nothing listens on the socket.
+pub fn try_api(
+    sock: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Option<(u16, String)> {
+    let s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    Some(exchange(s, method, path, body))
+}
+
+/// One request to a cluster agent's API over TCP; (0, "") when it cannot be reached.
+pub fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let Ok(s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    exchange(s, method, path, body)
+}

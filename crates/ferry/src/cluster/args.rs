@@ -1,0 +1,88 @@
+//! Command lines of `ferry host` and `ferry cluster`.
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct HostArgs {
+    /// This host's name in the cluster (1-64 letters, digits, '-', '_', '.').
+    #[arg(long)]
+    pub id: String,
+    /// Where the cluster API listens (HOST:PORT), for `ferry cluster --agent`.
+    #[arg(long)]
+    pub listen: String,
+    /// The cluster store: etcd://HOST:PORT[,HOST:PORT...] (several hosts), or file:PATH (the
+    /// embedded store, one host). Default: file:RUN_DIR/cluster.json.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Shared storage every host sees: VM disks given by relative path live here.
+    #[arg(long)]
+    pub storage: PathBuf,
+    /// Local directory for the VMMs' API sockets, consoles and logs (default
+    /// /run/ferry/ID).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Membership lease TTL in whole seconds: a host silent this long is taken as failed.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub ttl: u64,
+    /// Seconds after a host's lease is gone before its VMs restart elsewhere.
+    #[arg(long, default_value_t = 2.0)]
+    pub grace: f64,
+    /// CPUs this host offers VMs (default: the host's).
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Memory this host offers VMs, e.g. 16G (default: the host's).
+    #[arg(long)]
+    pub memory: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    /// Any host agent's cluster API (HOST:PORT).
+    #[arg(long)]
+    pub agent: String,
+    #[command(subcommand)]
+    pub action: ClusterAction,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterAction {
+    /// The live hosts: capacity, VMs, load, which one leads.
+    Hosts,
+    /// Every VM: desired state, owner and epoch.
+    Vms,
+    /// Define a VM (started unless --stopped): the leader places it on the least loaded
+    /// host that has the memory.
+    Create(CreateArgs),
+    /// Start a stopped VM.
+    Start { name: String },
+    /// Shut a VM down (it stays defined).
+    Stop { name: String },
+    /// Forget a stopped VM.
+    Delete { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    pub name: String,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub cpus: u8,
+    #[arg(long, default_value = "512M")]
+    pub memory: String,
+    /// As for `ferry run --disk`; a relative path is on the hosts' shared storage.
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disks: Vec<String>,
+    /// Ferry's test guest with this workload.
+    #[arg(long, conflicts_with = "kernel", required_unless_present = "kernel")]
+    pub guest: Option<String>,
+    /// A kernel every host can read (a relative path is on the shared storage).
+    #[arg(long)]
+    pub kernel: Option<String>,
+    #[arg(long, requires = "kernel")]
+    pub cmdline: Option<String>,
+    /// Higher restarts first after a host failure.
+    #[arg(long, default_value_t = 0)]
+    pub priority: i32,
+    /// Define it without starting it.
+    #[arg(long)]
+    pub stopped: bool,
+}

@@ -1,0 +1,156 @@
+//! `ferry cluster`: a client of any agent's cluster API (HTTP/1.1 over TCP).
+use super::api::{HostInfo, VmInfo};
+use super::args::{ClusterAction, ClusterArgs, CreateArgs};
+use super::VmSpec;
+use anyhow::{bail, Context, Result};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use std::time::Duration;
+
+async fn request(
+    addr: &str,
+    method: Method,
+    uri: &str,
+    body: Option<String>,
+) -> Result<(u16, String)> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot reach the agent at {addr}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("cluster API handshake")?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", addr)
+        .header("content-type", "application/json")
+        .body(match body {
+            Some(b) => Full::new(Bytes::from(b)).boxed(),
+            None => Empty::<Bytes>::new().boxed(),
+        })
+        .context("building request")?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .context("cluster API request")?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// One call; a non-2xx answer becomes its `error` text.
+pub fn call(addr: &str, method: Method, uri: &str, body: Option<String>) -> Result<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (status, text) = rt
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), request(addr, method, uri, body)).await
+        })
+        .map_err(|_| anyhow::anyhow!("the agent at {addr} did not answer within 30 s"))??;
+    if !(200..300).contains(&status) {
+        let msg = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or(text);
+        bail!("{msg}");
+    }
+    Ok(text)
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.1}G", b as f64 / (1u64 << 30) as f64)
+}
+
+fn create(agent: &str, c: CreateArgs) -> Result<()> {
+    let memory_bytes = ferry_vmm::memory::parse_size(&c.memory)?;
+    let spec = VmSpec {
+        cpus: c.cpus,
+        memory: c.memory,
+        memory_bytes,
+        disks: c.disks,
+        guest: c.guest,
+        kernel: c.kernel,
+        cmdline: c.cmdline,
+    };
+    let body = serde_json::json!({
+        "name": c.name, "spec": spec, "priority": c.priority, "stopped": c.stopped,
+    });
+    call(agent, Method::POST, "/cluster/vms", Some(body.to_string()))?;
+    println!(
+        "VM {} defined{}",
+        c.name,
+        if c.stopped {
+            " (stopped)"
+        } else {
+            "; the leader places and starts it"
+        }
+    );
+    Ok(())
+}
+
+pub fn main(args: ClusterArgs) -> Result<()> {
+    let a = &args.agent;
+    match args.action {
+        ClusterAction::Hosts => {
+            let hosts: Vec<HostInfo> =
+                serde_json::from_str(&call(a, Method::GET, "/cluster/hosts", None)?)?;
+            println!(
+                "{:<16} {:<22} {:>4} {:>8} {:>8}  {:<8} VMS",
+                "HOST", "AGENT", "CPUS", "MEMORY", "CPU USED", "ROLE"
+            );
+            for h in hosts {
+                let role = match (h.leader, h.draining) {
+                    (true, _) => "leader",
+                    (_, true) => "draining",
+                    _ => "",
+                };
+                println!(
+                    "{:<16} {:<22} {:>4} {:>8} {:>8.2}  {:<8} {}",
+                    h.id,
+                    h.addr,
+                    h.cpus,
+                    gib(h.memory_bytes),
+                    h.cpu_used,
+                    role,
+                    h.vms.join(",")
+                );
+            }
+        }
+        ClusterAction::Vms => {
+            let vms: Vec<VmInfo> =
+                serde_json::from_str(&call(a, Method::GET, "/cluster/vms", None)?)?;
+            println!(
+                "{:<16} {:<8} {:>8} {:<16} {:>8}",
+                "VM", "DESIRED", "PRIORITY", "HOST", "EPOCH"
+            );
+            for v in vms {
+                println!(
+                    "{:<16} {:<8} {:>8} {:<16} {:>8}",
+                    v.name,
+                    serde_json::to_value(v.desired)?.as_str().unwrap_or("?"),
+                    v.priority,
+                    v.owner.as_deref().unwrap_or("-"),
+                    v.epoch.map_or("-".to_string(), |e| e.to_string())
+                );
+            }
+        }
+        ClusterAction::Create(c) => create(a, c)?,
+        ClusterAction::Start { name } => {
+            call(a, Method::PUT, &format!("/cluster/vms/{name}/start"), None)?;
+            println!("VM {name}: should run");
+        }
+        ClusterAction::Stop { name } => {
+            call(a, Method::PUT, &format!("/cluster/vms/{name}/stop"), None)?;
+            println!("VM {name}: should stop; its host shuts it down");
+        }
+        ClusterAction::Delete { name } => {
+            call(a, Method::DELETE, &format!("/cluster/vms/{name}"), None)?;
+            println!("VM {name} deleted");
+        }
+    }
+    Ok(())
+}

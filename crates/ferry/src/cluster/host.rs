@@ -1,0 +1,189 @@
+//! `ferry host`: join the cluster, run the reconcile loop every 250 ms, serve the cluster
+//! API. Losing the membership kills this host's VMMs (they have fenced themselves by then)
+//! and joins again; SIGTERM or SIGINT stops the VMs gracefully, hands them back to the
+//! cluster and leaves.
+use super::args::HostArgs;
+use super::runner::Processes;
+use anyhow::{bail, Context, Result};
+use ferry_cluster::agent::{Agent, AgentError, Config, Stats};
+use ferry_cluster::membership::{valid_id, HostRecord, MemberError, Membership};
+use ferry_cluster::store::{EtcdStore, MemStore};
+use ferry_cluster::Store;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// What the API serves besides the store.
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    pub id: String,
+    pub stats: Mutex<Arc<Mutex<Stats>>>,
+    /// Resident memory of each local VMM.
+    pub resident: Mutex<HashMap<String, u64>>,
+    /// Membership losses survived (the agent joined again).
+    pub rejoins: Mutex<u64>,
+    /// Writes refused by the fences of VMMs this agent killed.
+    pub refused: Mutex<u64>,
+}
+
+/// Opens `--store`.
+pub fn open_store(url: Option<&str>, run_dir: &Path) -> Result<Arc<dyn Store>> {
+    let default = format!("file:{}", run_dir.join("cluster.json").display());
+    let url = url.unwrap_or(&default);
+    if let Some(list) = url.strip_prefix("etcd://") {
+        let eps: Vec<String> = list
+            .split(',')
+            .filter(|e| !e.is_empty())
+            .map(|e| format!("http://{e}"))
+            .collect();
+        if eps.is_empty() {
+            bail!("--store {url}: no etcd endpoint (etcd://HOST:PORT[,HOST:PORT...])");
+        }
+        return Ok(Arc::new(EtcdStore::connect(&eps)?));
+    }
+    if let Some(path) = url.strip_prefix("file:") {
+        return Ok(Arc::new(MemStore::open(Path::new(path))?));
+    }
+    bail!("--store {url}: expected etcd://HOST:PORT[,...] or file:PATH")
+}
+
+fn host_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let l = s.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+            l.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb << 10)
+}
+
+fn join(store: &Arc<dyn Store>, rec: &HostRecord, ttl: Duration) -> Result<Option<Membership>> {
+    let mut said = false;
+    while !STOP.load(Ordering::SeqCst) {
+        match Membership::join(store.clone(), rec, ttl) {
+            Ok(m) => return Ok(Some(m)),
+            Err(MemberError::IdTaken(_)) => {
+                if !said {
+                    eprintln!(
+                        "ferry host {}: the id is still held by an earlier lease; waiting for it to end",
+                        rec.id
+                    );
+                    said = true;
+                }
+            }
+            Err(MemberError::Store(e)) => {
+                if !said {
+                    eprintln!("ferry host {}: {e}; retrying", rec.id);
+                    said = true;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(None)
+}
+
+pub fn main(args: HostArgs) -> Result<i32> {
+    if !valid_id(&args.id) {
+        bail!(
+            "--id {:?}: ids are 1-64 letters, digits, '-', '_' or '.'",
+            args.id
+        );
+    }
+    if !args.storage.is_dir() {
+        bail!(
+            "--storage {}: not a directory (the storage every host sees)",
+            args.storage.display()
+        );
+    }
+    if !(args.grace.is_finite() && (0.0..=600.0).contains(&args.grace)) {
+        bail!("--grace {}: expected 0 to 600 seconds", args.grace);
+    }
+    let storage = args.storage.canonicalize()?;
+    let run_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/run/ferry").join(&args.id));
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("--run-dir {}", run_dir.display()))?;
+    let memory_bytes = match &args.memory {
+        Some(m) => ferry_vmm::memory::parse_size(m)?,
+        None => host_memory(),
+    };
+    let cpus = args
+        .cpus
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    let listener = std::net::TcpListener::bind(&args.listen)
+        .with_context(|| format!("--listen {}", args.listen))?;
+    let store = open_store(args.store.as_deref(), &run_dir)?;
+    let rec = HostRecord {
+        version: 1,
+        id: args.id.clone(),
+        addr: listener.local_addr()?.to_string(),
+        cpus,
+        memory_bytes,
+    };
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        id: args.id.clone(),
+        stats: Mutex::default(),
+        resident: Mutex::default(),
+        rejoins: Mutex::default(),
+        refused: Mutex::default(),
+    });
+    let _api = super::api::spawn(listener, shared.clone())?;
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    let cfg = Config {
+        grace: Duration::from_secs_f64(args.grace),
+        ..Config::default()
+    };
+    let ttl = Duration::from_secs(args.ttl);
+    loop {
+        let Some(member) = join(&store, &rec, ttl)? else {
+            return Ok(0);
+        };
+        let runner = Processes::new(storage.clone(), run_dir.clone())?;
+        let mut agent = Agent::new(store.clone(), member, runner, cfg);
+        *shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = agent.stats();
+        eprintln!(
+            "ferry host {}: member of the cluster at {} (lease TTL {}s), API on {}",
+            rec.id,
+            store.endpoint(),
+            args.ttl,
+            rec.addr
+        );
+        loop {
+            if STOP.load(Ordering::SeqCst) {
+                eprintln!("ferry host {}: stopping its VMs and leaving", rec.id);
+                agent.leave()?;
+                return Ok(0);
+            }
+            match agent.tick() {
+                Ok(()) => {}
+                Err(e @ AgentError::LeaseLost(_)) => {
+                    eprintln!("ferry host {}: {e}; joining again", rec.id);
+                    *shared.rejoins.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                    break;
+                }
+                Err(e) => tracing::warn!("reconcile: {e}"),
+            }
+            *shared.resident.lock().unwrap_or_else(|e| e.into_inner()) = agent.runner().resident();
+            *shared.refused.lock().unwrap_or_else(|e| e.into_inner()) +=
+                agent.runner().take_refused();
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}

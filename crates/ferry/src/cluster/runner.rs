@@ -1,0 +1,299 @@
+//! The agent's VMMs: one `ferry run` process per VM, fenced (`--fence-epoch`,
+//! `--fence-deadline-ns`), its API socket, console and log in the run directory.
+use super::VmSpec;
+use ferry_cluster::agent::{Exited, Local, Runner};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Vmm {
+    child: Child,
+    epoch: i64,
+    socket: PathBuf,
+    /// The fence deadline last handed to it (monotonic ns).
+    renewed: u64,
+}
+
+pub struct Processes {
+    exe: PathBuf,
+    storage: PathBuf,
+    run_dir: PathBuf,
+    vmms: HashMap<String, Vmm>,
+    exited: Vec<Exited>,
+    /// Writes refused by the fences of VMMs killed since the last `take_refused`.
+    refused: std::sync::atomic::AtomicU64,
+}
+
+/// `deadline` in nanoseconds of CLOCK_MONOTONIC (what `Instant` counts on Linux).
+fn monotonic_ns(deadline: Instant) -> u64 {
+    let now = Instant::now();
+    let base = ferry_storage::fence::monotonic_ns();
+    match deadline.checked_duration_since(now) {
+        Some(d) => base.saturating_add(d.as_nanos() as u64),
+        None => base.saturating_sub(now.duration_since(deadline).as_nanos() as u64),
+    }
+}
+
+/// A disk spec with a relative `path=` resolved against the shared storage.
+pub fn on_storage(spec: &str, storage: &Path) -> String {
+    spec.split(',')
+        .map(|kv| match kv.strip_prefix("path=") {
+            Some(p) if !Path::new(p).is_absolute() => {
+                format!("path={}", storage.join(p).display())
+            }
+            _ => kv.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// One API call to a VMM, bounded (a stopped VMM must not stall the agent): the body of a
+/// 2xx answer.
+fn call(socket: &Path, method: hyper::Method, uri: &str, body: Option<String>) -> Option<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    let req = crate::api::client::request(socket, method, uri, body);
+    match rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), req).await }) {
+        Ok(Ok((200..=299, b))) => Some(b),
+        _ => None,
+    }
+}
+
+impl Processes {
+    pub fn new(storage: PathBuf, run_dir: PathBuf) -> std::io::Result<Processes> {
+        Ok(Processes {
+            exe: std::env::current_exe()?,
+            storage,
+            run_dir,
+            vmms: HashMap::new(),
+            exited: Vec::new(),
+            refused: Default::default(),
+        })
+    }
+
+    /// Resident memory of each VMM (bytes), for the metrics.
+    pub fn resident(&self) -> HashMap<String, u64> {
+        self.vmms
+            .iter()
+            .filter_map(|(n, v)| {
+                let s = std::fs::read_to_string(format!("/proc/{}/status", v.child.id())).ok()?;
+                let kb: u64 = s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some((n.clone(), kb << 10))
+            })
+            .collect()
+    }
+
+    pub fn take_refused(&self) -> u64 {
+        self.refused.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn wait_bounded(child: &mut Child, limit: Duration) {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// CPU time (user + system) of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 counted after the name.
+    (ticks(11) + ticks(12)) / hz
+}
+
+impl Runner for Processes {
+    fn start(
+        &mut self,
+        name: &str,
+        spec: &serde_json::Value,
+        epoch: i64,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        let spec: VmSpec =
+            serde_json::from_value(spec.clone()).map_err(|e| format!("its spec: {e}"))?;
+        let socket = self.run_dir.join(format!("{name}.sock"));
+        let console = self.run_dir.join(format!("{name}.console"));
+        let log_path = self.run_dir.join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let ns = monotonic_ns(deadline);
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("run")
+            .args(["--cpus", &spec.cpus.to_string(), "--memory", &spec.memory])
+            .arg("--api-socket")
+            .arg(&socket)
+            .arg("--console-log")
+            .arg(&console)
+            .args(["--fence-epoch", &epoch.to_string()])
+            .args(["--fence-deadline-ns", &ns.to_string()]);
+        for d in &spec.disks {
+            cmd.args(["--disk", &on_storage(d, &self.storage)]);
+        }
+        if let Some(g) = &spec.guest {
+            cmd.args(["--guest", g]);
+        }
+        if let Some(k) = &spec.kernel {
+            cmd.arg("--kernel").arg(self.storage.join(k));
+        }
+        if let Some(c) = &spec.cmdline {
+            cmd.args(["--cmdline", c]);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", self.exe.display()))?;
+        tracing::info!("VM {name}: started (pid {}, epoch {epoch})", child.id());
+        self.vmms.insert(
+            name.into(),
+            Vmm {
+                child,
+                epoch,
+                socket,
+                renewed: ns,
+            },
+        );
+        Ok(())
+    }
+
+    fn stop(&mut self, name: &str) {
+        if let Some(mut v) = self.vmms.remove(name) {
+            let _ = call(&v.socket, hyper::Method::PUT, "/vm/shutdown", None);
+            Self::wait_bounded(&mut v.child, Duration::from_secs(10));
+        }
+    }
+
+    fn kill(&mut self, name: &str) {
+        if let Some(mut v) = self.vmms.remove(name) {
+            // What its fence refused, for the metrics (a fenced VMM still answers).
+            let fence = call(&v.socket, hyper::Method::GET, "/vm/fence", None)
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok());
+            let refused = fence
+                .as_ref()
+                .and_then(|f| f["refused_writes"].as_u64())
+                .unwrap_or(0);
+            self.refused
+                .fetch_add(refused, std::sync::atomic::Ordering::Relaxed);
+            let _ = v.child.kill();
+            let _ = v.child.wait();
+            tracing::warn!(
+                "VM {name}: VMM killed (epoch {}); its fence had refused {refused} writes",
+                v.epoch
+            );
+        }
+    }
+
+    fn renew(&mut self, deadline: Instant) {
+        let ns = monotonic_ns(deadline);
+        for v in self.vmms.values_mut() {
+            if ns > v.renewed {
+                let body = format!("{{\"deadline_ns\":{ns}}}");
+                if call(&v.socket, hyper::Method::PUT, "/vm/fence", Some(body)).is_some() {
+                    v.renewed = ns;
+                }
+            }
+        }
+    }
+
+    fn running(&mut self) -> Vec<Local> {
+        let mut gone = Vec::new();
+        for (n, v) in self.vmms.iter_mut() {
+            if let Ok(Some(status)) = v.child.try_wait() {
+                gone.push((n.clone(), v.epoch, status.code()));
+            }
+        }
+        for (n, epoch, code) in gone {
+            self.vmms.remove(&n);
+            tracing::warn!("VM {n}: its VMM exited ({code:?})");
+            self.exited.push(Exited {
+                name: n,
+                epoch,
+                code,
+            });
+        }
+        self.vmms
+            .iter()
+            .map(|(n, v)| Local {
+                name: n.clone(),
+                epoch: v.epoch,
+                cpu_seconds: cpu_seconds(v.child.id()),
+            })
+            .collect()
+    }
+
+    fn reap(&mut self) -> Vec<Exited> {
+        self.running();
+        std::mem::take(&mut self.exited)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_disk_paths_are_on_the_shared_storage() {
+        let st = Path::new("/srv/shared");
+        assert_eq!(
+            on_storage("path=a.raw,format=raw", st),
+            "path=/srv/shared/a.raw,format=raw"
+        );
+        assert_eq!(
+            on_storage("id=d,path=/abs/b.qcow2", st),
+            "id=d,path=/abs/b.qcow2"
+        );
+    }
+
+    #[test]
+    fn cpu_time_of_this_process_is_read_from_proc() {
+        let t0 = cpu_seconds(std::process::id());
+        let mut x = 0u64;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let t1 = cpu_seconds(std::process::id());
+        assert!(t1 - t0 > 0.1, "{t0} -> {t1}");
+    }
+
+    #[test]
+    fn a_deadline_becomes_monotonic_nanoseconds() {
+        let now = ferry_storage::fence::monotonic_ns();
+        let d = monotonic_ns(Instant::now() + Duration::from_secs(2));
+        assert!(
+            d >= now + 1_900_000_000 && d <= now + 2_100_000_000,
+            "{now} {d}"
+        );
+        assert!(monotonic_ns(Instant::now() - Duration::from_secs(1)) < now);
+    }
+}
