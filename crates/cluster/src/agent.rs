@@ -37,6 +37,9 @@ pub struct Local {
     pub name: String,
     /// The owner epoch it was started with (its fence's epoch).
     pub epoch: i64,
+    /// Migrating in or out: left alone (not killed for another owner) until the hand-over
+    /// settles.
+    pub migrating: bool,
     /// CPU time its process has used so far, in seconds.
     pub cpu_seconds: f64,
 }
@@ -235,6 +238,11 @@ impl<R: Runner> Agent<R> {
         self.member.id()
     }
 
+    /// Until when this host may act as a member.
+    pub fn deadline(&self) -> Instant {
+        self.member.deadline()
+    }
+
     pub fn runner(&self) -> &R {
         &self.runner
     }
@@ -331,6 +339,9 @@ impl<R: Runner> Agent<R> {
             }
         }
         for l in self.runner.running() {
+            if l.migrating {
+                continue;
+            }
             if !self.mine(v, &l.name, l.epoch) {
                 // Another host owns it now (or it was deleted): this copy must not run.
                 self.runner.kill(&l.name);

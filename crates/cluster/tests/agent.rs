@@ -73,6 +73,7 @@ impl Runner for Fake {
             .map(|(n, e)| Local {
                 name: n.clone(),
                 epoch: *e,
+                migrating: false,
                 cpu_seconds: 0.0,
             })
             .collect()

@@ -341,6 +341,20 @@ pub struct ReceiveArgs {
     pub storage_dir: Option<PathBuf>,
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// For cluster agents: the VM arrives owned at this epoch (its source's) and is fenced
+    /// as `ferry run --fence-epoch` fences; it runs only once --cluster-agent says this host
+    /// now owns it, with the new epoch.
+    #[arg(long, requires_all = ["cluster_agent", "cluster_vm", "cluster_host"])]
+    pub fence_epoch: Option<i64>,
+    /// The agent (HOST:PORT) that confirms the hand-over after Commit.
+    #[arg(long, requires = "fence_epoch")]
+    pub cluster_agent: Option<String>,
+    /// The VM's name in the cluster.
+    #[arg(long, requires = "fence_epoch")]
+    pub cluster_vm: Option<String>,
+    /// This host's id in the cluster.
+    #[arg(long, requires = "fence_epoch")]
+    pub cluster_host: Option<String>,
 }
 
 #[derive(Args, Debug)]

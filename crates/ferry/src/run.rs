@@ -234,8 +234,26 @@ pub fn receive(args: ReceiveArgs) -> Result<i32> {
         }
         dest = dest.storage_dir(std::path::absolute(dir).unwrap_or_else(|_| dir.clone()));
     }
+    let fence = match (
+        &args.fence_epoch,
+        &args.cluster_agent,
+        &args.cluster_vm,
+        &args.cluster_host,
+    ) {
+        (Some(e), Some(agent), Some(name), Some(me)) => {
+            let f = ferry_storage::fence::Fence::new(*e, None);
+            let _ = ferry_storage::fence::install(f.clone());
+            let (f2, agent, name, me) = (f.clone(), agent.clone(), name.clone(), me.clone());
+            dest.before_resume(move || crate::cluster::handed_over(&f2, &agent, &name, &me));
+            Some(f)
+        }
+        _ => None,
+    };
     let (tx, running) = std::sync::mpsc::channel();
     dest.on_running(move |vm| {
+        if let Some(f) = fence {
+            crate::api::watch_fence(vm.clone(), f);
+        }
         let _ = tx.send(vm);
     });
     // Set until every page is here: in post-copy the VM runs (and is served) before that.

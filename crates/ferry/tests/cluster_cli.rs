@@ -334,3 +334,92 @@ fn a_paused_agent_is_fenced_taken_over_and_kills_its_copy_and_two_never_run() {
     assert!(n > 50, "only {n} samples");
     assert_eq!(both.load(Ordering::SeqCst), 0, "two copies ran at once");
 }
+
+fn cli(agent: &Agent, args: &[&str]) -> String {
+    let mut a = vec!["cluster", "--agent", &agent.addr];
+    a.extend_from_slice(args);
+    let out = ferry(&a);
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "ferry {args:?}: {e}{o}");
+    o
+}
+
+/// The first pass a console reports.
+fn first_pass(console: &str) -> Option<u64> {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix("K0 ")?.strip_suffix(" ok")?.parse().ok())
+}
+
+#[test]
+fn a_vm_moves_live_with_its_ownership_and_a_drain_takes_it_back() {
+    let s = Scratch::new("cluster-move");
+    let (_etcd, h1, h2) = cluster(&s);
+    let hosts = [h1, h2];
+    let (first, e1) = wait("an owner", Duration::from_secs(20), || {
+        owner(&hosts[0].addr, "a")
+    });
+    let (x, y) = if first == "h1" { (0, 1) } else { (1, 0) };
+    wait(
+        "two passes on the first host",
+        Duration::from_secs(30),
+        || (last_pass(&hosts[x].console("a")) >= 2).then_some(()),
+    );
+    let img = s.path("storage/a.raw");
+    // Live to the other host: the ownership moves at the switch-over, with a higher epoch
+    // the disk has taken; the guest carries on where it was (no restart, no bad pass).
+    let out = cli(&hosts[x], &["migrate", "a"]);
+    assert!(out.contains("live in"), "{out}");
+    let before = last_pass(&hosts[x].console("a"));
+    let (now, e2) = owner(&hosts[y].addr, "a").unwrap();
+    assert_eq!(now, hosts[y].id);
+    assert!(e2 > e1);
+    assert_eq!(ferry_storage::fence::current_epoch(&img).unwrap(), e2);
+    wait("passes on the new host", Duration::from_secs(30), || {
+        (last_pass(&hosts[y].console("a")) >= before + 2).then_some(())
+    });
+    let there = hosts[y].console("a");
+    assert!(
+        first_pass(&there).unwrap() >= before,
+        "the guest restarted instead of moving: {there}"
+    );
+    assert!(!there.contains("BAD"), "{there}");
+    // Nothing moves to a draining host; a drain brings the VM back, live.
+    let (code, body) = http(
+        &hosts[x].addr,
+        "POST",
+        &format!("/cluster/hosts/{}/drain", hosts[y].id),
+        "",
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"downtime_ms\""), "{body}");
+    let (back, e3) = owner(&hosts[x].addr, "a").unwrap();
+    assert_eq!(back, hosts[x].id);
+    assert!(e3 > e2);
+    let listing = cli(&hosts[x], &["hosts"]);
+    assert!(listing.contains("draining"), "{listing}");
+    let (code, body) = http(
+        &hosts[x].addr,
+        "POST",
+        "/cluster/vms/a/migrate",
+        &format!("{{\"to\":\"{}\"}}", hosts[y].id),
+    );
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("draining"), "{body}");
+    cli(&hosts[x], &["undrain", &hosts[y].id]);
+    let mark = last_pass(&hosts[x].console("a"));
+    wait("passes after the moves", Duration::from_secs(30), || {
+        (last_pass(&hosts[x].console("a")) >= mark + 2).then_some(())
+    });
+    let home = hosts[x].console("a");
+    assert!(!home.contains("BAD"), "{home}");
+    // Each host started the VM at most once: the moves were migrations, not restarts.
+    let starts: u64 = hosts
+        .iter()
+        .map(|h| h.metric("ferry_agent_vm_starts_total").unwrap())
+        .sum();
+    assert_eq!(starts, 1);
+}

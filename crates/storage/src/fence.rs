@@ -119,6 +119,8 @@ pub struct Fence {
     /// On [`monotonic_ns`]; `u64::MAX`: none.
     deadline_ns: AtomicU64,
     refused: AtomicU64,
+    /// The writable disks open under this fence (their paths, once per open image).
+    disks: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 impl Fence {
@@ -127,7 +129,21 @@ impl Fence {
             epoch: AtomicI64::new(epoch),
             deadline_ns: AtomicU64::new(deadline_ns.unwrap_or(u64::MAX)),
             refused: AtomicU64::new(0),
+            disks: Default::default(),
         })
+    }
+
+    /// Ownership handed over to this VMM at `epoch` (a live migration's switch-over): every
+    /// writable disk open under this fence accepts it, then the fence carries it. Refused
+    /// (nothing changed for that disk and the fence keeps its epoch) if a disk already holds
+    /// a higher one.
+    pub fn hand_over(&self, epoch: i64) -> Result<(), StorageError> {
+        let disks = self.disks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for d in &disks {
+            accept_epoch(d, epoch)?;
+        }
+        self.set_epoch(epoch);
+        Ok(())
     }
 
     pub fn epoch(&self) -> i64 {
@@ -205,6 +221,11 @@ impl FencedImage {
     ) -> Result<FencedImage, StorageError> {
         if !inner.readonly() {
             accept_epoch(disk, fence.epoch())?;
+            fence
+                .disks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(disk.to_path_buf());
         }
         Ok(FencedImage {
             inner,
@@ -215,6 +236,17 @@ impl FencedImage {
 
     fn write_ok(&self) -> Result<(), StorageError> {
         self.fence.check()
+    }
+}
+
+impl Drop for FencedImage {
+    fn drop(&mut self) {
+        if !self.inner.readonly() {
+            let mut d = self.fence.disks.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = d.iter().position(|p| *p == self.disk) {
+                d.remove(i);
+            }
+        }
     }
 }
 
@@ -275,6 +307,31 @@ mod tests {
         let p = dir.join("d.raw");
         let img = crate::create(&p, crate::Format::Raw, 1 << 20).unwrap();
         (p, img)
+    }
+
+    #[test]
+    fn a_hand_over_raises_every_open_disk_and_the_fence() {
+        let d = tempfile::tempdir().unwrap();
+        let (p, img) = raw(d.path());
+        let q = d.path().join("e.raw");
+        let img2 = crate::create(&q, crate::Format::Raw, 1 << 20).unwrap();
+        let f = Fence::new(4, None);
+        let a = FencedImage::new(img, &p, f.clone()).unwrap();
+        let b = FencedImage::new(img2, &q, f.clone()).unwrap();
+        f.hand_over(6).unwrap();
+        assert_eq!(f.epoch(), 6);
+        assert_eq!(
+            (current_epoch(&p).unwrap(), current_epoch(&q).unwrap()),
+            (6, 6)
+        );
+        a.write_at(&[1; 512], 0).unwrap();
+        a.flush().unwrap();
+        // A disk closed is no longer the fence's; one taken by a higher epoch refuses it.
+        drop(b);
+        accept_epoch(&p, 9).unwrap();
+        assert!(f.hand_over(7).is_err());
+        assert_eq!(f.epoch(), 6);
+        assert_eq!(current_epoch(&q).unwrap(), 6, "a closed disk was touched");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use crate::memory::GuestMem;
 use crate::uffd::MissingPages;
 use crate::vm::{Incoming, RunState, Vm, VmConfig, VmState};
-use ferry_migration::engine::{DestinationVm, PageSet, SourceVm};
+use ferry_migration::engine::{CommitHold, DestinationVm, PageSet, SourceVm};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,7 +19,10 @@ pub struct LiveSource<'a> {
     releasing: Mutex<Option<crate::devices::Release>>,
     /// The disks' mirrors of a shared-nothing migration.
     disks: crate::live_storage::SourceDisks,
+    before_commit: Option<BeforeCommit<'a>>,
 }
+
+type BeforeCommit<'a> = Box<dyn Fn() -> Result<(), CommitHold> + Sync + 'a>;
 
 impl<'a> LiveSource<'a> {
     pub fn new(vm: &'a Vm) -> Self {
@@ -29,7 +32,15 @@ impl<'a> LiveSource<'a> {
             was_logging: vm.dirty_logging(),
             releasing: Mutex::new(None),
             disks: Default::default(),
+            before_commit: None,
         }
+    }
+
+    /// Has `f` decide, at the switch-over right before Commit, whether the VM may go
+    /// ([`SourceVm::before_commit`]): a cluster hands its ownership over there.
+    pub fn before_commit(mut self, f: impl Fn() -> Result<(), CommitHold> + Sync + 'a) -> Self {
+        self.before_commit = Some(Box::new(f));
+        self
     }
 
     /// Waits for the backends' release begun at the pause, if one was.
@@ -111,6 +122,9 @@ impl SourceVm for LiveSource<'_> {
     fn rearm(&self, first: usize, words: &[u64]) -> Result<(), String> {
         self.vm.rearm_dirty(first, words).map_err(text)
     }
+    fn before_commit(&self) -> Result<(), CommitHold> {
+        self.before_commit.as_ref().map_or(Ok(()), |f| f())
+    }
     fn before_pause(&self) -> Result<(), String> {
         // Write the disks' dirty data back while the guest still runs: the flush at the
         // hand-over, inside the downtime, then has only the last moments' writes to do. Not
@@ -183,6 +197,8 @@ pub struct LiveDestination {
     missing: RwLock<Option<MissingPages>>,
     /// Called with the VM once it runs here (in post-copy, while pages still arrive).
     on_running: Mutex<Option<OnRunning>>,
+    /// Called after Commit, before the VM first runs: an error keeps it from running.
+    before_resume: Mutex<Option<BeforeResume>>,
     /// Pages were installed by userfaultfd, behind the dirty log's back.
     postcopy: AtomicBool,
     /// Disks made here for a shared-nothing migration.
@@ -190,6 +206,7 @@ pub struct LiveDestination {
 }
 
 type OnRunning = Box<dyn FnOnce(Arc<Vm>) + Send>;
+type BeforeResume = Box<dyn FnOnce() -> Result<(), String> + Send>;
 
 impl LiveDestination {
     pub fn new(console: Box<dyn Write + Send>) -> Self {
@@ -200,6 +217,7 @@ impl LiveDestination {
             vm: Mutex::new(None),
             missing: RwLock::new(None),
             on_running: Mutex::new(None),
+            before_resume: Mutex::new(None),
             postcopy: AtomicBool::new(false),
             disks: Default::default(),
         }
@@ -216,6 +234,12 @@ impl LiveDestination {
     /// post-copy has brought every page (the caller can serve it meanwhile).
     pub fn on_running(&self, f: impl FnOnce(Arc<Vm>) + Send + 'static) {
         *self.on_running.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// Has `f` run after Commit, before the VM first runs here; its error keeps the VM from
+    /// running (a cluster checks the ownership came here and takes its epoch).
+    pub fn before_resume(&self, f: impl FnOnce() -> Result<(), String> + Send + 'static) {
+        *self.before_resume.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
     }
 
     /// The VM, once the migration has committed (running); None also when an `on_running`
@@ -291,6 +315,14 @@ impl DestinationVm for LiveDestination {
         // MADV_POPULATE_WRITE only maps pages (zero-filled where absent, untouched where
         // present); it never changes contents.
         self.advise(gpa, len, libc::MADV_POPULATE_WRITE).map(|_| ())
+    }
+    fn before_resume(&self) -> Result<(), String> {
+        let f = self
+            .before_resume
+            .lock()
+            .map_err(|_| "lock poisoned")?
+            .take();
+        f.map_or(Ok(()), |f| f())
     }
     fn load_state(&self, state: &[u8]) -> Result<(), String> {
         let mut state: VmState =

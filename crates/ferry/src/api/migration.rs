@@ -56,6 +56,20 @@ pub struct MigrateRequest {
     /// Where the destination puts each disk: `[{"disk": ID, "path": P, "format": F}]`.
     #[serde(default)]
     disk_map: Vec<DiskMapEntry>,
+    /// A cluster VM's ownership hand-over at the switch-over (set by its agent).
+    #[serde(default)]
+    handover: Option<Handover>,
+}
+
+/// `handover` of a migrate request: before Commit the source asks `agent` to move VM `vm`
+/// from epoch `from` to host `to` (docs/cluster.md, "Live migration in the cluster").
+#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Handover {
+    pub agent: String,
+    pub vm: String,
+    pub from: i64,
+    pub to: String,
 }
 
 /// One `disk_map` entry of a migrate request.
@@ -112,6 +126,14 @@ fn live_migrate(vm: &Vm, req: MigrateRequest, mon: &Monitor) -> Result<Report, A
         return Err(ApiError(
             StatusCode::CONFLICT,
             format!("cannot migrate: the VM is {}", vm.state()),
+        ));
+    }
+    if req.handover.is_none() && ferry_storage::fence::installed().is_some() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "this VM belongs to a cluster (its VMM is fenced): move it with `ferry cluster \
+             migrate`, which hands its ownership over at the switch-over"
+                .into(),
         ));
     }
     if !(1..=ferry_migration::protocol::MAX_CONNECTIONS).contains(&req.connections) {
@@ -190,7 +212,11 @@ fn live_migrate(vm: &Vm, req: MigrateRequest, mon: &Monitor) -> Result<Report, A
             .collect(),
     };
     let to = req.to.clone();
-    let source = ferry_vmm::live::LiveSource::new(vm);
+    let handover = req.handover.clone();
+    let source = ferry_vmm::live::LiveSource::new(vm).before_commit(move || match &handover {
+        Some(h) => crate::cluster::hand_over(&h.agent, &h.vm, h.from, &h.to),
+        None => Ok(()),
+    });
     // A post-copy that reconnects goes where `--resume-postcopy --to` last said, if it did.
     let connect_now = || connect(&mon.target().unwrap_or_else(|| to.clone()), tls.as_ref());
     match migrate(&source, ctl, &connect_now, &opts, mon) {

@@ -2,13 +2,14 @@
 //! its metrics in the Prometheus text format. Every answer is read from, and every change
 //! written to, the cluster store, so any agent answers for the whole cluster.
 use super::host::Shared;
+use super::moves;
 use super::VmSpec;
 use crate::api::extract::{ApiJson, NoBody};
 use crate::api::handlers::{blocking, ApiError};
 use anyhow::{Context, Result};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use ferry_cluster::agent::{self, DRAIN, LEADER};
 use ferry_cluster::records::{self, Desired, RecordError, VmRecord};
@@ -18,7 +19,9 @@ use std::sync::Arc;
 impl From<RecordError> for ApiError {
     fn from(e: RecordError) -> Self {
         let code = match e {
-            RecordError::Exists(_) | RecordError::Conflict { .. } => StatusCode::CONFLICT,
+            RecordError::Exists(_) | RecordError::Conflict { .. } | RecordError::HostGone(_) => {
+                StatusCode::CONFLICT
+            }
             RecordError::NoSuchVm(_) => StatusCode::NOT_FOUND,
             RecordError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -284,6 +287,15 @@ pub fn spawn(listener: std::net::TcpListener, shared: Arc<Shared>) -> Result<Api
         .route("/cluster/vms/{name}", axum::routing::delete(delete))
         .route("/cluster/vms/{name}/start", put(start))
         .route("/cluster/vms/{name}/stop", put(stop))
+        .route("/cluster/vms/{name}/migrate", post(moves::migrate))
+        .route("/cluster/vms/{name}/handover", put(moves::handover))
+        .route(
+            "/cluster/hosts/{id}/drain",
+            post(moves::drain).delete(moves::undrain),
+        )
+        .route("/cluster/local/receive", post(moves::receive))
+        .route("/cluster/local/migrate", post(moves::local_migrate))
+        .route("/cluster/local/handed/{name}", put(moves::handed))
         .route("/metrics", get(metrics))
         .fallback(crate::api::extract::not_found)
         .method_not_allowed_fallback(crate::api::extract::wrong_method)

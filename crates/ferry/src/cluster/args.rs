@@ -59,6 +59,18 @@ pub enum ClusterAction {
     Stop { name: String },
     /// Forget a stopped VM.
     Delete { name: String },
+    /// Live-migrate a VM to HOST (default: the least loaded other host that fits); its
+    /// ownership moves at the switch-over.
+    Migrate {
+        name: String,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Mark HOST so nothing is placed on it and live-migrate its VMs away, one at a time,
+    /// highest priority first (`undrain` cancels before the next VM).
+    Drain { host: String },
+    /// Let VMs be placed on HOST again (stops a drain in progress before its next VM).
+    Undrain { host: String },
 }
 
 #[derive(Args, Debug)]

@@ -41,22 +41,46 @@ async fn request(
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-/// One call; a non-2xx answer becomes its `error` text.
-pub fn call(addr: &str, method: Method, uri: &str, body: Option<String>) -> Result<String> {
+/// One call bounded by `limit`: (status, body); Err when the agent cannot be reached or
+/// does not answer in time.
+pub fn call_status(
+    addr: &str,
+    method: Method,
+    uri: &str,
+    body: Option<String>,
+    limit: Duration,
+) -> Result<(u16, String)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (status, text) = rt
-        .block_on(async {
-            tokio::time::timeout(Duration::from_secs(30), request(addr, method, uri, body)).await
-        })
-        .map_err(|_| anyhow::anyhow!("the agent at {addr} did not answer within 30 s"))??;
+    rt.block_on(async { tokio::time::timeout(limit, request(addr, method, uri, body)).await })
+        .map_err(|_| anyhow::anyhow!("the agent at {addr} did not answer within {limit:?}"))?
+}
+
+/// The `error` text of an answer.
+pub fn error_text(text: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| text.to_string())
+}
+
+/// One call (30 s); a non-2xx answer becomes its `error` text.
+pub fn call(addr: &str, method: Method, uri: &str, body: Option<String>) -> Result<String> {
+    call_long(addr, method, uri, body, Duration::from_secs(30))
+}
+
+/// As [`call`], bounded by `limit` (a migration or a drain takes as long as it takes).
+pub fn call_long(
+    addr: &str,
+    method: Method,
+    uri: &str,
+    body: Option<String>,
+    limit: Duration,
+) -> Result<String> {
+    let (status, text) = call_status(addr, method, uri, body, limit)?;
     if !(200..300).contains(&status) {
-        let msg = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or(text);
-        bail!("{msg}");
+        bail!("{}", error_text(&text));
     }
     Ok(text)
 }
@@ -90,6 +114,20 @@ fn create(agent: &str, c: CreateArgs) -> Result<()> {
         }
     );
     Ok(())
+}
+
+fn print_move(m: &serde_json::Value) {
+    let vm = m["vm"].as_str().unwrap_or("?");
+    match m.get("error").and_then(|e| e.as_str()) {
+        Some(e) => println!("VM {vm}: not moved: {e}"),
+        None => println!(
+            "VM {vm}: {} -> {} live in {:.2} s, paused {:.1} ms",
+            m["from"].as_str().unwrap_or("?"),
+            m["to"].as_str().unwrap_or("?"),
+            m["took_ms"].as_f64().unwrap_or(0.0) / 1e3,
+            m["downtime_ms"].as_f64().unwrap_or(0.0)
+        ),
+    }
 }
 
 pub fn main(args: ClusterArgs) -> Result<()> {
@@ -146,6 +184,39 @@ pub fn main(args: ClusterArgs) -> Result<()> {
         ClusterAction::Stop { name } => {
             call(a, Method::PUT, &format!("/cluster/vms/{name}/stop"), None)?;
             println!("VM {name}: should stop; its host shuts it down");
+        }
+        ClusterAction::Migrate { name, to } => {
+            let body = serde_json::json!({ "to": to }).to_string();
+            let uri = format!("/cluster/vms/{name}/migrate");
+            eprintln!("moving VM {name} live ...");
+            let r = call_long(a, Method::POST, &uri, Some(body), Duration::from_secs(3600))?;
+            print_move(&serde_json::from_str(&r)?);
+        }
+        ClusterAction::Drain { host } => {
+            eprintln!("draining {host}: its VMs move live, one at a time ...");
+            let uri = format!("/cluster/hosts/{host}/drain");
+            let r = call_long(a, Method::POST, &uri, None, Duration::from_secs(24 * 3600))?;
+            let moves: Vec<serde_json::Value> = serde_json::from_str(&r)?;
+            let failed = moves.iter().filter(|m| m.get("error").is_some()).count();
+            for m in &moves {
+                print_move(m);
+            }
+            println!(
+                "{host} drained: {} VM(s) moved, {failed} not; nothing is placed there until `ferry cluster undrain {host}`",
+                moves.len() - failed
+            );
+            if failed > 0 {
+                bail!("{failed} VM(s) could not move off {host}");
+            }
+        }
+        ClusterAction::Undrain { host } => {
+            call(
+                a,
+                Method::DELETE,
+                &format!("/cluster/hosts/{host}/drain"),
+                None,
+            )?;
+            println!("{host}: VMs may be placed there again");
         }
         ClusterAction::Delete { name } => {
             call(a, Method::DELETE, &format!("/cluster/vms/{name}"), None)?;

@@ -3,7 +3,7 @@
 //! and joins again; SIGTERM or SIGINT stops the VMs gracefully, hands them back to the
 //! cluster and leaves.
 use super::args::HostArgs;
-use super::runner::Processes;
+use super::runner::{Processes, SharedProcesses};
 use anyhow::{bail, Context, Result};
 use ferry_cluster::agent::{Agent, AgentError, Config, Stats};
 use ferry_cluster::membership::{valid_id, HostRecord, MemberError, Membership};
@@ -25,6 +25,11 @@ extern "C" fn on_signal(_: libc::c_int) {
 pub struct Shared {
     pub store: Arc<dyn Store>,
     pub id: String,
+    /// Where this agent's API listens.
+    pub addr: String,
+    pub runner: SharedProcesses,
+    /// This host's membership deadline (CLOCK_MONOTONIC ns), for VMMs arriving by migration.
+    pub deadline_ns: std::sync::atomic::AtomicU64,
     pub stats: Mutex<Arc<Mutex<Stats>>>,
     /// Resident memory of each local VMM.
     pub resident: Mutex<HashMap<String, u64>>,
@@ -132,9 +137,16 @@ pub fn main(args: HostArgs) -> Result<i32> {
         cpus,
         memory_bytes,
     };
+    let runner = SharedProcesses(Arc::new(Mutex::new(Processes::new(
+        storage.clone(),
+        run_dir.clone(),
+    )?)));
     let shared = Arc::new(Shared {
         store: store.clone(),
         id: args.id.clone(),
+        addr: rec.addr.clone(),
+        runner: runner.clone(),
+        deadline_ns: Default::default(),
         stats: Mutex::default(),
         resident: Mutex::default(),
         rejoins: Mutex::default(),
@@ -155,8 +167,7 @@ pub fn main(args: HostArgs) -> Result<i32> {
         let Some(member) = join(&store, &rec, ttl)? else {
             return Ok(0);
         };
-        let runner = Processes::new(storage.clone(), run_dir.clone())?;
-        let mut agent = Agent::new(store.clone(), member, runner, cfg);
+        let mut agent = Agent::new(store.clone(), member, runner.clone(), cfg);
         *shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = agent.stats();
         eprintln!(
             "ferry host {}: member of the cluster at {} (lease TTL {}s), API on {}",
@@ -180,9 +191,13 @@ pub fn main(args: HostArgs) -> Result<i32> {
                 }
                 Err(e) => tracing::warn!("reconcile: {e}"),
             }
-            *shared.resident.lock().unwrap_or_else(|e| e.into_inner()) = agent.runner().resident();
+            *shared.resident.lock().unwrap_or_else(|e| e.into_inner()) = runner.lock().resident();
             *shared.refused.lock().unwrap_or_else(|e| e.into_inner()) +=
-                agent.runner().take_refused();
+                runner.lock().take_refused();
+            shared.deadline_ns.store(
+                super::runner::monotonic_ns(agent.deadline()),
+                Ordering::SeqCst,
+            );
             std::thread::sleep(Duration::from_millis(250));
         }
     }

@@ -5,6 +5,7 @@ pub mod api;
 pub mod args;
 pub mod client;
 pub mod host;
+pub mod moves;
 pub mod runner;
 
 /// How to run a VM: a cluster VM record's `spec`.
@@ -20,4 +21,68 @@ pub struct VmSpec {
     pub guest: Option<String>,
     pub kernel: Option<String>,
     pub cmdline: Option<String>,
+}
+
+use ferry_migration::engine::CommitHold;
+use hyper::Method;
+use std::time::{Duration, Instant};
+
+/// The cluster half of a live migration's switch-over on the destination (after Commit,
+/// before the VM first runs): this host's agent must say the VM is now owned here; its epoch
+/// goes to every disk and the fence, with the agent's current deadline. Any other answer
+/// keeps the VM from running here.
+pub fn handed_over(
+    fence: &ferry_storage::fence::Fence,
+    agent: &str,
+    vm: &str,
+    me: &str,
+) -> Result<(), String> {
+    let uri = format!("/cluster/local/handed/{vm}?host={me}");
+    let until = Instant::now() + Duration::from_secs(5);
+    let (status, text) = loop {
+        match client::call_status(agent, Method::PUT, &uri, None, Duration::from_secs(5)) {
+            Ok(r) => break r,
+            Err(e) if Instant::now() >= until => return Err(format!("hand-over: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    if status != 200 {
+        return Err(format!("hand-over refused: {}", client::error_text(&text)));
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("hand-over answer: {e}"))?;
+    let (Some(epoch), Some(deadline)) = (v["epoch"].as_i64(), v["deadline_ns"].as_u64()) else {
+        return Err(format!(
+            "hand-over answer without epoch and deadline: {text}"
+        ));
+    };
+    fence.set_deadline(deadline);
+    fence.hand_over(epoch).map_err(|e| e.to_string())
+}
+
+/// What the source's switch-over asks its agent (`Handover` of a migrate request): move
+/// the VM's ownership from `from` to `to`. Refused (the VM stays here, running) when the
+/// agent says no; in doubt (the VM stays paused) when no answer settles it within 10 s.
+pub fn hand_over(agent: &str, vm: &str, from: i64, to: &str) -> Result<(), CommitHold> {
+    let uri = format!("/cluster/vms/{vm}/handover");
+    let body = serde_json::json!({"from": from, "to": to}).to_string();
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = client::call_status(
+            agent,
+            Method::PUT,
+            &uri,
+            Some(body.clone()),
+            Duration::from_secs(5),
+        );
+        match r {
+            Ok((200, _)) => return Ok(()),
+            Ok((409, t)) => return Err(CommitHold::Refused(client::error_text(&t))),
+            Ok((_, t)) if Instant::now() >= until => {
+                return Err(CommitHold::InDoubt(client::error_text(&t)))
+            }
+            Err(e) if Instant::now() >= until => return Err(CommitHold::InDoubt(e.to_string())),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }

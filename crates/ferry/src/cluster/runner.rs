@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 struct Vmm {
     child: Child,
     epoch: i64,
+    /// Migrating in or out: the agent leaves it alone until the hand-over settles it.
+    migrating: bool,
     socket: PathBuf,
     /// The fence deadline last handed to it (monotonic ns).
     renewed: u64,
@@ -26,7 +28,7 @@ pub struct Processes {
 }
 
 /// `deadline` in nanoseconds of CLOCK_MONOTONIC (what `Instant` counts on Linux).
-fn monotonic_ns(deadline: Instant) -> u64 {
+pub fn monotonic_ns(deadline: Instant) -> u64 {
     let now = Instant::now();
     let base = ferry_storage::fence::monotonic_ns();
     match deadline.checked_duration_since(now) {
@@ -127,6 +129,130 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
+impl Processes {
+    /// Starts `ferry receive` for VM `name` arriving owned at `epoch`; returns where it
+    /// listens. It runs only once this agent confirms the hand-over (`handed`).
+    pub fn receive(
+        &mut self,
+        name: &str,
+        epoch: i64,
+        ip: std::net::IpAddr,
+        agent: &str,
+        host: &str,
+    ) -> Result<String, String> {
+        self.running(); // reaps a VMM of it that has just ended (it left by migration)
+        if self.vmms.contains_key(name) {
+            return Err(format!("VM {name} already has a VMM on this host"));
+        }
+        let port = std::net::TcpListener::bind((ip, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port: {e}"))?
+            .port();
+        let listen = std::net::SocketAddr::new(ip, port).to_string();
+        let socket = self.run_dir.join(format!("{name}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let log_path = self.run_dir.join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let child = Command::new(&self.exe)
+            .args(["receive", "--listen", &listen, "--insecure"])
+            .arg("--api-socket")
+            .arg(&socket)
+            .arg("--console-log")
+            .arg(self.run_dir.join(format!("{name}.console")))
+            .args(["--fence-epoch", &epoch.to_string()])
+            .args([
+                "--cluster-agent",
+                agent,
+                "--cluster-vm",
+                name,
+                "--cluster-host",
+                host,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", self.exe.display()))?;
+        // It binds its API socket, then at once its port: wait for the socket.
+        let t0 = Instant::now();
+        while !socket.exists() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        self.vmms.insert(
+            name.into(),
+            Vmm {
+                child,
+                epoch,
+                migrating: true,
+                socket,
+                renewed: 0,
+            },
+        );
+        Ok(listen)
+    }
+
+    /// The hand-over to this host settled: the arriving VMM of `name` owns it at `epoch`.
+    pub fn handed(&mut self, name: &str, epoch: i64) -> bool {
+        match self.vmms.get_mut(name) {
+            Some(v) if v.migrating => {
+                v.epoch = epoch;
+                v.migrating = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Marks the VMM of `name` as leaving (or no longer): left alone until it exits.
+    pub fn set_leaving(&mut self, name: &str, leaving: bool) -> Option<PathBuf> {
+        let v = self.vmms.get_mut(name)?;
+        v.migrating = leaving;
+        Some(v.socket.clone())
+    }
+}
+
+/// The agent's runner, shared with the cluster API (which starts arriving VMMs).
+#[derive(Clone)]
+pub struct SharedProcesses(pub std::sync::Arc<std::sync::Mutex<Processes>>);
+
+impl SharedProcesses {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Processes> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Runner for SharedProcesses {
+    fn start(
+        &mut self,
+        name: &str,
+        spec: &serde_json::Value,
+        epoch: i64,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        self.lock().start(name, spec, epoch, deadline)
+    }
+    fn stop(&mut self, name: &str) {
+        self.lock().stop(name)
+    }
+    fn kill(&mut self, name: &str) {
+        self.lock().kill(name)
+    }
+    fn renew(&mut self, deadline: Instant) {
+        self.lock().renew(deadline)
+    }
+    fn running(&mut self) -> Vec<Local> {
+        self.lock().running()
+    }
+    fn reap(&mut self) -> Vec<Exited> {
+        self.lock().reap()
+    }
+}
+
 impl Runner for Processes {
     fn start(
         &mut self,
@@ -179,6 +305,7 @@ impl Runner for Processes {
             Vmm {
                 child,
                 epoch,
+                migrating: false,
                 socket,
                 renewed: ns,
             },
@@ -215,7 +342,9 @@ impl Runner for Processes {
 
     fn renew(&mut self, deadline: Instant) {
         let ns = monotonic_ns(deadline);
-        for v in self.vmms.values_mut() {
+        // An arriving VMM serves its API only once its VM runs; its deadline comes with the
+        // hand-over (`handed_over`).
+        for v in self.vmms.values_mut().filter(|v| !v.migrating) {
             if ns > v.renewed {
                 let body = format!("{{\"deadline_ns\":{ns}}}");
                 if call(&v.socket, hyper::Method::PUT, "/vm/fence", Some(body)).is_some() {
@@ -234,7 +363,7 @@ impl Runner for Processes {
         }
         for (n, epoch, code) in gone {
             self.vmms.remove(&n);
-            tracing::warn!("VM {n}: its VMM exited ({code:?})");
+            tracing::info!("VM {n}: its VMM exited ({code:?})");
             self.exited.push(Exited {
                 name: n,
                 epoch,
@@ -246,6 +375,7 @@ impl Runner for Processes {
             .map(|(n, v)| Local {
                 name: n.clone(),
                 epoch: v.epoch,
+                migrating: v.migrating,
                 cpu_seconds: cpu_seconds(v.child.id()),
             })
             .collect()

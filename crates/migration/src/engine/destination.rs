@@ -258,6 +258,7 @@ fn run_destination<V: DestinationVm>(
     send(ctl, &Message::Ready)?;
     expect(ctl, Message::Commit)?;
     *committed = true;
+    ok(vm.before_resume())?;
     let committed = t.elapsed();
     let Some(pc) = postcopy else {
         ok(vm.resume())?;

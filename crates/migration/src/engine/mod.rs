@@ -67,6 +67,13 @@ pub trait SourceVm: Sync {
     }
     fn pause(&self) -> Result<(), String>;
     fn resume(&self) -> Result<(), String>;
+    /// Called at the switch-over once the destination is Ready, right before Commit: the
+    /// last moment the VM is still only here (a cluster hands the VM's ownership over here).
+    /// [`CommitHold::Refused`] aborts the migration (the VM runs on here);
+    /// [`CommitHold::InDoubt`] leaves it paused here ([`EngineError::InDoubt`]).
+    fn before_commit(&self) -> Result<(), CommitHold> {
+        Ok(())
+    }
     /// Slows the running vCPUs to `100 - percent` % of their time (0: full speed).
     fn throttle(&self, percent: u8) -> Result<(), String>;
     /// Every vCPU's and device's state (VM paused).
@@ -99,6 +106,11 @@ pub trait DestinationVm: Sync {
     /// called from a thread of its own while pages arrive).
     fn prefault(&self, gpa: u64, len: u64) -> Result<(), String>;
     fn load_state(&self, state: &[u8]) -> Result<(), String>;
+    /// Called after Commit, before the VM first runs here: an error keeps it from running
+    /// (a cluster checks here that ownership came to this host, and takes its epoch).
+    fn before_resume(&self) -> Result<(), String> {
+        Ok(())
+    }
     fn resume(&self) -> Result<(), String>;
     /// Post-copy (VM not started, no page being written): drops the pages of `runs` (stale
     /// copies from earlier passes, or pages mapped ahead), so the next touch finds them
@@ -139,6 +151,15 @@ pub trait DestinationVm: Sync {
     fn remove_disks(&self) {}
 }
 
+/// Why [`SourceVm::before_commit`] holds the VM back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitHold {
+    /// The VM must not move (it stays here, running).
+    Refused(String),
+    /// Whether it may move is unknown: it must run nowhere until that is settled.
+    InDoubt(String),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
@@ -159,6 +180,9 @@ pub enum EngineError {
     Timeout(Duration),
     #[error("migration committed, but the destination did not confirm it runs the VM ({0}); the source VM stays paused: check the destination before resuming it")]
     InDoubt(String),
+    /// The hand-over before Commit could not be settled (`SourceVm::before_commit`).
+    #[error("the switch-over could not be settled ({0}); the source VM stays paused")]
+    HandOverInDoubt(String),
     /// After a post-copy switch-over the VM runs on the destination with part of its memory
     /// still here: neither side may drop its half.
     #[error("post-copy failed after switch-over ({0}); the VM runs on the destination with part of its memory still here: keep this host's VM paused")]
@@ -168,7 +192,10 @@ pub enum EngineError {
 impl EngineError {
     /// True when the destination may run the VM: the source must never resume it.
     pub fn committed(&self) -> bool {
-        matches!(self, EngineError::InDoubt(_) | EngineError::PostCopy(_))
+        matches!(
+            self,
+            EngineError::InDoubt(_) | EngineError::PostCopy(_) | EngineError::HandOverInDoubt(_)
+        )
     }
 }
 

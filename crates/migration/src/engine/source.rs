@@ -3,7 +3,8 @@
 //! page set 4096 pages at a time from a shared cursor so fast connections carry more.
 use super::storage::StorageSource;
 use super::{
-    ok, EngineError, Monitor, Options, PageSet, Pass, Phase, Report, SourceVm, TimeoutPolicy,
+    ok, CommitHold, EngineError, Monitor, Options, PageSet, Pass, Phase, Report, SourceVm,
+    TimeoutPolicy,
 };
 use crate::protocol::{
     expect, recv, send, Hello, Message, PagesBuf, ProtocolError, CAP_STORAGE, KIND_ABORT, MAGIC,
@@ -112,6 +113,12 @@ pub fn migrate<V: SourceVm>(
     mon.throttle.store(0, Ordering::Relaxed);
     match &r {
         Ok(_) => {}
+        Err(e @ EngineError::HandOverInDoubt(_)) => {
+            // No Commit went: the destination discards the VM; this one stays paused.
+            if !undo.told {
+                let _ = send(&mut ctl, &Message::Abort(e.to_string()));
+            }
+        }
         Err(e) if e.committed() => {}
         Err(e) => {
             if !undo.told {
@@ -522,6 +529,11 @@ impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
         let t_ack = t_pause.elapsed();
         expect(ctl, Message::Ready)?;
         let t_ready = t_pause.elapsed();
+        match vm.before_commit() {
+            Ok(()) => {}
+            Err(CommitHold::Refused(why)) => return Err(EngineError::Vm(why)),
+            Err(CommitHold::InDoubt(why)) => return Err(EngineError::HandOverInDoubt(why)),
+        }
         send(ctl, &Message::Commit).map_err(|e| EngineError::InDoubt(e.to_string()))?;
         match recv(ctl) {
             Ok(Message::Resumed) => {}

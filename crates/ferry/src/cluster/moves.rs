@@ -1,0 +1,316 @@
+//! Live migration inside the cluster, and drain (docs/cluster.md, "Live migration in the
+//! cluster"). Any agent orchestrates: the target's agent starts a `ferry receive` for the VM
+//! (`/cluster/local/receive`), the owner's agent has its VMM migrate there with a hand-over
+//! (`/cluster/local/migrate`); at the switch-over the source asks its agent to move the
+//! ownership (`/cluster/vms/NAME/handover`: a compare-and-swap from the source's epoch) before
+//! it sends Commit, and after Commit the destination asks its own agent whether it now owns
+//! the VM (`/cluster/local/handed/NAME`) and takes the new epoch before the VM runs.
+use super::client::{call, call_long};
+use super::host::Shared;
+use crate::api::extract::{ApiJson, NoBody};
+use crate::api::handlers::{blocking, ApiError};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use ferry_cluster::agent::{self, DRAIN};
+use ferry_cluster::records::{self, RecordError};
+use ferry_cluster::Op;
+use hyper::Method;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn conflict(msg: String) -> ApiError {
+    ApiError(StatusCode::CONFLICT, msg)
+}
+
+fn gateway(e: anyhow::Error) -> ApiError {
+    ApiError(StatusCode::BAD_GATEWAY, format!("{e:#}"))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoverReq {
+    from: i64,
+    to: String,
+}
+
+/// `PUT /cluster/vms/NAME/handover`: the source's switch-over moves the ownership. An
+/// unknown outcome (the store did not answer) is settled by trying again: a claim that
+/// had gone through shows as the VM already owned by the target.
+pub async fn handover(
+    State(s): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    ApiJson(h): ApiJson<HandoverReq>,
+) -> Result<Json<Value>, ApiError> {
+    blocking(move || {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            match records::claim(&*s.store, &name, &h.to, Some(h.from)) {
+                Ok(o) => return Ok(Json(json!({"epoch": o.epoch}))),
+                Err(RecordError::Conflict { now: Some(o), .. })
+                    if o.host == h.to && o.epoch > h.from =>
+                {
+                    return Ok(Json(json!({"epoch": o.epoch})))
+                }
+                Err(RecordError::Store(_)) if Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    })
+    .await
+}
+
+#[derive(serde::Deserialize)]
+pub struct HandedQuery {
+    host: String,
+}
+
+/// `PUT /cluster/local/handed/NAME?host=ID`: this host's arriving VMM, after Commit, asks
+/// whether the VM is now owned here; the answer carries the epoch and this host's deadline.
+pub async fn handed(
+    State(s): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    Query(q): Query<HandedQuery>,
+    _: NoBody,
+) -> Result<Json<Value>, ApiError> {
+    blocking(move || {
+        let o = records::owner(&*s.store, &name)?;
+        match o {
+            Some(o) if o.host == s.id && q.host == s.id => {
+                if !s.runner.lock().handed(&name, o.epoch) {
+                    return Err(conflict(format!("no VMM of {name} is arriving here")));
+                }
+                Ok(Json(json!({
+                    "epoch": o.epoch,
+                    "deadline_ns": s.deadline_ns.load(Ordering::SeqCst),
+                })))
+            }
+            o => Err(conflict(format!(
+                "VM {name} is not owned by {} (owner: {o:?})",
+                s.id
+            ))),
+        }
+    })
+    .await
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveReq {
+    vm: String,
+    epoch: i64,
+}
+
+/// `POST /cluster/local/receive`: start a `ferry receive` for an arriving VM.
+pub async fn receive(
+    State(s): State<Arc<Shared>>,
+    ApiJson(r): ApiJson<ReceiveReq>,
+) -> Result<Json<Value>, ApiError> {
+    blocking(move || {
+        let ip = s
+            .addr
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.ip())
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let addr = s
+            .runner
+            .lock()
+            .receive(&r.vm, r.epoch, ip, &s.addr, &s.id)
+            .map_err(conflict)?;
+        Ok(Json(json!({ "addr": addr })))
+    })
+    .await
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalMigrateReq {
+    vm: String,
+    to_addr: String,
+    to_host: String,
+    epoch: i64,
+}
+
+/// `POST /cluster/local/migrate`: this host's VMM of `vm` migrates to `to_addr`, handing
+/// the ownership over to `to_host` at the switch-over. Answers with the migration report.
+pub async fn local_migrate(
+    State(s): State<Arc<Shared>>,
+    ApiJson(r): ApiJson<LocalMigrateReq>,
+) -> Result<Json<Value>, ApiError> {
+    blocking(move || {
+        match records::owner(&*s.store, &r.vm)? {
+            Some(o) if o.host == s.id && o.epoch == r.epoch => {}
+            o => {
+                return Err(conflict(format!(
+                    "VM {} is not this host's at epoch {} (owner: {o:?})",
+                    r.vm, r.epoch
+                )))
+            }
+        }
+        let sock = s
+            .runner
+            .lock()
+            .set_leaving(&r.vm, true)
+            .ok_or_else(|| conflict(format!("VM {} has no VMM on this host", r.vm)))?;
+        let body = json!({
+            "to": r.to_addr, "insecure": true,
+            "handover": {"agent": s.addr, "vm": r.vm, "from": r.epoch, "to": r.to_host},
+        });
+        let out =
+            crate::api::client::call(&sock, Method::PUT, "/vm/migrate", Some(body.to_string()));
+        match out {
+            Ok(report) => Ok(Json(report.unwrap_or(Value::Null))),
+            Err(e) => {
+                // Still ours (nothing committed): the agent looks after it again.
+                let ours = records::owner(&*s.store, &r.vm)?
+                    .is_some_and(|o| o.host == s.id && o.epoch == r.epoch);
+                if ours {
+                    s.runner.lock().set_leaving(&r.vm, false);
+                }
+                Err(ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{e:#}"),
+                ))
+            }
+        }
+    })
+    .await
+}
+
+/// Moves VM `name` live to `to` (or the best host other than its own): the orchestration.
+fn move_vm(s: &Shared, name: &str, to: Option<String>) -> Result<Value, ApiError> {
+    let o = records::owner(&*s.store, name)?
+        .ok_or_else(|| conflict(format!("VM {name} is not running (it has no owner)")))?;
+    let (rec, _) =
+        records::vm(&*s.store, name)?.ok_or_else(|| RecordError::NoSuchVm(name.into()))?;
+    let hosts = agent::hosts(&*s.store)?;
+    let src = hosts
+        .iter()
+        .find(|h| h.id == o.host)
+        .ok_or_else(|| conflict(format!("VM {name}'s host {} is not a live member", o.host)))?;
+    let target = match to {
+        Some(t) if t == o.host => return Err(conflict(format!("VM {name} already runs on {t}"))),
+        Some(t) => t,
+        None => {
+            let (hl, vl) = agent::scores(&*s.store)?;
+            let hl: Vec<_> = hl.into_iter().filter(|h| h.id != o.host).collect();
+            let mem = rec
+                .spec
+                .get("memory_bytes")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            ferry_cluster::balance::place(&hl, &vl, mem)
+                .ok_or_else(|| conflict(format!("no other host can take VM {name}")))?
+        }
+    };
+    let dst = hosts
+        .iter()
+        .find(|h| h.id == target)
+        .ok_or_else(|| conflict(format!("host {target} is not a live member")))?;
+    if s.store.get(&format!("{DRAIN}{target}"))?.is_some() {
+        return Err(conflict(format!(
+            "host {target} is draining: nothing moves there until `ferry cluster undrain {target}`"
+        )));
+    }
+    let t0 = Instant::now();
+    let r = call(
+        &dst.addr,
+        Method::POST,
+        "/cluster/local/receive",
+        Some(json!({"vm": name, "epoch": o.epoch}).to_string()),
+    )
+    .map_err(gateway)?;
+    let at: Value = serde_json::from_str(&r).map_err(|e| gateway(e.into()))?;
+    let at = at["addr"].as_str().unwrap_or_default().to_string();
+    let body = json!({"vm": name, "to_addr": at, "to_host": target, "epoch": o.epoch});
+    let rep = call_long(
+        &src.addr,
+        Method::POST,
+        "/cluster/local/migrate",
+        Some(body.to_string()),
+        Duration::from_secs(3600),
+    )
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("VM {name}: {e:#}"),
+        )
+    })?;
+    let report: Value = serde_json::from_str(&rep).unwrap_or(Value::Null);
+    Ok(json!({
+        "vm": name, "from": o.host, "to": target, "took_ms": t0.elapsed().as_millis() as u64,
+        "downtime_ms": report["downtime_ms"], "report": report,
+    }))
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateReq {
+    #[serde(default)]
+    to: Option<String>,
+}
+
+/// `POST /cluster/vms/NAME/migrate {"to": HOST?}`.
+pub async fn migrate(
+    State(s): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    ApiJson(r): ApiJson<MigrateReq>,
+) -> Result<Json<Value>, ApiError> {
+    blocking(move || move_vm(&s, &name, r.to).map(Json)).await
+}
+
+/// `POST /cluster/hosts/ID/drain`: marks the host (nothing is placed on it) and moves its
+/// VMs live, one at a time, highest priority first; `DELETE` of the same path (undrain)
+/// stops it before the next VM. Answers with each VM's outcome.
+pub async fn drain(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    _: NoBody,
+) -> Result<Json<Value>, ApiError> {
+    blocking(move || {
+        if !agent::hosts(&*s.store)?.iter().any(|h| h.id == id) {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no live host {id}"),
+            ));
+        }
+        let key = format!("{DRAIN}{id}");
+        s.store.put(&key, b"")?;
+        let owners = agent::owners(&*s.store)?;
+        let mut vms: Vec<_> = records::vms(&*s.store)?
+            .into_iter()
+            .filter(|v| owners.get(&v.name).is_some_and(|o| o.host == id))
+            .collect();
+        vms.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
+        let mut out = Vec::new();
+        for v in vms {
+            if s.store.get(&key)?.is_none() {
+                out.push(json!({"vm": v.name, "error": "drain cancelled (undrain)"}));
+                continue;
+            }
+            match move_vm(&s, &v.name, None) {
+                Ok(m) => out.push(m),
+                Err(ApiError(_, e)) => out.push(json!({"vm": v.name, "error": e})),
+            }
+        }
+        Ok(Json(Value::Array(out)))
+    })
+    .await
+}
+
+/// `DELETE /cluster/hosts/ID/drain`: VMs may be placed there again; a drain in progress
+/// stops before its next VM.
+pub async fn undrain(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    blocking(move || {
+        s.store.txn(&[], &[Op::delete(format!("{DRAIN}{id}"))])?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
