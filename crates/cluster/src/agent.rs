@@ -16,7 +16,7 @@
 //!
 //! Every change of owner is `records::claim`, a compare-and-swap on the epoch read, so two
 //! leaders for a moment (one whose lease just went) cannot both move a VM.
-use crate::balance::{self, HostLoad, VmLoad};
+use crate::balance::{self, Balancer, Decision, HostLoad, Policy, VmLoad};
 use crate::membership::{HostRecord, Membership, HOSTS};
 use crate::records::{self, Desired, Owner, RecordError, VmRecord, OWNERS};
 use crate::store::{Compare, Op, Store, StoreError};
@@ -30,6 +30,8 @@ pub const LEADER: &str = "/ferry/leader";
 pub const LOADS: &str = "/ferry/load/";
 /// `/ferry/drain/ID` exists while host ID is draining or drained: nothing is placed there.
 pub const DRAIN: &str = "/ferry/drain/";
+/// The leader's latest balancing decision (JSON [`Decision`]), on its lease.
+pub const BALANCE: &str = "/ferry/balance";
 
 /// A VMM running on this host.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +83,8 @@ pub struct Config {
     pub grace: Duration,
     /// The first wait before restarting a crashed VM; it doubles up to 32 times this.
     pub restart_backoff: Duration,
+    /// Automatic balancing by the leader (None: off).
+    pub balance: Option<Policy>,
 }
 
 impl Default for Config {
@@ -88,6 +92,7 @@ impl Default for Config {
         Config {
             grace: Duration::from_secs(2),
             restart_backoff: Duration::from_secs(1),
+            balance: Some(Policy::default()),
         }
     }
 }
@@ -102,6 +107,8 @@ pub struct Stats {
     /// Local VMMs killed because another host owns their VM now.
     pub fenced_kills: u64,
     pub crashes: u64,
+    /// Live migrations the balancer of this agent decided.
+    pub balance_moves: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +137,12 @@ pub struct Agent<R: Runner> {
     cpu: HashMap<String, f64>,
     last_load: Option<Instant>,
     stats: Arc<Mutex<Stats>>,
+    balancer: Option<Balancer>,
+    /// A move decided and not yet taken by the caller ([`Agent::take_move`]).
+    pending: Option<(String, String, String)>,
+    /// No balancing rounds while a move is in flight.
+    moving: bool,
+    published: Option<Decision>,
 }
 
 /// What the store holds, read once per round.
@@ -231,6 +244,10 @@ impl<R: Runner> Agent<R> {
             cpu: HashMap::new(),
             last_load: None,
             stats: Arc::default(),
+            balancer: cfg.balance.map(Balancer::new),
+            pending: None,
+            moving: false,
+            published: None,
         }
     }
 
@@ -303,6 +320,47 @@ impl<R: Runner> Agent<R> {
         self.count(|s| s.leader = leader);
         if leader {
             self.assign(&v)?;
+            self.balance()?;
+        }
+        Ok(())
+    }
+
+    /// The live migration the balancer decided, (VM, from, to), for the caller to run; it
+    /// says when it ended with [`Agent::set_moving`].
+    pub fn take_move(&mut self) -> Option<(String, String, String)> {
+        self.pending.take()
+    }
+
+    /// While true no balancing round runs (a move is in flight).
+    pub fn set_moving(&mut self, moving: bool) {
+        self.moving = moving;
+    }
+
+    /// The leader's balancing round: at most one move, published with its reason.
+    fn balance(&mut self) -> Result<(), AgentError> {
+        if self.moving || self.pending.is_some() {
+            return Ok(());
+        }
+        let Some(b) = self.balancer.as_mut() else {
+            return Ok(());
+        };
+        let (hosts, vms) = scores(&*self.store)?;
+        let now = Instant::now();
+        let d = b.round(now, &hosts, &vms);
+        if let Decision::Move { vm, from, to, why } = &d {
+            tracing::warn!("balancer: moving VM {vm} from {from} to {to}: {why}");
+            b.moved(vm, from, now);
+            self.pending = Some((vm.clone(), from.clone(), to.clone()));
+            self.count(|s| s.balance_moves += 1);
+        }
+        if self.published.as_ref() != Some(&d) {
+            let op = Op::Put {
+                key: BALANCE.into(),
+                value: serde_json::to_vec(&d).unwrap_or_default(),
+                lease: Some(self.member.lease()),
+            };
+            self.store.txn(&[], &[op])?;
+            self.published = Some(d);
         }
         Ok(())
     }

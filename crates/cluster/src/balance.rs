@@ -58,7 +58,8 @@ pub struct VmLoad {
 }
 
 /// What a round decided, and why (what `ferry cluster balance --dry-run` prints).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "decision", rename_all = "lowercase")]
 pub enum Decision {
     Move {
         vm: String,

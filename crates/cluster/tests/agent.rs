@@ -3,7 +3,8 @@
 //! the grace period, with a higher epoch, and the failed host, still running, kills its copy;
 //! a guest that powers off stays off; a crash is restarted after a back-off; a host that
 //! comes back does not start VMs owned elsewhere.
-use ferry_cluster::agent::{Agent, Config, Exited, Local, Runner, Stats, LEADER};
+use ferry_cluster::agent::{Agent, Config, Exited, Local, Runner, Stats, BALANCE, LEADER};
+use ferry_cluster::balance::Policy;
 use ferry_cluster::membership::{HostRecord, Membership};
 use ferry_cluster::records::{self, Desired, VmRecord};
 use ferry_cluster::store::MemStore;
@@ -16,6 +17,8 @@ use std::time::{Duration, Instant};
 #[derive(Default)]
 struct Host {
     running: HashMap<String, i64>,
+    /// CPUs each VM uses (its CPU time grows at this rate from when it started).
+    busy: HashMap<String, (Instant, f64)>,
     exited: Vec<Exited>,
     starts: HashMap<String, u32>,
     killed: Vec<String>,
@@ -52,6 +55,7 @@ impl Runner for Fake {
         let mut h = self.get();
         h.running.insert(name.into(), epoch);
         *h.starts.entry(name.into()).or_default() += 1;
+        h.busy.insert(name.into(), (Instant::now(), 0.9));
         h.deadline = Some(deadline);
         Ok(())
     }
@@ -67,14 +71,17 @@ impl Runner for Fake {
         self.get().deadline = Some(deadline);
     }
     fn running(&mut self) -> Vec<Local> {
-        self.get()
-            .running
+        let h = self.get();
+        h.running
             .iter()
             .map(|(n, e)| Local {
                 name: n.clone(),
                 epoch: *e,
                 migrating: false,
-                cpu_seconds: 0.0,
+                cpu_seconds: h
+                    .busy
+                    .get(n)
+                    .map_or(0.0, |(t, r)| t.elapsed().as_secs_f64() * r),
             })
             .collect()
     }
@@ -89,6 +96,7 @@ fn cfg() -> Config {
     Config {
         grace: Duration::from_millis(300),
         restart_backoff: Duration::from_millis(200),
+        balance: None,
     }
 }
 
@@ -231,4 +239,70 @@ fn a_host_that_comes_back_does_not_start_vms_owned_elsewhere() {
     }
     assert!(fa.get().running.is_empty());
     assert_eq!(fb.get().starts["x"], 1);
+}
+
+#[test]
+fn the_leader_moves_one_vm_off_an_overloaded_host_and_then_stays_still() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::in_memory());
+    let rec = |id: &str| HostRecord {
+        version: 1,
+        id: id.into(),
+        addr: "127.0.0.1:1".into(),
+        cpus: 2,
+        memory_bytes: 1 << 30,
+    };
+    let policy = Policy {
+        sustain: Duration::from_millis(600),
+        ..Policy::default()
+    };
+    let c = Config {
+        balance: Some(policy),
+        ..cfg()
+    };
+    let fa = Fake::default();
+    let m = Membership::join(store.clone(), &rec("a"), Duration::from_secs(2)).unwrap();
+    let mut a = Agent::new(store.clone(), m, fa.clone(), c);
+    define(&store, "x", 0);
+    define(&store, "y", 0);
+    a.tick().unwrap(); // a alone: both VMs on a, each using 0.9 of its 2 CPUs
+    let fb = Fake::default();
+    let m = Membership::join(store.clone(), &rec("b"), Duration::from_secs(2)).unwrap();
+    let mut b = Agent::new(store.clone(), m, fb.clone(), c);
+    let t0 = Instant::now();
+    let mut moved = None;
+    while t0.elapsed() < Duration::from_secs(5) && moved.is_none() {
+        a.tick().unwrap();
+        b.tick().unwrap();
+        moved = a.take_move();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (vm, from, to) = moved.expect("no move off a host at 90 %");
+    assert!(
+        t0.elapsed() >= policy.sustain,
+        "moved before the overload was sustained"
+    );
+    assert_eq!((from.as_str(), to.as_str()), ("a", "b"));
+    let d = store.get(BALANCE).unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&d.value).contains("\"move\""));
+    // The move (as a live migration would leave it): b owns and runs it.
+    a.set_moving(true);
+    let o = records::owner(&*store, &vm).unwrap().unwrap();
+    let e = records::claim(&*store, &vm, "b", Some(o.epoch))
+        .unwrap()
+        .epoch;
+    fa.get().running.remove(&vm);
+    fb.get().running.insert(vm.clone(), e);
+    fb.get().busy.insert(vm.clone(), (Instant::now(), 0.9));
+    a.set_moving(false);
+    // Both hosts at 45 %: nothing moves again.
+    let t1 = Instant::now();
+    while t1.elapsed() < Duration::from_secs(2) {
+        a.tick().unwrap();
+        b.tick().unwrap();
+        assert_eq!(a.take_move(), None, "a second move");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(stats(&a).balance_moves, 1);
+    let d = store.get(BALANCE).unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&d.value).contains("\"stay\""));
 }

@@ -26,17 +26,23 @@ struct Agent {
     run: PathBuf,
     store: String,
     storage: PathBuf,
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl Agent {
     fn start(s: &Scratch, id: &str, store: &str) -> Agent {
+        Self::start_with(s, id, store, &[])
+    }
+
+    fn start_with(s: &Scratch, id: &str, store: &str, extra: &[&str]) -> Agent {
         let mut a = Agent {
             id: id.into(),
             addr: format!("127.0.0.1:{}", free_port()),
             run: s.path(id),
             store: store.into(),
             storage: s.path("storage"),
+            extra: extra.iter().map(|e| e.to_string()).collect(),
             child: None,
         };
         a.spawn();
@@ -56,6 +62,7 @@ impl Agent {
             .arg(&self.storage)
             .arg("--run-dir")
             .arg(&self.run)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -422,4 +429,69 @@ fn a_vm_moves_live_with_its_ownership_and_a_drain_takes_it_back() {
         .map(|h| h.metric("ferry_agent_vm_starts_total").unwrap())
         .sum();
     assert_eq!(starts, 1);
+}
+
+#[test]
+fn the_balancer_moves_one_vm_off_an_overloaded_host_and_then_stays_still() {
+    let s = Scratch::new("cluster-balance");
+    std::fs::create_dir_all(s.path("storage")).unwrap();
+    let e = etcd::Etcd::start(1);
+    let store = format!("etcd://{}", e.clients[0].trim_start_matches("http://"));
+    // Hosts offering one CPU each; two beating guests (about 0.45 CPU each here) on one:
+    // ~90 %, over 60 % for 3 s. After one moves, each host is under 60 %.
+    let policy = [
+        "--cpus",
+        "1",
+        "--balance-high",
+        "0.6",
+        "--balance-low",
+        "0.55",
+        "--balance-sustain",
+        "3",
+    ];
+    let h1 = Agent::start_with(&s, "h1", &store, &policy);
+    for vm in ["b1", "b2"] {
+        cli(
+            &h1,
+            &[
+                "create",
+                vm,
+                "--memory",
+                "32M",
+                "--guest",
+                "heartbeat period=1000",
+            ],
+        );
+    }
+    wait("both VMs on h1", Duration::from_secs(20), || {
+        let both = ["b1", "b2"]
+            .iter()
+            .all(|v| owner(&h1.addr, v).is_some_and(|(h, _)| h == "h1"));
+        both.then_some(())
+    });
+    let h2 = Agent::start_with(&s, "h2", &store, &policy);
+    let t0 = Instant::now();
+    wait("one move", Duration::from_secs(40), || {
+        (h1.metric("ferry_agent_balance_moves_total")? >= 1).then_some(())
+    });
+    eprintln!(
+        "balancer moved a VM {:?} after the second host joined",
+        t0.elapsed()
+    );
+    let spread = wait("the move done", Duration::from_secs(20), || {
+        let o: Vec<_> = ["b1", "b2"].iter().map(|v| owner(&h1.addr, v)).collect();
+        let hosts: Vec<_> = o.iter().flatten().map(|(h, _)| h.clone()).collect();
+        (hosts.len() == 2 && hosts[0] != hosts[1]).then_some(o)
+    });
+    let out = cli(&h2, &["balance", "--dry-run"]);
+    eprintln!("{out}");
+    assert!(out.contains("leader h1"), "{out}");
+    // Then still: no VM moves again.
+    std::thread::sleep(Duration::from_secs(8));
+    let now: Vec<_> = ["b1", "b2"].iter().map(|v| owner(&h1.addr, v)).collect();
+    assert_eq!(now, spread, "a VM moved again");
+    assert_eq!(h1.metric("ferry_agent_balance_moves_total"), Some(1));
+    let out = cli(&h2, &["balance", "--dry-run"]);
+    assert!(out.contains("nothing to move"), "{out}");
+    drop(h2);
 }

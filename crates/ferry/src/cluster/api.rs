@@ -221,6 +221,36 @@ async fn delete(
     .await
 }
 
+/// `GET /cluster/balance`: the leader's latest decision and each host's load.
+async fn balance(State(s): State<Arc<Shared>>) -> Result<Json<serde_json::Value>, ApiError> {
+    blocking(move || {
+        let leader = s
+            .store
+            .get(LEADER)?
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+        let decision = s
+            .store
+            .get(agent::BALANCE)?
+            .and_then(|kv| serde_json::from_slice::<serde_json::Value>(&kv.value).ok());
+        let (hosts, vms) = agent::scores(&*s.store)?;
+        let loads: Vec<_> = hosts
+            .iter()
+            .map(|h| {
+                let cpu = vms
+                    .iter()
+                    .filter(|v| v.host == h.id)
+                    .fold(0.0, |a, v| a + v.cpu);
+                serde_json::json!({"host": h.id, "cpus": h.cpus, "cpu_used": cpu,
+                    "share": if h.cpus > 0.0 { cpu / h.cpus } else { 0.0 }, "draining": h.draining})
+            })
+            .collect();
+        Ok(Json(
+            serde_json::json!({"leader": leader, "last": decision, "hosts": loads}),
+        ))
+    })
+    .await
+}
+
 /// `GET /metrics`: the cluster as this agent sees it, and this agent's own counters.
 async fn metrics(State(s): State<Arc<Shared>>) -> Result<String, ApiError> {
     blocking(move || {
@@ -251,6 +281,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Result<String, ApiError> {
         g("ferry_agent_vm_starts_total", "VMMs this agent started.", "counter", stats.starts.to_string());
         g("ferry_agent_failovers_total", "VMs this agent, as leader, moved off a failed host.", "counter", stats.failovers.to_string());
         g("ferry_agent_fenced_kills_total", "Local VMMs killed because another host owns their VM.", "counter", stats.fenced_kills.to_string());
+        g("ferry_agent_balance_moves_total", "Live migrations this agent's balancer decided.", "counter", stats.balance_moves.to_string());
         g("ferry_agent_vm_crashes_total", "Local VMMs that exited with an error.", "counter", stats.crashes.to_string());
         let rejoins = *s.rejoins.lock().unwrap_or_else(|e| e.into_inner());
         g("ferry_agent_rejoins_total", "Times this agent lost its membership and joined again.", "counter", rejoins.to_string());
@@ -296,6 +327,7 @@ pub fn spawn(listener: std::net::TcpListener, shared: Arc<Shared>) -> Result<Api
         .route("/cluster/local/receive", post(moves::receive))
         .route("/cluster/local/migrate", post(moves::local_migrate))
         .route("/cluster/local/handed/{name}", put(moves::handed))
+        .route("/cluster/balance", get(balance))
         .route("/metrics", get(metrics))
         .fallback(crate::api::extract::not_found)
         .method_not_allowed_fallback(crate::api::extract::wrong_method)

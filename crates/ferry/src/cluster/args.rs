@@ -33,6 +33,21 @@ pub struct HostArgs {
     /// Memory this host offers VMs, e.g. 16G (default: the host's).
     #[arg(long)]
     pub memory: Option<String>,
+    /// No automatic balancing when this agent leads.
+    #[arg(long)]
+    pub no_balance: bool,
+    /// Balancing: a host is overloaded above this share of its CPUs.
+    #[arg(long, default_value_t = 0.80)]
+    pub balance_high: f64,
+    /// Balancing: a move may only land where the target stays at or under this share.
+    #[arg(long, default_value_t = 0.60)]
+    pub balance_low: f64,
+    /// Balancing: seconds a host must stay overloaded before a VM leaves it.
+    #[arg(long, default_value_t = 30.0)]
+    pub balance_sustain: f64,
+    /// Balancing: seconds a VM that moved (or failed to) is left alone.
+    #[arg(long, default_value_t = 300.0)]
+    pub balance_backoff: f64,
 }
 
 #[derive(Args, Debug)]
@@ -71,6 +86,13 @@ pub enum ClusterAction {
     Drain { host: String },
     /// Let VMs be placed on HOST again (stops a drain in progress before its next VM).
     Undrain { host: String },
+    /// What the leader's balancer decided last, and why, with each host's load.
+    Balance {
+        /// Only show the decision (the balancer itself runs in the leader, unless its agent
+        /// was started with --no-balance).
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Args, Debug)]

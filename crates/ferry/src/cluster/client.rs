@@ -218,6 +218,42 @@ pub fn main(args: ClusterArgs) -> Result<()> {
             )?;
             println!("{host}: VMs may be placed there again");
         }
+        ClusterAction::Balance { dry_run } => {
+            if !dry_run {
+                bail!("the balancer runs in the leader by itself; `ferry cluster balance --dry-run` shows what it decided and why");
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(&call(a, Method::GET, "/cluster/balance", None)?)?;
+            for h in v["hosts"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<16} {:>6.2} of {} CPUs ({:>3.0} %){}",
+                    h["host"].as_str().unwrap_or("?"),
+                    h["cpu_used"].as_f64().unwrap_or(0.0),
+                    h["cpus"],
+                    h["share"].as_f64().unwrap_or(0.0) * 100.0,
+                    if h["draining"] == true {
+                        "  draining"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            let leader = v["leader"].as_str().unwrap_or("none");
+            match v["last"].get("decision").and_then(|d| d.as_str()) {
+                Some("move") => println!(
+                    "leader {leader}, last round: moved {} from {} to {} (live): {}",
+                    v["last"]["vm"].as_str().unwrap_or("?"),
+                    v["last"]["from"].as_str().unwrap_or("?"),
+                    v["last"]["to"].as_str().unwrap_or("?"),
+                    v["last"]["why"].as_str().unwrap_or("")
+                ),
+                Some(_) => println!(
+                    "leader {leader}, last round: nothing to move: {}",
+                    v["last"]["why"].as_str().unwrap_or("")
+                ),
+                None => println!("leader {leader}: no balancing round yet (or balancing is off)"),
+            }
+        }
         ClusterAction::Delete { name } => {
             call(a, Method::DELETE, &format!("/cluster/vms/{name}"), None)?;
             println!("VM {name} deleted");

@@ -158,10 +158,29 @@ pub fn main(args: HostArgs) -> Result<i32> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
+    let secs = |v: f64, what: &str| {
+        if v.is_finite() && (0.0..=86400.0).contains(&v) {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(anyhow::anyhow!("--{what} {v}: expected 0 to 86400 seconds"))
+        }
+    };
+    if !(0.0 < args.balance_low && args.balance_low < args.balance_high && args.balance_high <= 1.0)
+    {
+        bail!("balancing thresholds: expected 0 < --balance-low < --balance-high <= 1");
+    }
+    let policy = ferry_cluster::balance::Policy {
+        high: args.balance_high,
+        low: args.balance_low,
+        sustain: secs(args.balance_sustain, "balance-sustain")?,
+        backoff: secs(args.balance_backoff, "balance-backoff")?,
+    };
     let cfg = Config {
         grace: Duration::from_secs_f64(args.grace),
+        balance: (!args.no_balance).then_some(policy),
         ..Config::default()
     };
+    let moving = Arc::new(AtomicBool::new(false));
     let ttl = Duration::from_secs(args.ttl);
     loop {
         let Some(member) = join(&store, &rec, ttl)? else {
@@ -182,6 +201,7 @@ pub fn main(args: HostArgs) -> Result<i32> {
                 agent.leave()?;
                 return Ok(0);
             }
+            agent.set_moving(moving.load(Ordering::SeqCst));
             match agent.tick() {
                 Ok(()) => {}
                 Err(e @ AgentError::LeaseLost(_)) => {
@@ -198,6 +218,25 @@ pub fn main(args: HostArgs) -> Result<i32> {
                 super::runner::monotonic_ns(agent.deadline()),
                 Ordering::SeqCst,
             );
+            if let Some((vm, _, to)) = agent.take_move() {
+                moving.store(true, Ordering::SeqCst);
+                let (moving, addr) = (moving.clone(), rec.addr.clone());
+                std::thread::spawn(move || {
+                    let body = serde_json::json!({ "to": to }).to_string();
+                    let uri = format!("/cluster/vms/{vm}/migrate");
+                    let r = super::client::call_long(
+                        &addr,
+                        hyper::Method::POST,
+                        &uri,
+                        Some(body),
+                        Duration::from_secs(3600),
+                    );
+                    if let Err(e) = r {
+                        eprintln!("ferry host: balancing move of {vm} to {to} failed: {e:#}");
+                    }
+                    moving.store(false, Ordering::SeqCst);
+                });
+            }
             std::thread::sleep(Duration::from_millis(250));
         }
     }
