@@ -6,217 +6,11 @@
 //! - `SIGSTOP` of an agent past its TTL: its VMM fences itself (paused, disk unchanged
 //!   from then to the takeover), the VM is taken over, and after `SIGCONT` the old agent
 //!   kills its copy; a checker sampling both hosts' VMMs never sees two running.
+mod cluster_common;
 mod common;
-#[path = "../../cluster/tests/common/mod.rs"]
-mod etcd;
+use cluster_common::*;
 use common::*;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const SPAN: u64 = 256 << 10;
-const GUEST: &str = "disk span=256K passes=0 hb=1000";
-
-struct Agent {
-    id: String,
-    addr: String,
-    run: PathBuf,
-    store: String,
-    storage: PathBuf,
-    extra: Vec<String>,
-    child: Option<Child>,
-}
-
-impl Agent {
-    fn start(s: &Scratch, id: &str, store: &str) -> Agent {
-        Self::start_with(s, id, store, &[])
-    }
-
-    fn start_with(s: &Scratch, id: &str, store: &str, extra: &[&str]) -> Agent {
-        let mut a = Agent {
-            id: id.into(),
-            addr: format!("127.0.0.1:{}", free_port()),
-            run: s.path(id),
-            store: store.into(),
-            storage: s.path("storage"),
-            extra: extra.iter().map(|e| e.to_string()).collect(),
-            child: None,
-        };
-        a.spawn();
-        a
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.run.with_extension("log"))
-            .unwrap();
-        let child = Command::new(FERRY)
-            .args(["host", "--id", &self.id, "--listen", &self.addr])
-            .args(["--store", &self.store, "--ttl", "2", "--grace", "1"])
-            .arg("--storage")
-            .arg(&self.storage)
-            .arg("--run-dir")
-            .arg(&self.run)
-            .args(&self.extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .process_group(0) // its VMMs too: `kill -9` of the whole host
-            .spawn()
-            .expect("spawn ferry host");
-        self.child = Some(child);
-        let t0 = Instant::now();
-        while http(&self.addr, "GET", "/cluster/hosts", "").0 != 200 {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "agent {} never answered",
-                self.id
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).unwrap()
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: signalling our own child.
-        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
-    }
-
-    /// `kill -9` of the agent and every VMM it started.
-    fn kill_host(&mut self) {
-        // SAFETY: signalling our child's process group.
-        unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
-        let _ = self.child.take().unwrap().wait();
-    }
-
-    fn console(&self, vm: &str) -> String {
-        std::fs::read_to_string(self.run.join(format!("{vm}.console"))).unwrap_or_default()
-    }
-
-    fn metric(&self, name: &str) -> Option<u64> {
-        let (_, body) = http(&self.addr, "GET", "/metrics", "");
-        body.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            // SAFETY: signalling our child's process group.
-            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
-            let _ = c.wait();
-        }
-    }
-}
-
-fn owner(addr: &str, vm: &str) -> Option<(String, i64)> {
-    let (code, body) = http(addr, "GET", "/cluster/vms", "");
-    if code != 200 {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-    let r = v.as_array()?.iter().find(|r| r["name"] == vm)?;
-    Some((r["owner"].as_str()?.to_string(), r["epoch"].as_i64()?))
-}
-
-fn wait<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
-/// The last pass the guest reported flushed and checked (`K0 <pass> ok`).
-fn last_pass(console: &str) -> u64 {
-    console
-        .lines()
-        .filter_map(|l| l.strip_prefix("K0 ")?.strip_suffix(" ok")?.parse().ok())
-        .max()
-        .unwrap_or(0)
-}
-
-/// The disk after a crash: a prefix of sectors at pass P, the rest at P - 1, with P - 1 at
-/// least `flushed` (every pass the guest saw flushed is there).
-fn check_crashed_disk(img: &Path, flushed: u64) {
-    use ferry_guest::pattern::{disk_word, SECTOR, WORDS_PER_SECTOR};
-    let bytes = std::fs::read(img).unwrap();
-    let mut passes = Vec::new();
-    for s in 0..SPAN / SECTOR {
-        let sec = &bytes[(s * SECTOR) as usize..((s + 1) * SECTOR) as usize];
-        let holds = |p: u64| {
-            (0..WORDS_PER_SECTOR).all(|w| {
-                let o = (w * 8) as usize;
-                u64::from_le_bytes(sec[o..o + 8].try_into().unwrap()) == disk_word(s, p, w)
-            })
-        };
-        let p = (0..flushed + 64)
-            .find(|&p| holds(p))
-            .unwrap_or_else(|| panic!("sector {s} holds no pass: corrupt"));
-        passes.push(p);
-    }
-    let top = passes[0];
-    assert!(
-        passes.iter().all(|&p| p == top || p + 1 == top),
-        "passes not a prefix/suffix: {passes:?}"
-    );
-    assert!(
-        passes.windows(2).all(|w| w[0] >= w[1]),
-        "a later sector at a newer pass: {passes:?}"
-    );
-    let oldest = *passes.last().unwrap();
-    assert!(
-        oldest >= flushed,
-        "pass {flushed} was flushed but sector {} holds pass {oldest}",
-        passes.len() - 1
-    );
-}
-
-fn cluster(s: &Scratch) -> (etcd::Etcd, Agent, Agent) {
-    std::fs::create_dir_all(s.path("storage")).unwrap();
-    std::fs::File::create(s.path("storage/a.raw"))
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let e = etcd::Etcd::start(1);
-    let store = format!("etcd://{}", e.clients[0].trim_start_matches("http://"));
-    let h1 = Agent::start(s, "h1", &store);
-    let h2 = Agent::start(s, "h2", &store);
-    let out = ferry(&[
-        "cluster",
-        "--agent",
-        &h1.addr,
-        "create",
-        "a",
-        "--memory",
-        "64M",
-        "--disk",
-        "path=a.raw",
-        "--guest",
-        GUEST,
-        "--priority",
-        "5",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (e, h1, h2)
-}
 
 #[test]
 fn a_killed_hosts_vm_runs_elsewhere_within_10s_and_the_host_coming_back_leaves_it() {
@@ -272,29 +66,7 @@ fn a_paused_agent_is_fenced_taken_over_and_kills_its_copy_and_two_never_run() {
     wait("a pass on the first host", Duration::from_secs(30), || {
         (last_pass(&hosts[x].console("a")) >= 1).then_some(())
     });
-    // The checker: every 20 ms, each host's VMM of "a"; never two running at once.
-    let socks: Vec<PathBuf> = hosts.iter().map(|h| h.run.join("a.sock")).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (both, samples) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
-    let checker = {
-        let (stop, both, samples) = (stop.clone(), both.clone(), samples.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                let running = socks
-                    .iter()
-                    .filter(|s| {
-                        try_api(s, "GET", "/vm", "")
-                            .is_some_and(|(c, b)| c == 200 && b.contains("\"state\":\"running\""))
-                    })
-                    .count();
-                if running > 1 {
-                    both.fetch_add(1, Ordering::SeqCst);
-                }
-                samples.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let checker = TwoCopies::watch(hosts.iter().map(|h| h.run.join("a.sock")).collect());
     let old_sock = hosts[x].run.join("a.sock");
     hosts[x].signal(libc::SIGSTOP);
     // Its VMM runs on until its deadline (at most a TTL), then fences itself.
@@ -334,31 +106,8 @@ fn a_paused_agent_is_fenced_taken_over_and_kills_its_copy_and_two_never_run() {
     wait("the old agent back", Duration::from_secs(10), || {
         (hosts[x].metric("ferry_agent_rejoins_total")? >= 1).then_some(())
     });
-    stop.store(true, Ordering::SeqCst);
-    checker.join().unwrap();
+    checker.check();
     assert_eq!(owner(&survivor, "a"), Some((hosts[y].id.clone(), e2)));
-    let n = samples.load(Ordering::SeqCst);
-    assert!(n > 50, "only {n} samples");
-    assert_eq!(both.load(Ordering::SeqCst), 0, "two copies ran at once");
-}
-
-fn cli(agent: &Agent, args: &[&str]) -> String {
-    let mut a = vec!["cluster", "--agent", &agent.addr];
-    a.extend_from_slice(args);
-    let out = ferry(&a);
-    let (o, e) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(out.status.success(), "ferry {args:?}: {e}{o}");
-    o
-}
-
-/// The first pass a console reports.
-fn first_pass(console: &str) -> Option<u64> {
-    console
-        .lines()
-        .find_map(|l| l.strip_prefix("K0 ")?.strip_suffix(" ok")?.parse().ok())
 }
 
 #[test]
@@ -436,7 +185,7 @@ fn the_balancer_moves_one_vm_off_an_overloaded_host_and_then_stays_still() {
     let s = Scratch::new("cluster-balance");
     std::fs::create_dir_all(s.path("storage")).unwrap();
     let e = etcd::Etcd::start(1);
-    let store = format!("etcd://{}", e.clients[0].trim_start_matches("http://"));
+    let store = etcd_url(&e);
     // Hosts offering one CPU each; two beating guests (about 0.45 CPU each here) on one:
     // ~90 %, over 60 % for 3 s. After one moves, each host is under 60 %.
     let policy = [

@@ -1,0 +1,194 @@
+//! Cluster faults beyond a dead host (issue #13), real KVM, real etcd, real TCP:
+//! - a host **partitioned from etcd but not from the storage** (its store connection runs
+//!   through a proxy the test cuts): its VMM fences itself, the VM is taken over, the disk does
+//!   not change between the fence and the takeover, never two copies run, and once healed the
+//!   host joins again and leaves the VM where it is;
+//! - an **etcd member killed** under a three-member etcd: nothing fails over, nothing fences;
+//! - the **embedded store** on a single host: no etcd at all, and after `kill -9` of the host
+//!   its VM starts again from its disk when the agent comes back.
+mod cluster_common;
+mod common;
+use cluster_common::*;
+use common::*;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A TCP proxy to `to` that can be cut (every connection shut, new ones refused) and healed.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream, cut: Arc<AtomicBool>) {
+    let mut buf = [0u8; 16384];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if cut.load(Ordering::SeqCst) || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
+
+impl Proxy {
+    fn start(to: String) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (c, cs) = (cut.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                if c.load(Ordering::SeqCst) {
+                    drop(s); // partitioned: the connection dies at once
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect(&to) else {
+                    continue;
+                };
+                cs.lock().unwrap().push(s.try_clone().unwrap());
+                cs.lock().unwrap().push(up.try_clone().unwrap());
+                let (a, b) = (s.try_clone().unwrap(), up.try_clone().unwrap());
+                let (c1, c2) = (c.clone(), c.clone());
+                std::thread::spawn(move || pipe(s, up, c1));
+                std::thread::spawn(move || pipe(b, a, c2));
+            }
+        });
+        Proxy { port, cut, conns }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_host_cut_off_from_etcd_fences_itself_is_taken_over_and_comes_back_clean() {
+    let s = Scratch::new("cluster-partition");
+    std::fs::create_dir_all(s.path("storage")).unwrap();
+    let e = etcd::Etcd::start(1);
+    let proxy = Proxy::start(e.clients[0].trim_start_matches("http://").to_string());
+    // h1 reaches etcd only through the proxy; it is alone when "a" is placed.
+    let h1 = Agent::start(&s, "h1", &format!("etcd://127.0.0.1:{}", proxy.port));
+    create_a(&s, &h1);
+    let (first, e1) = wait("an owner", Duration::from_secs(20), || owner(&h1.addr, "a"));
+    assert_eq!(first, "h1");
+    wait("a pass on h1", Duration::from_secs(30), || {
+        (last_pass(&h1.console("a")) >= 1).then_some(())
+    });
+    let h2 = Agent::start(&s, "h2", &etcd_url(&e));
+    let checker = TwoCopies::watch(vec![h1.run.join("a.sock"), h2.run.join("a.sock")]);
+    let old_sock = h1.run.join("a.sock");
+    proxy.cut();
+    wait("h1's VMM fenced", Duration::from_secs(10), || {
+        let (_, b) = try_api(&old_sock, "GET", "/vm", "")?;
+        b.contains("\"state\":\"paused\"").then_some(())
+    });
+    let fenced = std::fs::read(s.path("storage/a.raw")).unwrap();
+    let mut last = fenced.clone();
+    let e2 = wait("the takeover", Duration::from_secs(15), || {
+        match owner(&h2.addr, "a") {
+            Some((h, e)) if h == "h2" => Some(e),
+            _ => {
+                last = std::fs::read(s.path("storage/a.raw")).unwrap();
+                None
+            }
+        }
+    });
+    assert!(e2 > e1);
+    assert!(
+        last == fenced,
+        "the fenced VMM's disk changed before the takeover"
+    );
+    wait("the guest on h2", Duration::from_secs(15), || {
+        h2.console("a").contains("K0 1 ok").then_some(())
+    });
+    // The cut-off agent kills its copy once it sees its membership gone (its store calls
+    // time out first), and after the heal joins again without taking the VM back.
+    wait("h1's copy gone", Duration::from_secs(40), || {
+        try_api(&old_sock, "GET", "/vm", "").is_none().then_some(())
+    });
+    proxy.heal();
+    wait("h1 back", Duration::from_secs(30), || {
+        (h1.metric("ferry_agent_rejoins_total")? >= 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(owner(&h2.addr, "a"), Some(("h2".to_string(), e2)));
+    assert_eq!(h1.metric("ferry_agent_vm_starts_total"), Some(0));
+    checker.check();
+}
+
+#[test]
+fn an_etcd_member_killed_fails_nothing_over_and_fences_nothing() {
+    let s = Scratch::new("cluster-etcd-member");
+    std::fs::create_dir_all(s.path("storage")).unwrap();
+    let mut e = etcd::Etcd::start(3);
+    let url = etcd_url(&e);
+    let h1 = Agent::start(&s, "h1", &url);
+    let h2 = Agent::start(&s, "h2", &url);
+    create_a(&s, &h1);
+    let (host, e1) = wait("an owner", Duration::from_secs(20), || owner(&h1.addr, "a"));
+    let at = if host == "h1" { &h1 } else { &h2 };
+    wait("a pass", Duration::from_secs(30), || {
+        (last_pass(&at.console("a")) >= 1).then_some(())
+    });
+    let sock = at.run.join("a.sock");
+    e.kill(0);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(8) {
+        let (_, b) = api(&sock, "GET", "/vm", "");
+        assert!(b.contains("\"state\":\"running\""), "the VM stopped: {b}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, f) = api(&sock, "GET", "/vm/fence", "");
+    assert!(f.contains("\"expired\":false"), "{f}");
+    assert_eq!(owner(&h2.addr, "a"), Some((host, e1)));
+    for h in [&h1, &h2] {
+        assert_eq!(h.metric("ferry_agent_failovers_total"), Some(0));
+        assert_eq!(h.metric("ferry_agent_rejoins_total"), Some(0));
+    }
+    let before = last_pass(&at.console("a"));
+    wait("passes after the kill", Duration::from_secs(20), || {
+        (last_pass(&at.console("a")) > before).then_some(())
+    });
+}
+
+#[test]
+fn one_host_needs_no_etcd_and_its_vm_comes_back_after_a_crash() {
+    let s = Scratch::new("cluster-embedded");
+    std::fs::create_dir_all(s.path("storage")).unwrap();
+    let store = format!("file:{}", s.path("cluster.json").display());
+    let mut h = Agent::start(&s, "solo", &store);
+    create_a(&s, &h);
+    let (_, e1) = wait("an owner", Duration::from_secs(20), || owner(&h.addr, "a"));
+    wait("two passes", Duration::from_secs(30), || {
+        (last_pass(&h.console("a")) >= 2).then_some(())
+    });
+    let flushed = last_pass(&h.console("a"));
+    h.kill_host();
+    check_crashed_disk(&s.path("storage/a.raw"), flushed);
+    std::fs::remove_file(h.run.join("a.console")).unwrap();
+    // Back (same id, same store file): the VM record and its owner survived; it runs again.
+    h.spawn();
+    wait("the VM again", Duration::from_secs(20), || {
+        h.console("a").contains("K0 1 ok").then_some(())
+    });
+    assert_eq!(owner(&h.addr, "a"), Some(("solo".to_string(), e1)));
+    let out = cli(&h, &["hosts"]);
+    assert!(out.contains("solo") && out.contains("leader"), "{out}");
+}
