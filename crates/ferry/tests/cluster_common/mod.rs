@@ -222,28 +222,31 @@ pub fn cluster(s: &Scratch) -> (etcd::Etcd, Agent, Agent) {
     (e, h1, h2)
 }
 
-/// Samples every VMM of "a" (their API sockets) every 20 ms: how often more than one ran.
+/// Samples the two hosts' VMMs of "a" (their API sockets) every 20 ms: how often both ran at
+/// once. One sample asks A, then B, then A again; only all three answering "running" counts
+/// (A running before and after B was seen running): asking one after the other could
+/// otherwise catch a live migration's source just before and its destination just after a
+/// switch-over of a few milliseconds.
 pub struct TwoCopies {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<(u32, u32)>>,
 }
 
+fn running(sock: &Path) -> bool {
+    try_api(sock, "GET", "/vm", "")
+        .is_some_and(|(c, b)| c == 200 && b.contains("\"state\":\"running\""))
+}
+
 impl TwoCopies {
     pub fn watch(socks: Vec<PathBuf>) -> TwoCopies {
         use std::sync::atomic::Ordering;
+        assert_eq!(socks.len(), 2);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s2 = stop.clone();
         let thread = std::thread::spawn(move || {
             let (mut both, mut samples) = (0, 0);
             while !s2.load(Ordering::SeqCst) {
-                let running = socks
-                    .iter()
-                    .filter(|s| {
-                        try_api(s, "GET", "/vm", "")
-                            .is_some_and(|(c, b)| c == 200 && b.contains("\"state\":\"running\""))
-                    })
-                    .count();
-                if running > 1 {
+                if running(&socks[0]) && running(&socks[1]) && running(&socks[0]) {
                     both += 1;
                 }
                 samples += 1;
@@ -257,10 +260,15 @@ impl TwoCopies {
         }
     }
 
-    /// Stops; asserts it sampled enough and never saw two copies running.
-    pub fn check(mut self) {
+    /// Stops: (samples that saw two copies running, samples).
+    pub fn finish(mut self) -> (u32, u32) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        let (both, samples) = self.thread.take().unwrap().join().unwrap();
+        self.thread.take().unwrap().join().unwrap()
+    }
+
+    /// Stops; asserts it sampled enough and never saw two copies running.
+    pub fn check(self) {
+        let (both, samples) = self.finish();
         assert!(samples > 50, "only {samples} samples");
         assert_eq!(
             both, 0,
