@@ -129,6 +129,8 @@ fn a_vm_moves_live_with_its_ownership_and_a_drain_takes_it_back() {
     // the disk has taken; the guest carries on where it was (no restart, no bad pass).
     let out = cli(&hosts[x], &["migrate", "a"]);
     assert!(out.contains("live in"), "{out}");
+    assert!(out.contains("downtime"), "no migration report: {out}");
+    assert_eq!(hosts[x].metric("ferry_migrations_total"), Some(1));
     let before = last_pass(&hosts[x].console("a"));
     let (now, e2) = owner(&hosts[y].addr, "a").unwrap();
     assert_eq!(now, hosts[y].id);

@@ -31,5 +31,5 @@ pub use fence::watch as watch_fence;
 pub mod handlers;
 pub mod host;
 mod migration;
-mod progress;
+pub mod progress;
 pub mod server;

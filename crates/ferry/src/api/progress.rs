@@ -9,6 +9,22 @@ use std::time::Duration;
 
 /// Follows the migration until `run` (the thread waiting for the answer) has finished.
 pub fn follow<T>(socket: &Path, run: &std::thread::JoinHandle<T>) {
+    follow_with(
+        || {
+            call(socket, Method::GET, "/vm/migration", None)
+                .ok()
+                .flatten()
+        },
+        run,
+    )
+}
+
+/// As [`follow`], the status (`GET /vm/migration`'s) fetched by `status` (`ferry cluster
+/// migrate` asks the source's agent).
+pub fn follow_with<T>(
+    status: impl Fn() -> Option<serde_json::Value>,
+    run: &std::thread::JoinHandle<T>,
+) {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} pages  {msg}")
@@ -18,7 +34,7 @@ pub fn follow<T>(socket: &Path, run: &std::thread::JoinHandle<T>) {
     let mut pass = None;
     while !run.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
-        let Ok(Some(s)) = call(socket, Method::GET, "/vm/migration", None) else {
+        let Some(s) = status() else {
             continue;
         };
         let f = |k: &str| s[k].as_f64().unwrap_or(0.0);

@@ -287,6 +287,14 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Result<String, ApiError> {
         g("ferry_agent_rejoins_total", "Times this agent lost its membership and joined again.", "counter", rejoins.to_string());
         let refused = *s.refused.lock().unwrap_or_else(|e| e.into_inner());
         g("ferry_fenced_writes_refused_total", "Disk writes and flushes the fences of this agent's VMMs refused (counted when a fenced VMM is killed).", "counter", refused.to_string());
+        let in_flight = s.runner.lock().migrating();
+        g("ferry_migrations_in_flight", "VMMs of this host migrating in or out now.", "gauge", in_flight.to_string());
+        let (done, last) = s.migrations.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        g("ferry_migrations_total", "Live migrations away from this host that completed.", "counter", done.to_string());
+        let num = |k: &str| last[k].as_f64().unwrap_or(0.0).to_string();
+        g("ferry_migration_last_downtime_ms", "The last completed migration's pause, ms.", "gauge", num("downtime_ms"));
+        g("ferry_migration_last_total_ms", "The last completed migration's duration, ms.", "gauge", num("total_ms"));
+        g("ferry_migration_last_wire_bytes", "The last completed migration's bytes on the wire.", "gauge", num("wire_bytes"));
         let _ = writeln!(o, "# HELP ferry_vm_resident_bytes Memory a local VMM has touched.\n# TYPE ferry_vm_resident_bytes gauge");
         for (vm, b) in s.resident.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(o, "ferry_vm_resident_bytes{{host=\"{}\",vm=\"{vm}\"}} {b}", s.id);
@@ -327,6 +335,7 @@ pub fn spawn(listener: std::net::TcpListener, shared: Arc<Shared>) -> Result<Api
         .route("/cluster/local/receive", post(moves::receive))
         .route("/cluster/local/migrate", post(moves::local_migrate))
         .route("/cluster/local/handed/{name}", put(moves::handed))
+        .route("/cluster/local/migration/{name}", get(moves::progress))
         .route("/cluster/balance", get(balance))
         .route("/metrics", get(metrics))
         .fallback(crate::api::extract::not_found)

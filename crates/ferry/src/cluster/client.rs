@@ -186,11 +186,45 @@ pub fn main(args: ClusterArgs) -> Result<()> {
             println!("VM {name}: should stop; its host shuts it down");
         }
         ClusterAction::Migrate { name, to } => {
+            // The source's agent shows the migration's progress while it runs.
+            let vms: Vec<VmInfo> =
+                serde_json::from_str(&call(a, Method::GET, "/cluster/vms", None)?)?;
+            let hosts: Vec<HostInfo> =
+                serde_json::from_str(&call(a, Method::GET, "/cluster/hosts", None)?)?;
+            let src = vms
+                .iter()
+                .find(|v| v.name == name)
+                .and_then(|v| v.owner.as_ref())
+                .and_then(|o| hosts.iter().find(|h| &h.id == o))
+                .map(|h| h.addr.clone());
             let body = serde_json::json!({ "to": to }).to_string();
             let uri = format!("/cluster/vms/{name}/migrate");
-            eprintln!("moving VM {name} live ...");
-            let r = call_long(a, Method::POST, &uri, Some(body), Duration::from_secs(3600))?;
-            print_move(&serde_json::from_str(&r)?);
+            let agent = a.clone();
+            let run = std::thread::spawn(move || {
+                call_long(
+                    &agent,
+                    Method::POST,
+                    &uri,
+                    Some(body),
+                    Duration::from_secs(3600),
+                )
+            });
+            if let Some(src) = src {
+                let status = format!("/cluster/local/migration/{name}");
+                crate::api::progress::follow_with(
+                    || {
+                        let t = call(&src, Method::GET, &status, None).ok()?;
+                        serde_json::from_str(&t).ok()
+                    },
+                    &run,
+                );
+            }
+            let r = run
+                .join()
+                .map_err(|_| anyhow::anyhow!("migration request thread panicked"))??;
+            let m: serde_json::Value = serde_json::from_str(&r)?;
+            crate::api::client::print_report(m["to"].as_str().unwrap_or("?"), &m["report"]);
+            print_move(&m);
         }
         ClusterAction::Drain { host } => {
             eprintln!("draining {host}: its VMs move live, one at a time ...");

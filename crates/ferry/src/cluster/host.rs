@@ -37,6 +37,16 @@ pub struct Shared {
     pub rejoins: Mutex<u64>,
     /// Writes refused by the fences of VMMs this agent killed.
     pub refused: Mutex<u64>,
+    /// Live migrations away from this host that completed, and the last one's report.
+    pub migrations: Mutex<(u64, serde_json::Value)>,
+}
+
+impl Shared {
+    pub fn record_migration(&self, report: &serde_json::Value) {
+        let mut m = self.migrations.lock().unwrap_or_else(|e| e.into_inner());
+        m.0 += 1;
+        m.1 = report.clone();
+    }
 }
 
 /// Opens `--store`.
@@ -151,6 +161,7 @@ pub fn main(args: HostArgs) -> Result<i32> {
         resident: Mutex::default(),
         rejoins: Mutex::default(),
         refused: Mutex::default(),
+        migrations: Mutex::new((0, serde_json::Value::Null)),
     });
     let _api = super::api::spawn(listener, shared.clone())?;
     // SAFETY: installing a handler that only stores to an atomic.

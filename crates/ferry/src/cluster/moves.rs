@@ -163,7 +163,11 @@ pub async fn local_migrate(
         let out =
             crate::api::client::call(&sock, Method::PUT, "/vm/migrate", Some(body.to_string()));
         match out {
-            Ok(report) => Ok(Json(report.unwrap_or(Value::Null))),
+            Ok(report) => {
+                let report = report.unwrap_or(Value::Null);
+                s.record_migration(&report);
+                Ok(Json(report))
+            }
             Err(e) => {
                 // Still ours (nothing committed): the agent looks after it again.
                 let ours = records::owner(&*s.store, &r.vm)?
@@ -311,6 +315,25 @@ pub async fn undrain(
     blocking(move || {
         s.store.txn(&[], &[Op::delete(format!("{DRAIN}{id}"))])?;
         Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+/// `GET /cluster/local/migration/NAME`: the progress of this host's VMM of NAME migrating
+/// away (its `GET /vm/migration`).
+pub async fn progress(
+    State(s): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    blocking(move || {
+        let sock = s
+            .runner
+            .lock()
+            .socket(&name)
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no VMM of {name} here")))?;
+        let v = crate::api::client::call(&sock, Method::GET, "/vm/migration", None)
+            .map_err(|e| ApiError(StatusCode::NOT_FOUND, format!("{e:#}")))?;
+        Ok(Json(v.unwrap_or(Value::Null)))
     })
     .await
 }

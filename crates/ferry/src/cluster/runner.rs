@@ -112,21 +112,38 @@ impl Processes {
     }
 }
 
-/// CPU time (user + system) of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
+/// CPU time (user + system), in seconds, in a `/proc/.../stat` line.
+fn stat_seconds(stat: &str) -> Option<f64> {
     // Fields after the command name (which may hold spaces) start after the last ')'.
-    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
-        return 0.0;
-    };
+    let rest = &stat[stat.rfind(')')? + 1..];
     let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 counted after the name.
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    // utime and stime are fields 14 and 15 of the line: 11 and 12 counted after the name.
-    (ticks(11) + ticks(12)) / hz
+    Some((ticks(11) + ticks(12)) / hz)
+}
+
+/// CPU time of a VMM's vCPU threads (named `vcpuN`), in seconds; of the whole process when
+/// it has none.
+fn cpu_seconds(pid: u32) -> f64 {
+    let mut vcpus = None;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if !comm.starts_with("vcpu") {
+                continue;
+            }
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            *vcpus.get_or_insert(0.0) += stat_seconds(&stat).unwrap_or(0.0);
+        }
+    }
+    vcpus.unwrap_or_else(|| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| stat_seconds(&s))
+            .unwrap_or(0.0)
+    })
 }
 
 impl Processes {
@@ -206,6 +223,15 @@ impl Processes {
             }
             _ => false,
         }
+    }
+
+    pub fn socket(&self, name: &str) -> Option<PathBuf> {
+        self.vmms.get(name).map(|v| v.socket.clone())
+    }
+
+    /// VMMs migrating in or out now.
+    pub fn migrating(&self) -> usize {
+        self.vmms.values().filter(|v| v.migrating).count()
     }
 
     /// Marks the VMM of `name` as leaving (or no longer): left alone until it exits.
