@@ -113,7 +113,26 @@ fn a_paused_agent_is_fenced_taken_over_and_kills_its_copy_and_two_never_run() {
 #[test]
 fn a_vm_moves_live_with_its_ownership_and_a_drain_takes_it_back() {
     let s = Scratch::new("cluster-move");
-    let (_etcd, h1, h2) = cluster(&s);
+    // Over mutual TLS: one certificate for the hosts' address, from the cluster's CA.
+    let certs = s.path("certs");
+    let dir = certs.to_str().unwrap();
+    cli_ok(&["certs", "init", "--dir", dir]);
+    cli_ok(&["certs", "issue", "127.0.0.1", "--dir", dir]);
+    let tls = [
+        "--tls-cert",
+        &format!("{dir}/127.0.0.1.pem"),
+        "--tls-key",
+        &format!("{dir}/127.0.0.1.key"),
+        "--tls-ca",
+        &format!("{dir}/ca.pem"),
+    ]
+    .map(str::to_string);
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+    std::fs::create_dir_all(s.path("storage")).unwrap();
+    let _etcd = etcd::Etcd::start(1);
+    let h1 = Agent::start_with(&s, "h1", &etcd_url(&_etcd), &tls);
+    let h2 = Agent::start_with(&s, "h2", &etcd_url(&_etcd), &tls);
+    create_a(&s, &h1);
     let hosts = [h1, h2];
     let (first, e1) = wait("an owner", Duration::from_secs(20), || {
         owner(&hosts[0].addr, "a")
@@ -130,6 +149,8 @@ fn a_vm_moves_live_with_its_ownership_and_a_drain_takes_it_back() {
     let out = cli(&hosts[x], &["migrate", "a"]);
     assert!(out.contains("live in"), "{out}");
     assert!(out.contains("downtime"), "no migration report: {out}");
+    let log = std::fs::read_to_string(hosts[y].run.join("a.log")).unwrap();
+    assert!(log.contains("TLS 1.3"), "not over TLS: {log}");
     assert_eq!(hosts[x].metric("ferry_migrations_total"), Some(1));
     let before = last_pass(&hosts[x].console("a"));
     let (now, e2) = owner(&hosts[y].addr, "a").unwrap();
@@ -245,4 +266,13 @@ fn the_balancer_moves_one_vm_off_an_overloaded_host_and_then_stays_still() {
     let out = cli(&h2, &["balance", "--dry-run"]);
     assert!(out.contains("nothing to move"), "{out}");
     drop(h2);
+}
+
+fn cli_ok(args: &[&str]) {
+    let out = ferry(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -48,6 +48,26 @@ pub struct HostArgs {
     /// Balancing: seconds a VM that moved (or failed to) is left alone.
     #[arg(long, default_value_t = 300.0)]
     pub balance_backoff: f64,
+    /// Live migrations between hosts over mutual TLS: this host's certificate (for the
+    /// address of --listen, e.g. `ferry certs issue 10.0.0.5`), its key and the cluster's
+    /// CA. Without them migrations run over plain TCP (a warning says so).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl HostArgs {
+    /// (certificate, key, CA) when migrations run over TLS.
+    pub fn tls(&self) -> Option<(PathBuf, PathBuf, PathBuf)> {
+        Some((
+            self.tls_cert.clone()?,
+            self.tls_key.clone()?,
+            self.tls_ca.clone()?,
+        ))
+    }
 }
 
 #[derive(Args, Debug)]

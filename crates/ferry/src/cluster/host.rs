@@ -147,10 +147,16 @@ pub fn main(args: HostArgs) -> Result<i32> {
         cpus,
         memory_bytes,
     };
-    let runner = SharedProcesses(Arc::new(Mutex::new(Processes::new(
-        storage.clone(),
-        run_dir.clone(),
-    )?)));
+    let mut procs = Processes::new(storage.clone(), run_dir.clone())?;
+    procs.tls = args.tls();
+    if procs.tls.is_none() {
+        eprintln!(
+            "ferry host {}: warning: no --tls-cert: live migrations between hosts run over \
+             plain TCP (not authenticated, not encrypted)",
+            args.id
+        );
+    }
+    let runner = SharedProcesses(Arc::new(Mutex::new(procs)));
     let shared = Arc::new(Shared {
         store: store.clone(),
         id: args.id.clone(),

@@ -156,10 +156,17 @@ pub async fn local_migrate(
             .lock()
             .set_leaving(&r.vm, true)
             .ok_or_else(|| conflict(format!("VM {} has no VMM on this host", r.vm)))?;
-        let body = json!({
-            "to": r.to_addr, "insecure": true,
+        let tls = s.runner.lock().tls.clone();
+        let mut body = json!({
+            "to": r.to_addr,
             "handover": {"agent": s.addr, "vm": r.vm, "from": r.epoch, "to": r.to_host},
         });
+        match tls {
+            Some((cert, key, ca)) => {
+                body["tls"] = json!({"cert": cert, "key": key, "ca": ca});
+            }
+            None => body["insecure"] = json!(true),
+        }
         let out =
             crate::api::client::call(&sock, Method::PUT, "/vm/migrate", Some(body.to_string()));
         match out {

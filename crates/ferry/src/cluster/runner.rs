@@ -25,6 +25,8 @@ pub struct Processes {
     exited: Vec<Exited>,
     /// Writes refused by the fences of VMMs killed since the last `take_refused`.
     refused: std::sync::atomic::AtomicU64,
+    /// Certificate, key and CA for migrations (None: plain TCP).
+    pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 /// `deadline` in nanoseconds of CLOCK_MONOTONIC (what `Instant` counts on Linux).
@@ -73,6 +75,7 @@ impl Processes {
             vmms: HashMap::new(),
             exited: Vec::new(),
             refused: Default::default(),
+            tls: None,
         })
     }
 
@@ -174,8 +177,18 @@ impl Processes {
             .append(true)
             .open(&log_path)
             .map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let child = Command::new(&self.exe)
-            .args(["receive", "--listen", &listen, "--insecure"])
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["receive", "--listen", &listen]);
+        match &self.tls {
+            Some((c, k, ca)) => {
+                cmd.arg("--tls-cert").arg(c).arg("--tls-key").arg(k);
+                cmd.arg("--tls-ca").arg(ca);
+            }
+            None => {
+                cmd.arg("--insecure");
+            }
+        }
+        let child = cmd
             .arg("--api-socket")
             .arg(&socket)
             .arg("--console-log")
