@@ -28,7 +28,8 @@ pub enum Command {
     /// Ferry's main job in one command: two local "hosts" (ferry processes), the test guest
     /// rewriting memory with a heartbeat and writing its disk, live-migrated A→B (shared
     /// storage) and back B→A with its disk (shared-nothing), each move's report and the
-    /// downtime the guest itself saw (largest heartbeat gap).
+    /// downtime the guest itself saw (largest heartbeat gap); then a two-host cluster (over
+    /// etcd) moving a VM live with its ownership and restarting it when its host is killed.
     Demo(DemoArgs),
     /// Save a VM (state and memory) to a directory through its API socket.
     Snapshot(SnapshotArgs),
@@ -462,4 +463,8 @@ pub struct DemoArgs {
     /// Migrate over plain TCP instead of TLS with a CA made for the demo.
     #[arg(long)]
     pub insecure: bool,
+    /// Skip the last act (a two-host cluster: a live move with its ownership, then a host
+    /// killed and its VM restarted on the other; needs etcd).
+    #[arg(long)]
+    pub no_cluster: bool,
 }

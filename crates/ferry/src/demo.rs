@@ -351,5 +351,8 @@ fn run(args: &DemoArgs, dir: &Path) -> Result<()> {
         gap1.as_secs_f64() * 1e3,
         gap2.as_secs_f64() * 1e3
     );
+    if !args.no_cluster {
+        crate::demo_cluster::act(dir)?;
+    }
     Ok(())
 }

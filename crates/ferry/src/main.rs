@@ -3,6 +3,7 @@ mod api;
 mod cli;
 mod cluster;
 mod demo;
+mod demo_cluster;
 mod run;
 
 use clap::{CommandFactory, Parser};

@@ -276,3 +276,69 @@ fn cli_ok(args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_migration_longer_than_the_ttl_keeps_the_sources_fence_renewed() {
+    let s = Scratch::new("cluster-long-move");
+    std::fs::create_dir_all(s.path("storage")).unwrap();
+    std::fs::File::create(s.path("storage/big.raw"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let e = etcd::Etcd::start(1);
+    let h1 = Agent::start(&s, "h1", &etcd_url(&e));
+    cli(
+        &h1,
+        &[
+            "create",
+            "big",
+            "--cpus",
+            "2",
+            "--memory",
+            "256M",
+            "--disk",
+            "path=big.raw",
+            "--guest",
+            "verify size=64M hb=1000; disk span=256K rate=256K",
+        ],
+    );
+    let (_, e1) = wait("an owner", Duration::from_secs(20), || {
+        owner(&h1.addr, "big")
+    });
+    let h2 = Agent::start(&s, "h2", &etcd_url(&e));
+    wait(
+        "the guest's region filled and checked",
+        Duration::from_secs(20),
+        || {
+            h1.console("big")
+                .lines()
+                .any(|l| l.starts_with("V0 "))
+                .then_some(())
+        },
+    );
+    // 64 MiB and more at 16 MiB/s: several TTLs (2 s) of migration.
+    let out = cli(&h1, &["migrate", "big", "--max-bandwidth", "16M"]);
+    let (now, e2) = owner(&h1.addr, "big").unwrap();
+    assert_eq!(now, "h2", "{out}");
+    assert!(e2 > e1);
+    let total: f64 = out
+        .split("total ")
+        .nth(1)
+        .and_then(|t| t.split(" ms").next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no total in {out}"));
+    assert!(
+        total > 4000.0,
+        "the migration took only {total} ms: not longer than the TTL"
+    );
+    wait("checks on h2", Duration::from_secs(20), || {
+        h2.console("big")
+            .lines()
+            .any(|l| l.starts_with("V0 "))
+            .then_some(())
+    });
+    wait("disk passes on h2", Duration::from_secs(20), || {
+        h2.console("big").contains("K1 ").then_some(())
+    });
+    assert!(!h2.console("big").contains("BAD"), "{}", h2.console("big"));
+}

@@ -100,6 +100,9 @@ pub enum ClusterAction {
         name: String,
         #[arg(long)]
         to: Option<String>,
+        /// Bandwidth cap in bytes per second, e.g. 100M (default: none).
+        #[arg(long)]
+        max_bandwidth: Option<String>,
     },
     /// Mark HOST so nothing is placed on it and live-migrate its VMs away, one at a time,
     /// highest priority first (`undrain` cancels before the next VM).

@@ -185,7 +185,14 @@ pub fn main(args: ClusterArgs) -> Result<()> {
             call(a, Method::PUT, &format!("/cluster/vms/{name}/stop"), None)?;
             println!("VM {name}: should stop; its host shuts it down");
         }
-        ClusterAction::Migrate { name, to } => {
+        ClusterAction::Migrate {
+            name,
+            to,
+            max_bandwidth,
+        } => {
+            let max_bandwidth = max_bandwidth
+                .map(|b| ferry_vmm::memory::parse_size(&b))
+                .transpose()?;
             // The source's agent shows the migration's progress while it runs.
             let vms: Vec<VmInfo> =
                 serde_json::from_str(&call(a, Method::GET, "/cluster/vms", None)?)?;
@@ -197,7 +204,7 @@ pub fn main(args: ClusterArgs) -> Result<()> {
                 .and_then(|v| v.owner.as_ref())
                 .and_then(|o| hosts.iter().find(|h| &h.id == o))
                 .map(|h| h.addr.clone());
-            let body = serde_json::json!({ "to": to }).to_string();
+            let body = serde_json::json!({ "to": to, "max_bandwidth": max_bandwidth }).to_string();
             let uri = format!("/cluster/vms/{name}/migrate");
             let agent = a.clone();
             let run = std::thread::spawn(move || {

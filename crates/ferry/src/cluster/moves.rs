@@ -133,6 +133,8 @@ pub struct LocalMigrateReq {
     to_addr: String,
     to_host: String,
     epoch: i64,
+    #[serde(default)]
+    max_bandwidth: Option<u64>,
 }
 
 /// `POST /cluster/local/migrate`: this host's VMM of `vm` migrates to `to_addr`, handing
@@ -159,6 +161,7 @@ pub async fn local_migrate(
         let tls = s.runner.lock().tls.clone();
         let mut body = json!({
             "to": r.to_addr,
+            "max_bandwidth": r.max_bandwidth,
             "handover": {"agent": s.addr, "vm": r.vm, "from": r.epoch, "to": r.to_host},
         });
         match tls {
@@ -193,7 +196,12 @@ pub async fn local_migrate(
 }
 
 /// Moves VM `name` live to `to` (or the best host other than its own): the orchestration.
-fn move_vm(s: &Shared, name: &str, to: Option<String>) -> Result<Value, ApiError> {
+fn move_vm(
+    s: &Shared,
+    name: &str,
+    to: Option<String>,
+    max_bandwidth: Option<u64>,
+) -> Result<Value, ApiError> {
     let o = records::owner(&*s.store, name)?
         .ok_or_else(|| conflict(format!("VM {name} is not running (it has no owner)")))?;
     let (rec, _) =
@@ -237,7 +245,10 @@ fn move_vm(s: &Shared, name: &str, to: Option<String>) -> Result<Value, ApiError
     .map_err(gateway)?;
     let at: Value = serde_json::from_str(&r).map_err(|e| gateway(e.into()))?;
     let at = at["addr"].as_str().unwrap_or_default().to_string();
-    let body = json!({"vm": name, "to_addr": at, "to_host": target, "epoch": o.epoch});
+    let body = json!({
+        "vm": name, "to_addr": at, "to_host": target, "epoch": o.epoch,
+        "max_bandwidth": max_bandwidth,
+    });
     let rep = call_long(
         &src.addr,
         Method::POST,
@@ -263,6 +274,9 @@ fn move_vm(s: &Shared, name: &str, to: Option<String>) -> Result<Value, ApiError
 pub struct MigrateReq {
     #[serde(default)]
     to: Option<String>,
+    /// Bytes per second over all connections.
+    #[serde(default)]
+    max_bandwidth: Option<u64>,
 }
 
 /// `POST /cluster/vms/NAME/migrate {"to": HOST?}`.
@@ -271,7 +285,7 @@ pub async fn migrate(
     Path(name): Path<String>,
     ApiJson(r): ApiJson<MigrateReq>,
 ) -> Result<Json<Value>, ApiError> {
-    blocking(move || move_vm(&s, &name, r.to).map(Json)).await
+    blocking(move || move_vm(&s, &name, r.to, r.max_bandwidth).map(Json)).await
 }
 
 /// `POST /cluster/hosts/ID/drain`: marks the host (nothing is placed on it) and moves its
@@ -303,7 +317,7 @@ pub async fn drain(
                 out.push(json!({"vm": v.name, "error": "drain cancelled (undrain)"}));
                 continue;
             }
-            match move_vm(&s, &v.name, None) {
+            match move_vm(&s, &v.name, None, None) {
                 Ok(m) => out.push(m),
                 Err(ApiError(_, e)) => out.push(json!({"vm": v.name, "error": e})),
             }

@@ -12,6 +12,9 @@ struct Vmm {
     epoch: i64,
     /// Migrating in or out: the agent leaves it alone until the hand-over settles it.
     migrating: bool,
+    /// Arriving (a `ferry receive` whose VM does not run yet): its API is not served yet,
+    /// its fence deadline comes with the hand-over.
+    arriving: bool,
     socket: PathBuf,
     /// The fence deadline last handed to it (monotonic ns).
     renewed: u64,
@@ -219,6 +222,7 @@ impl Processes {
                 child,
                 epoch,
                 migrating: true,
+                arriving: true,
                 socket,
                 renewed: 0,
             },
@@ -229,9 +233,10 @@ impl Processes {
     /// The hand-over to this host settled: the arriving VMM of `name` owns it at `epoch`.
     pub fn handed(&mut self, name: &str, epoch: i64) -> bool {
         match self.vmms.get_mut(name) {
-            Some(v) if v.migrating => {
+            Some(v) if v.arriving => {
                 v.epoch = epoch;
                 v.migrating = false;
+                v.arriving = false;
                 true
             }
             _ => false,
@@ -345,6 +350,7 @@ impl Runner for Processes {
                 child,
                 epoch,
                 migrating: false,
+                arriving: false,
                 socket,
                 renewed: ns,
             },
@@ -382,8 +388,9 @@ impl Runner for Processes {
     fn renew(&mut self, deadline: Instant) {
         let ns = monotonic_ns(deadline);
         // An arriving VMM serves its API only once its VM runs; its deadline comes with the
-        // hand-over (`handed_over`).
-        for v in self.vmms.values_mut().filter(|v| !v.migrating) {
+        // hand-over (`handed_over`). A leaving one is renewed as any other: its migration may
+        // take longer than a TTL.
+        for v in self.vmms.values_mut().filter(|v| !v.arriving) {
             if ns > v.renewed {
                 let body = format!("{{\"deadline_ns\":{ns}}}");
                 if call(&v.socket, hyper::Method::PUT, "/vm/fence", Some(body)).is_some() {
