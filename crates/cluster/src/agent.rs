@@ -30,6 +30,9 @@ pub const LEADER: &str = "/ferry/leader";
 pub const LOADS: &str = "/ferry/load/";
 /// `/ferry/drain/ID` exists while host ID is draining or drained: nothing is placed there.
 pub const DRAIN: &str = "/ferry/drain/";
+/// `/ferry/restore/NAME`: a snapshot directory (on the shared storage) the next start of VM
+/// NAME resumes from instead of booting (a quick migration); deleted once started.
+pub const RESTORE: &str = "/ferry/restore/";
 /// The leader's latest balancing decision (JSON [`Decision`]), on its lease.
 pub const BALANCE: &str = "/ferry/balance";
 
@@ -53,6 +56,8 @@ pub struct Exited {
     pub epoch: i64,
     /// Its exit code; None when a signal ended it.
     pub code: Option<i32>,
+    /// It was migrating away (live or quick): whoever moves it settles its VM, not this exit.
+    pub migrating: bool,
 }
 
 /// The VMM processes of one host.
@@ -377,7 +382,7 @@ impl<R: Runner> Agent<R> {
         let now = Instant::now();
         for e in self.runner.reap() {
             self.samples.remove(&e.name);
-            if !self.mine(v, &e.name, e.epoch) {
+            if e.migrating || !self.mine(v, &e.name, e.epoch) {
                 continue;
             }
             if e.code == Some(0) {
@@ -439,8 +444,21 @@ impl<R: Runner> Agent<R> {
             if self.retry.get(&r.name).is_some_and(|(t, _)| now < *t) {
                 continue;
             }
-            match self.runner.start(&r.name, &r.spec, o.epoch, deadline) {
-                Ok(()) => self.count(|s| s.starts += 1),
+            // A quick migration left its state to resume from.
+            let key = format!("{RESTORE}{}", r.name);
+            let from = self.store.get(&key).ok().flatten();
+            let mut spec = r.spec.clone();
+            if let Some(kv) = &from {
+                spec["restore_from"] = String::from_utf8_lossy(&kv.value).into_owned().into();
+            }
+            match self.runner.start(&r.name, &spec, o.epoch, deadline) {
+                Ok(()) => {
+                    self.count(|s| s.starts += 1);
+                    if let Some(kv) = from {
+                        let when = [Compare::ModRevision(key.clone(), kv.mod_revision)];
+                        let _ = self.store.txn(&when, &[Op::delete(key)]);
+                    }
+                }
                 Err(why) => {
                     tracing::warn!("starting VM {}: {why}", r.name);
                     let b = self.cfg.restart_backoff * 4;

@@ -40,6 +40,7 @@ impl Fake {
             name: name.into(),
             epoch,
             code: Some(code),
+            migrating: false,
         });
     }
 }

@@ -162,6 +162,12 @@ pub struct RestoreArgs {
     /// everything before starting.
     #[arg(long)]
     pub lazy_check: bool,
+    /// For cluster agents, as `ferry run --fence-epoch`: the VM's disks are owned with this
+    /// epoch and the VMM fences itself past --fence-deadline-ns.
+    #[arg(long)]
+    pub fence_epoch: Option<i64>,
+    #[arg(long, requires = "fence_epoch")]
+    pub fence_deadline_ns: Option<u64>,
 }
 
 #[derive(Args, Debug)]

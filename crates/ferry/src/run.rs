@@ -76,17 +76,26 @@ pub fn main(args: RunArgs) -> Result<i32> {
         return Ok(finish(&vm, server));
     }
     let config = config_from(&args)?;
-    let fence = args.fence_epoch.map(|e| {
-        let f = ferry_storage::fence::Fence::new(e, args.fence_deadline_ns);
-        // The first install in this process: nothing else installs one.
-        let _ = ferry_storage::fence::install(f.clone());
-        f
-    });
+    let fence = install_fence(args.fence_epoch, args.fence_deadline_ns);
     let vm = Arc::new(Vm::new(config, console(&args.console_log)?)?);
     if let Some(f) = fence {
         crate::api::watch_fence(vm.clone(), f);
     }
     serve_and_wait(vm, listener, &args.console_log, true, None)
+}
+
+/// Installs this process's fence (`--fence-epoch`, `--fence-deadline-ns`), before any disk
+/// is opened.
+fn install_fence(
+    epoch: Option<i64>,
+    deadline_ns: Option<u64>,
+) -> Option<Arc<ferry_storage::fence::Fence>> {
+    epoch.map(|e| {
+        let f = ferry_storage::fence::Fence::new(e, deadline_ns);
+        // The first install in this process: nothing else installs one.
+        let _ = ferry_storage::fence::install(f.clone());
+        f
+    })
 }
 
 fn bind(p: &Option<std::path::PathBuf>) -> Result<Option<crate::api::server::Bound>> {
@@ -133,6 +142,7 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
     } else {
         MemoryCheck::BeforeStart
     };
+    let fence = install_fence(args.fence_epoch, args.fence_deadline_ns);
     let t0 = std::time::Instant::now();
     let (vm, rep) = ferry_vmm::snapshot::restore(&args.from, console(&args.console_log)?, check)
         .with_context(|| format!("restoring from {}", args.from.display()))?;
@@ -148,7 +158,11 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
         },
         t0.elapsed().as_secs_f64() * 1e3
     );
-    serve_and_wait(Arc::new(vm), listener, &args.console_log, true, None)
+    let vm = Arc::new(vm);
+    if let Some(f) = fence {
+        crate::api::watch_fence(vm.clone(), f);
+    }
+    serve_and_wait(vm, listener, &args.console_log, true, None)
 }
 
 /// Migration sockets give up on a silent peer after this.

@@ -5,7 +5,9 @@
 //!   host joins again and leaves the VM where it is;
 //! - an **etcd member killed** under a three-member etcd: nothing fails over, nothing fences;
 //! - the **embedded store** on a single host: no etcd at all, and after `kill -9` of the host
-//!   its VM starts again from its disk when the agent comes back.
+//!   its VM starts again from its disk when the agent comes back;
+//! - an **agent killed alone**: restarted, it stops the VMM it left and runs the VM once;
+//! - a **quick migration** through the shared storage, with the ownership.
 mod cluster_common;
 mod common;
 use cluster_common::*;
@@ -191,4 +193,90 @@ fn one_host_needs_no_etcd_and_its_vm_comes_back_after_a_crash() {
     assert_eq!(owner(&h.addr, "a"), Some(("solo".to_string(), e1)));
     let out = cli(&h, &["hosts"]);
     assert!(out.contains("solo") && out.contains("leader"), "{out}");
+}
+
+/// How many processes serve `sock` as their API socket.
+fn vmms_on(sock: &std::path::Path) -> usize {
+    let want = sock.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|p| {
+            std::fs::read(p.path().join("cmdline"))
+                .map(|c| {
+                    let args: Vec<_> = c.split(|b| *b == 0).map(String::from_utf8_lossy).collect();
+                    args.windows(2)
+                        .any(|w| w[0] == "--api-socket" && w[1] == want)
+                })
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+#[test]
+fn an_agent_killed_alone_comes_back_stops_its_orphaned_vmm_and_runs_the_vm_once() {
+    let s = Scratch::new("cluster-orphan");
+    std::fs::create_dir_all(s.path("storage")).unwrap();
+    let store = format!("file:{}", s.path("cluster.json").display());
+    let mut h = Agent::start(&s, "solo", &store);
+    create_a(&s, &h);
+    wait("a pass", Duration::from_secs(30), || {
+        (last_pass(&h.console("a")) >= 1).then_some(())
+    });
+    let sock = h.run.join("a.sock");
+    assert_eq!(vmms_on(&sock), 1);
+    // Only the agent dies; its VMM runs on, fences itself at its deadline.
+    h.signal(libc::SIGKILL);
+    let _ = h.child.take().unwrap().wait();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(vmms_on(&sock), 1, "the VMM went with its agent");
+    std::fs::remove_file(h.run.join("a.console")).unwrap();
+    h.spawn();
+    wait("the VM again", Duration::from_secs(30), || {
+        h.console("a").contains("K0 1 ok").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        vmms_on(&sock),
+        1,
+        "the orphan was not stopped, or the VM runs twice"
+    );
+    assert_eq!(h.metric("ferry_agent_vm_crashes_total"), Some(0));
+}
+
+#[test]
+fn a_quick_migration_moves_the_vm_through_the_storage_with_its_ownership() {
+    let s = Scratch::new("cluster-quick");
+    let (_etcd, h1, h2) = cluster(&s);
+    let hosts = [h1, h2];
+    let (first, e1) = wait("an owner", Duration::from_secs(20), || {
+        owner(&hosts[0].addr, "a")
+    });
+    let (x, y) = if first == "h1" { (0, 1) } else { (1, 0) };
+    wait("two passes", Duration::from_secs(30), || {
+        (last_pass(&hosts[x].console("a")) >= 2).then_some(())
+    });
+    let out = cli(&hosts[x], &["migrate", "a", "--quick"]);
+    assert!(out.contains("quick migration"), "{out}");
+    let before = last_pass(&hosts[x].console("a"));
+    let (now, e2) = owner(&hosts[x].addr, "a").unwrap();
+    assert_eq!(now, hosts[y].id);
+    assert!(e2 > e1);
+    wait("passes on the new host", Duration::from_secs(30), || {
+        (last_pass(&hosts[y].console("a")) > before).then_some(())
+    });
+    let there = hosts[y].console("a");
+    assert!(
+        !there.contains("K0 1 ok") || before == 0,
+        "the guest booted again instead of resuming: {there}"
+    );
+    assert!(!there.contains("BAD"), "{there}");
+    assert_eq!(
+        ferry_storage::fence::current_epoch(&s.path("storage/a.raw")).unwrap(),
+        e2
+    );
+    // Started from its saved state once; the VM record still says running.
+    assert_eq!(hosts[x].metric("ferry_agent_vm_crashes_total"), Some(0));
+    let (_, vms) = http(&hosts[x].addr, "GET", "/cluster/vms", "");
+    assert!(vms.contains("\"desired\":\"running\""), "{vms}");
 }

@@ -334,6 +334,7 @@ pub fn spawn(listener: std::net::TcpListener, shared: Arc<Shared>) -> Result<Api
         )
         .route("/cluster/local/receive", post(moves::receive))
         .route("/cluster/local/migrate", post(moves::local_migrate))
+        .route("/cluster/local/quick", post(moves::local_quick))
         .route("/cluster/local/handed/{name}", put(moves::handed))
         .route("/cluster/local/migration/{name}", get(moves::progress))
         .route("/cluster/balance", get(balance))

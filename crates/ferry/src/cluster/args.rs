@@ -101,12 +101,21 @@ pub enum ClusterAction {
         #[arg(long)]
         to: Option<String>,
         /// Bandwidth cap in bytes per second, e.g. 100M (default: none).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "quick")]
         max_bandwidth: Option<String>,
+        /// Quick migration instead: pause, save the VM to the shared storage, resume it on
+        /// the target (the ownership moves once the save is durable and the source stopped).
+        #[arg(long)]
+        quick: bool,
     },
     /// Mark HOST so nothing is placed on it and live-migrate its VMs away, one at a time,
     /// highest priority first (`undrain` cancels before the next VM).
-    Drain { host: String },
+    Drain {
+        host: String,
+        /// A VM that cannot move live moves by quick migration through the shared storage.
+        #[arg(long)]
+        allow_quick: bool,
+    },
     /// Let VMs be placed on HOST again (stops a drain in progress before its next VM).
     Undrain { host: String },
     /// What the leader's balancer decided last, and why, with each host's load.

@@ -99,6 +99,7 @@ fn create(agent: &str, c: CreateArgs) -> Result<()> {
         guest: c.guest,
         kernel: c.kernel,
         cmdline: c.cmdline,
+        restore_from: None,
     };
     let body = serde_json::json!({
         "name": c.name, "spec": spec, "priority": c.priority, "stopped": c.stopped,
@@ -120,6 +121,13 @@ fn print_move(m: &serde_json::Value) {
     let vm = m["vm"].as_str().unwrap_or("?");
     match m.get("error").and_then(|e| e.as_str()) {
         Some(e) => println!("VM {vm}: not moved: {e}"),
+        None if m["quick"] == true => println!(
+            "VM {vm}: {} -> {} by quick migration: saved to the shared storage and handed over in \
+             {:.2} s (it resumes there at that host's next round; stopped meanwhile)",
+            m["from"].as_str().unwrap_or("?"),
+            m["to"].as_str().unwrap_or("?"),
+            m["took_ms"].as_f64().unwrap_or(0.0) / 1e3,
+        ),
         None => println!(
             "VM {vm}: {} -> {} live in {:.2} s, paused {:.1} ms",
             m["from"].as_str().unwrap_or("?"),
@@ -189,6 +197,7 @@ pub fn main(args: ClusterArgs) -> Result<()> {
             name,
             to,
             max_bandwidth,
+            quick,
         } => {
             let max_bandwidth = max_bandwidth
                 .map(|b| ferry_vmm::memory::parse_size(&b))
@@ -204,7 +213,9 @@ pub fn main(args: ClusterArgs) -> Result<()> {
                 .and_then(|v| v.owner.as_ref())
                 .and_then(|o| hosts.iter().find(|h| &h.id == o))
                 .map(|h| h.addr.clone());
-            let body = serde_json::json!({ "to": to, "max_bandwidth": max_bandwidth }).to_string();
+            let body =
+                serde_json::json!({ "to": to, "max_bandwidth": max_bandwidth, "quick": quick })
+                    .to_string();
             let uri = format!("/cluster/vms/{name}/migrate");
             let agent = a.clone();
             let run = std::thread::spawn(move || {
@@ -230,12 +241,14 @@ pub fn main(args: ClusterArgs) -> Result<()> {
                 .join()
                 .map_err(|_| anyhow::anyhow!("migration request thread panicked"))??;
             let m: serde_json::Value = serde_json::from_str(&r)?;
-            crate::api::client::print_report(m["to"].as_str().unwrap_or("?"), &m["report"]);
+            if !quick {
+                crate::api::client::print_report(m["to"].as_str().unwrap_or("?"), &m["report"]);
+            }
             print_move(&m);
         }
-        ClusterAction::Drain { host } => {
+        ClusterAction::Drain { host, allow_quick } => {
             eprintln!("draining {host}: its VMs move live, one at a time ...");
-            let uri = format!("/cluster/hosts/{host}/drain");
+            let uri = format!("/cluster/hosts/{host}/drain?allow_quick={allow_quick}");
             let r = call_long(a, Method::POST, &uri, None, Duration::from_secs(24 * 3600))?;
             let moves: Vec<serde_json::Value> = serde_json::from_str(&r)?;
             let failed = moves.iter().filter(|m| m.get("error").is_some()).count();

@@ -27,6 +27,8 @@ pub struct Shared {
     pub id: String,
     /// Where this agent's API listens.
     pub addr: String,
+    /// The shared storage.
+    pub storage: PathBuf,
     pub runner: SharedProcesses,
     /// This host's membership deadline (CLOCK_MONOTONIC ns), for VMMs arriving by migration.
     pub deadline_ns: std::sync::atomic::AtomicU64,
@@ -161,6 +163,7 @@ pub fn main(args: HostArgs) -> Result<i32> {
         store: store.clone(),
         id: args.id.clone(),
         addr: rec.addr.clone(),
+        storage: storage.clone(),
         runner: runner.clone(),
         deadline_ns: Default::default(),
         stats: Mutex::default(),

@@ -21,6 +21,10 @@ pub struct VmSpec {
     pub guest: Option<String>,
     pub kernel: Option<String>,
     pub cmdline: Option<String>,
+    /// Set by the agent for one start: resume from this snapshot directory (a quick
+    /// migration's) instead of booting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<String>,
 }
 
 use ferry_migration::engine::CommitHold;

@@ -12,7 +12,7 @@ use crate::api::handlers::{blocking, ApiError};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use ferry_cluster::agent::{self, DRAIN};
+use ferry_cluster::agent::{self, DRAIN, RESTORE};
 use ferry_cluster::records::{self, RecordError};
 use ferry_cluster::Op;
 use hyper::Method;
@@ -195,13 +195,13 @@ pub async fn local_migrate(
     .await
 }
 
-/// Moves VM `name` live to `to` (or the best host other than its own): the orchestration.
-fn move_vm(
+/// VM `name`'s owner, its host's agent address, and where it goes: `to`, or the best host
+/// other than its own; never a draining host.
+fn source_and_target(
     s: &Shared,
     name: &str,
     to: Option<String>,
-    max_bandwidth: Option<u64>,
-) -> Result<Value, ApiError> {
+) -> Result<(records::Owner, String, String), ApiError> {
     let o = records::owner(&*s.store, name)?
         .ok_or_else(|| conflict(format!("VM {name} is not running (it has no owner)")))?;
     let (rec, _) =
@@ -210,7 +210,9 @@ fn move_vm(
     let src = hosts
         .iter()
         .find(|h| h.id == o.host)
-        .ok_or_else(|| conflict(format!("VM {name}'s host {} is not a live member", o.host)))?;
+        .ok_or_else(|| conflict(format!("VM {name}'s host {} is not a live member", o.host)))?
+        .addr
+        .clone();
     let target = match to {
         Some(t) if t == o.host => return Err(conflict(format!("VM {name} already runs on {t}"))),
         Some(t) => t,
@@ -226,18 +228,33 @@ fn move_vm(
                 .ok_or_else(|| conflict(format!("no other host can take VM {name}")))?
         }
     };
-    let dst = hosts
-        .iter()
-        .find(|h| h.id == target)
-        .ok_or_else(|| conflict(format!("host {target} is not a live member")))?;
+    if !hosts.iter().any(|h| h.id == target) {
+        return Err(conflict(format!("host {target} is not a live member")));
+    }
     if s.store.get(&format!("{DRAIN}{target}"))?.is_some() {
         return Err(conflict(format!(
             "host {target} is draining: nothing moves there until `ferry cluster undrain {target}`"
         )));
     }
+    Ok((o, src, target))
+}
+
+/// Moves VM `name` live to `to` (or the best host other than its own): the orchestration.
+fn move_vm(
+    s: &Shared,
+    name: &str,
+    to: Option<String>,
+    max_bandwidth: Option<u64>,
+) -> Result<Value, ApiError> {
+    let (o, src, target) = source_and_target(s, name, to)?;
+    let dst_addr = agent::hosts(&*s.store)?
+        .into_iter()
+        .find(|h| h.id == target)
+        .map(|h| h.addr)
+        .ok_or_else(|| conflict(format!("host {target} is not a live member")))?;
     let t0 = Instant::now();
     let r = call(
-        &dst.addr,
+        &dst_addr,
         Method::POST,
         "/cluster/local/receive",
         Some(json!({"vm": name, "epoch": o.epoch}).to_string()),
@@ -250,7 +267,7 @@ fn move_vm(
         "max_bandwidth": max_bandwidth,
     });
     let rep = call_long(
-        &src.addr,
+        &src,
         Method::POST,
         "/cluster/local/migrate",
         Some(body.to_string()),
@@ -277,6 +294,9 @@ pub struct MigrateReq {
     /// Bytes per second over all connections.
     #[serde(default)]
     max_bandwidth: Option<u64>,
+    /// Quick migration (pause, save to the shared storage, resume there) instead of live.
+    #[serde(default)]
+    quick: bool,
 }
 
 /// `POST /cluster/vms/NAME/migrate {"to": HOST?}`.
@@ -285,15 +305,31 @@ pub async fn migrate(
     Path(name): Path<String>,
     ApiJson(r): ApiJson<MigrateReq>,
 ) -> Result<Json<Value>, ApiError> {
-    blocking(move || move_vm(&s, &name, r.to, r.max_bandwidth).map(Json)).await
+    blocking(move || {
+        if r.quick {
+            quick_vm(&s, &name, r.to).map(Json)
+        } else {
+            move_vm(&s, &name, r.to, r.max_bandwidth).map(Json)
+        }
+    })
+    .await
 }
 
-/// `POST /cluster/hosts/ID/drain`: marks the host (nothing is placed on it) and moves its
-/// VMs live, one at a time, highest priority first; `DELETE` of the same path (undrain)
+/// `POST /cluster/hosts/ID/drain[?allow_quick=true]`: marks the host (nothing is placed on
+/// it) and moves its VMs live, one at a time, highest priority first (with `allow_quick`, a
+/// VM whose live move fails goes by quick migration); `DELETE` of the same path (undrain)
 /// stops it before the next VM. Answers with each VM's outcome.
+#[derive(serde::Deserialize, Default)]
+pub struct DrainQuery {
+    /// A VM that cannot move live moves by quick migration instead.
+    #[serde(default)]
+    allow_quick: bool,
+}
+
 pub async fn drain(
     State(s): State<Arc<Shared>>,
     Path(id): Path<String>,
+    Query(q): Query<DrainQuery>,
     _: NoBody,
 ) -> Result<Json<Value>, ApiError> {
     blocking(move || {
@@ -319,6 +355,21 @@ pub async fn drain(
             }
             match move_vm(&s, &v.name, None, None) {
                 Ok(m) => out.push(m),
+                Err(ApiError(_, e)) if q.allow_quick => {
+                    tracing::warn!(
+                        "drain: VM {} could not move live ({e}); quick migration",
+                        v.name
+                    );
+                    match quick_vm(&s, &v.name, None) {
+                        Ok(mut m) => {
+                            m["live_error"] = e.into();
+                            out.push(m)
+                        }
+                        Err(ApiError(_, e2)) => out.push(
+                            json!({"vm": v.name, "error": format!("live: {e}; quick: {e2}")}),
+                        ),
+                    }
+                }
                 Err(ApiError(_, e)) => out.push(json!({"vm": v.name, "error": e})),
             }
         }
@@ -357,4 +408,90 @@ pub async fn progress(
         Ok(Json(v.unwrap_or(Value::Null)))
     })
     .await
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuickReq {
+    vm: String,
+    to_host: String,
+    epoch: i64,
+}
+
+/// `POST /cluster/local/quick`: a quick migration through the shared storage. This host's
+/// VMM of `vm` saves the VM (state and memory) to `STORAGE/.ferry-quick/NAME` and stops once
+/// it is durable; only then does the ownership move to `to_host` (a compare-and-swap from
+/// `epoch`), whose agent resumes the VM from there (`/ferry/restore/NAME`).
+pub async fn local_quick(
+    State(s): State<Arc<Shared>>,
+    ApiJson(r): ApiJson<QuickReq>,
+) -> Result<Json<Value>, ApiError> {
+    blocking(move || {
+        match records::owner(&*s.store, &r.vm)? {
+            Some(o) if o.host == s.id && o.epoch == r.epoch => {}
+            o => {
+                return Err(conflict(format!(
+                    "VM {} is not this host's at epoch {} (owner: {o:?})",
+                    r.vm, r.epoch
+                )))
+            }
+        }
+        let dir = s.storage.join(".ferry-quick").join(&r.vm);
+        let sock = s
+            .runner
+            .lock()
+            .set_leaving(&r.vm, true)
+            .ok_or_else(|| conflict(format!("VM {} has no VMM on this host", r.vm)))?;
+        let body = json!({"to": dir, "then": "stop"});
+        let t0 = Instant::now();
+        let saved =
+            crate::api::client::call(&sock, Method::PUT, "/vm/snapshot", Some(body.to_string()));
+        let saved = match saved {
+            Ok(v) => v.unwrap_or(Value::Null),
+            Err(e) => {
+                s.runner.lock().set_leaving(&r.vm, false);
+                return Err(ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("saving VM {}: {e:#}", r.vm),
+                ));
+            }
+        };
+        // Stopped and durable: the state goes to the target with the ownership.
+        let key = format!("{RESTORE}{}", r.vm);
+        s.store.put(&key, dir.to_string_lossy().as_bytes())?;
+        match records::claim(&*s.store, &r.vm, &r.to_host, Some(r.epoch)) {
+            Ok(o) => Ok(Json(json!({"epoch": o.epoch, "saved": saved,
+                "took_ms": t0.elapsed().as_millis() as u64}))),
+            // Not handed over: the VM, still this host's, starts again here from what was
+            // saved (the restore key stays).
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await
+}
+
+/// Moves VM `name` by quick migration (pause, save to the shared storage, resume there).
+fn quick_vm(s: &Shared, name: &str, to: Option<String>) -> Result<Value, ApiError> {
+    let (o, src, target) = source_and_target(s, name, to)?;
+    let t0 = Instant::now();
+    let body = json!({"vm": name, "to_host": target, "epoch": o.epoch});
+    let r = call_long(
+        &src,
+        Method::POST,
+        "/cluster/local/quick",
+        Some(body.to_string()),
+        Duration::from_secs(3600),
+    )
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("VM {name}: {e:#}"),
+        )
+    })?;
+    let r: Value = serde_json::from_str(&r).unwrap_or(Value::Null);
+    let paused = r["saved"]["paused_ms"].clone();
+    Ok(json!({
+        "vm": name, "from": o.host, "to": target, "quick": true,
+        "took_ms": t0.elapsed().as_millis() as u64, "downtime_ms": paused, "report": r,
+    }))
 }

@@ -42,6 +42,35 @@ pub fn monotonic_ns(deadline: Instant) -> u64 {
     }
 }
 
+/// Stops VMMs an earlier agent of this run directory left behind (it was killed; they have
+/// fenced themselves by now, or will at their deadline): this agent does not know them, and
+/// their API sockets are in the way of the VMMs it starts.
+fn stop_orphans(run_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let sock = e.path();
+        if sock.extension().is_none_or(|x| x != "sock") {
+            continue;
+        }
+        if std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            continue;
+        }
+        eprintln!(
+            "ferry host: stopping a VMM left by an earlier agent ({})",
+            sock.display()
+        );
+        let _ = call(&sock, hyper::Method::PUT, "/vm/shutdown", None);
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_ok()
+            && t0.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// A disk spec with a relative `path=` resolved against the shared storage.
 pub fn on_storage(spec: &str, storage: &Path) -> String {
     spec.split(',')
@@ -71,6 +100,7 @@ fn call(socket: &Path, method: hyper::Method, uri: &str, body: Option<String>) -
 
 impl Processes {
     pub fn new(storage: PathBuf, run_dir: PathBuf) -> std::io::Result<Processes> {
+        stop_orphans(&run_dir);
         Ok(Processes {
             exe: std::env::current_exe()?,
             storage,
@@ -317,25 +347,32 @@ impl Runner for Processes {
             .map_err(|e| format!("{}: {e}", log_path.display()))?;
         let ns = monotonic_ns(deadline);
         let mut cmd = Command::new(&self.exe);
-        cmd.arg("run")
-            .args(["--cpus", &spec.cpus.to_string(), "--memory", &spec.memory])
-            .arg("--api-socket")
+        if let Some(dir) = &spec.restore_from {
+            // A quick migration's state: the configuration (disks included) comes with it.
+            cmd.arg("restore").arg("--from").arg(dir);
+        } else {
+            cmd.arg("run")
+                .args(["--cpus", &spec.cpus.to_string(), "--memory", &spec.memory]);
+        }
+        cmd.arg("--api-socket")
             .arg(&socket)
             .arg("--console-log")
             .arg(&console)
             .args(["--fence-epoch", &epoch.to_string()])
             .args(["--fence-deadline-ns", &ns.to_string()]);
-        for d in &spec.disks {
-            cmd.args(["--disk", &on_storage(d, &self.storage)]);
-        }
-        if let Some(g) = &spec.guest {
-            cmd.args(["--guest", g]);
-        }
-        if let Some(k) = &spec.kernel {
-            cmd.arg("--kernel").arg(self.storage.join(k));
-        }
-        if let Some(c) = &spec.cmdline {
-            cmd.args(["--cmdline", c]);
+        if spec.restore_from.is_none() {
+            for d in &spec.disks {
+                cmd.args(["--disk", &on_storage(d, &self.storage)]);
+            }
+            if let Some(g) = &spec.guest {
+                cmd.args(["--guest", g]);
+            }
+            if let Some(k) = &spec.kernel {
+                cmd.arg("--kernel").arg(self.storage.join(k));
+            }
+            if let Some(c) = &spec.cmdline {
+                cmd.args(["--cmdline", c]);
+            }
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -404,16 +441,17 @@ impl Runner for Processes {
         let mut gone = Vec::new();
         for (n, v) in self.vmms.iter_mut() {
             if let Ok(Some(status)) = v.child.try_wait() {
-                gone.push((n.clone(), v.epoch, status.code()));
+                gone.push((n.clone(), v.epoch, status.code(), v.migrating));
             }
         }
-        for (n, epoch, code) in gone {
+        for (n, epoch, code, migrating) in gone {
             self.vmms.remove(&n);
             tracing::info!("VM {n}: its VMM exited ({code:?})");
             self.exited.push(Exited {
                 name: n,
                 epoch,
                 code,
+                migrating,
             });
         }
         self.vmms
