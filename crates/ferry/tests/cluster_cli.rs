@@ -350,3 +350,80 @@ fn a_migration_longer_than_the_ttl_keeps_the_sources_fence_renewed() {
     });
     assert!(!h2.console("big").contains("BAD"), "{}", h2.console("big"));
 }
+
+#[test]
+fn a_drain_moves_three_vms_live_and_every_guest_carries_on() {
+    let s = Scratch::new("cluster-drain3");
+    std::fs::create_dir_all(s.path("storage")).unwrap();
+    let e = etcd::Etcd::start(1);
+    let slack = ["--ttl", "4", "--grace", "1"]; // three busy guests on two cores
+    let h1 = Agent::start_with(&s, "h1", &etcd_url(&e), &slack);
+    let vms = ["d1", "d2", "d3"];
+    for (i, vm) in vms.iter().enumerate() {
+        std::fs::File::create(s.path(&format!("storage/{vm}.raw")))
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let disk = format!("path={vm}.raw");
+        let prio = i.to_string();
+        cli(
+            &h1,
+            &[
+                "create",
+                vm,
+                "--memory",
+                "64M",
+                "--disk",
+                &disk,
+                "--guest",
+                GUEST,
+                "--priority",
+                &prio,
+            ],
+        );
+    }
+    let before: Vec<i64> = vms
+        .iter()
+        .map(|vm| {
+            wait("h1 runs it", Duration::from_secs(30), || {
+                owner(&h1.addr, vm)
+                    .filter(|(h, _)| h == "h1")
+                    .map(|(_, e)| e)
+            })
+        })
+        .collect();
+    for vm in vms {
+        wait("a pass", Duration::from_secs(30), || {
+            (last_pass(&h1.console(vm)) >= 1).then_some(())
+        });
+    }
+    let h2 = Agent::start_with(&s, "h2", &etcd_url(&e), &slack);
+    let out = cli(&h2, &["drain", "h1"]);
+    assert!(out.contains("3 VM(s) moved, 0 not"), "{out}");
+    // Highest priority first.
+    let order: Vec<usize> = vms
+        .iter()
+        .map(|vm| out.find(&format!("VM {vm}:")).unwrap())
+        .collect();
+    assert!(order[2] < order[1] && order[1] < order[0], "{out}");
+    for (vm, e1) in vms.iter().zip(before) {
+        let (now, e2) = owner(&h2.addr, vm).unwrap();
+        assert_eq!(now, "h2");
+        assert!(e2 > e1);
+        let left = last_pass(&h1.console(vm));
+        wait("passes on h2", Duration::from_secs(30), || {
+            (last_pass(&h2.console(vm)) > left).then_some(())
+        });
+        let there = h2.console(vm);
+        assert!(
+            first_pass(&there).unwrap() >= left,
+            "{vm} restarted: {there}"
+        );
+        assert!(!there.contains("BAD"), "{vm}: {there}");
+        assert_eq!(
+            ferry_storage::fence::current_epoch(&s.path(&format!("storage/{vm}.raw"))).unwrap(),
+            e2
+        );
+    }
+    assert_eq!(h2.metric("ferry_agent_vm_starts_total"), Some(0));
+}

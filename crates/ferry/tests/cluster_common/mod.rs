@@ -49,7 +49,12 @@ impl Agent {
             .unwrap();
         let child = Command::new(FERRY)
             .args(["host", "--id", &self.id, "--listen", &self.addr])
-            .args(["--store", &self.store, "--ttl", "2", "--grace", "1"])
+            .args(["--store", &self.store])
+            .args(if self.extra.iter().any(|e| e == "--ttl") {
+                &[][..]
+            } else {
+                &["--ttl", "2", "--grace", "1"][..]
+            })
             .arg("--storage")
             .arg(&self.storage)
             .arg("--run-dir")
