@@ -144,15 +144,7 @@ pub async fn local_migrate(
     ApiJson(r): ApiJson<LocalMigrateReq>,
 ) -> Result<Json<Value>, ApiError> {
     blocking(move || {
-        match records::owner(&*s.store, &r.vm)? {
-            Some(o) if o.host == s.id && o.epoch == r.epoch => {}
-            o => {
-                return Err(conflict(format!(
-                    "VM {} is not this host's at epoch {} (owner: {o:?})",
-                    r.vm, r.epoch
-                )))
-            }
-        }
+        ours(&s, &r.vm, r.epoch)?;
         let sock = s
             .runner
             .lock()
@@ -239,6 +231,35 @@ fn source_and_target(
     Ok((o, src, target))
 }
 
+/// Has the owner's agent at `src` move VM `name` (`path`: its local migrate or quick
+/// route); its answer (the report).
+fn order(src: &str, path: &str, body: &Value, name: &str) -> Result<Value, ApiError> {
+    let r = call_long(
+        src,
+        Method::POST,
+        path,
+        Some(body.to_string()),
+        Duration::from_secs(3600),
+    )
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("VM {name}: {e:#}"),
+        )
+    })?;
+    Ok(serde_json::from_str(&r).unwrap_or(Value::Null))
+}
+
+/// Refused unless VM `vm` is this host's at `epoch`.
+fn ours(s: &Shared, vm: &str, epoch: i64) -> Result<(), ApiError> {
+    match records::owner(&*s.store, vm)? {
+        Some(o) if o.host == s.id && o.epoch == epoch => Ok(()),
+        o => Err(conflict(format!(
+            "VM {vm} is not this host's at epoch {epoch} (owner: {o:?})"
+        ))),
+    }
+}
+
 /// Moves VM `name` live to `to` (or the best host other than its own): the orchestration.
 fn move_vm(
     s: &Shared,
@@ -266,20 +287,7 @@ fn move_vm(
         "vm": name, "to_addr": at, "to_host": target, "epoch": o.epoch,
         "max_bandwidth": max_bandwidth,
     });
-    let rep = call_long(
-        &src,
-        Method::POST,
-        "/cluster/local/migrate",
-        Some(body.to_string()),
-        Duration::from_secs(3600),
-    )
-    .map_err(|e| {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("VM {name}: {e:#}"),
-        )
-    })?;
-    let report: Value = serde_json::from_str(&rep).unwrap_or(Value::Null);
+    let report = order(&src, "/cluster/local/migrate", &body, name)?;
     Ok(json!({
         "vm": name, "from": o.host, "to": target, "took_ms": t0.elapsed().as_millis() as u64,
         "downtime_ms": report["downtime_ms"], "report": report,
@@ -427,15 +435,7 @@ pub async fn local_quick(
     ApiJson(r): ApiJson<QuickReq>,
 ) -> Result<Json<Value>, ApiError> {
     blocking(move || {
-        match records::owner(&*s.store, &r.vm)? {
-            Some(o) if o.host == s.id && o.epoch == r.epoch => {}
-            o => {
-                return Err(conflict(format!(
-                    "VM {} is not this host's at epoch {} (owner: {o:?})",
-                    r.vm, r.epoch
-                )))
-            }
-        }
+        ours(&s, &r.vm, r.epoch)?;
         let dir = s.storage.join(".ferry-quick").join(&r.vm);
         let sock = s
             .runner
@@ -475,20 +475,7 @@ fn quick_vm(s: &Shared, name: &str, to: Option<String>) -> Result<Value, ApiErro
     let (o, src, target) = source_and_target(s, name, to)?;
     let t0 = Instant::now();
     let body = json!({"vm": name, "to_host": target, "epoch": o.epoch});
-    let r = call_long(
-        &src,
-        Method::POST,
-        "/cluster/local/quick",
-        Some(body.to_string()),
-        Duration::from_secs(3600),
-    )
-    .map_err(|e| {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("VM {name}: {e:#}"),
-        )
-    })?;
-    let r: Value = serde_json::from_str(&r).unwrap_or(Value::Null);
+    let r = order(&src, "/cluster/local/quick", &body, name)?;
     let paused = r["saved"]["paused_ms"].clone();
     Ok(json!({
         "vm": name, "from": o.host, "to": target, "quick": true,

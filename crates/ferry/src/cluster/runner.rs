@@ -193,7 +193,7 @@ impl Processes {
         agent: &str,
         host: &str,
     ) -> Result<String, String> {
-        self.running(); // reaps a VMM of it that has just ended (it left by migration)
+        self.collect_exits(); // a VMM of it that has just ended (it left by migration)
         if self.vmms.contains_key(name) {
             return Err(format!("VM {name} already has a VMM on this host"));
         }
@@ -438,6 +438,27 @@ impl Runner for Processes {
     }
 
     fn running(&mut self) -> Vec<Local> {
+        self.collect_exits();
+        self.vmms
+            .iter()
+            .map(|(n, v)| Local {
+                name: n.clone(),
+                epoch: v.epoch,
+                migrating: v.migrating,
+                cpu_seconds: cpu_seconds(v.child.id()),
+            })
+            .collect()
+    }
+
+    fn reap(&mut self) -> Vec<Exited> {
+        self.collect_exits();
+        std::mem::take(&mut self.exited)
+    }
+}
+
+impl Processes {
+    /// Moves the VMMs that ended to `exited` (no /proc reading: `reap` needs only this).
+    fn collect_exits(&mut self) {
         let mut gone = Vec::new();
         for (n, v) in self.vmms.iter_mut() {
             if let Ok(Some(status)) = v.child.try_wait() {
@@ -454,20 +475,6 @@ impl Runner for Processes {
                 migrating,
             });
         }
-        self.vmms
-            .iter()
-            .map(|(n, v)| Local {
-                name: n.clone(),
-                epoch: v.epoch,
-                migrating: v.migrating,
-                cpu_seconds: cpu_seconds(v.child.id()),
-            })
-            .collect()
-    }
-
-    fn reap(&mut self) -> Vec<Exited> {
-        self.running();
-        std::mem::take(&mut self.exited)
     }
 }
 
