@@ -2,10 +2,11 @@
  * Entered in 32-bit protected mode, paging off:
  *   BSP: multiboot (EAX = 0x2BADB002, EBX = multiboot info), by QEMU or Ferry.
  *   AP : Ferry only (EAX = 0x46455259 "FERY", ECX = vCPU index); waits for the BSP's tables.
+ *   Ferry also sets EDX = vCPUs started on every vCPU, and ESI = "FERY" on the BSP.
  * Builds identity page tables (2 MiB pages, user-accessible; first 4 GiB here, the rest by
  * CPL 3 code on demand), a GDT with one TSS per CPU (I/O bitmap allowing ports 0..1023),
  * enters long mode and iretq's to guest_entry at CPL 3 with IOPL 3.
- * guest_entry(rdi = cpu index, rsi = multiboot info address). */
+ * guest_entry(rdi = cpu index, rsi = multiboot info address, rdx = vCPUs started). */
 .set MB_MAGIC, 0x1BADB002
 .set MB_FLAGS, 0x00010003
 .set AP_MAGIC, 0x46455259
@@ -33,6 +34,10 @@ _start32:
   cmpl $0x2BADB002, %eax
   jne 1f
   movl %ebx, mb_info_ptr
+  cmpl $AP_MAGIC, %esi
+  jne 4f
+  movl %edx, cpu_count
+4:
   xorl %esi, %esi
   movl $pdpt, %eax
   orl $7, %eax
@@ -147,6 +152,7 @@ start64:
   pushq $guest_entry
   movl %esi, %edi
   movl mb_info_ptr, %esi
+  movl cpu_count, %edx
   iretq
 
 .section .data.boot, "aw"
@@ -169,6 +175,8 @@ mb_info_ptr:
   .quad 0
 tables_ready:
   .long 0
+cpu_count:
+  .long 1
 
 .section .bss.boot, "aw", @nobits
 .align 4096

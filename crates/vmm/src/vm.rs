@@ -799,7 +799,7 @@ fn setup_vcpu(
     set_lint(&mut lapic, 0x360, 4); // LINT1: NMI
     v.set_lapic(&lapic).map_err(kvm_err("set LAPIC"))?;
     let sregs = v.get_sregs().map_err(kvm_err("get sregs"))?;
-    let (regs, sregs) = cpu::boot_registers(entry, index, sregs);
+    let (regs, sregs) = cpu::boot_registers(entry, index, count, sregs);
     v.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
     v.set_regs(&regs).map_err(kvm_err("set regs"))?;
     v.set_fpu(&cpu::boot_fpu()).map_err(kvm_err("set FPU"))?;

@@ -72,8 +72,13 @@ pub fn write_boot_tables(mem: &GuestMem) -> Result<(), BootError> {
     Ok(())
 }
 
-/// Register state for vCPU `index` at boot.
-pub fn boot_registers(entry: Entry, index: u8, mut sregs: kvm_sregs) -> (kvm_regs, kvm_sregs) {
+/// Register state for vCPU `index` of `count` at boot.
+pub fn boot_registers(
+    entry: Entry,
+    index: u8,
+    count: u8,
+    mut sregs: kvm_sregs,
+) -> (kvm_regs, kvm_sregs) {
     let mut regs = kvm_regs {
         rflags: 0x2,
         ..Default::default()
@@ -93,9 +98,14 @@ pub fn boot_registers(entry: Entry, index: u8, mut sregs: kvm_sregs) -> (kvm_reg
             sregs.efer = 0;
             regs.rip = entry as u64;
             regs.rsp = multiboot::BOOT_STACK as u64;
+            // Ferry's extension, in registers multiboot leaves undefined: ESI = "FERY" on
+            // the BSP says EDX holds the number of vCPUs started (the test guest waits for
+            // all of them before it powers off; under QEMU it runs on the BSP alone).
+            regs.rdx = count as u64;
             if index == 0 {
                 regs.rax = multiboot::BOOT_MAGIC as u64;
                 regs.rbx = info as u64;
+                regs.rsi = multiboot::AP_MAGIC as u64;
             } else {
                 regs.rax = multiboot::AP_MAGIC as u64;
                 regs.rcx = index as u64;
