@@ -2,7 +2,7 @@
  * Entered in 32-bit protected mode, paging off:
  *   BSP: multiboot (EAX = 0x2BADB002, EBX = multiboot info), by QEMU or Ferry.
  *   AP : Ferry only (EAX = 0x46455259 "FERY", ECX = vCPU index); waits for the BSP's tables.
- *   Ferry also sets EDX = vCPUs started on every vCPU, and ESI = "FERY" on the BSP.
+ *   On the BSP Ferry also sets ESI = "FERY" and EDX = vCPUs started (kept in cpu_count).
  * Builds identity page tables (2 MiB pages, user-accessible; first 4 GiB here, the rest by
  * CPL 3 code on demand), a GDT with one TSS per CPU (I/O bitmap allowing ports 0..1023),
  * enters long mode and iretq's to guest_entry at CPL 3 with IOPL 3.
@@ -35,9 +35,9 @@ _start32:
   jne 1f
   movl %ebx, mb_info_ptr
   cmpl $AP_MAGIC, %esi
-  jne 4f
+  jne .Lno_count
   movl %edx, cpu_count
-4:
+.Lno_count:
   xorl %esi, %esi
   movl $pdpt, %eax
   orl $7, %eax

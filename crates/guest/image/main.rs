@@ -20,17 +20,12 @@ core::arch::global_asm!(include_str!("boot.s"), options(att_syntax));
 
 /// TSC frequency in kHz, calibrated by vCPU 0 against the PIT; 0 until known.
 static TSC_KHZ: AtomicU64 = AtomicU64::new(0);
-static STARTED: AtomicU32 = AtomicU32::new(0);
 static FINISHED: AtomicU32 = AtomicU32::new(0);
-/// vCPUs the VMM started (from boot.s; 1 under QEMU, where only the BSP runs).
-static EXPECTED: AtomicU32 = AtomicU32::new(1);
 
 #[no_mangle]
+/// `cpus` is the number of vCPUs the VMM started (boot.s; 1 under QEMU, where only the BSP
+/// runs).
 pub extern "C" fn guest_entry(cpu: u64, mbi: u64, cpus: u64) -> ! {
-    STARTED.fetch_add(1, Ordering::SeqCst);
-    if cpu == 0 {
-        EXPECTED.store(cpus.clamp(1, 32) as u32, Ordering::SeqCst);
-    }
     let map = mem::MemoryMap::from_multiboot(mbi);
     if cpu == 0 {
         io::serial_init();
@@ -52,7 +47,7 @@ pub extern "C" fn guest_entry(cpu: u64, mbi: u64, cpus: u64) -> ! {
         },
         Err(msg) => fail(cpu, msg),
     };
-    finish(cpu, code)
+    finish(cpu, cpus, code)
 }
 
 fn fail(cpu: u64, msg: &str) -> u8 {
@@ -65,13 +60,13 @@ fn fail(cpu: u64, msg: &str) -> u8 {
 /// Marks this vCPU's workload done; the last vCPU to finish powers the VM off: the last of
 /// all the VMM started, not of those that happen to have started yet (32 vCPUs on 2 host
 /// cores do not all enter at once).
-fn finish(cpu: u64, code: u8) -> ! {
+fn finish(cpu: u64, cpus: u64, code: u8) -> ! {
     let mut l = io::Line::new();
     l.s("E").u(cpu);
     l.send();
     let done = FINISHED.fetch_add(1, Ordering::SeqCst) + 1;
-    let all = EXPECTED.load(Ordering::SeqCst).max(STARTED.load(Ordering::SeqCst));
-    if done >= all || code != 0 {
+    // boot.s parks vCPUs beyond its 32 TSSs, so they never finish.
+    if u64::from(done) >= cpus.clamp(1, 32) || code != 0 {
         io::power_off(code);
     }
     loop {

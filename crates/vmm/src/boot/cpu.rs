@@ -98,14 +98,14 @@ pub fn boot_registers(
             sregs.efer = 0;
             regs.rip = entry as u64;
             regs.rsp = multiboot::BOOT_STACK as u64;
-            // Ferry's extension, in registers multiboot leaves undefined: ESI = "FERY" on
-            // the BSP says EDX holds the number of vCPUs started (the test guest waits for
-            // all of them before it powers off; under QEMU it runs on the BSP alone).
-            regs.rdx = count as u64;
             if index == 0 {
                 regs.rax = multiboot::BOOT_MAGIC as u64;
                 regs.rbx = info as u64;
+                // Ferry's extension, in registers multiboot leaves undefined: ESI = "FERY"
+                // says EDX holds the number of vCPUs started (the test guest waits for all of
+                // them before it powers off; under QEMU it runs on the BSP alone).
                 regs.rsi = multiboot::AP_MAGIC as u64;
+                regs.rdx = count as u64;
             } else {
                 regs.rax = multiboot::AP_MAGIC as u64;
                 regs.rcx = index as u64;

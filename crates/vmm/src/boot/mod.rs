@@ -3,8 +3,8 @@
 //!
 //! * multiboot (v1) ELF images — Ferry's test guest, entered in 32-bit protected mode exactly
 //!   as QEMU's `-kernel` does (BSP: EAX=0x2BADB002, EBX=info); application processors are
-//!   started directly at the same entry with EAX=0x46455259 ("FERY") and ECX=index. Every
-//!   vCPU gets EDX = the number of vCPUs started; the BSP also ESI = "FERY" to say so.
+//!   started directly at the same entry with EAX=0x46455259 ("FERY") and ECX=index. The BSP
+//!   also gets ESI = "FERY" and EDX = the number of vCPUs started.
 //! * Linux bzImage or ELF vmlinux via the x86 64-bit boot protocol (zero page, e820, command
 //!   line, initrd), see `linux.rs`.
 pub mod cpu;
