@@ -7,7 +7,10 @@
 //! - the **embedded store** on a single host: no etcd at all, and after `kill -9` of the host
 //!   its VM starts again from its disk when the agent comes back;
 //! - an **agent killed alone**: restarted, it stops the VMM it left and runs the VM once;
-//! - a **quick migration** through the shared storage, with the ownership.
+//! - a **quick migration** through the shared storage, with the ownership;
+//! - a **hand-over in doubt**: the source's agent cut off from etcd at the switch-over, so
+//!   whether the ownership moved is unknown; both copies stay paused until the store answers,
+//!   then the owner record settles it (the source runs on, resumed).
 mod cluster_common;
 mod common;
 use cluster_common::*;
@@ -279,4 +282,77 @@ fn a_quick_migration_moves_the_vm_through_the_storage_with_its_ownership() {
     assert_eq!(hosts[x].metric("ferry_agent_vm_crashes_total"), Some(0));
     let (_, vms) = http(&hosts[x].addr, "GET", "/cluster/vms", "");
     assert!(vms.contains("\"desired\":\"running\""), "{vms}");
+}
+
+/// The state a VMM's API reports ("running", "paused"), if it answers.
+fn vm_state(sock: &std::path::Path) -> Option<String> {
+    let (c, b) = try_api(sock, "GET", "/vm", "")?;
+    let v: serde_json::Value = serde_json::from_str(&b).ok()?;
+    (c == 200).then(|| v["state"].as_str().unwrap_or("").to_string())
+}
+
+#[test]
+fn a_hand_over_in_doubt_runs_no_copy_until_the_store_settles_it() {
+    let s = Scratch::new("cluster-doubt");
+    std::fs::create_dir_all(s.path("storage")).unwrap();
+    let e = etcd::Etcd::start(1);
+    let proxy = Proxy::start(e.clients[0].trim_start_matches("http://").to_string());
+    // A long TTL: the cut below outlasts the 10 s a hand-over waits, not the membership.
+    let ttl = ["--ttl", "30", "--grace", "1"];
+    let h1 = Agent::start_with(&s, "h1", &format!("etcd://127.0.0.1:{}", proxy.port), &ttl);
+    create_a(&s, &h1);
+    let (first, e1) = wait("an owner", Duration::from_secs(20), || owner(&h1.addr, "a"));
+    assert_eq!(first, "h1");
+    wait("a pass on h1", Duration::from_secs(30), || {
+        (last_pass(&h1.console("a")) >= 1).then_some(())
+    });
+    let h2 = Agent::start_with(&s, "h2", &etcd_url(&e), &ttl);
+    let (src, dst) = (h1.run.join("a.sock"), h2.run.join("a.sock"));
+    let checker = TwoCopies::watch(vec![src.clone(), dst.clone()]);
+    // A slow move, ordered through h2 (which reaches etcd); h1 is cut off once it copies.
+    let mv = std::process::Command::new(FERRY)
+        .args(["cluster", "--agent", &h2.addr, "migrate", "a", "--to", "h2"])
+        .args(["--max-bandwidth", "1000000"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait("the pre-copy", Duration::from_secs(20), || {
+        let (_, b) = try_api(&src, "GET", "/vm/migration", "")?;
+        b.contains("pre_copy").then_some(())
+    });
+    proxy.cut();
+    let out = mv.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the move succeeded without the store"
+    );
+    assert!(err.contains("could not be settled"), "{err}");
+    // In doubt: the source stays paused while its agent cannot read the owner record, and
+    // nothing runs on h2.
+    for _ in 0..10 {
+        assert_eq!(vm_state(&src).as_deref(), Some("paused"));
+        assert_ne!(vm_state(&dst).as_deref(), Some("running"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let frozen = last_pass(&h1.console("a"));
+    proxy.heal();
+    // Settled: the compare-and-swap never reached etcd, so the VM is still h1's at e1 and
+    // runs on there, where it was (no reboot), and never on h2.
+    wait("the source resumed", Duration::from_secs(30), || {
+        (vm_state(&src).as_deref() == Some("running")).then_some(())
+    });
+    wait("passes after the resume", Duration::from_secs(30), || {
+        (last_pass(&h1.console("a")) > frozen).then_some(())
+    });
+    assert_eq!(owner(&h2.addr, "a"), Some(("h1".to_string(), e1)));
+    let console = h1.console("a");
+    assert_eq!(console.matches("K0 1 ok").count(), 1, "{console}");
+    assert!(!console.contains("BAD"), "{console}");
+    assert_eq!(h2.metric("ferry_agent_vm_starts_total"), Some(0));
+    checker.check();
+    let log = std::fs::read_to_string(h1.run.with_extension("log")).unwrap_or_default();
+    assert!(log.contains("resumed here"), "{log}");
 }

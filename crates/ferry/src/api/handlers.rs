@@ -99,6 +99,13 @@ pub async fn pause(State(host): State<Arc<Host>>, _: NoBody) -> Result<StatusCod
 }
 
 pub async fn resume(State(host): State<Arc<Host>>, _: NoBody) -> Result<StatusCode, ApiError> {
+    if ferry_storage::fence::installed().is_some_and(|f| f.expired()) {
+        // Once fenced, always fenced: another host may own the VM by now.
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "the fence's deadline has passed: this VMM stays stopped".into(),
+        ));
+    }
     vm_op(host, Vm::resume).await
 }
 

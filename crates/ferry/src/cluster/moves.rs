@@ -171,11 +171,15 @@ pub async fn local_migrate(
                 Ok(Json(report))
             }
             Err(e) => {
-                // Still ours (nothing committed): the agent looks after it again.
-                let ours = records::owner(&*s.store, &r.vm)?
-                    .is_some_and(|o| o.host == s.id && o.epoch == r.epoch);
-                if ours {
-                    s.runner.lock().set_leaving(&r.vm, false);
+                // The VM stays here, running (refused or failed before the hand-over),
+                // or paused (the hand-over in doubt): the owner record settles which copy
+                // may run, once the store answers (`settle`, on a thread of its own).
+                let (s2, vm) = (s.clone(), r.vm.clone());
+                let settling = std::thread::Builder::new()
+                    .name("ferry-settle".into())
+                    .spawn(move || settle(&s2, &vm, r.epoch, &sock));
+                if let Err(te) = settling {
+                    tracing::warn!("no thread to settle VM {}: {te}", r.vm);
                 }
                 Err(ApiError(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -185,6 +189,53 @@ pub async fn local_migrate(
         }
     })
     .await
+}
+
+/// After a live migration away from this host failed: reads the owner record (linearizable)
+/// until the store answers, then hands VM `vm`'s VMM back to the reconcile loop. Still this
+/// host's at `epoch` → the VMM runs on here (resumed if the failure left it paused: a
+/// hand-over in doubt whose compare-and-swap did not go through; a fenced VMM stays paused,
+/// its `resume` is refused); owned elsewhere → the loop kills this copy. Until then the VMM
+/// stays marked leaving and paused: neither copy runs while the outcome is unknown.
+fn settle(s: &Shared, vm: &str, epoch: i64, sock: &std::path::Path) {
+    let owner = loop {
+        match records::owner(&*s.store, vm) {
+            Ok(o) => break o,
+            Err(e) => {
+                if s.runner.lock().socket(vm).is_none() {
+                    return; // the VMM is gone: nothing to settle
+                }
+                tracing::info!("VM {vm}: waiting for the store to settle a failed move: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    };
+    let ours = owner
+        .as_ref()
+        .is_some_and(|o| o.host == s.id && o.epoch == epoch);
+    if ours {
+        let paused = crate::api::client::call(sock, Method::GET, "/vm", None)
+            .ok()
+            .flatten()
+            .is_some_and(|v| v["state"] == "paused");
+        if paused {
+            match crate::api::client::call(sock, Method::PUT, "/vm/resume", None) {
+                Ok(_) => eprintln!(
+                    "ferry host {}: VM {vm}: the hand-over did not happen (still this \
+                     host's at epoch {epoch}): resumed here",
+                    s.id
+                ),
+                Err(e) => eprintln!("ferry host {}: VM {vm}: resuming it: {e:#}", s.id),
+            }
+        }
+    } else {
+        eprintln!(
+            "ferry host {}: VM {vm}: owned by {owner:?} after the failed move: this copy \
+             stops",
+            s.id
+        );
+    }
+    s.runner.lock().set_leaving(vm, false);
 }
 
 /// VM `name`'s owner, its host's agent address, and where it goes: `to`, or the best host
