@@ -13,13 +13,19 @@ sudo=""
 # compiles etcd's gRPC definitions at build time).
 need=()
 for p in qemu-system-x86 qemu-utils lz4 zstd xz-utils python3 iperf3 libclang-dev etcd-server protobuf-compiler; do
-  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+  # Installed, not merely known to dpkg (a removed package keeps its record, and `dpkg -s`
+  # succeeds on it).
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+for c in qemu-system-x86_64 qemu-img qemu-io iperf3 etcd protoc; do
+  command -v "$c" >/dev/null || { echo "setup: $c is still missing after the install" >&2; exit 1; }
+done
 
 command -v cargo >/dev/null || { echo "setup: cargo not found: install Rust (rustup) first" >&2; exit 1; }
 for c in rustfmt clippy; do
