@@ -1,6 +1,6 @@
 //! Host membership: a host is in the cluster while its record `/ferry/hosts/ID` exists, and
 //! that record is attached to a lease the host keeps alive. A keeper thread renews it every
-//! third of its TTL and keeps the host's **deadline**: the time until which the host may
+//! sixth of its TTL and keeps the host's **deadline**: the time until which the host may
 //! assume its lease still holds, counted on the monotonic clock from when the last
 //! acknowledged renewal was *sent* (etcd restarts the TTL when it receives it, later), minus
 //! a margin for clock-rate differences. Past the deadline — renewals failing, the store
@@ -44,6 +44,18 @@ struct State {
 }
 
 /// This host's membership; leaving (or dropping) revokes the lease.
+/// See [`Membership::watch`].
+#[derive(Clone)]
+pub struct DeadlineWatch(Arc<(Mutex<State>, Condvar)>);
+
+impl DeadlineWatch {
+    /// The membership's deadline; None once it is lost or left.
+    pub fn current(&self) -> Option<Instant> {
+        let s = *self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        (!s.lost && !s.stop && Instant::now() < s.deadline).then_some(s.deadline)
+    }
+}
+
 pub struct Membership {
     store: Arc<dyn Store>,
     lease: LeaseId,
@@ -136,6 +148,12 @@ impl Membership {
         self.now_state().deadline
     }
 
+    /// A handle other threads read the deadline through (the fence renewer, which must not
+    /// wait for a reconcile round stuck in store calls).
+    pub fn watch(&self) -> DeadlineWatch {
+        DeadlineWatch(self.state.clone())
+    }
+
     /// The lease is gone, or may be: the deadline passed.
     pub fn lost(&self) -> bool {
         self.now_state().lost
@@ -168,17 +186,23 @@ impl Drop for Membership {
     }
 }
 
-/// The keeper: renews every third of the TTL (sooner after a failure), moves the deadline on
+/// The keeper: renews every sixth of the TTL (at once after a failure), moves the deadline on
 /// each acknowledged renewal, and marks the membership lost when the store says the lease is
 /// gone or the deadline passes.
 fn keep(store: &dyn Store, lease: LeaseId, ttl: Duration, state: &(Mutex<State>, Condvar)) {
-    let every = ttl / 3;
+    // A sixth of the TTL: a renewal acknowledged just before etcd loses its leader leaves
+    // ~5/6 of the TTL to ride out the election (1.3-1.7 s here with etcd's defaults).
+    let every = ttl / 6;
+    // After a failed renewal (a member died under it, say), the next try comes at once: two
+    // misses a sixth of the TTL apart would otherwise eat the whole deadline.
+    let again = (ttl / 20).max(Duration::from_millis(50));
+    let mut pause = every;
     loop {
         let wait = {
             let g = state.0.lock().unwrap_or_else(|e| e.into_inner());
             let (g, _) = state
                 .1
-                .wait_timeout_while(g, every, |s| !s.stop)
+                .wait_timeout_while(g, pause, |s| !s.stop)
                 .unwrap_or_else(|e| e.into_inner());
             if g.stop || g.lost {
                 return;
@@ -188,14 +212,16 @@ fn keep(store: &dyn Store, lease: LeaseId, ttl: Duration, state: &(Mutex<State>,
         let sent = Instant::now();
         let r = store.keep_alive(lease);
         let mut g = state.0.lock().unwrap_or_else(|e| e.into_inner());
+        pause = again;
         match r {
             Ok(granted) => {
                 let granted = granted.min(ttl);
                 g.deadline = g.deadline.max(sent + granted - margin(ttl).min(granted));
+                pause = every;
             }
             Err(StoreError::LeaseExpired(_)) => g.lost = true,
             Err(_) if Instant::now() >= wait => g.lost = true,
-            Err(_) => {} // the store may come back before the deadline
+            Err(e) => tracing::debug!("lease renewal failed (retrying): {e}"),
         }
         if g.lost {
             return;

@@ -89,6 +89,19 @@ pub fn act(dir: &Path) -> Result<()> {
             .arg("--unsafe-no-fsync"),
         &dir.join("etcd.log"),
     )?);
+    // Mutual TLS for the cluster API and the moves: a CA of the demo's own, one certificate
+    // for the agents' address (they all listen on 127.0.0.1); this process calls the
+    // agents with it too.
+    let pki = dir.join("pki");
+    ferry_migration::certs::init_ca(&pki, 1)?;
+    let (cert, key) = ferry_migration::certs::issue(&pki, "127.0.0.1", 1)?;
+    let ca = ferry_migration::certs::ca_paths(&pki).0;
+    crate::cluster::secure::use_tls(&ferry_migration::tls::TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        ca: ca.clone(),
+        peers: Vec::new(),
+    })?;
     let mut agents = Vec::new();
     for h in ["h1", "h2"] {
         let addr = format!("127.0.0.1:{}", port()?);
@@ -102,7 +115,13 @@ pub fn act(dir: &Path) -> Result<()> {
                 .arg("--storage")
                 .arg(&storage)
                 .arg("--run-dir")
-                .arg(&run_dir),
+                .arg(&run_dir)
+                .arg("--tls-cert")
+                .arg(&cert)
+                .arg("--tls-key")
+                .arg(&key)
+                .arg("--tls-ca")
+                .arg(&ca),
             &dir.join(format!("{h}.log")),
         )?);
         agents.push(addr);
@@ -112,7 +131,10 @@ pub fn act(dir: &Path) -> Result<()> {
             call(a, Method::GET, "/cluster/hosts", None).ok()
         })?;
     }
-    println!("\ncluster: two `ferry host` agents over etcd, sharing a storage directory;");
+    println!(
+        "\ncluster: two `ferry host` agents over etcd, sharing a storage directory; their API \
+         and the moves between them over mutual TLS 1.3 (a CA of the demo's own);"
+    );
     let spec = serde_json::json!({"name": "web", "priority": 1, "spec": {
         "cpus": 1, "memory": "64M", "memory_bytes": 64u64 << 20, "disks": ["path=web.raw"],
         "guest": "disk span=1M passes=0 hb=1000", "kernel": null, "cmdline": null}});

@@ -217,7 +217,16 @@ pub fn certs(args: crate::cli::CertsArgs) -> Result<()> {
 /// `ferry receive`.
 pub fn receive(args: ReceiveArgs) -> Result<i32> {
     let tls = match tls_files(&args.tls)? {
-        Some(f) => Some(Arc::new(TlsServer::new(&f)?)),
+        Some(f) => {
+            if args.cluster_agent.is_some() {
+                // The hand-over asks the agent, whose API takes the same credentials.
+                crate::cluster::secure::use_tls(&TlsFiles {
+                    peers: Vec::new(),
+                    ..f.clone()
+                })?;
+            }
+            Some(Arc::new(TlsServer::new(&f)?))
+        }
         None => None,
     };
     let listener = bind(&args.api_socket)?;

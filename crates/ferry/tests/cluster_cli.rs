@@ -110,6 +110,74 @@ fn a_paused_agent_is_fenced_taken_over_and_kills_its_copy_and_two_never_run() {
     assert_eq!(owner(&survivor, "a"), Some((hosts[y].id.clone(), e2)));
 }
 
+/// The TLS agent's API answers no one without a certificate of the cluster's CA: not plain
+/// HTTP, not `ferry cluster` without credentials, not a certificate of another CA; nothing
+/// they ask for happens. An administrator's certificate of the CA works.
+fn api_refuses_strangers(s: &Scratch, agent: &Agent) {
+    let (code, body) = {
+        let c = std::net::TcpStream::connect(&agent.addr).unwrap();
+        let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+        exchange(c, "GET", "/cluster/vms", "")
+    };
+    assert_eq!((code, body.as_str()), (0, ""), "plain HTTP answered");
+    let create = ["create", "x", "--memory", "64M", "--guest", GUEST];
+    let mut plain = vec!["cluster", "--agent", &agent.addr];
+    plain.extend_from_slice(&create);
+    let out = ferry(&plain);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--tls-cert"), "{err}");
+    let other = s.path("other-ca");
+    let o = other.to_str().unwrap();
+    cli_ok(&["certs", "init", "--dir", o]);
+    cli_ok(&["certs", "issue", "admin", "--dir", o]);
+    let (oc, ok, oca) = (
+        format!("{o}/admin.pem"),
+        format!("{o}/admin.key"),
+        format!("{o}/ca.pem"),
+    );
+    let mut foreign = vec!["cluster", "--agent", &agent.addr];
+    foreign.extend(["--tls-cert", &oc, "--tls-key", &ok, "--tls-ca", &oca]);
+    foreign.extend_from_slice(&create);
+    let out = ferry(&foreign);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a certificate of another CA was let in"
+    );
+    assert!(err.contains("TLS handshake"), "{err}");
+    let log = std::fs::read_to_string(agent.run.with_extension("log")).unwrap();
+    assert!(log.contains("cluster API: refused"), "{log}");
+    // An administrator's certificate from the cluster's CA.
+    let certs = s.path("certs");
+    let d = certs.to_str().unwrap();
+    cli_ok(&["certs", "issue", "admin", "--dir", d]);
+    let (ac, ak, aca) = (
+        format!("{d}/admin.pem"),
+        format!("{d}/admin.key"),
+        format!("{d}/ca.pem"),
+    );
+    let out = ferry(&[
+        "cluster",
+        "--agent",
+        &agent.addr,
+        "--tls-cert",
+        &ac,
+        "--tls-key",
+        &ak,
+        "--tls-ca",
+        &aca,
+        "vms",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, vms) = http(&agent.addr, "GET", "/cluster/vms", "");
+    assert_eq!(vms, "[]", "a refused client's create happened");
+}
+
 #[test]
 fn a_vm_moves_live_with_its_ownership_and_a_drain_takes_it_back() {
     let s = Scratch::new("cluster-move");
@@ -128,10 +196,12 @@ fn a_vm_moves_live_with_its_ownership_and_a_drain_takes_it_back() {
     ]
     .map(str::to_string);
     let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+    http_tls(tls[1], tls[3], tls[5]);
     std::fs::create_dir_all(s.path("storage")).unwrap();
     let _etcd = etcd::Etcd::start(1);
     let h1 = Agent::start_with(&s, "h1", &etcd_url(&_etcd), &tls);
     let h2 = Agent::start_with(&s, "h2", &etcd_url(&_etcd), &tls);
+    api_refuses_strangers(&s, &h1);
     create_a(&s, &h1);
     let hosts = [h1, h2];
     let (first, e1) = wait("an owner", Duration::from_secs(20), || {

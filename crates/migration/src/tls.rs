@@ -243,6 +243,13 @@ impl TlsServer {
         self
     }
 
+    /// Its rustls configuration (TLS 1.3, client certificates of the CA required, the
+    /// allow-list checked), for a server that speaks TLS through rustls itself (the cluster
+    /// API, over tokio-rustls).
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.config.clone()
+    }
+
     /// Runs the server handshake on an accepted socket (its timeouts bound it).
     pub fn accept(&self, sock: TcpStream) -> Result<Conn, TlsError> {
         let peer = peer_of(&sock);
@@ -350,6 +357,12 @@ impl TlsClient {
     pub fn rekey_after(mut self, records: u64) -> Self {
         self.rekey = Some(records);
         self
+    }
+
+    /// Its rustls configuration (TLS 1.3, this host's certificate, servers checked against
+    /// the CA and the allow-list), as [`TlsServer::config`].
+    pub fn config(&self) -> Arc<ClientConfig> {
+        self.config.clone()
     }
 
     /// Runs the client handshake on a connected socket (its timeouts bound it). `host` is the

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 /// How long one call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one lease renewal may take before the keeper tries again.
+const KEEP_ALIVE_TRY: Duration = Duration::from_millis(500);
 
 pub struct EtcdStore {
     rt: tokio::runtime::Runtime,
@@ -45,11 +47,23 @@ impl EtcdStore {
     /// Runs `f` on the runtime with the call deadline. A request that could not even be
     /// sent (no connection to the member the client picked: it is down) never reached etcd,
     /// so it is retried — on another member — until the deadline.
-    fn call<T, F>(&self, mut f: impl FnMut(Client) -> F) -> Result<T, StoreError>
+    fn call<T, F>(&self, f: impl FnMut(Client) -> F) -> Result<T, StoreError>
     where
         F: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        let until = tokio::time::Instant::now() + CALL_TIMEOUT;
+        self.call_within(CALL_TIMEOUT, f)
+    }
+
+    /// As [`call`](Self::call), with the deadline `limit`.
+    fn call_within<T, F>(
+        &self,
+        limit: Duration,
+        mut f: impl FnMut(Client) -> F,
+    ) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let until = tokio::time::Instant::now() + limit;
         let r = self.rt.block_on(async {
             loop {
                 match tokio::time::timeout_at(until, f(self.client.clone())).await {
@@ -178,8 +192,12 @@ impl Store for EtcdStore {
     }
 
     fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        // One short try: the keeper tries again at once. A renewal that went to a member
+        // just killed can hang until the connection is given up; waiting the full call
+        // deadline for it would outlast a short TTL (the host would fence itself while two
+        // members are alive).
         let ttl = self
-            .call(|mut c| async move {
+            .call_within(KEEP_ALIVE_TRY, |mut c| async move {
                 let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
                 keeper.keep_alive().await?;
                 Ok(stream.message().await?.map_or(0, |m| m.ttl()))

@@ -95,6 +95,43 @@ impl Etcd {
         }
     }
 
+    /// The member that leads now (etcd's JSON gateway, `/v3/maintenance/status`).
+    pub fn leader(&self) -> usize {
+        use std::io::{Read, Write};
+        let status = |c: &str| -> Option<(String, String)> {
+            let addr = c.trim_start_matches("http://");
+            let mut s = std::net::TcpStream::connect(addr).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            let req = format!(
+                "POST /v3/maintenance/status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+                 Content-Length: 2\r\n\r\n{{}}"
+            );
+            s.write_all(req.as_bytes()).ok()?;
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            let body = out.split("\r\n\r\n").nth(1)?;
+            let v: serde_json::Value = serde_json::from_str(body).ok()?;
+            Some((
+                v["header"]["member_id"].as_str()?.to_string(),
+                v["leader"].as_str()?.to_string(),
+            ))
+        };
+        let t = Instant::now();
+        loop {
+            let ids: Vec<_> = self.clients.iter().map(|c| status(c)).collect();
+            if let Some(lead) = ids.iter().flatten().map(|(_, l)| l.clone()).next() {
+                if let Some(i) = ids
+                    .iter()
+                    .position(|x| x.as_ref().is_some_and(|(m, _)| *m == lead))
+                {
+                    return i;
+                }
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "no etcd leader");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Kills member `i` (SIGKILL).
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].take() {

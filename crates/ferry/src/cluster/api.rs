@@ -308,7 +308,12 @@ pub struct Api {
     _rt: tokio::runtime::Runtime,
 }
 
-pub fn spawn(listener: std::net::TcpListener, shared: Arc<Shared>) -> Result<Api> {
+/// Serves the cluster API on `listener`: over mutual TLS with `tls`, else plain HTTP.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    tls: Option<Arc<ferry_migration::tls::TlsServer>>,
+    shared: Arc<Shared>,
+) -> Result<Api> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("cluster-api")
@@ -345,10 +350,25 @@ pub fn spawn(listener: std::net::TcpListener, shared: Arc<Shared>) -> Result<Api
             crate::api::extract::MAX_BODY,
         ))
         .with_state(shared);
-    rt.spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("cluster API stopped: {e}");
+    match tls {
+        Some(t) => {
+            let listener = {
+                let _g = rt.enter();
+                super::secure::Listener::new(listener, &t)?
+            };
+            rt.spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!("cluster API stopped: {e}");
+                }
+            });
         }
-    });
+        None => {
+            rt.spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!("cluster API stopped: {e}");
+                }
+            });
+        }
+    }
     Ok(Api { _rt: rt })
 }

@@ -22,7 +22,10 @@ pub struct HostArgs {
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
     /// Membership lease TTL in whole seconds: a host silent this long is taken as failed.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    /// It must outlast an etcd leader election (renewals cannot be acknowledged without a
+    /// leader; 1.3-1.7 s with etcd's default 1 s election timeout), or hosts fence their
+    /// VMs whenever etcd's leader dies.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=60))]
     pub ttl: u64,
     /// Seconds after a host's lease is gone before its VMs restart elsewhere.
     #[arg(long, default_value_t = 2.0)]
@@ -48,24 +51,35 @@ pub struct HostArgs {
     /// Balancing: seconds a VM that moved (or failed to) is left alone.
     #[arg(long, default_value_t = 300.0)]
     pub balance_backoff: f64,
-    /// Live migrations between hosts over mutual TLS: this host's certificate (for the
-    /// address of --listen, e.g. `ferry certs issue 10.0.0.5`), its key and the cluster's
-    /// CA. Without them migrations run over plain TCP (a warning says so).
+    /// Mutual TLS 1.3 for the cluster API and for live migrations between hosts: this
+    /// host's certificate (for the address of --listen, e.g. `ferry certs issue 10.0.0.5`),
+    /// its key and the cluster's CA. The API then serves only clients with a certificate of
+    /// that CA (other agents, `ferry cluster --tls-*`).
     #[arg(long, requires_all = ["tls_key", "tls_ca"])]
     pub tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     pub tls_ca: Option<PathBuf>,
+    /// No TLS: the cluster API answers anyone who can reach --listen, and migrations run
+    /// over plain TCP (not authenticated, not encrypted). Only for a network nobody else
+    /// can reach.
+    #[arg(
+        long,
+        conflicts_with = "tls_cert",
+        required_unless_present = "tls_cert"
+    )]
+    pub insecure: bool,
 }
 
 impl HostArgs {
-    /// (certificate, key, CA) when migrations run over TLS.
+    /// (certificate, key, CA) made absolute (the VMMs get them too), when TLS is on.
     pub fn tls(&self) -> Option<(PathBuf, PathBuf, PathBuf)> {
+        let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
         Some((
-            self.tls_cert.clone()?,
-            self.tls_key.clone()?,
-            self.tls_ca.clone()?,
+            abs(self.tls_cert.as_ref()?),
+            abs(self.tls_key.as_ref()?),
+            abs(self.tls_ca.as_ref()?),
         ))
     }
 }
@@ -75,6 +89,15 @@ pub struct ClusterArgs {
     /// Any host agent's cluster API (HOST:PORT).
     #[arg(long)]
     pub agent: String,
+    /// For agents whose API is TLS (`ferry host --tls-cert`): a certificate of the cluster's
+    /// CA (e.g. `ferry certs issue admin`), its key and the CA; the agent's certificate must
+    /// be valid for the host of --agent.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     pub action: ClusterAction,
 }

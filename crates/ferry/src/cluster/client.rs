@@ -1,4 +1,5 @@
-//! `ferry cluster`: a client of any agent's cluster API (HTTP/1.1 over TCP).
+//! `ferry cluster`: a client of any agent's cluster API (HTTP/1.1 over TCP, or over mutual
+//! TLS: `secure`).
 use super::api::{HostInfo, VmInfo};
 use super::args::{ClusterAction, ClusterArgs, CreateArgs};
 use super::VmSpec;
@@ -15,9 +16,7 @@ async fn request(
     uri: &str,
     body: Option<String>,
 ) -> Result<(u16, String)> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("cannot reach the agent at {addr}"))?;
+    let stream = super::secure::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .context("cluster API handshake")?;
@@ -32,10 +31,16 @@ async fn request(
             None => Empty::<Bytes>::new().boxed(),
         })
         .context("building request")?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .context("cluster API request")?;
+    let resp = sender.send_request(req).await.with_context(|| {
+        if super::secure::client_tls() {
+            format!("cluster API request to {addr}")
+        } else {
+            format!(
+                "cluster API request to {addr} (an agent started with --tls-cert talks only \
+                 to clients with a certificate: give --tls-cert, --tls-key and --tls-ca)"
+            )
+        }
+    })?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
@@ -139,6 +144,14 @@ fn print_move(m: &serde_json::Value) {
 }
 
 pub fn main(args: ClusterArgs) -> Result<()> {
+    if let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        super::secure::use_tls(&ferry_migration::tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+            peers: Vec::new(),
+        })?;
+    }
     let a = &args.agent;
     match args.action {
         ClusterAction::Hosts => {

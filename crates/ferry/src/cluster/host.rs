@@ -6,7 +6,7 @@ use super::args::HostArgs;
 use super::runner::{Processes, SharedProcesses};
 use anyhow::{bail, Context, Result};
 use ferry_cluster::agent::{Agent, AgentError, Config, Stats};
-use ferry_cluster::membership::{valid_id, HostRecord, MemberError, Membership};
+use ferry_cluster::membership::{valid_id, DeadlineWatch, HostRecord, MemberError, Membership};
 use ferry_cluster::store::{EtcdStore, MemStore};
 use ferry_cluster::Store;
 use std::collections::HashMap;
@@ -82,6 +82,27 @@ fn host_memory() -> u64 {
         .map_or(0, |kb| kb << 10)
 }
 
+/// Moves every VMM's fence deadline on as soon as the membership's moves (every 100 ms,
+/// until the membership is lost or left), on a thread of its own: a reconcile round can sit
+/// in store calls for seconds (etcd electing a new leader), and the renewals that did get
+/// through must reach the VMMs meanwhile, or they fence themselves with the host alive.
+fn renew_fences(watch: DeadlineWatch, runner: SharedProcesses, shared: Arc<Shared>) {
+    let r = std::thread::Builder::new()
+        .name("ferry-fences".into())
+        .spawn(move || {
+            while let Some(d) = watch.current() {
+                ferry_cluster::agent::Runner::renew(&mut runner.clone(), d);
+                shared
+                    .deadline_ns
+                    .store(super::runner::monotonic_ns(d), Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+    if let Err(e) = r {
+        tracing::warn!("no fence renewal thread (the reconcile loop renews them): {e}");
+    }
+}
+
 fn join(store: &Arc<dyn Store>, rec: &HostRecord, ttl: Duration) -> Result<Option<Membership>> {
     let mut said = false;
     while !STOP.load(Ordering::SeqCst) {
@@ -151,13 +172,27 @@ pub fn main(args: HostArgs) -> Result<i32> {
     };
     let mut procs = Processes::new(storage.clone(), run_dir.clone())?;
     procs.tls = args.tls();
-    if procs.tls.is_none() {
-        eprintln!(
-            "ferry host {}: warning: no --tls-cert: live migrations between hosts run over \
-             plain TCP (not authenticated, not encrypted)",
-            args.id
-        );
-    }
+    let api_tls = match &procs.tls {
+        Some((cert, key, ca)) => {
+            let files = ferry_migration::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+                peers: Vec::new(),
+            };
+            super::secure::use_tls(&files)?;
+            Some(Arc::new(ferry_migration::tls::TlsServer::new(&files)?))
+        }
+        None => {
+            eprintln!(
+                "ferry host {}: --insecure: the cluster API answers anyone who reaches {} and \
+                 live migrations between hosts run over plain TCP (not authenticated, not \
+                 encrypted)",
+                args.id, args.listen
+            );
+            None
+        }
+    };
     let runner = SharedProcesses(Arc::new(Mutex::new(procs)));
     let shared = Arc::new(Shared {
         store: store.clone(),
@@ -172,7 +207,7 @@ pub fn main(args: HostArgs) -> Result<i32> {
         refused: Mutex::default(),
         migrations: Mutex::new((0, serde_json::Value::Null)),
     });
-    let _api = super::api::spawn(listener, shared.clone())?;
+    let _api = super::api::spawn(listener, api_tls, shared.clone())?;
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
@@ -206,6 +241,7 @@ pub fn main(args: HostArgs) -> Result<i32> {
         let Some(member) = join(&store, &rec, ttl)? else {
             return Ok(0);
         };
+        renew_fences(member.watch(), runner.clone(), shared.clone());
         let mut agent = Agent::new(store.clone(), member, runner.clone(), cfg);
         *shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = agent.stats();
         eprintln!(

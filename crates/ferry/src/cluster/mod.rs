@@ -7,6 +7,7 @@ pub mod client;
 pub mod host;
 pub mod moves;
 pub mod runner;
+pub mod secure;
 
 /// How to run a VM: a cluster VM record's `spec`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -60,6 +60,11 @@ impl Agent {
             .arg("--run-dir")
             .arg(&self.run)
             .args(&self.extra)
+            .args(if self.tls().is_some() {
+                &[][..]
+            } else {
+                &["--insecure"][..]
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -71,11 +76,18 @@ impl Agent {
         while http(&self.addr, "GET", "/cluster/hosts", "").0 != 200 {
             assert!(
                 t0.elapsed() < Duration::from_secs(20),
-                "agent {} never answered",
-                self.id
+                "agent {} never answered: {}",
+                self.id,
+                std::fs::read_to_string(self.run.with_extension("log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Its `--tls-cert`, `--tls-key`, `--tls-ca` arguments, when its API is TLS.
+    pub fn tls(&self) -> Option<Vec<String>> {
+        let i = self.extra.iter().position(|e| e == "--tls-cert")?;
+        Some(self.extra[i..].iter().take(6).cloned().collect())
     }
 
     pub fn pid(&self) -> i32 {
@@ -283,7 +295,9 @@ impl TwoCopies {
 }
 
 pub fn cli(agent: &Agent, args: &[&str]) -> String {
+    let tls = agent.tls().unwrap_or_default();
     let mut a = vec!["cluster", "--agent", &agent.addr];
+    a.extend(tls.iter().map(String::as_str));
     a.extend_from_slice(args);
     let out = ferry(&a);
     let (o, e) = (

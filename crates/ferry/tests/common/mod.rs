@@ -247,7 +247,7 @@ pub fn spawn_migrate(to: &str, sock: &str, extra: &[&str]) -> Child {
 
 /// One HTTP/1.1 request on a fresh connection; (status, body), or (0, "") when the
 /// connection fails.
-fn exchange<S: std::io::Read + std::io::Write>(
+pub fn exchange<S: std::io::Read + std::io::Write>(
     mut s: S,
     method: &str,
     path: &str,
@@ -257,11 +257,12 @@ fn exchange<S: std::io::Read + std::io::Write>(
         "{method} {path} HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    if s.write_all(req.as_bytes()).is_err() {
+    if s.write_all(req.as_bytes()).and_then(|_| s.flush()).is_err() {
         return (0, String::new());
     }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw); // what came before an error or a reset still counts
+    let out = String::from_utf8_lossy(&raw);
     let code = out
         .split_whitespace()
         .nth(1)
@@ -288,11 +289,35 @@ pub fn try_api(
     Some(exchange(s, method, path, body))
 }
 
-/// One request to a cluster agent's API over TCP; (0, "") when it cannot be reached.
+static AGENT_TLS: std::sync::OnceLock<ferry_migration::tls::TlsClient> = std::sync::OnceLock::new();
+
+/// From now on [`http`] calls agents over TLS with these credentials (agents started with
+/// `--tls-cert`).
+pub fn http_tls(cert: &str, key: &str, ca: &str) {
+    let files = ferry_migration::tls::TlsFiles {
+        cert: cert.into(),
+        key: key.into(),
+        ca: ca.into(),
+        peers: Vec::new(),
+    };
+    let _ = AGENT_TLS.set(ferry_migration::tls::TlsClient::new(&files).unwrap());
+}
+
+/// One request to a cluster agent's API over TCP (TLS after [`http_tls`]); (0, "") when it
+/// cannot be reached.
 pub fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     let Ok(s) = std::net::TcpStream::connect(addr) else {
         return (0, String::new());
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    exchange(s, method, path, body)
+    match AGENT_TLS.get() {
+        Some(tls) => {
+            let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+            match tls.handshake(s, host) {
+                Ok(c) => exchange(c, method, path, body),
+                Err(_) => (0, String::new()),
+            }
+        }
+        None => exchange(s, method, path, body),
+    }
 }
