@@ -100,9 +100,56 @@ impl Membership {
             let _ = store.revoke(lease);
             return Err(MemberError::IdTaken(rec.id.clone()));
         }
+        Self::keep_from(store, lease, &rec.id, ttl, sent + ttl - margin(ttl))
+    }
+
+    /// Takes over the membership an earlier process of this host left (its lease `lease`,
+    /// e.g. read from the run directory), if that lease still holds and still carries the
+    /// host's record: a restarted agent goes on as the same member, before its VMMs' fences
+    /// run out. None when it is gone (join anew).
+    pub fn resume(
+        store: Arc<dyn Store>,
+        rec: &HostRecord,
+        ttl: Duration,
+        lease: LeaseId,
+    ) -> Result<Option<Membership>, MemberError> {
+        let ttl = Duration::from_secs(ttl.as_secs().max(1));
+        let sent = Instant::now();
+        let granted = match store.keep_alive(lease) {
+            Ok(g) => g.min(ttl),
+            Err(StoreError::LeaseExpired(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let key = format!("{HOSTS}{}", rec.id);
+        match store.get(&key)? {
+            Some(kv) if kv.lease == Some(lease) => {}
+            _ => return Ok(None),
+        }
+        let value = serde_json::to_vec(rec).map_err(|e| StoreError::File {
+            path: key.clone(),
+            why: e.to_string(),
+        })?;
+        // The record as this process sees the host (its address may have changed).
+        let put = crate::store::Op::Put {
+            key,
+            value,
+            lease: Some(lease),
+        };
+        store.txn(&[], &[put])?;
+        let deadline = sent + granted - margin(ttl).min(granted);
+        Self::keep_from(store, lease, &rec.id, ttl, deadline).map(Some)
+    }
+
+    fn keep_from(
+        store: Arc<dyn Store>,
+        lease: LeaseId,
+        id: &str,
+        ttl: Duration,
+        deadline: Instant,
+    ) -> Result<Membership, MemberError> {
         let state = Arc::new((
             Mutex::new(State {
-                deadline: sent + ttl - margin(ttl),
+                deadline,
                 lost: false,
                 stop: false,
             }),
@@ -121,7 +168,7 @@ impl Membership {
         Ok(Membership {
             store,
             lease,
-            id: rec.id.clone(),
+            id: id.to_string(),
             state,
             keeper: Some(keeper),
         })

@@ -68,11 +68,16 @@ fn main() {
             .map(|()| 0)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", output.display())),
     };
-    match code {
-        Ok(c) => std::process::exit(c),
+    let c = match code {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("ferry: error: {e:#}");
-            std::process::exit(run::EXIT_ERROR);
+            run::EXIT_ERROR
         }
+    };
+    // A host agent learns how a VMM it adopted (not its child) ended from this file.
+    if let Some(f) = std::env::var_os(cluster::runner::EXIT_FILE_ENV) {
+        let _ = std::fs::write(f, c.to_string());
     }
+    std::process::exit(c)
 }

@@ -353,6 +353,10 @@ fn check_demo(args: &[&str]) -> String {
         "{text}"
     );
     assert!(text.contains("none lost or repeated"), "{text}");
+    // The cluster act: agents over mutual TLS, a live move and a failover.
+    assert!(text.contains("over mutual TLS"), "{text}");
+    assert!(text.contains("ferry cluster migrate web:"), "{text}");
+    assert!(text.contains("restarted on"), "{text}");
     // The guest's disk went along: at least one pass after both moves read back correct.
     let disk = text
         .lines()

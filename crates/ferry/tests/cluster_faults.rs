@@ -208,22 +208,29 @@ fn one_host_needs_no_etcd_and_its_vm_comes_back_after_a_crash() {
     assert!(out.contains("solo") && out.contains("leader"), "{out}");
 }
 
-/// How many processes serve `sock` as their API socket.
-fn vmms_on(sock: &std::path::Path) -> usize {
+/// The processes that serve `sock` as their API socket (`--api-socket SOCK`).
+fn pids_on(sock: &std::path::Path) -> Vec<u32> {
     let want = sock.to_string_lossy().into_owned();
+    let serves = |p: &std::path::Path| {
+        let c = std::fs::read(p.join("cmdline")).unwrap_or_default();
+        let args: Vec<_> = c.split(|b| *b == 0).map(String::from_utf8_lossy).collect();
+        args.windows(2)
+            .any(|w| w[0] == "--api-socket" && w[1] == want)
+    };
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter(|p| {
-            std::fs::read(p.path().join("cmdline"))
-                .map(|c| {
-                    let args: Vec<_> = c.split(|b| *b == 0).map(String::from_utf8_lossy).collect();
-                    args.windows(2)
-                        .any(|w| w[0] == "--api-socket" && w[1] == want)
-                })
-                .unwrap_or(false)
-        })
-        .count()
+        .filter(|p| serves(&p.path()))
+        .filter_map(|p| p.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+fn vmms_on(sock: &std::path::Path) -> usize {
+    pids_on(sock).len()
+}
+
+fn pid_on(sock: &std::path::Path) -> Option<u32> {
+    pids_on(sock).first().copied()
 }
 
 #[test]
@@ -365,4 +372,53 @@ fn a_hand_over_in_doubt_runs_no_copy_until_the_store_settles_it() {
     checker.check();
     let log = std::fs::read_to_string(h1.run.with_extension("log")).unwrap_or_default();
     assert!(log.contains("resumed here"), "{log}");
+}
+
+#[test]
+fn an_agent_restarted_within_its_ttl_adopts_its_vmm_and_the_guest_runs_on() {
+    let s = Scratch::new("cluster-adopt");
+    std::fs::create_dir_all(s.path("storage")).unwrap();
+    let e = etcd::Etcd::start(1);
+    let mut h = Agent::start_with(&s, "h1", &etcd_url(&e), &["--ttl", "4", "--grace", "1"]);
+    create_a(&s, &h);
+    let (_, e1) = wait("an owner", Duration::from_secs(20), || owner(&h.addr, "a"));
+    wait("a pass", Duration::from_secs(30), || {
+        (last_pass(&h.console("a")) >= 1).then_some(())
+    });
+    let sock = h.run.join("a.sock");
+    let pid = pid_on(&sock).unwrap();
+    // Only the agent dies (a crash, an upgrade); a new one starts on the same run directory
+    // before the lease runs out and goes on as the same member.
+    h.signal(libc::SIGKILL);
+    let _ = h.child.take().unwrap().wait();
+    let t0 = Instant::now();
+    h.spawn();
+    wait("the adoption", Duration::from_secs(10), || {
+        let log = std::fs::read_to_string(h.run.with_extension("log")).unwrap_or_default();
+        log.contains("adopted 1 VMM").then_some(())
+    });
+    eprintln!("adopted {:?} after the kill", t0.elapsed());
+    let before = last_pass(&h.console("a"));
+    wait("passes after the restart", Duration::from_secs(20), || {
+        (last_pass(&h.console("a")) >= before + 2).then_some(())
+    });
+    // The same VMM, never paused by its fence, the VM not started again, the same epoch.
+    assert_eq!(pid_on(&sock), Some(pid));
+    let (_, f) = api(&sock, "GET", "/vm/fence", "");
+    assert!(f.contains("\"expired\":false"), "{f}");
+    let console = h.console("a");
+    assert_eq!(console.matches("K0 1 ok").count(), 1, "{console}");
+    assert!(!console.contains("BAD"), "{console}");
+    assert_eq!(h.metric("ferry_agent_vm_starts_total"), Some(0));
+    assert_eq!(owner(&h.addr, "a"), Some(("h1".to_string(), e1)));
+    // The adopted VMM is managed like any other: stopped on request, its exit seen.
+    cli(&h, &["stop", "a"]);
+    wait("the VMM gone", Duration::from_secs(20), || {
+        pid_on(&sock).is_none().then_some(())
+    });
+    wait("no owner", Duration::from_secs(10), || {
+        owner(&h.addr, "a").is_none().then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(h.metric("ferry_agent_vm_starts_total"), Some(0));
 }

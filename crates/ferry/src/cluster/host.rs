@@ -103,6 +103,31 @@ fn renew_fences(watch: DeadlineWatch, runner: SharedProcesses, shared: Arc<Share
     }
 }
 
+/// The membership the agent before this one left in `lease_file`, if its lease still
+/// holds the host's record.
+fn resume(
+    store: &Arc<dyn Store>,
+    rec: &HostRecord,
+    ttl: Duration,
+    lease_file: &Path,
+) -> Option<Membership> {
+    let lease: i64 = std::fs::read_to_string(lease_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    match Membership::resume(store.clone(), rec, ttl, lease) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!(
+                "ferry host {}: resuming lease {lease:x}: {e}; joining anew",
+                rec.id
+            );
+            None
+        }
+    }
+}
+
 fn join(store: &Arc<dyn Store>, rec: &HostRecord, ttl: Duration) -> Result<Option<Membership>> {
     let mut said = false;
     while !STOP.load(Ordering::SeqCst) {
@@ -237,10 +262,44 @@ pub fn main(args: HostArgs) -> Result<i32> {
     };
     let moving = Arc::new(AtomicBool::new(false));
     let ttl = Duration::from_secs(args.ttl);
+    let lease_file = run_dir.join("lease");
+    let mut first = true;
     loop {
-        let Some(member) = join(&store, &rec, ttl)? else {
-            return Ok(0);
+        // A restarted agent goes on as the same member while the lease it left still holds
+        // (then it adopts the VMMs it left); otherwise it joins anew and stops them.
+        let resumed = if first {
+            resume(&store, &rec, ttl, &lease_file)
+        } else {
+            None
         };
+        let member = match resumed {
+            Some(m) => {
+                let n = runner.lock().adopt();
+                eprintln!(
+                    "ferry host {}: went on as the same member (lease {:x}): adopted {n} \
+                     VMM(s) left running",
+                    rec.id,
+                    m.lease()
+                );
+                m
+            }
+            None => {
+                let Some(m) = join(&store, &rec, ttl)? else {
+                    return Ok(0);
+                };
+                if first {
+                    runner.lock().stop_orphans();
+                }
+                m
+            }
+        };
+        first = false;
+        if let Err(e) = std::fs::write(&lease_file, format!("{}\n", member.lease())) {
+            tracing::warn!(
+                "{}: {e} (a restart will not go on as this member)",
+                lease_file.display()
+            );
+        }
         renew_fences(member.watch(), runner.clone(), shared.clone());
         let mut agent = Agent::new(store.clone(), member, runner.clone(), cfg);
         *shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = agent.stats();
@@ -254,6 +313,7 @@ pub fn main(args: HostArgs) -> Result<i32> {
         loop {
             if STOP.load(Ordering::SeqCst) {
                 eprintln!("ferry host {}: stopping its VMs and leaving", rec.id);
+                let _ = std::fs::remove_file(&lease_file);
                 agent.leave()?;
                 return Ok(0);
             }

@@ -7,8 +7,66 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Set in each VMM's environment: the file it writes its exit code to (`main`), so an agent
+/// that adopted it (and cannot wait for it: it is not its child) knows how it ended.
+pub const EXIT_FILE_ENV: &str = "FERRY_EXIT_FILE";
+
+/// A VMM process: started by this agent, or adopted from the agent before it.
+enum Proc {
+    Child(Child),
+    /// Not our child: watched through /proc, its exit code read from its exit file.
+    Adopted {
+        pid: u32,
+        exit_file: PathBuf,
+    },
+}
+
+impl Proc {
+    fn id(&self) -> u32 {
+        match self {
+            Proc::Child(c) => c.id(),
+            Proc::Adopted { pid, .. } => *pid,
+        }
+    }
+
+    /// Some(exit code, None for a signal) once it has ended.
+    fn try_wait(&mut self) -> Option<Option<i32>> {
+        match self {
+            Proc::Child(c) => c.try_wait().ok().flatten().map(|s| s.code()),
+            Proc::Adopted { pid, exit_file } => {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+                let zombie = stat
+                    .as_deref()
+                    .and_then(|s| s.rfind(')').map(|i| &s[i + 1..]));
+                if zombie.is_some_and(|r| !r.trim_start().starts_with('Z')) {
+                    return None;
+                }
+                let code = std::fs::read_to_string(&*exit_file).ok();
+                Some(code.and_then(|c| c.trim().parse().ok()))
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            Proc::Child(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Proc::Adopted { pid, .. } => {
+                // SAFETY: a signal to a process this agent runs the VMM of.
+                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+                let t0 = Instant::now();
+                while self.try_wait().is_none() && t0.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+}
+
 struct Vmm {
-    child: Child,
+    child: Proc,
     epoch: i64,
     /// Migrating in or out: the agent leaves it alone until the hand-over settles it.
     migrating: bool,
@@ -42,33 +100,42 @@ pub fn monotonic_ns(deadline: Instant) -> u64 {
     }
 }
 
-/// Stops VMMs an earlier agent of this run directory left behind (it was killed; they have
-/// fenced themselves by now, or will at their deadline): this agent does not know them, and
-/// their API sockets are in the way of the VMMs it starts.
-fn stop_orphans(run_dir: &Path) {
+/// The API sockets in the run directory that something answers on: VMMs an earlier agent
+/// of this run directory left behind.
+fn live_sockets(run_dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(run_dir) else {
-        return;
+        return Vec::new();
     };
-    for e in entries.flatten() {
-        let sock = e.path();
-        if sock.extension().is_none_or(|x| x != "sock") {
-            continue;
-        }
-        if std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            continue;
-        }
-        eprintln!(
-            "ferry host: stopping a VMM left by an earlier agent ({})",
-            sock.display()
-        );
-        let _ = call(&sock, hyper::Method::PUT, "/vm/shutdown", None);
-        let t0 = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&sock).is_ok()
-            && t0.elapsed() < Duration::from_secs(10)
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+        .filter(|p| std::os::unix::net::UnixStream::connect(p).is_ok())
+        .collect()
+}
+
+/// Shuts down the VMM serving `sock` and waits (bounded) until it is gone.
+fn shut_down(sock: &Path) {
+    let _ = call(sock, hyper::Method::PUT, "/vm/shutdown", None);
+    let t0 = Instant::now();
+    while std::os::unix::net::UnixStream::connect(sock).is_ok()
+        && t0.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The process whose command line serves `sock` (`--api-socket SOCK`).
+fn pid_serving(sock: &Path) -> Option<u32> {
+    let want = sock.to_string_lossy();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
+        let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+        let c = std::fs::read(p.path().join("cmdline")).ok()?;
+        let args: Vec<_> = c.split(|b| *b == 0).map(String::from_utf8_lossy).collect();
+        args.windows(2)
+            .any(|w| w[0] == "--api-socket" && w[1] == want)
+            .then_some(pid)
+    })
 }
 
 /// A disk spec with a relative `path=` resolved against the shared storage.
@@ -99,8 +166,10 @@ fn call(socket: &Path, method: hyper::Method, uri: &str, body: Option<String>) -
 }
 
 impl Processes {
+    /// The VMMs of a new agent. Those an earlier agent left in `run_dir` are either
+    /// adopted ([`Processes::adopt`]) or stopped ([`Processes::stop_orphans`]) once the
+    /// agent knows whether it goes on as the same member.
     pub fn new(storage: PathBuf, run_dir: PathBuf) -> std::io::Result<Processes> {
-        stop_orphans(&run_dir);
         Ok(Processes {
             exe: std::env::current_exe()?,
             storage,
@@ -135,16 +204,85 @@ impl Processes {
         self.refused.swap(0, std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn wait_bounded(child: &mut Child, limit: Duration) {
+    fn wait_bounded(child: &mut Proc, limit: Duration) {
         let t0 = Instant::now();
         while t0.elapsed() < limit {
-            if let Ok(Some(_)) = child.try_wait() {
+            if child.try_wait().is_some() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        child.kill();
+    }
+
+    /// Stops the VMMs an earlier agent of this run directory left behind (it was killed and
+    /// this agent joined as a new member: they have fenced themselves by now, or will at
+    /// their deadline, and their API sockets are in the way of the VMMs it starts).
+    pub fn stop_orphans(&self) {
+        for sock in live_sockets(&self.run_dir) {
+            eprintln!(
+                "ferry host: stopping a VMM left by an earlier agent ({})",
+                sock.display()
+            );
+            shut_down(&sock);
+        }
+    }
+
+    /// Takes over the VMMs an earlier agent of this run directory left behind, when this
+    /// agent goes on as the same member (its lease held): each fenced VMM whose fence has
+    /// not run out is run on at its epoch (the reconcile loop then keeps it if the owner
+    /// record still names this host at that epoch, and kills it if not); any other is
+    /// stopped. Returns how many were adopted.
+    pub fn adopt(&mut self) -> usize {
+        let mut n = 0;
+        for sock in live_sockets(&self.run_dir) {
+            let name = sock
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let fence = call(&sock, hyper::Method::GET, "/vm/fence", None)
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok());
+            let live = fence
+                .as_ref()
+                .filter(|f| f["expired"] == false)
+                .and_then(|f| f["epoch"].as_i64());
+            match (live, pid_serving(&sock)) {
+                (Some(epoch), Some(pid)) if !name.is_empty() => {
+                    eprintln!(
+                        "ferry host: adopting the VMM of {name} (pid {pid}, epoch {epoch}) \
+                         left by the agent before"
+                    );
+                    self.vmms.insert(
+                        name.clone(),
+                        Vmm {
+                            child: Proc::Adopted {
+                                pid,
+                                exit_file: self.exit_file(&name),
+                            },
+                            epoch,
+                            migrating: false,
+                            arriving: false,
+                            socket: sock,
+                            renewed: 0,
+                        },
+                    );
+                    n += 1;
+                }
+                _ => {
+                    eprintln!(
+                        "ferry host: stopping a VMM left by an earlier agent ({}): fenced \
+                         for good or not a VM of this host",
+                        sock.display()
+                    );
+                    shut_down(&sock);
+                }
+            }
+        }
+        n
+    }
+
+    fn exit_file(&self, name: &str) -> PathBuf {
+        self.run_dir.join(format!("{name}.exit"))
     }
 }
 
@@ -221,7 +359,10 @@ impl Processes {
                 cmd.arg("--insecure");
             }
         }
+        let exit_file = self.exit_file(name);
+        let _ = std::fs::remove_file(&exit_file);
         let child = cmd
+            .env(EXIT_FILE_ENV, &exit_file)
             .arg("--api-socket")
             .arg(&socket)
             .arg("--console-log")
@@ -249,7 +390,7 @@ impl Processes {
         self.vmms.insert(
             name.into(),
             Vmm {
-                child,
+                child: Proc::Child(child),
                 epoch,
                 migrating: true,
                 arriving: true,
@@ -374,7 +515,10 @@ impl Runner for Processes {
                 cmd.args(["--cmdline", c]);
             }
         }
+        let exit_file = self.exit_file(name);
+        let _ = std::fs::remove_file(&exit_file);
         let child = cmd
+            .env(EXIT_FILE_ENV, &exit_file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -384,7 +528,7 @@ impl Runner for Processes {
         self.vmms.insert(
             name.into(),
             Vmm {
-                child,
+                child: Proc::Child(child),
                 epoch,
                 migrating: false,
                 arriving: false,
@@ -413,8 +557,7 @@ impl Runner for Processes {
                 .unwrap_or(0);
             self.refused
                 .fetch_add(refused, std::sync::atomic::Ordering::Relaxed);
-            let _ = v.child.kill();
-            let _ = v.child.wait();
+            v.child.kill();
             tracing::warn!(
                 "VM {name}: VMM killed (epoch {}); its fence had refused {refused} writes",
                 v.epoch
@@ -461,8 +604,8 @@ impl Processes {
     fn collect_exits(&mut self) {
         let mut gone = Vec::new();
         for (n, v) in self.vmms.iter_mut() {
-            if let Ok(Some(status)) = v.child.try_wait() {
-                gone.push((n.clone(), v.epoch, status.code(), v.migrating));
+            if let Some(code) = v.child.try_wait() {
+                gone.push((n.clone(), v.epoch, code, v.migrating));
             }
         }
         for (n, epoch, code, migrating) in gone {
