@@ -10,9 +10,10 @@ sudo=""
 # libclang-dev (the userfaultfd crate generates its kernel bindings with bindgen at build time),
 # qemu-utils (qemu-img: the oracle the disk-image tests check against), etcd-server (the
 # cluster store's tests run real etcd members), protobuf-compiler (the etcd-client crate
-# compiles etcd's gRPC definitions at build time).
+# compiles etcd's gRPC definitions at build time), ethtool, iputils-ping and iproute2 (the
+# network test topology, scripts/netlab.sh).
 need=()
-for p in qemu-system-x86 qemu-utils lz4 zstd xz-utils python3 iperf3 libclang-dev etcd-server protobuf-compiler; do
+for p in qemu-system-x86 qemu-utils lz4 zstd xz-utils python3 iperf3 libclang-dev etcd-server protobuf-compiler ethtool iputils-ping iproute2; do
   # Installed, not merely known to dpkg (a removed package keeps its record, and `dpkg -s`
   # succeeds on it).
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
@@ -23,7 +24,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-for c in qemu-system-x86_64 qemu-img qemu-io iperf3 etcd protoc; do
+for c in qemu-system-x86_64 qemu-img qemu-io iperf3 etcd protoc ethtool ping ip tc; do
   command -v "$c" >/dev/null || { echo "setup: $c is still missing after the install" >&2; exit 1; }
 done
 
