@@ -105,4 +105,10 @@ pub trait VirtioDevice<M>: Send {
     fn as_block(&mut self) -> Option<&mut block::Block> {
         None
     }
+    /// Tells the network where the VM is now (a NIC sends a RARP from its MAC, as QEMU's
+    /// `announce-self` does, so switches and bridges learn its new port). False: nothing
+    /// to announce.
+    fn announce(&mut self) -> bool {
+        false
+    }
 }

@@ -21,6 +21,27 @@ const MAX_PENDING: usize = 64;
 const RX: usize = 0;
 const TX: usize = 1;
 
+/// Ethertype of RARP.
+pub const ETH_P_RARP: u16 = 0x8035;
+
+/// The frame a NIC announces itself with after a move: a RARP request ("reverse request",
+/// opcode 3) from and about `mac`, broadcast, padded to Ethernet's 60-byte minimum — the
+/// frame QEMU's `announce-self` sends.
+pub fn rarp(mac: [u8; 6]) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&ETH_P_RARP.to_be_bytes());
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
+    f[22..28].copy_from_slice(&mac); // sender hardware address; sender IP 0
+    f[32..38].copy_from_slice(&mac); // target hardware address; target IP 0
+    f
+}
+
 /// Version of [`NetState`].
 pub const NET_STATE_VERSION: u32 = 1;
 
@@ -203,6 +224,12 @@ where
 
     fn poll_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
         self.fd().map(|fd| (fd, RX))
+    }
+
+    fn announce(&mut self) -> bool {
+        self.tap
+            .as_ref()
+            .is_some_and(|t| t.send(&rarp(self.mac)).is_ok())
     }
 
     fn release(&mut self) -> Result<(), String> {

@@ -81,7 +81,18 @@ pub fn main(args: RunArgs) -> Result<i32> {
     if let Some(f) = fence {
         crate::api::watch_fence(vm.clone(), f);
     }
-    serve_and_wait(vm, listener, &args.console_log, true, None)
+    serve_and_wait(vm, listener, &args.console_log, Start::Boot, None)
+}
+
+/// How [`serve_and_wait`] starts the VM.
+#[derive(PartialEq)]
+enum Start {
+    /// Already running (it arrived by live migration).
+    No,
+    Boot,
+    /// A restored VM, maybe on another host than the one it was saved on: its NICs
+    /// announce it (`Vm::announce_after_move`).
+    Resume,
 }
 
 /// Installs this process's fence (`--fence-epoch`, `--fence-deadline-ns`), before any disk
@@ -107,7 +118,7 @@ fn serve_and_wait(
     vm: Arc<Vm>,
     listener: Option<crate::api::server::Bound>,
     console_log: &Option<std::path::PathBuf>,
-    start: bool,
+    start: Start,
     arriving: Option<Arc<AtomicBool>>,
 ) -> Result<i32> {
     let host = Host::arriving(
@@ -118,8 +129,11 @@ fn serve_and_wait(
     let server = listener
         .map(|l| crate::api::server::spawn(l, host))
         .transpose()?;
-    if start {
+    if start != Start::No {
         vm.start()?;
+    }
+    if start == Start::Resume {
+        vm.announce_after_move();
     }
     Ok(match server {
         Some(s) => finish(&vm, s),
@@ -162,7 +176,7 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
     if let Some(f) = fence {
         crate::api::watch_fence(vm.clone(), f);
     }
-    serve_and_wait(vm, listener, &args.console_log, true, None)
+    serve_and_wait(vm, listener, &args.console_log, Start::Resume, None)
 }
 
 /// Migration sockets give up on a silent peer after this.
@@ -323,7 +337,7 @@ pub fn receive(args: ReceiveArgs) -> Result<i32> {
         Ok(Err(e)) => eprintln!("ferry: error: migration from {peer}: {e}"),
         Err(_) => eprintln!("ferry: error: the migration thread panicked"),
     });
-    let code = serve_and_wait(vm, listener, &args.console_log, false, Some(arriving))?;
+    let code = serve_and_wait(vm, listener, &args.console_log, Start::No, Some(arriving))?;
     // A VM that ended during post-copy: let the source be released if it can be soon.
     let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !done.is_finished() && std::time::Instant::now() < until {

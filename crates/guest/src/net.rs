@@ -156,3 +156,52 @@ impl Drop for HostTap {
             .output();
     }
 }
+
+/// Watches a host interface (a VM's tap) for RARP frames, the announcements a VMM sends for
+/// a VM after a move: each one's arrival time and source MAC. Root needed (AF_PACKET).
+pub struct RarpWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Rarp>>>,
+}
+
+/// When a RARP arrived, and its sender's MAC.
+pub type Rarp = (Instant, [u8; 6]);
+
+impl RarpWatch {
+    pub fn start(iface: &str) -> Result<RarpWatch, String> {
+        use std::os::fd::AsRawFd;
+        let (fd, _) = ferry_net::wire::packet_socket(iface, libc::SOCK_DGRAM, 0x8035)
+            .map_err(|e| e.to_string())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 64];
+            while !s2.load(Ordering::SeqCst) {
+                // SAFETY: `buf` is valid for writes of its length.
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                // A RARP payload: htype, ptype, hlen, plen, op, then the sender's MAC.
+                if n >= 14 {
+                    let mut mac = [0u8; 6];
+                    mac.copy_from_slice(&buf[8..14]);
+                    seen.push((Instant::now(), mac));
+                }
+            }
+            seen
+        });
+        Ok(RarpWatch {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops watching: what was seen.
+    pub fn stop(mut self) -> Vec<Rarp> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}

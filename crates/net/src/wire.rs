@@ -43,43 +43,7 @@ impl Leg {
     /// Opens interface `name` for the wire (promiscuous, every protocol).
     pub fn open(name: &str) -> Result<Leg, WireError> {
         let err = iface_err(name);
-        let c =
-            CString::new(name).map_err(|_| err(std::io::Error::other("a name with a NUL byte")))?;
-        // SAFETY: a NUL-terminated string that lives across the call.
-        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        if ifindex == 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket(2); the result is checked before use.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                proto as i32,
-            )
-        };
-        if raw < 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a socket just opened and owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto;
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: bind(2) with a sockaddr_ll of its size.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
+        let (fd, ifindex) = packet_socket(name, libc::SOCK_RAW, libc::ETH_P_ALL as u16)?;
         let mreq = libc::packet_mreq {
             mr_ifindex: ifindex as i32,
             mr_type: libc::PACKET_MR_PROMISC as u16,
@@ -87,12 +51,6 @@ impl Leg {
             mr_address: [0; 8],
         };
         setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_ADD_MEMBERSHIP, &mreq).map_err(&err)?;
-        // Readers wake up this often to see whether the wire was stopped.
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
-        setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv).map_err(&err)?;
         Ok(Leg {
             fd,
             name: name.to_string(),
@@ -142,6 +100,50 @@ impl Leg {
         }
         Ok(())
     }
+}
+
+/// An AF_PACKET socket of `kind` (`SOCK_RAW`: whole frames; `SOCK_DGRAM`: payloads) for
+/// ethertype `proto` (`ETH_P_ALL`: every one), bound to interface `name`, reads timing out
+/// every 100 ms; with the interface's index.
+pub fn packet_socket(name: &str, kind: i32, proto: u16) -> Result<(OwnedFd, u32), WireError> {
+    let err = iface_err(name);
+    let c = CString::new(name).map_err(|_| err(std::io::Error::other("a name with a NUL byte")))?;
+    // SAFETY: a NUL-terminated string that lives across the call.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if ifindex == 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    let proto = proto.to_be();
+    // SAFETY: plain socket(2); the result is checked before use.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, kind | libc::SOCK_CLOEXEC, proto as i32) };
+    if raw < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a socket just opened and owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: bind(2) with a sockaddr_ll of its size.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // Readers wake up this often to see whether they were stopped.
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv).map_err(&err)?;
+    Ok((fd, ifindex))
 }
 
 fn setsockopt<T>(fd: &OwnedFd, level: i32, name: i32, v: &T) -> std::io::Result<()> {

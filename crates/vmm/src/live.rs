@@ -355,6 +355,7 @@ impl DestinationVm for LiveDestination {
             vm.forget_dirty_history();
         }
         vm.start().map_err(text)?;
+        vm.announce_after_move();
         if let Some(f) = self.on_running.lock().map_err(|_| "lock poisoned")?.take() {
             f(vm);
         }

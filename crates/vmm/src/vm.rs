@@ -351,6 +351,11 @@ impl Vm {
         Ok(())
     }
 
+    /// The VM runs here after a move: its NICs announce it (`IoBus::announce_after_move`).
+    pub fn announce_after_move(&self) {
+        IoBus::announce_after_move(&self.bus)
+    }
+
     /// Makes every disk's acknowledged writes durable.
     pub fn flush_disks(&self) -> Result<(), VmError> {
         for d in self.bus.virtio() {

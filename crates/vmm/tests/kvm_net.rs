@@ -104,14 +104,33 @@ fn move_busy(tag: u8, opts: Options) -> Duration {
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(200));
+    let rarps = ferry_guest::net::RarpWatch::start(&tap.name).unwrap();
     let (addr, dest) = destination(None);
     send_vm(&src, addr, &opts).expect("migration");
     let (vm, rx2) = hand_over(&src, &rx, &mut seen, dest);
     assert_eq!(vm.state(), RunState::Running);
+    let moved = std::time::Instant::now();
     let mut after = Vec::new();
     wait_for(&rx2, &mut after, T, |l| l.starts_with("K0 ")).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let st = probe.stop();
+    // The destination announced the VM: five RARPs from its NIC's MAC, the first at once,
+    // then QEMU's announce-self gaps (50, 150, 250, 350 ms).
+    std::thread::sleep(Duration::from_millis(1200).saturating_sub(moved.elapsed()));
+    let seen_rarps = rarps.stop();
+    let nic = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    assert_eq!(seen_rarps.len(), 5, "{seen_rarps:?}");
+    assert!(seen_rarps.iter().all(|(_, m)| *m == nic), "{seen_rarps:?}");
+    let gaps: Vec<u128> = seen_rarps
+        .windows(2)
+        .map(|w| (w[1].0 - w[0].0).as_millis())
+        .collect();
+    assert!(
+        gaps.iter()
+            .zip([50, 150, 250, 350])
+            .all(|(g, want)| *g + 10 >= want),
+        "gaps {gaps:?} ms"
+    );
     vm.pause().unwrap();
     let p = disk_position(&reader(&vm), base).unwrap();
     let f = std::fs::File::open(&disk).unwrap();

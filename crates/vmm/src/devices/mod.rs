@@ -73,6 +73,11 @@ pub struct DevicesState {
     pub virtio: Vec<VirtioSlotState>,
 }
 
+/// Gaps between a NIC's announcements of the VM after a move (a RARP from its MAC each):
+/// the first at once, then QEMU's `announce-self` defaults (initial 50 ms, step 100 ms, five
+/// rounds in all).
+pub const ANNOUNCE_GAPS_MS: [u64; 5] = [0, 50, 150, 250, 350];
+
 /// Version of [`DevicesState`].
 pub const DEVICES_STATE_VERSION: u32 = 2;
 
@@ -183,6 +188,29 @@ impl IoBus {
                     handle: Some(handle),
                 })
             })
+    }
+
+    /// Has every NIC announce the VM ([`ANNOUNCE_GAPS_MS`] apart) on a thread of its own
+    /// that holds the bus only while it announces (the VM's end is not held up), and stops
+    /// when the VM is not running or is gone.
+    pub fn announce_after_move(bus: &Arc<IoBus>) {
+        let weak = Arc::downgrade(bus);
+        let r = std::thread::Builder::new()
+            .name("announce".into())
+            .spawn(move || {
+                for gap in ANNOUNCE_GAPS_MS {
+                    std::thread::sleep(std::time::Duration::from_millis(gap));
+                    let Some(b) = weak.upgrade() else { return };
+                    if !b.running.load(Ordering::SeqCst)
+                        || b.virtio.iter().filter(|d| d.announce()).count() == 0
+                    {
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = r {
+            tracing::warn!("no thread to announce the VM's NICs: {e}");
+        }
     }
 
     /// Releases every device's backend on a thread of its own (see `Vm::release_backends`).

@@ -400,6 +400,12 @@ impl VirtioSlot {
         r
     }
 
+    /// The device announces where the VM is now (a NIC: a RARP on its tap); false when it
+    /// has nothing to announce.
+    pub fn announce(&self) -> bool {
+        self.lock().device_mut().announce()
+    }
+
     /// Takes the backend back (the hand-over failed before commit).
     pub fn reacquire(&self) -> Result<(), String> {
         let mut t = self.lock();
