@@ -224,3 +224,65 @@ fn an_empty_vmm_takes_a_vm_through_the_api() {
     );
     assert_eq!(dst.finish().0, 0);
 }
+
+#[test]
+fn a_restored_vm_announces_itself_on_its_tap() {
+    let s = Scratch::new("announce");
+    let tap = ferry_guest::net::HostTap::create(
+        &format!("fra{}", std::process::id() % 10000),
+        (std::process::id() % 200) as u8 + 20,
+        0,
+    )
+    .expect("a tap (root and iproute2)");
+    let (a, b) = (s.path("a.sock"), s.path("b.sock"));
+    let via = s.path("saved");
+    let net = format!("tap={}", tap.name);
+    let mut src = Running::start(&[
+        "--memory",
+        "128M",
+        "--api-socket",
+        a.to_str().unwrap(),
+        "--guest",
+        &format!("net ip={}", tap.guest()),
+        "--net",
+        &net,
+    ]);
+    src.wait_line(|l| l.starts_with("M0 52:54:00:12:34:56"));
+    ferry_ok(&[
+        "snapshot",
+        "--api-socket",
+        a.to_str().unwrap(),
+        "--to",
+        via.to_str().unwrap(),
+        "--then",
+        "stop",
+    ]);
+    assert_eq!(src.finish().0, 0);
+    // Restored (here, or on another host that sees the same tap name), the VM announces
+    // itself: five RARPs from its NIC.
+    let watch = ferry_guest::net::RarpWatch::start(&tap.name).unwrap();
+    let dst = Running::start_cmd(
+        "restore",
+        &[
+            "--from",
+            via.to_str().unwrap(),
+            "--api-socket",
+            b.to_str().unwrap(),
+        ],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let seen = watch.stop();
+    assert_eq!(
+        ferry(&["vm", "shutdown", "--api-socket", b.to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    let _ = dst.finish();
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|(_, m)| *m == [0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+        "{seen:?}"
+    );
+}
