@@ -96,12 +96,11 @@ pub fn act(dir: &Path) -> Result<()> {
     ferry_migration::certs::init_ca(&pki, 1)?;
     let (cert, key) = ferry_migration::certs::issue(&pki, "127.0.0.1", 1)?;
     let ca = ferry_migration::certs::ca_paths(&pki).0;
-    crate::cluster::secure::use_tls(&ferry_migration::tls::TlsFiles {
-        cert: cert.clone(),
-        key: key.clone(),
-        ca: ca.clone(),
-        peers: Vec::new(),
-    })?;
+    crate::cluster::secure::use_tls(&ferry_migration::tls::TlsFiles::any_peer(
+        cert.clone(),
+        key.clone(),
+        ca.clone(),
+    ))?;
     let mut agents = Vec::new();
     for h in ["h1", "h2"] {
         let addr = format!("127.0.0.1:{}", port()?);

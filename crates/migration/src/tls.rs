@@ -65,6 +65,18 @@ pub struct TlsFiles {
     pub peers: Vec<String>,
 }
 
+impl TlsFiles {
+    /// These credentials, accepting any peer certificate of the CA (no allow-list).
+    pub fn any_peer(cert: PathBuf, key: PathBuf, ca: PathBuf) -> TlsFiles {
+        TlsFiles {
+            cert,
+            key,
+            ca,
+            peers: Vec::new(),
+        }
+    }
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
     // AES-GCM only (AES-NI on x86): the suites whose secrets the record layer here handles.

@@ -178,12 +178,11 @@ fn live_migrate(vm: &Vm, req: MigrateRequest, mon: &Monitor) -> Result<Report, A
         };
     if let (Some(_), Some(t)) = (&req.handover, &req.tls) {
         // The hand-over asks this VMM's agent, whose API takes the same credentials.
-        crate::cluster::secure::use_tls(&TlsFiles {
-            cert: t.cert.clone(),
-            key: t.key.clone(),
-            ca: t.ca.clone(),
-            peers: Vec::new(),
-        })
+        crate::cluster::secure::use_tls(&TlsFiles::any_peer(
+            t.cert.clone(),
+            t.key.clone(),
+            t.ca.clone(),
+        ))
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
     }
     let ctl = connect(&req.to, tls.as_ref()).map_err(|e| {

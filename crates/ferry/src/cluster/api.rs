@@ -356,19 +356,20 @@ pub fn spawn(
                 let _g = rt.enter();
                 super::secure::Listener::new(listener, &t)?
             };
-            rt.spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!("cluster API stopped: {e}");
-                }
-            });
+            rt.spawn(serve(listener, app));
         }
         None => {
-            rt.spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!("cluster API stopped: {e}");
-                }
-            });
+            rt.spawn(serve(listener, app));
         }
     }
     Ok(Api { _rt: rt })
+}
+
+async fn serve<L: axum::serve::Listener>(listener: L, app: Router)
+where
+    L::Addr: std::fmt::Debug,
+{
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("cluster API stopped: {e}");
+    }
 }

@@ -55,12 +55,8 @@ pub struct HostArgs {
     /// host's certificate (for the address of --listen, e.g. `ferry certs issue 10.0.0.5`),
     /// its key and the cluster's CA. The API then serves only clients with a certificate of
     /// that CA (other agents, `ferry cluster --tls-*`).
-    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
-    pub tls_cert: Option<PathBuf>,
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    #[arg(long, requires = "tls_cert")]
-    pub tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: Credentials,
     /// No TLS: the cluster API answers anyone who can reach --listen, and migrations run
     /// over plain TCP (not authenticated, not encrypted). Only for a network nobody else
     /// can reach.
@@ -72,15 +68,33 @@ pub struct HostArgs {
     pub insecure: bool,
 }
 
-impl HostArgs {
-    /// (certificate, key, CA) made absolute (the VMMs get them too), when TLS is on.
-    pub fn tls(&self) -> Option<(PathBuf, PathBuf, PathBuf)> {
+/// A certificate, its key and the CA (`--tls-cert`, `--tls-key`, `--tls-ca`), all or none.
+#[derive(Args, Debug)]
+pub struct Credentials {
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl Credentials {
+    /// (certificate, key, CA) made absolute (VMMs started elsewhere get them too), when
+    /// given.
+    pub fn paths(&self) -> Option<(PathBuf, PathBuf, PathBuf)> {
         let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
         Some((
             abs(self.tls_cert.as_ref()?),
             abs(self.tls_key.as_ref()?),
             abs(self.tls_ca.as_ref()?),
         ))
+    }
+
+    /// The same as TLS files that accept any certificate of the CA.
+    pub fn files(&self) -> Option<ferry_migration::tls::TlsFiles> {
+        let (cert, key, ca) = self.paths()?;
+        Some(ferry_migration::tls::TlsFiles::any_peer(cert, key, ca))
     }
 }
 
@@ -92,12 +106,8 @@ pub struct ClusterArgs {
     /// For agents whose API is TLS (`ferry host --tls-cert`): a certificate of the cluster's
     /// CA (e.g. `ferry certs issue admin`), its key and the CA; the agent's certificate must
     /// be valid for the host of --agent.
-    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
-    pub tls_cert: Option<PathBuf>,
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    #[arg(long, requires = "tls_cert")]
-    pub tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: Credentials,
     #[command(subcommand)]
     pub action: ClusterAction,
 }

@@ -144,13 +144,8 @@ fn print_move(m: &serde_json::Value) {
 }
 
 pub fn main(args: ClusterArgs) -> Result<()> {
-    if let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) {
-        super::secure::use_tls(&ferry_migration::tls::TlsFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-            ca: ca.clone(),
-            peers: Vec::new(),
-        })?;
+    if let Some(files) = args.tls.files() {
+        super::secure::use_tls(&files)?;
     }
     let a = &args.agent;
     match args.action {

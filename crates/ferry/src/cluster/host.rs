@@ -86,12 +86,12 @@ fn host_memory() -> u64 {
 /// until the membership is lost or left), on a thread of its own: a reconcile round can sit
 /// in store calls for seconds (etcd electing a new leader), and the renewals that did get
 /// through must reach the VMMs meanwhile, or they fence themselves with the host alive.
-fn renew_fences(watch: DeadlineWatch, runner: SharedProcesses, shared: Arc<Shared>) {
+fn renew_fences(watch: DeadlineWatch, mut runner: SharedProcesses, shared: Arc<Shared>) {
     let r = std::thread::Builder::new()
         .name("ferry-fences".into())
         .spawn(move || {
             while let Some(d) = watch.current() {
-                ferry_cluster::agent::Runner::renew(&mut runner.clone(), d);
+                ferry_cluster::agent::Runner::renew(&mut runner, d);
                 shared
                     .deadline_ns
                     .store(super::runner::monotonic_ns(d), Ordering::SeqCst);
@@ -196,15 +196,9 @@ pub fn main(args: HostArgs) -> Result<i32> {
         memory_bytes,
     };
     let mut procs = Processes::new(storage.clone(), run_dir.clone())?;
-    procs.tls = args.tls();
-    let api_tls = match &procs.tls {
-        Some((cert, key, ca)) => {
-            let files = ferry_migration::tls::TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                ca: ca.clone(),
-                peers: Vec::new(),
-            };
+    procs.tls = args.tls.paths();
+    let api_tls = match args.tls.files() {
+        Some(files) => {
             super::secure::use_tls(&files)?;
             Some(Arc::new(ferry_migration::tls::TlsServer::new(&files)?))
         }
@@ -330,10 +324,6 @@ pub fn main(args: HostArgs) -> Result<i32> {
             *shared.resident.lock().unwrap_or_else(|e| e.into_inner()) = runner.lock().resident();
             *shared.refused.lock().unwrap_or_else(|e| e.into_inner()) +=
                 runner.lock().take_refused();
-            shared.deadline_ns.store(
-                super::runner::monotonic_ns(agent.deadline()),
-                Ordering::SeqCst,
-            );
             if let Some((vm, _, to)) = agent.take_move() {
                 moving.store(true, Ordering::SeqCst);
                 let (moving, addr) = (moving.clone(), rec.addr.clone());

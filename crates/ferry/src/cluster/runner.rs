@@ -34,11 +34,12 @@ impl Proc {
         match self {
             Proc::Child(c) => c.try_wait().ok().flatten().map(|s| s.code()),
             Proc::Adopted { pid, exit_file } => {
+                // Alive while /proc has it and its state (after the name) is not Z.
                 let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
-                let zombie = stat
+                let state = stat
                     .as_deref()
-                    .and_then(|s| s.rfind(')').map(|i| &s[i + 1..]));
-                if zombie.is_some_and(|r| !r.trim_start().starts_with('Z')) {
+                    .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start()));
+                if state.is_some_and(|r| !r.starts_with('Z')) {
                     return None;
                 }
                 let code = std::fs::read_to_string(&*exit_file).ok();
@@ -284,6 +285,13 @@ impl Processes {
     fn exit_file(&self, name: &str) -> PathBuf {
         self.run_dir.join(format!("{name}.exit"))
     }
+
+    /// Names VMM `name`'s exit file in `cmd`'s environment, removing a stale one.
+    fn exit_env(&self, cmd: &mut Command, name: &str) {
+        let f = self.exit_file(name);
+        let _ = std::fs::remove_file(&f);
+        cmd.env(EXIT_FILE_ENV, f);
+    }
 }
 
 /// CPU time (user + system), in seconds, in a `/proc/.../stat` line.
@@ -359,10 +367,8 @@ impl Processes {
                 cmd.arg("--insecure");
             }
         }
-        let exit_file = self.exit_file(name);
-        let _ = std::fs::remove_file(&exit_file);
+        self.exit_env(&mut cmd, name);
         let child = cmd
-            .env(EXIT_FILE_ENV, &exit_file)
             .arg("--api-socket")
             .arg(&socket)
             .arg("--console-log")
@@ -515,10 +521,8 @@ impl Runner for Processes {
                 cmd.args(["--cmdline", c]);
             }
         }
-        let exit_file = self.exit_file(name);
-        let _ = std::fs::remove_file(&exit_file);
+        self.exit_env(&mut cmd, name);
         let child = cmd
-            .env(EXIT_FILE_ENV, &exit_file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
