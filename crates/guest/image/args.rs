@@ -12,6 +12,7 @@ pub enum Kind {
     DiskVerify,
     DiskBench,
     Net,
+    Tcp,
 }
 
 #[derive(Clone, Copy)]
@@ -37,8 +38,12 @@ pub struct Spec {
     pub pass: u64,
     /// disk-verify: first block still at `pass - 1` (default: none).
     pub next: u64,
-    /// net: the guest's IPv4 address (host order).
+    /// net, tcp: the guest's IPv4 address (host order).
     pub ip: u32,
+    /// tcp: the address's prefix length.
+    pub prefix: u64,
+    /// tcp: the IP MTU (bytes of an IP packet at most; 1450 inside a VXLAN overlay).
+    pub mtu: u64,
     /// disk-bench: requests in flight (1..=32).
     pub qd: u64,
     /// disk-bench: random block offsets (else sequential).
@@ -57,6 +62,7 @@ fn kind_of(word: &str) -> Option<Kind> {
         "disk-verify" => Some(Kind::DiskVerify),
         "disk-bench" => Some(Kind::DiskBench),
         "net" => Some(Kind::Net),
+        "tcp" => Some(Kind::Tcp),
         _ => None,
     }
 }
@@ -105,13 +111,15 @@ fn parse_segment(seg: &str) -> Result<Spec, &'static str> {
         pass: 1,
         next: u64::MAX,
         ip: 0,
+        prefix: 24,
+        mtu: 1500,
         qd: 1,
         random: false,
         read: false,
     };
     for w in words {
         let (k, v) = w.split_once('=').ok_or("expected key=value")?;
-        if kind == Kind::Net && k == "ip" {
+        if matches!(kind, Kind::Net | Kind::Tcp) && k == "ip" {
             spec.ip = ipv4(v)?;
             continue;
         }
@@ -136,8 +144,10 @@ fn parse_segment(seg: &str) -> Result<Spec, &'static str> {
             (Kind::DiskBench, "read") => spec.read = n != 0,
             (Kind::DiskVerify, "pass") => spec.pass = n,
             (Kind::DiskVerify, "next") => spec.next = n,
-            (Kind::Net, "hb") => spec.period_us = n,
-            (Kind::Net, "dev") => spec.dev = n,
+            (Kind::Net | Kind::Tcp, "hb") => spec.period_us = n,
+            (Kind::Net | Kind::Tcp, "dev") => spec.dev = n,
+            (Kind::Tcp, "prefix") => spec.prefix = n,
+            (Kind::Tcp, "mtu") => spec.mtu = n,
             _ => return Err("unknown argument"),
         }
     }
@@ -147,8 +157,14 @@ fn parse_segment(seg: &str) -> Result<Spec, &'static str> {
     if matches!(kind, Kind::Dirty | Kind::Verify) && spec.size < 4096 {
         return Err("size must be >= 4K");
     }
-    if kind == Kind::Net && spec.ip == 0 {
-        return Err("net needs ip=A.B.C.D");
+    if matches!(kind, Kind::Net | Kind::Tcp) && spec.ip == 0 {
+        return Err("net and tcp need ip=A.B.C.D");
+    }
+    if kind == Kind::Tcp && (spec.prefix == 0 || spec.prefix > 32) {
+        return Err("prefix must be 1..32");
+    }
+    if kind == Kind::Tcp && !(576..=2022).contains(&spec.mtu) {
+        return Err("mtu must be 576..2022");
     }
     if kind == Kind::DiskBench && !(1..=crate::virtio::MAX_QD as u64).contains(&spec.qd) {
         return Err("qd must be 1..32");
@@ -220,7 +236,7 @@ pub fn region_size(spec: &Spec) -> u64 {
         // The same with a data buffer per request in flight.
         Kind::DiskBench => 3 * page + spec.qd * spec.bs.div_ceil(page) * page,
         // Status page, RX ring, TX ring, 4 RX buffers of 2 KiB, TX buffer.
-        Kind::Net => 6 * page,
+        Kind::Net | Kind::Tcp => 6 * page,
         Kind::Idle | Kind::Heartbeat => 0,
     }
 }

@@ -8,6 +8,7 @@ mod io;
 mod mem;
 mod net;
 mod rt;
+mod tcp;
 mod virtio;
 #[path = "../src/pattern.rs"]
 #[allow(dead_code)]

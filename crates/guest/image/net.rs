@@ -13,8 +13,9 @@ use core::sync::atomic::{fence, Ordering};
 const ID_NET: u32 = 1;
 const F_MAC: u32 = 1 << 5;
 const QSIZE: u16 = 4;
-const BUF: u64 = 2048;
-const HDR: u64 = 12;
+/// Bytes per buffer: the header and a frame of up to 2036 bytes.
+pub const BUF: u64 = 2048;
+pub const HDR: u64 = 12;
 
 fn b(a: u64) -> u8 {
     // SAFETY: inside this workload's own identity-mapped buffers.
@@ -54,14 +55,14 @@ fn csum(a: u64, n: u64) -> u16 {
     !(s as u16)
 }
 
-fn say(cpu: u64, what: &str) -> u8 {
+pub fn say(cpu: u64, what: &str) -> u8 {
     let mut l = Line::new();
     l.s("!").u(cpu).s(" net: ").s(what);
     l.send();
     2
 }
 
-struct Nic {
+pub struct Nic {
     base: u64,
     rx_ring: u64,
     tx_ring: u64,
@@ -75,6 +76,42 @@ struct Nic {
 }
 
 impl Nic {
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The next frame the device has written: its buffer's id and length (with the header).
+    pub fn next_rx(&mut self) -> Option<(u16, u64)> {
+        let used = self.rx_ring + 0x800;
+        if get16(used + 2) == self.rx_used_seen {
+            return None;
+        }
+        fence(Ordering::SeqCst);
+        let e = used + 4 + (self.rx_used_seen % QSIZE) as u64 * 8;
+        // SAFETY: the used element's id and length words, in this workload's ring page.
+        let id = (unsafe { read_volatile(e as *const u32) }) as u16 % QSIZE;
+        // SAFETY: as above.
+        let len = unsafe { read_volatile((e + 4) as *const u32) } as u64;
+        self.rx_used_seen = self.rx_used_seen.wrapping_add(1);
+        Some((id, len.min(BUF)))
+    }
+
+    /// Where RX buffer `id`'s frame starts (after the virtio-net header).
+    pub fn rx_frame(&self, id: u16) -> u64 {
+        self.rx_bufs + id as u64 * BUF + HDR
+    }
+
+    /// Where a frame to send goes (after the header [`Nic::send`] fills in).
+    pub fn tx_frame(&self) -> u64 {
+        self.tx_buf + HDR
+    }
+
+    /// Gives RX buffer `id` back to the device and tells it.
+    pub fn recycle(&mut self, id: u16) {
+        self.post_rx(id);
+        wr(self.base, 0x50, 0);
+    }
+
     fn post_rx(&mut self, id: u16) {
         let d = self.rx_ring + id as u64 * 16;
         put64(d, self.rx_bufs + id as u64 * BUF);
@@ -88,7 +125,11 @@ impl Nic {
         put16(avail + 2, self.rx_avail);
     }
 
-    fn send(&mut self, len: u64) {
+    /// Sends the `len`-byte frame at [`Nic::tx_frame`] and waits until the device took it.
+    pub fn send(&mut self, len: u64) {
+        for i in 0..HDR {
+            setb(self.tx_buf + i, 0);
+        }
         let d = self.tx_ring;
         put64(d, self.tx_buf);
         put32(d + 8, (HDR + len) as u32);
@@ -108,13 +149,12 @@ impl Nic {
     }
 }
 
-pub fn run(cpu: u64, spec: &Spec, base: u64, beat: &mut Beat) -> u8 {
-    let Some(dev) = virtio::find(ID_NET, spec.dev as usize) else {
-        return say(cpu, "no virtio-net device");
-    };
-    if let Err(e) = virtio::negotiate(dev, F_MAC) {
-        return say(cpu, e);
-    }
+/// Finds and starts virtio-net device `dev`: its rings and buffers in the 6 pages from
+/// `base` (status, RX ring, TX ring, 4 RX buffers of 2 KiB, TX buffer), every RX buffer
+/// posted. Prints `M<c> <mac>`.
+pub fn open(cpu: u64, dev: u64, base: u64) -> Result<Nic, &'static str> {
+    let dev = virtio::find(ID_NET, dev as usize).ok_or("no virtio-net device")?;
+    virtio::negotiate(dev, F_MAC)?;
     let mut nic = Nic {
         base: dev,
         rx_ring: base + PAGE_SIZE,
@@ -131,9 +171,7 @@ pub fn run(cpu: u64, spec: &Spec, base: u64, beat: &mut Beat) -> u8 {
         *m = (rd(dev, 0x100 + (i as u64 & !3)) >> ((i as u64 & 3) * 8)) as u8;
     }
     for (q, ring) in [(0, nic.rx_ring), (1, nic.tx_ring)] {
-        if let Err(e) = virtio::setup_queue(dev, q, QSIZE, ring) {
-            return say(cpu, e);
-        }
+        virtio::setup_queue(dev, q, QSIZE, ring)?;
     }
     wr(dev, 0x70, 1 | 2 | 8 | 4); // DRIVER_OK
     for id in 0..QSIZE {
@@ -149,39 +187,34 @@ pub fn run(cpu: u64, spec: &Spec, base: u64, beat: &mut Beat) -> u8 {
         l.x2(*m);
     }
     l.send();
+    Ok(nic)
+}
+
+pub fn run(cpu: u64, spec: &Spec, base: u64, beat: &mut Beat) -> u8 {
+    let mut nic = match open(cpu, spec.dev, base) {
+        Ok(nic) => nic,
+        Err(e) => return say(cpu, e),
+    };
     let ip = spec.ip;
     let mut replies = 0u64;
     loop {
         beat.poll();
-        let used = nic.rx_ring + 0x800;
-        if get16(used + 2) == nic.rx_used_seen {
+        let Some((id, len)) = nic.next_rx() else {
             core::hint::spin_loop();
             continue;
-        }
-        fence(Ordering::SeqCst);
-        let e = used + 4 + (nic.rx_used_seen % QSIZE) as u64 * 8;
-        // SAFETY: the used element's id and length words, in this workload's ring page.
-        let id = (unsafe { read_volatile(e as *const u32) }) as u16 % QSIZE;
-        // SAFETY: as above.
-        let len = unsafe { read_volatile((e + 4) as *const u32) } as u64;
-        nic.rx_used_seen = nic.rx_used_seen.wrapping_add(1);
-        let f = nic.rx_bufs + id as u64 * BUF + HDR;
+        };
         if len > HDR {
-            if let Some(n) = answer(&nic, f, len - HDR, ip, &mut replies) {
+            if let Some(n) = answer(&nic, nic.rx_frame(id), len - HDR, ip, &mut replies) {
                 nic.send(n);
             }
         }
-        nic.post_rx(id);
-        wr(dev, 0x50, 0);
+        nic.recycle(id);
     }
 }
 
 /// Builds the answer to the frame at `f` (if any) in the transmit buffer; returns its length.
 fn answer(nic: &Nic, f: u64, n: u64, ip: u32, replies: &mut u64) -> Option<u64> {
-    let out = nic.tx_buf + HDR;
-    for i in 0..HDR {
-        setb(nic.tx_buf + i, 0);
-    }
+    let out = nic.tx_frame();
     if n < 14 {
         return None;
     }

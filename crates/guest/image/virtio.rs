@@ -1,8 +1,7 @@
 //! A polling virtio-mmio (version 2) driver for one virtio-blk device: a split queue, one
-//! request at a time or (disk-bench) up to 32 in flight, no interrupts. Written here rather than taken from the
-//! `virtio-drivers` crate: this image is built by build.rs with the bare rustc and no crate
-//! graph (see docs/test-guest.md), and an independent implementation of the guest side is
-//! what checks Ferry's device side.
+//! request at a time or (disk-bench) up to 32 in flight, no interrupts. Written here rather
+//! than taken from the `virtio-drivers` crate: an independent implementation of the guest
+//! side is what checks Ferry's device side.
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{fence, Ordering};
 

@@ -52,6 +52,7 @@ fn name(kind: Kind) -> &'static str {
         Kind::DiskVerify => "disk-verify",
         Kind::DiskBench => "disk-bench",
         Kind::Net => "net",
+        Kind::Tcp => "tcp",
     }
 }
 
@@ -85,6 +86,7 @@ pub fn run(cpu: u64, spec: &Spec, base: u64, _map: &MemoryMap, khz: u64) -> u8 {
         Kind::Disk | Kind::DiskVerify => crate::disk::run(cpu, spec, base, khz, &mut beat),
         Kind::DiskBench => crate::disk::bench(cpu, spec, base, khz, &mut beat),
         Kind::Net => crate::net::run(cpu, spec, base, &mut beat),
+        Kind::Tcp => crate::tcp::run(cpu, spec, base, khz, &mut beat),
     }
 }
 

@@ -4,6 +4,7 @@ pub mod console;
 pub mod heartbeat;
 pub mod net;
 pub mod pattern;
+pub mod tcp;
 pub mod tools;
 pub mod verify;
 

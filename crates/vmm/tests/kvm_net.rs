@@ -198,3 +198,84 @@ fn a_tap_that_does_not_exist_is_a_clear_error() {
         .to_string();
     assert!(e.contains("tap fnt-nonexist does not exist"), "{e}");
 }
+
+/// The guest's smoltcp stack on its tap: echo on port 7 (a 100 KiB stream comes back
+/// exact), and a request every millisecond on port 8 answered in order, each with the next
+/// value of the guest's reply counter.
+#[test]
+fn the_guest_speaks_tcp_echo_and_request_response() {
+    let tap = host_tap(4);
+    let (vm, rx) = boot_with(&format!("tcp ip={} prefix=24", tap.guest()), &tap, None);
+    let mut seen = Vec::new();
+    wait_for(&rx, &mut seen, T, |l| l.starts_with("T0 up ")).unwrap();
+    let ip: std::net::IpAddr = tap.guest().parse().unwrap();
+    let data: Vec<u8> = (0..100 * 1024u32)
+        .map(|i| (i * 7 + i / 251) as u8)
+        .collect();
+    let rtt = ferry_guest::tcp::echo_once((ip, 7).into(), None, &data).unwrap();
+    eprintln!("100 KiB echoed in {rtt:?}");
+    let probe =
+        ferry_guest::tcp::TcpProbe::start((ip, 8).into(), None, Duration::from_millis(1)).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let st = probe.stop(Duration::from_secs(2));
+    st.check().unwrap();
+    assert!(st.received >= 300, "{st:?}");
+    assert_eq!(st.first_counter, Some(1), "{st:?}");
+    eprintln!("{} replies, largest gap {:?}", st.received, st.max_gap);
+    wait_for(&rx, &mut seen, T, |l| l.starts_with("T0 closed 8")).unwrap();
+    vm.shutdown().unwrap();
+    vm.wait();
+}
+
+/// An open TCP connection to the guest's smoltcp stack carries on across a live migration
+/// and then a post-copy one (both "hosts" share the tap): no reset, every reply in order,
+/// the guest's reply counter continuous, its heartbeat too.
+#[test]
+fn an_open_tcp_connection_survives_a_live_and_a_post_copy_migration() {
+    let tap = host_tap(5);
+    let (src, rx) = boot_with(&format!("tcp ip={} hb=2000", tap.guest()), &tap, None);
+    let mut seen = Vec::new();
+    wait_for(&rx, &mut seen, T, |l| l.starts_with("T0 up ")).unwrap();
+    let ip: std::net::IpAddr = tap.guest().parse().unwrap();
+    let probe =
+        ferry_guest::tcp::TcpProbe::start((ip, 8).into(), None, Duration::from_millis(2)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut log = ferry_guest::heartbeat::HeartbeatLog::default();
+    let mut vm = src;
+    let mut rx = rx;
+    for (i, opts) in [
+        Options::default(),
+        Options {
+            postcopy_after: Some(1),
+            ..Options::default()
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (addr, dest) = destination(None);
+        send_vm(&vm, addr, &opts).expect("migration");
+        let (next, rx2) = hand_over(&vm, &rx, &mut seen, dest);
+        assert_eq!(next.state(), RunState::Running);
+        beats(&mut log, &seen);
+        seen.clear();
+        std::thread::sleep(Duration::from_millis(400));
+        let st = probe.stats();
+        assert!(st.error.is_none(), "move {i}: {st:?}");
+        (vm, rx) = (next, rx2);
+    }
+    let st = probe.stop(Duration::from_secs(2));
+    st.check().expect("the connection carried on");
+    assert!(st.received > 300, "{st:?}");
+    seen.extend(rx.try_iter());
+    beats(&mut log, &seen);
+    log.check_continuous().expect("heartbeat continuous");
+    eprintln!(
+        "{} replies; largest reply gap {:?}; largest heartbeat gap {:?}",
+        st.received,
+        st.max_gap,
+        log.max_gap()
+    );
+    vm.shutdown().unwrap();
+    vm.wait();
+}
