@@ -71,6 +71,12 @@ impl Store for Freezable {
     fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         self.inner.revoke(lease)
     }
+    fn revision(&self) -> Result<i64, StoreError> {
+        self.inner.revision()
+    }
+    fn wait(&self, prefix: &str, after: i64, limit: Duration) -> Result<bool, StoreError> {
+        self.inner.wait(prefix, after, limit)
+    }
 }
 
 fn membership(store: Arc<dyn Store>) {

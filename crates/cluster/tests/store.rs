@@ -10,6 +10,50 @@ fn contract(s: &dyn Store) {
     keys_revisions_and_prefixes(s);
     compare_and_swap_loses_no_update(s);
     leases_keep_keys_only_while_kept_alive(s);
+    waits_see_every_change_under_their_prefix(s);
+}
+
+/// `wait` returns at once for a change already made after the revision given, wakes for one
+/// made while it waits (a write or a delete, from another thread), ignores other prefixes,
+/// and times out when nothing changes.
+fn waits_see_every_change_under_their_prefix(s: &dyn Store) {
+    let rev = s.revision().unwrap();
+    s.put("/w/a", b"1").unwrap();
+    let t0 = Instant::now();
+    assert!(s.wait("/w/", rev, Duration::from_secs(5)).unwrap());
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let rev = s.revision().unwrap();
+    s.put("/x/other", b"1").unwrap();
+    let t0 = Instant::now();
+    assert!(!s.wait("/w/", rev, Duration::from_millis(400)).unwrap());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(390),
+        "{:?}",
+        t0.elapsed()
+    );
+    for change in ["put", "delete"] {
+        let rev = s.revision().unwrap();
+        let t0 = Instant::now();
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                std::thread::sleep(Duration::from_millis(200));
+                if change == "put" {
+                    s.put("/w/b", b"2").unwrap();
+                } else {
+                    s.txn(&[], &[Op::delete("/w/a")]).unwrap();
+                }
+            });
+            assert!(
+                s.wait("/w/", rev, Duration::from_secs(5)).unwrap(),
+                "{change}"
+            );
+        });
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(190) && took < Duration::from_secs(2),
+            "{change}: woke after {took:?}"
+        );
+    }
 }
 
 fn keys_revisions_and_prefixes(s: &dyn Store) {

@@ -3,7 +3,7 @@
 //! deadline; past it the store is [`StoreError::Unavailable`]. Reads are etcd's default,
 //! linearizable ones.
 use super::{Compare, KeyValue, LeaseId, Op, Store, StoreError, TxnResult};
-use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 use std::time::Duration;
 
 /// How long one call may take.
@@ -220,6 +220,48 @@ impl Store for EtcdStore {
             Ok(_) => Ok(()),
             Err(e) if lease_gone(&e) => Ok(()),
             Err(e) => Err(e),
+        }
+    }
+
+    fn revision(&self) -> Result<i64, StoreError> {
+        let r = self.call(|mut c| async move {
+            c.get("/", Some(GetOptions::new().with_count_only())).await
+        })?;
+        r.header()
+            .map(|h| h.revision())
+            .ok_or_else(|| self.unavailable("an answer without a header".into()))
+    }
+
+    fn wait(&self, prefix: &str, after: i64, limit: Duration) -> Result<bool, StoreError> {
+        let prefix = prefix.to_owned();
+        let r = self.rt.block_on(async {
+            tokio::time::timeout(limit, async {
+                let opts = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(after + 1);
+                let (_watcher, mut stream) = self
+                    .client
+                    .clone()
+                    .watch(prefix.clone(), Some(opts))
+                    .await?;
+                loop {
+                    match stream.message().await? {
+                        // Compacted past `after`: what changed is unknown, so say changed.
+                        Some(m) if !m.events().is_empty() || m.compact_revision() > 0 => {
+                            return Ok::<bool, etcd_client::Error>(true)
+                        }
+                        Some(m) if m.canceled() => return Ok(true),
+                        Some(_) => {}
+                        None => return Ok(true),
+                    }
+                }
+            })
+            .await
+        });
+        match r {
+            Err(_) => Ok(false),
+            Ok(Ok(changed)) => Ok(changed),
+            Ok(Err(e)) => Err(self.unavailable(e.to_string())),
         }
     }
 }

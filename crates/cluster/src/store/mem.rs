@@ -5,13 +5,15 @@
 //! restart their lease is gone, as an etcd lease is after its TTL. The file is locked while
 //! open: one agent per file.
 use super::{Compare, KeyValue, LeaseId, Op, Store, StoreError, TxnResult};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub struct MemStore {
     inner: Mutex<Inner>,
+    /// Notified after every change (for [`Store::wait`]).
+    changed: Condvar,
     path: Option<PathBuf>,
     /// Held for its lock.
     _lock: Option<std::fs::File>,
@@ -23,7 +25,15 @@ struct Inner {
     keys: BTreeMap<String, Entry>,
     leases: HashMap<LeaseId, (Duration, Instant)>,
     next_lease: LeaseId,
+    /// The latest changes (revision, key), oldest first, at most [`CHANGES_KEPT`].
+    changes: VecDeque<(i64, String)>,
+    /// Changes at or below this revision are no longer in `changes`.
+    changes_floor: i64,
 }
+
+/// How many changed keys the store remembers for [`Store::wait`]; a waiter further behind
+/// is woken at once (it re-reads).
+const CHANGES_KEPT: usize = 4096;
 
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Entry {
@@ -50,6 +60,7 @@ impl MemStore {
                 next_lease: 1,
                 ..Inner::default()
             }),
+            changed: Condvar::new(),
             path: None,
             _lock: None,
         }
@@ -91,8 +102,10 @@ impl MemStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(err(e.to_string())),
         }
+        inner.changes_floor = inner.revision;
         Ok(MemStore {
             inner: Mutex::new(inner),
+            changed: Condvar::new(),
             path: Some(path.to_owned()),
             _lock: Some(lock),
         })
@@ -158,11 +171,41 @@ impl Inner {
 
     fn end_lease(&mut self, id: LeaseId) {
         self.leases.remove(&id);
-        let before = self.keys.len();
-        self.keys.retain(|_, e| e.lease != Some(id));
-        if self.keys.len() != before {
+        let gone: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|(_, e)| e.lease == Some(id))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !gone.is_empty() {
             self.revision += 1;
+            for k in gone {
+                self.keys.remove(&k);
+                self.log(k);
+            }
         }
+    }
+
+    /// Records that `key` changed at the current revision.
+    fn log(&mut self, key: String) {
+        if self.changes.len() == CHANGES_KEPT {
+            if let Some((rev, _)) = self.changes.pop_front() {
+                self.changes_floor = rev;
+            }
+        }
+        self.changes.push_back((self.revision, key));
+    }
+
+    /// A key under `prefix` changed after revision `after` (or the log no longer reaches
+    /// back that far).
+    fn changed_since(&self, prefix: &str, after: i64) -> bool {
+        after < self.changes_floor
+            || self
+                .changes
+                .iter()
+                .rev()
+                .take_while(|(rev, _)| *rev > after)
+                .any(|(_, k)| k.starts_with(prefix))
     }
 
     fn holds(&self, c: &Compare) -> bool {
@@ -251,6 +294,13 @@ impl Store for MemStore {
             (g.revision, g.keys) = before;
             return Err(e);
         }
+        for op in then {
+            let key = match op {
+                Op::Put { key, .. } | Op::Delete { key } => key.clone(),
+            };
+            g.log(key);
+        }
+        self.changed.notify_all();
         Ok(TxnResult {
             succeeded: true,
             revision: rev,
@@ -279,6 +329,33 @@ impl Store for MemStore {
     fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         let mut g = self.lock();
         g.end_lease(lease);
+        self.changed.notify_all();
         Ok(())
+    }
+
+    fn revision(&self) -> Result<i64, StoreError> {
+        Ok(self.lock().revision)
+    }
+
+    fn wait(&self, prefix: &str, after: i64, limit: Duration) -> Result<bool, StoreError> {
+        let until = Instant::now() + limit;
+        let mut g = self.lock();
+        loop {
+            if g.changed_since(prefix, after) {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Ok(false);
+            }
+            // Wakes at least every 100 ms: leases expire when the store is looked at.
+            let step = (until - now).min(Duration::from_millis(100));
+            g = self
+                .changed
+                .wait_timeout(g, step)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            g.expire(Instant::now());
+        }
     }
 }

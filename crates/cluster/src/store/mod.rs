@@ -109,6 +109,12 @@ pub trait Store: Send + Sync {
     fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError>;
     /// Ends the lease now, deleting its keys.
     fn revoke(&self, lease: LeaseId) -> Result<(), StoreError>;
+    /// The store's current revision.
+    fn revision(&self) -> Result<i64, StoreError>;
+    /// Waits until a key starting with `prefix` is written or deleted after revision
+    /// `after`, or `limit` has passed; true when something changed. (A watch: read the
+    /// revision, read what you need, then wait from that revision, and no change is missed.)
+    fn wait(&self, prefix: &str, after: i64, limit: Duration) -> Result<bool, StoreError>;
 
     /// Writes `key` unconditionally.
     fn put(&self, key: &str, value: &[u8]) -> Result<i64, StoreError> {
