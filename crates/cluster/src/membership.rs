@@ -22,6 +22,10 @@ pub struct HostRecord {
     pub addr: String,
     pub cpus: u32,
     pub memory_bytes: u64,
+    /// Its provider address: where the overlay's VXLAN traffic for its VMs goes (None: it
+    /// carries no virtual network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pa: Option<std::net::Ipv4Addr>,
 }
 
 /// Why joining or staying failed.

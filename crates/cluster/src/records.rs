@@ -5,6 +5,7 @@
 //! Every change is a compare-and-swap; a host can take a VM only from the owner it read
 //! (by epoch) and only while its own membership record exists.
 use crate::membership::HOSTS;
+use crate::net;
 use crate::store::{Compare, Op, Store, StoreError};
 
 pub const VMS: &str = "/ferry/vms/";
@@ -50,6 +51,8 @@ pub enum RecordError {
     #[error("VM record {0:?} is damaged: {1}")]
     Damaged(String, String),
     #[error(transparent)]
+    Net(#[from] crate::net::NetError),
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
@@ -57,14 +60,30 @@ fn parse(key: &str, b: &[u8]) -> Result<VmRecord, RecordError> {
     serde_json::from_slice(b).map_err(|e| RecordError::Damaged(key.into(), e.to_string()))
 }
 
-/// Creates a VM's record (no owner yet); refused if the name is taken.
+/// Creates a VM's record (no owner yet), reserving its NICs' addresses in the same
+/// transaction; refused if the name is taken, a network missing or an address in use.
 pub fn define(store: &dyn Store, rec: &VmRecord) -> Result<i64, RecordError> {
     let key = format!("{VMS}{}", rec.name);
     let b =
         serde_json::to_vec(rec).map_err(|e| RecordError::Damaged(key.clone(), e.to_string()))?;
-    store
-        .create(&key, &b, None)?
-        .ok_or_else(|| RecordError::Exists(rec.name.clone()))
+    let nics = net::nics_of(&rec.spec)?;
+    let (mut when, mut then) = net::reserve(&rec.name, &nics)?;
+    when.push(Compare::Absent(key.clone()));
+    then.push(Op::put(key.clone(), b));
+    let r = store.txn(&when, &then)?;
+    if r.succeeded {
+        return Ok(r.revision);
+    }
+    if store.get(&key)?.is_some() {
+        return Err(RecordError::Exists(rec.name.clone()));
+    }
+    match net::why_not_reserved(store, &nics)? {
+        Some(e) => Err(e.into()),
+        None => Err(RecordError::Conflict {
+            name: rec.name.clone(),
+            now: None,
+        }),
+    }
 }
 
 /// A VM's record and its revision.
@@ -108,11 +127,35 @@ pub fn owner(store: &dyn Store, name: &str) -> Result<Option<Owner>, RecordError
 
 /// Makes `host` the owner of `name`, if the owner is still the one read (`from`: its epoch,
 /// or None for no owner) and `host` is a live member. Returns the new owner (its epoch).
+/// The VM's NICs move in the CA→PA map to `host`'s provider address in the same
+/// transaction ([`net`]): published there and withdrawn from the old host at once.
 pub fn claim(
     store: &dyn Store,
     name: &str,
     host: &str,
     from: Option<i64>,
+) -> Result<Owner, RecordError> {
+    let map = prepare_claim(store, name, host)?;
+    claim_prepared(store, name, host, from, map)
+}
+
+/// The map writes a claim of `name` by `host` makes, read ahead of time (a live
+/// migration's switch-over should not wait for these reads). They stay right: a VM's NICs
+/// never change once defined, and a host keeps its PA for as long as its membership, which
+/// the claim requires.
+pub fn prepare_claim(store: &dyn Store, name: &str, host: &str) -> Result<Vec<Op>, RecordError> {
+    let rec = vm(store, name)?.ok_or_else(|| RecordError::NoSuchVm(name.into()))?;
+    let pa = net::provider_address(store, host)?;
+    Ok(net::locate(&rec.0, host, pa)?)
+}
+
+/// [`claim`] with the map writes of [`prepare_claim`].
+pub fn claim_prepared(
+    store: &dyn Store,
+    name: &str,
+    host: &str,
+    from: Option<i64>,
+    map: Vec<Op>,
 ) -> Result<Owner, RecordError> {
     let key = format!("{OWNERS}{name}");
     let member = format!("{HOSTS}{host}");
@@ -122,7 +165,9 @@ pub fn claim(
         None => Compare::Absent(key.clone()),
         Some(e) => Compare::ModRevision(key.clone(), e),
     });
-    let r = store.txn(&when, &[Op::put(key, host)])?;
+    let mut then = vec![Op::put(key, host)];
+    then.extend(map);
+    let r = store.txn(&when, &then)?;
     if r.succeeded {
         return Ok(Owner {
             host: host.into(),
@@ -141,13 +186,15 @@ pub fn claim(
     })
 }
 
-/// Gives up ownership (the VM stopped), if `epoch` is still the owner's.
+/// Gives up ownership (the VM stopped), if `epoch` is still the owner's; its NICs leave
+/// the map in the same transaction.
 pub fn release(store: &dyn Store, name: &str, epoch: i64) -> Result<(), RecordError> {
     let key = format!("{OWNERS}{name}");
-    let r = store.txn(
-        &[Compare::ModRevision(key.clone(), epoch)],
-        &[Op::delete(key)],
-    )?;
+    let mut then = vec![Op::delete(key.clone())];
+    if let Some((rec, _)) = vm(store, name)? {
+        then.extend(net::withdraw(&rec)?);
+    }
+    let r = store.txn(&[Compare::ModRevision(key.clone(), epoch)], &then)?;
     if r.succeeded {
         Ok(())
     } else {

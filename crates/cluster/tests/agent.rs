@@ -108,6 +108,7 @@ fn join(store: &Arc<dyn Store>, id: &str) -> (Agent<Fake>, Fake) {
         addr: "127.0.0.1:1".into(),
         cpus: 2,
         memory_bytes: 1 << 30,
+        pa: None,
     };
     let m = Membership::join(store.clone(), &rec, TTL).unwrap();
     let fake = Fake::default();
@@ -251,6 +252,7 @@ fn the_leader_moves_one_vm_off_an_overloaded_host_and_then_stays_still() {
         addr: "127.0.0.1:1".into(),
         cpus: 2,
         memory_bytes: 1 << 30,
+        pa: None,
     };
     let policy = Policy {
         sustain: Duration::from_millis(600),

@@ -18,6 +18,7 @@ fn host(id: &str) -> HostRecord {
         addr: "127.0.0.1:1".into(),
         cpus: 2,
         memory_bytes: 1 << 30,
+        pa: None,
     }
 }
 

@@ -194,6 +194,7 @@ pub fn main(args: HostArgs) -> Result<i32> {
         addr: listener.local_addr()?.to_string(),
         cpus,
         memory_bytes,
+        pa: None,
     };
     let mut procs = Processes::new(storage.clone(), run_dir.clone())?;
     procs.tls = args.tls.paths();
