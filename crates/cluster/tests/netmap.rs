@@ -79,7 +79,7 @@ fn the_map(store: Arc<dyn Store>) {
 
     let mac = "52:54:00:00:00:01";
     let n1 = nic("blue", mac, [10, 99, 0, 5]);
-    records::define(s, &vm("v1", &[n1.clone()])).unwrap();
+    records::define(s, &vm("v1", std::slice::from_ref(&n1))).unwrap();
     // The same MAC or CA on the same network is taken; on another network it is not.
     match records::define(
         s,
