@@ -152,6 +152,73 @@ impl Host {
         Ok(h)
     }
 
+    /// The handle of network `vni`'s devices, made earlier by [`Host::create`].
+    pub fn create_existing(ns: Option<&str>, vni: u32) -> Host {
+        Host {
+            ns: ns.map(str::to_string),
+            vni,
+        }
+    }
+
+    /// Sets the MTU inside the network on its VXLAN device (the bridge follows its ports).
+    pub fn set_mtu(&self, mtu: u32) -> Result<(), OverlayError> {
+        self.run(
+            "ip",
+            &["link", "set", &self.vxlan(), "mtu", &mtu.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Makes the bridge's permanent neighbour entries `want` (customer address → MAC), so
+    /// the host's own IP stack on the network (a gateway's, a client's) never has to ask
+    /// by ARP where a VM is. Returns (written, deleted).
+    pub fn neighbours(
+        &self,
+        want: &BTreeSet<(Ipv4Addr, Mac)>,
+    ) -> Result<(usize, usize), OverlayError> {
+        let br = self.bridge();
+        let out = self.run(
+            "ip",
+            &["-4", "neigh", "show", "dev", &br, "nud", "permanent"],
+        )?;
+        let have: BTreeSet<(Ipv4Addr, Mac)> = out
+            .lines()
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                let ip = w.first()?.parse().ok()?;
+                let i = w.iter().position(|x| *x == "lladdr")?;
+                Some((ip, w.get(i + 1)?.parse().ok()?))
+            })
+            .collect();
+        let add: Vec<_> = want.difference(&have).collect();
+        let readdressed: BTreeSet<Ipv4Addr> = add.iter().map(|(ip, _)| *ip).collect();
+        let del: Vec<_> = have
+            .difference(want)
+            .filter(|(ip, _)| !readdressed.contains(ip))
+            .collect();
+        for (ip, mac) in &add {
+            let (ip, mac) = (ip.to_string(), mac.to_string());
+            self.run(
+                "ip",
+                &[
+                    "neigh",
+                    "replace",
+                    &ip,
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    &br,
+                    "nud",
+                    "permanent",
+                ],
+            )?;
+        }
+        for (ip, _) in &del {
+            self.run("ip", &["neigh", "del", &ip.to_string(), "dev", &br])?;
+        }
+        Ok((add.len(), del.len()))
+    }
+
     pub fn vxlan(&self) -> String {
         format!("fvx{}", self.vni)
     }

@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use ferry_cluster::agent::{self, DRAIN, LEADER};
+use ferry_cluster::net::NetError;
 use ferry_cluster::records::{self, Desired, RecordError, VmRecord};
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -23,7 +24,12 @@ impl From<RecordError> for ApiError {
                 StatusCode::CONFLICT
             }
             RecordError::NoSuchVm(_) => StatusCode::NOT_FOUND,
-            RecordError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RecordError::Store(_) | RecordError::Net(NetError::Store(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            RecordError::Net(NetError::Taken { .. }) => StatusCode::CONFLICT,
+            RecordError::Net(NetError::Damaged(..)) => StatusCode::INTERNAL_SERVER_ERROR,
+            RecordError::Net(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())
@@ -203,12 +209,15 @@ async fn delete(
         use ferry_cluster::{Compare, Op};
         let key = format!("{}{name}", records::VMS);
         let owner_key = format!("{}{name}", records::OWNERS);
+        let nics = ferry_cluster::net::nics_of(&rec.spec).map_err(RecordError::from)?;
+        let mut then = vec![Op::delete(key.clone())];
+        then.extend(ferry_cluster::net::unreserve(&nics));
         let r = s.store.txn(
             &[
                 Compare::ModRevision(key.clone(), rev),
                 Compare::Absent(owner_key),
             ],
-            &[Op::delete(key)],
+            &then,
         )?;
         if !r.succeeded {
             return Err(ApiError(
@@ -217,6 +226,57 @@ async fn delete(
             ));
         }
         Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateNet {
+    name: String,
+    vni: u32,
+    #[serde(default = "default_mtu")]
+    mtu: u32,
+}
+
+fn default_mtu() -> u32 {
+    ferry_cluster::net::DEFAULT_MTU
+}
+
+/// `POST /cluster/nets {"name", "vni", "mtu"?}`: defines a virtual network.
+async fn create_net(
+    State(s): State<Arc<Shared>>,
+    ApiJson(c): ApiJson<CreateNet>,
+) -> Result<StatusCode, ApiError> {
+    use ferry_cluster::net::{self, NetError};
+    blocking(move || {
+        let n = net::Network {
+            version: 1,
+            name: c.name,
+            vni: c.vni,
+            mtu: c.mtu,
+        };
+        match net::create(&*s.store, &n) {
+            Ok(()) => Ok(StatusCode::CREATED),
+            Err(e @ (NetError::Exists(_) | NetError::VniTaken(..))) => {
+                Err(ApiError(StatusCode::CONFLICT, e.to_string()))
+            }
+            Err(NetError::Store(e)) => Err(e.into()),
+            Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, e.to_string())),
+        }
+    })
+    .await
+}
+
+/// `GET /cluster/nets`: every network and the CA→PA map.
+async fn nets(State(s): State<Arc<Shared>>) -> Result<Json<serde_json::Value>, ApiError> {
+    use ferry_cluster::net;
+    blocking(move || {
+        let e = |e: net::NetError| RecordError::from(e);
+        Ok(Json(serde_json::json!({
+            "networks": net::networks(&*s.store).map_err(e)?,
+            "map": net::map(&*s.store).map_err(e)?,
+        })))
     })
     .await
 }
@@ -343,6 +403,7 @@ pub fn spawn(
         .route("/cluster/local/handed/{name}", put(moves::handed))
         .route("/cluster/local/migration/{name}", get(moves::progress))
         .route("/cluster/balance", get(balance))
+        .route("/cluster/nets", get(nets).post(create_net))
         .route("/metrics", get(metrics))
         .fallback(crate::api::extract::not_found)
         .method_not_allowed_fallback(crate::api::extract::wrong_method)

@@ -36,6 +36,11 @@ pub struct HostArgs {
     /// Memory this host offers VMs, e.g. 16G (default: the host's).
     #[arg(long)]
     pub memory: Option<String>,
+    /// This host's provider address (an IPv4 address of this host that the other hosts
+    /// reach): it carries virtual networks, as a VXLAN endpoint from this address (docs/
+    /// network.md). Without it, VMs with NICs on virtual networks cannot run here.
+    #[arg(long, value_name = "IPV4")]
+    pub provider_addr: Option<std::net::Ipv4Addr>,
     /// No automatic balancing when this agent leads.
     #[arg(long)]
     pub no_balance: bool,
@@ -140,6 +145,10 @@ pub enum ClusterAction {
         /// the target (the ownership moves once the save is durable and the source stopped).
         #[arg(long)]
         quick: bool,
+        /// Post-copy: after one pre-copy pass the VM runs on the target at once and the
+        /// pages it has not received yet follow on demand.
+        #[arg(long, conflicts_with = "quick")]
+        postcopy: bool,
     },
     /// Mark HOST so nothing is placed on it and live-migrate its VMs away, one at a time,
     /// highest priority first (`undrain` cancels before the next VM).
@@ -151,6 +160,11 @@ pub enum ClusterAction {
     },
     /// Let VMs be placed on HOST again (stops a drain in progress before its next VM).
     Undrain { host: String },
+    /// Virtual networks: overlays whose VMs keep their addresses wherever they run.
+    Net {
+        #[command(subcommand)]
+        action: NetAction,
+    },
     /// What the leader's balancer decided last, and why, with each host's load.
     Balance {
         /// Only show the decision (the balancer itself runs in the leader, unless its agent
@@ -158,6 +172,22 @@ pub enum ClusterAction {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetAction {
+    /// Define a virtual network: a VXLAN network id and the MTU inside it.
+    Create {
+        name: String,
+        /// VXLAN network identifier, 1 to 16777215, one per network.
+        #[arg(long)]
+        vni: u32,
+        /// The MTU inside the network: the provider network's less VXLAN's 50 bytes.
+        #[arg(long, default_value_t = ferry_cluster::net::DEFAULT_MTU)]
+        mtu: u32,
+    },
+    /// The networks, and where each NIC on them runs now (the CA→PA map).
+    List,
 }
 
 #[derive(Args, Debug)]
@@ -178,6 +208,11 @@ pub struct CreateArgs {
     pub kernel: Option<String>,
     #[arg(long, requires = "kernel")]
     pub cmdline: Option<String>,
+    /// A NIC on a virtual network, `network=NAME,ca=A.B.C.D[,mac=MAC]` (repeatable): its
+    /// customer address stays the same on every host the VM runs on. MAC default:
+    /// 52:54:00 and three bytes from the VM's name and the NIC's index.
+    #[arg(long = "nic", value_name = "SPEC")]
+    pub nics: Vec<String>,
     /// Higher restarts first after a host failure.
     #[arg(long, default_value_t = 0)]
     pub priority: i32,

@@ -1,7 +1,7 @@
 //! `ferry cluster`: a client of any agent's cluster API (HTTP/1.1 over TCP, or over mutual
 //! TLS: `secure`).
 use super::api::{HostInfo, VmInfo};
-use super::args::{ClusterAction, ClusterArgs, CreateArgs};
+use super::args::{ClusterAction, ClusterArgs, CreateArgs, NetAction};
 use super::VmSpec;
 use anyhow::{bail, Context, Result};
 use http_body_util::{BodyExt, Empty, Full};
@@ -94,8 +94,53 @@ fn gib(b: u64) -> String {
     format!("{:.1}G", b as f64 / (1u64 << 30) as f64)
 }
 
+fn net(agent: &str, action: NetAction) -> Result<()> {
+    match action {
+        NetAction::Create { name, vni, mtu } => {
+            let body = serde_json::json!({"name": name, "vni": vni, "mtu": mtu});
+            call(agent, Method::POST, "/cluster/nets", Some(body.to_string()))?;
+            println!("network {name}: VNI {vni}, MTU {mtu}");
+        }
+        NetAction::List => {
+            let v: serde_json::Value =
+                serde_json::from_str(&call(agent, Method::GET, "/cluster/nets", None)?)?;
+            let nets: Vec<ferry_cluster::net::Network> =
+                serde_json::from_value(v["networks"].clone())?;
+            let map: Vec<ferry_cluster::net::MapEntry> = serde_json::from_value(v["map"].clone())?;
+            println!("{:<16} {:>8} {:>6}", "NETWORK", "VNI", "MTU");
+            for n in &nets {
+                println!("{:<16} {:>8} {:>6}", n.name, n.vni, n.mtu);
+            }
+            println!();
+            println!(
+                "{:<16} {:<18} {:<16} {:<16} {:<16} PA",
+                "NETWORK", "MAC", "CA", "VM", "HOST"
+            );
+            for m in &map {
+                println!(
+                    "{:<16} {:<18} {:<16} {:<16} {:<16} {}",
+                    m.network,
+                    m.mac,
+                    m.ca.to_string(),
+                    m.vm,
+                    m.host,
+                    m.pa.map_or("- (none)".into(), |p| p.to_string())
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn create(agent: &str, c: CreateArgs) -> Result<()> {
     let memory_bytes = ferry_vmm::memory::parse_size(&c.memory)?;
+    let nics = c
+        .nics
+        .iter()
+        .enumerate()
+        .map(|(i, n)| super::overlay::parse_nic(n, &c.name, i))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
     let spec = VmSpec {
         cpus: c.cpus,
         memory: c.memory,
@@ -104,6 +149,7 @@ fn create(agent: &str, c: CreateArgs) -> Result<()> {
         guest: c.guest,
         kernel: c.kernel,
         cmdline: c.cmdline,
+        nics,
         restore_from: None,
     };
     let body = serde_json::json!({
@@ -193,6 +239,7 @@ pub fn main(args: ClusterArgs) -> Result<()> {
             }
         }
         ClusterAction::Create(c) => create(a, c)?,
+        ClusterAction::Net { action } => net(a, action)?,
         ClusterAction::Start { name } => {
             call(a, Method::PUT, &format!("/cluster/vms/{name}/start"), None)?;
             println!("VM {name}: should run");
@@ -206,6 +253,7 @@ pub fn main(args: ClusterArgs) -> Result<()> {
             to,
             max_bandwidth,
             quick,
+            postcopy,
         } => {
             let max_bandwidth = max_bandwidth
                 .map(|b| ferry_vmm::memory::parse_size(&b))
@@ -221,9 +269,10 @@ pub fn main(args: ClusterArgs) -> Result<()> {
                 .and_then(|v| v.owner.as_ref())
                 .and_then(|o| hosts.iter().find(|h| &h.id == o))
                 .map(|h| h.addr.clone());
-            let body =
-                serde_json::json!({ "to": to, "max_bandwidth": max_bandwidth, "quick": quick })
-                    .to_string();
+            let body = serde_json::json!({
+                "to": to, "max_bandwidth": max_bandwidth, "quick": quick, "postcopy": postcopy,
+            })
+            .to_string();
             let uri = format!("/cluster/vms/{name}/migrate");
             let agent = a.clone();
             let run = std::thread::spawn(move || {

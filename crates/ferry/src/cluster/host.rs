@@ -21,6 +21,9 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
+/// A hand-over read ahead: from which epoch, to which host, the claim's map writes.
+pub type Prepared = (i64, String, Vec<ferry_cluster::Op>);
+
 /// What the API serves besides the store.
 pub struct Shared {
     pub store: Arc<dyn Store>,
@@ -41,9 +44,30 @@ pub struct Shared {
     pub refused: Mutex<u64>,
     /// Live migrations away from this host that completed, and the last one's report.
     pub migrations: Mutex<(u64, serde_json::Value)>,
+    /// Hand-overs of live migrations under way from here: VM → (from epoch, to host, the
+    /// claim's map writes), read when each began.
+    pub prepared: Mutex<HashMap<String, Prepared>>,
 }
 
 impl Shared {
+    pub fn prepare(&self, vm: &str, from: i64, to: &str, map: Vec<ferry_cluster::Op>) {
+        let mut p = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        p.insert(vm.into(), (from, to.into(), map));
+    }
+
+    /// The map writes read ahead for VM `vm`'s hand-over from epoch `from` to host `to`.
+    pub fn prepared(&self, vm: &str, from: i64, to: &str) -> Option<Vec<ferry_cluster::Op>> {
+        let p = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        p.get(vm)
+            .filter(|(f, t, _)| *f == from && t == to)
+            .map(|(_, _, m)| m.clone())
+    }
+
+    pub fn prepared_done(&self, vm: &str) {
+        let mut p = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        p.remove(vm);
+    }
+
     pub fn record_migration(&self, report: &serde_json::Value) {
         let mut m = self.migrations.lock().unwrap_or_else(|e| e.into_inner());
         m.0 += 1;
@@ -194,10 +218,21 @@ pub fn main(args: HostArgs) -> Result<i32> {
         addr: listener.local_addr()?.to_string(),
         cpus,
         memory_bytes,
-        pa: None,
+        pa: args.provider_addr,
     };
     let mut procs = Processes::new(storage.clone(), run_dir.clone())?;
     procs.tls = args.tls.paths();
+    if let Some(pa) = args.provider_addr {
+        // A provider address must be this host's: VXLAN sends from it.
+        std::net::UdpSocket::bind((pa, 0))
+            .with_context(|| format!("--provider-addr {pa}: not an address of this host"))?;
+        let o = super::overlay::Overlay {
+            store: store.clone(),
+            pa,
+        };
+        o.clone().spawn().context("the overlay's thread")?;
+        procs.overlay = Some(o);
+    }
     let api_tls = match args.tls.files() {
         Some(files) => {
             super::secure::use_tls(&files)?;
@@ -226,6 +261,7 @@ pub fn main(args: HostArgs) -> Result<i32> {
         rejoins: Mutex::default(),
         refused: Mutex::default(),
         migrations: Mutex::new((0, serde_json::Value::Null)),
+        prepared: Mutex::default(),
     });
     let _api = super::api::spawn(listener, api_tls, shared.clone())?;
     // SAFETY: installing a handler that only stores to an atomic.

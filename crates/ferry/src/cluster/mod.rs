@@ -6,6 +6,7 @@ pub mod args;
 pub mod client;
 pub mod host;
 pub mod moves;
+pub mod overlay;
 pub mod runner;
 pub mod secure;
 
@@ -22,6 +23,9 @@ pub struct VmSpec {
     pub guest: Option<String>,
     pub kernel: Option<String>,
     pub cmdline: Option<String>,
+    /// NICs on virtual networks (`ferry cluster create --nic`; docs/network.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<ferry_cluster::net::Nic>,
     /// Set by the agent for one start: resume from this snapshot directory (a quick
     /// migration's) instead of booting.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -46,8 +46,22 @@ pub async fn handover(
 ) -> Result<Json<Value>, ApiError> {
     blocking(move || {
         let until = Instant::now() + Duration::from_secs(5);
+        // The map writes read when the migration began (`local_migrate`): none of the
+        // switch-over's time goes to reading them now.
+        let prepared = s.prepared(&name, h.from, &h.to);
         loop {
-            match records::claim(&*s.store, &name, &h.to, Some(h.from)) {
+            let map = match &prepared {
+                Some(m) => m.clone(),
+                None => match records::prepare_claim(&*s.store, &name, &h.to) {
+                    Ok(m) => m,
+                    Err(RecordError::Store(_)) if Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(200));
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            match records::claim_prepared(&*s.store, &name, &h.to, Some(h.from), map) {
                 Ok(o) => return Ok(Json(json!({"epoch": o.epoch}))),
                 Err(RecordError::Conflict { now: Some(o), .. })
                     if o.host == h.to && o.epoch > h.from =>
@@ -135,6 +149,9 @@ pub struct LocalMigrateReq {
     epoch: i64,
     #[serde(default)]
     max_bandwidth: Option<u64>,
+    /// Switch to post-copy after the first pass.
+    #[serde(default)]
+    postcopy: bool,
 }
 
 /// `POST /cluster/local/migrate`: this host's VMM of `vm` migrates to `to_addr`, handing
@@ -154,8 +171,13 @@ pub async fn local_migrate(
         let mut body = json!({
             "to": r.to_addr,
             "max_bandwidth": r.max_bandwidth,
+            "postcopy_after": r.postcopy.then_some(1),
             "handover": {"agent": s.addr, "vm": r.vm, "from": r.epoch, "to": r.to_host},
         });
+        match records::prepare_claim(&*s.store, &r.vm, &r.to_host) {
+            Ok(map) => s.prepare(&r.vm, r.epoch, &r.to_host, map),
+            Err(e) => tracing::warn!("VM {}: reading its hand-over ahead: {e}", r.vm),
+        }
         match tls {
             Some((cert, key, ca)) => {
                 body["tls"] = json!({"cert": cert, "key": key, "ca": ca});
@@ -164,6 +186,7 @@ pub async fn local_migrate(
         }
         let out =
             crate::api::client::call(&sock, Method::PUT, "/vm/migrate", Some(body.to_string()));
+        s.prepared_done(&r.vm);
         match out {
             Ok(report) => {
                 let report = report.unwrap_or(Value::Null);
@@ -311,13 +334,17 @@ fn ours(s: &Shared, vm: &str, epoch: i64) -> Result<(), ApiError> {
     }
 }
 
+/// How a live move runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MoveOpts {
+    /// Bytes per second over all connections.
+    pub max_bandwidth: Option<u64>,
+    /// Post-copy after the first pass.
+    pub postcopy: bool,
+}
+
 /// Moves VM `name` live to `to` (or the best host other than its own): the orchestration.
-fn move_vm(
-    s: &Shared,
-    name: &str,
-    to: Option<String>,
-    max_bandwidth: Option<u64>,
-) -> Result<Value, ApiError> {
+fn move_vm(s: &Shared, name: &str, to: Option<String>, opts: MoveOpts) -> Result<Value, ApiError> {
     let (o, src, target) = source_and_target(s, name, to)?;
     let dst_addr = agent::hosts(&*s.store)?
         .into_iter()
@@ -336,7 +363,7 @@ fn move_vm(
     let at = at["addr"].as_str().unwrap_or_default().to_string();
     let body = json!({
         "vm": name, "to_addr": at, "to_host": target, "epoch": o.epoch,
-        "max_bandwidth": max_bandwidth,
+        "max_bandwidth": opts.max_bandwidth, "postcopy": opts.postcopy,
     });
     let report = order(&src, "/cluster/local/migrate", &body, name)?;
     Ok(json!({
@@ -356,6 +383,9 @@ pub struct MigrateReq {
     /// Quick migration (pause, save to the shared storage, resume there) instead of live.
     #[serde(default)]
     quick: bool,
+    /// Post-copy after the first pass.
+    #[serde(default)]
+    postcopy: bool,
 }
 
 /// `POST /cluster/vms/NAME/migrate {"to": HOST?}`.
@@ -368,7 +398,11 @@ pub async fn migrate(
         if r.quick {
             quick_vm(&s, &name, r.to).map(Json)
         } else {
-            move_vm(&s, &name, r.to, r.max_bandwidth).map(Json)
+            let opts = MoveOpts {
+                max_bandwidth: r.max_bandwidth,
+                postcopy: r.postcopy,
+            };
+            move_vm(&s, &name, r.to, opts).map(Json)
         }
     })
     .await
@@ -412,7 +446,7 @@ pub async fn drain(
                 out.push(json!({"vm": v.name, "error": "drain cancelled (undrain)"}));
                 continue;
             }
-            match move_vm(&s, &v.name, None, None) {
+            match move_vm(&s, &v.name, None, MoveOpts::default()) {
                 Ok(m) => out.push(m),
                 Err(ApiError(_, e)) if q.allow_quick => {
                     tracing::warn!(

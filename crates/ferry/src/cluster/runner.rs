@@ -77,6 +77,8 @@ struct Vmm {
     socket: PathBuf,
     /// The fence deadline last handed to it (monotonic ns).
     renewed: u64,
+    /// Its NICs' taps (deleted when it ends).
+    taps: Vec<String>,
 }
 
 pub struct Processes {
@@ -89,6 +91,8 @@ pub struct Processes {
     refused: std::sync::atomic::AtomicU64,
     /// Certificate, key and CA for migrations (None: plain TCP).
     pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// The host's part of the overlay (None: no provider address, no NICs on networks).
+    pub overlay: Option<super::overlay::Overlay>,
 }
 
 /// `deadline` in nanoseconds of CLOCK_MONOTONIC (what `Instant` counts on Linux).
@@ -179,6 +183,7 @@ impl Processes {
             exited: Vec::new(),
             refused: Default::default(),
             tls: None,
+            overlay: None,
         })
     }
 
@@ -265,6 +270,7 @@ impl Processes {
                             arriving: false,
                             socket: sock,
                             renewed: 0,
+                            taps: Vec::new(),
                         },
                     );
                     n += 1;
@@ -348,6 +354,8 @@ impl Processes {
             .map_err(|e| format!("no free port: {e}"))?
             .port();
         let listen = std::net::SocketAddr::new(ip, port).to_string();
+        // Its NICs' taps, under the names its state carries, before its state arrives.
+        let taps = self.taps_for(name, None)?.0;
         let socket = self.run_dir.join(format!("{name}.sock"));
         let _ = std::fs::remove_file(&socket);
         let log_path = self.run_dir.join(format!("{name}.log"));
@@ -386,7 +394,10 @@ impl Processes {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("starting {}: {e}", self.exe.display()))?;
+            .map_err(|e| {
+                super::overlay::remove_taps(&taps);
+                format!("starting {}: {e}", self.exe.display())
+            })?;
         // It binds its API socket, then at once its port: wait for the socket.
         let t0 = Instant::now();
         while !socket.exists() && t0.elapsed() < Duration::from_secs(5) {
@@ -402,6 +413,7 @@ impl Processes {
                 arriving: true,
                 socket,
                 renewed: 0,
+                taps,
             },
         );
         Ok(listen)
@@ -521,13 +533,22 @@ impl Runner for Processes {
                 cmd.args(["--cmdline", c]);
             }
         }
+        let (taps, nets) = self.taps_for(name, Some(&spec.nics))?;
+        if spec.restore_from.is_none() {
+            for n in &nets {
+                cmd.args(["--net", n]);
+            }
+        }
         self.exit_env(&mut cmd, name);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("starting {}: {e}", self.exe.display()))?;
+            .map_err(|e| {
+                super::overlay::remove_taps(&taps);
+                format!("starting {}: {e}", self.exe.display())
+            })?;
         tracing::info!("VM {name}: started (pid {}, epoch {epoch})", child.id());
         self.vmms.insert(
             name.into(),
@@ -538,6 +559,7 @@ impl Runner for Processes {
                 arriving: false,
                 socket,
                 renewed: ns,
+                taps,
             },
         );
         Ok(())
@@ -547,6 +569,7 @@ impl Runner for Processes {
         if let Some(mut v) = self.vmms.remove(name) {
             let _ = call(&v.socket, hyper::Method::PUT, "/vm/shutdown", None);
             Self::wait_bounded(&mut v.child, Duration::from_secs(10));
+            super::overlay::remove_taps(&v.taps);
         }
     }
 
@@ -562,6 +585,7 @@ impl Runner for Processes {
             self.refused
                 .fetch_add(refused, std::sync::atomic::Ordering::Relaxed);
             v.child.kill();
+            super::overlay::remove_taps(&v.taps);
             tracing::warn!(
                 "VM {name}: VMM killed (epoch {}); its fence had refused {refused} writes",
                 v.epoch
@@ -604,6 +628,41 @@ impl Runner for Processes {
 }
 
 impl Processes {
+    /// The taps for VM `name`'s NICs (`nics`, or read from its record) and their `--net`
+    /// specs; none when it has no NICs.
+    fn taps_for(
+        &self,
+        name: &str,
+        nics: Option<&[ferry_cluster::net::Nic]>,
+    ) -> Result<(Vec<String>, Vec<String>), String> {
+        let Some(o) = &self.overlay else {
+            let has = match nics {
+                Some(n) => !n.is_empty(),
+                None => false,
+            };
+            return if has {
+                Err(format!(
+                    "VM {name} has NICs on virtual networks and this host has no \
+                     --provider-addr"
+                ))
+            } else {
+                Ok((Vec::new(), Vec::new()))
+            };
+        };
+        let read;
+        let nics = match nics {
+            Some(n) => n,
+            None => {
+                read = o.nics_of_vm(name)?;
+                &read
+            }
+        };
+        if nics.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        o.taps(name, nics)
+    }
+
     /// Moves the VMMs that ended to `exited` (no /proc reading: `reap` needs only this).
     fn collect_exits(&mut self) {
         let mut gone = Vec::new();
@@ -613,7 +672,9 @@ impl Processes {
             }
         }
         for (n, epoch, code, migrating) in gone {
-            self.vmms.remove(&n);
+            if let Some(v) = self.vmms.remove(&n) {
+                super::overlay::remove_taps(&v.taps);
+            }
             tracing::info!("VM {n}: its VMM exited ({code:?})");
             self.exited.push(Exited {
                 name: n,
