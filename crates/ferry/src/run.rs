@@ -90,8 +90,7 @@ enum Start {
     /// Already running (it arrived by live migration).
     No,
     Boot,
-    /// A restored VM, maybe on another host than the one it was saved on: its NICs
-    /// announce it (`Vm::announce_after_move`).
+    /// A restored VM, maybe on another host than the one it was saved on.
     Resume,
 }
 
@@ -132,7 +131,12 @@ fn serve_and_wait(
     if start != Start::No {
         vm.start()?;
     }
-    if start == Start::Resume {
+    if start != Start::No {
+        // A VM that appears on this host, booted or restored, has its NICs announce it
+        // (`Vm::announce_after_move`): bridges and switches still pointing elsewhere learn
+        // its port. A VM booted after a failover is one: the overlay bridge of its new host
+        // learned its MAC on the VXLAN port while it ran on the old host, and a guest that
+        // only answers would otherwise never be reached.
         vm.announce_after_move();
     }
     Ok(match server {

@@ -6,6 +6,7 @@
 //! holds one TCP connection and sends a request every 5 ms while the VM moves.
 mod common;
 mod overlay_common;
+use common::{ferry, http};
 use ferry_guest::tcp::TcpProbe;
 use overlay_common::*;
 use std::time::Duration;
@@ -91,4 +92,112 @@ fn an_open_tcp_connection_survives_live_and_post_copy_moves_across_sites() {
         !console.contains("T0 closed 8"),
         "the guest saw the connection end: {console}"
     );
+}
+
+/// A live migration whose switch-over finds the store stopped (SIGSTOP of etcd for 1.5 s,
+/// from shortly before the first pass ends): the hand-over waits for the store, the VM then
+/// runs on the target, the map and every host's forwarding follow, and the open connection
+/// carries on.
+#[test]
+fn a_move_while_the_store_is_briefly_unreachable_keeps_the_connection() {
+    let o = Overlay::up("os", 2, None);
+    // vCPU 1 fills 24 MiB once, then only reads it: the copy, capped at 8 MB/s, takes about
+    // three seconds and then converges.
+    let guest = format!("tcp ip={CA} mtu=1450 hb=2000; verify size=24M");
+    let first = o.create_vm(&guest, MAC, 2);
+    wait("the filled region", Duration::from_secs(30), || {
+        o.console(&first, "v").contains("V1 0 ok").then_some(())
+    });
+    let probe = TcpProbe::start(
+        format!("{CA}:8").parse().unwrap(),
+        None,
+        Duration::from_millis(5),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let to = other(&first);
+    let agent = o.agent("gw").to_string();
+    let mover = std::thread::spawn(move || {
+        ferry(&[
+            "cluster",
+            "--agent",
+            &agent,
+            "migrate",
+            "v",
+            "--to",
+            to,
+            "--max-bandwidth",
+            "8M",
+        ])
+    });
+    let src = o.agent(&first).to_string();
+    wait(
+        "the first pass near its end",
+        Duration::from_secs(30),
+        || {
+            let (_, b) = http(&src, "GET", "/cluster/local/migration/v", "");
+            let v: serde_json::Value = serde_json::from_str(&b).ok()?;
+            let left = v["pass_pages"].as_u64()? - v["pass_sent"].as_u64()?;
+            (v["pass"] == 1 && v["pass_pages"].as_u64()? > 1000 && left < 600).then_some(())
+        },
+    );
+    o.etcd_signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1500));
+    o.etcd_signal(libc::SIGCONT);
+    let out = mover.join().unwrap();
+    assert!(
+        out.status.success(),
+        "migrate: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{report}");
+    assert_eq!(o.owner("v").unwrap().0, to);
+    check_located(&o, to);
+    std::thread::sleep(Duration::from_millis(500));
+    let st = probe.stop(Duration::from_secs(3));
+    st.check().expect("the connection carried on");
+    eprintln!(
+        "largest reply gap {:?} (at {:?})",
+        st.max_gap, st.max_gap_at
+    );
+    // The switch-over waited for the store: the VM was paused for most of the stop.
+    assert!(st.max_gap > Duration::from_millis(500), "{st:?}");
+}
+
+/// Host A killed (`kill -9` of its agent and VMM): the VM restarts on B by failover (a fresh
+/// boot from its spec) and answers at the same CA, its NIC's map entry at B's PA, every
+/// surviving host's forwarding too.
+#[test]
+fn a_vm_restarted_by_failover_is_reachable_at_its_ca_on_the_new_host() {
+    let mut o = Overlay::up("of", 2, None);
+    let first = o.create_vm(&format!("tcp ip={CA} mtu=1450"), MAC, 1);
+    let ca: std::net::IpAddr = CA.parse().unwrap();
+    ferry_guest::tcp::echo_once((ca, 7).into(), None, b"before").expect("echo before");
+    let (_, e1) = o.owner("v").unwrap();
+    o.kill_host(&first);
+    let to = other(&first);
+    let (h, e2) = wait("the failover", Duration::from_secs(30), || {
+        o.owner("v").filter(|(h, _)| h == to)
+    });
+    assert!(e2 > e1, "the epoch rose: {e1} -> {e2}");
+    wait(
+        "the guest's stack on the new host",
+        Duration::from_secs(30),
+        || o.console(&h, "v").contains("T0 up ").then_some(()),
+    );
+    let (host, pa, ca_now) = o.map_entry(MAC).unwrap();
+    assert_eq!(
+        (host.as_str(), pa.as_str(), ca_now.as_str()),
+        (to, pa_of(to), CA)
+    );
+    // The gateway's forwarding points at the new host (the dead one's is not checked).
+    wait("the gateway's forwarding", Duration::from_secs(5), || {
+        (o.fdb_dst("c", MAC).as_deref() == Some(pa_of(to))).then_some(())
+    });
+    let rtt = wait("an echo at the CA", Duration::from_secs(10), || {
+        ferry_guest::tcp::echo_once((ca, 7).into(), None, b"after").ok()
+    });
+    eprintln!("reachable at {CA} on {to} again; echo {rtt:?}");
 }
