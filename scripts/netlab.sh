@@ -3,10 +3,12 @@
 # a client outside both, and a WAN link with latency and bandwidth between the router and
 # site B. Every "host" is a network namespace; run as root.
 #
-#   netlab.sh up P [--delay-ms D] [--rate R]   build it (namespaces P-a, P-b, P-r, P-w, P-c)
+#   netlab.sh up P [--delay-ms D] [--rate R]   build it (namespaces P-a, P-d, P-b, P-r, P-w, P-c)
 #   netlab.sh down P                           tear it down (also what is left of a failed up)
 #
-#   P-a  a0 10.61.1.2/24 ---- ra 10.61.1.1/24 \
+#   P-a  a0 10.61.1.2/24 ---- ra \
+#                                 sa 10.61.1.1/24 (a bridge: site A's LAN)
+#   P-d  d0 10.61.1.3/24 ---- rd /              \
 #                                               P-r (router, forwards)
 #   P-c  c0 10.61.3.2/24 ---- rc 10.61.3.1/24 /  rb 10.61.2.1/24
 #                                                 |
@@ -38,7 +40,7 @@ wire=${FERRY_WIRE:-$root/target/debug/ferry-wire}
 down() {
   if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; rm -f "$pidfile"; fi
   rm -f "${pidfile%.pid}.log"
-  for n in a b r w c; do ip netns del "$p-$n" 2>/dev/null || true; done
+  for n in a d b r w c; do ip netns del "$p-$n" 2>/dev/null || true; done
 }
 
 inns() { local n=$1; shift; ip netns exec "$p-$n" "$@"; }
@@ -54,12 +56,16 @@ up() {
   down
   trap 'down' ERR
   [ -x "$wire" ] || { echo "netlab.sh: $wire missing (cargo build -p ferry-net)" >&2; exit 1; }
-  for n in a b r w c; do ip netns add "$p-$n"; inns "$n" ip link set lo up; done
-  veth a a0 r ra; veth c c0 r rc; veth r rb w wr; veth w wb b b0
+  for n in a d b r w c; do ip netns add "$p-$n"; inns "$n" ip link set lo up; done
+  veth a a0 r ra; veth d d0 r rd; veth c c0 r rc; veth r rb w wr; veth w wb b b0
+  # Site A is a LAN of two hosts: the router's bridge joins them.
+  inns r ip link add "${p}sa" type bridge; inns r ip link set "${p}sa" up
+  inns r ip link set "${p}ra" master "${p}sa"; inns r ip link set "${p}rd" master "${p}sa"
   inns a ip addr add 10.61.1.2/24 dev "${p}a0"; inns a ip route add default via 10.61.1.1
+  inns d ip addr add 10.61.1.3/24 dev "${p}d0"; inns d ip route add default via 10.61.1.1
   inns c ip addr add 10.61.3.2/24 dev "${p}c0"; inns c ip route add default via 10.61.3.1
   inns b ip addr add 10.61.2.2/24 dev "${p}b0"; inns b ip route add default via 10.61.2.1
-  inns r ip addr add 10.61.1.1/24 dev "${p}ra"
+  inns r ip addr add 10.61.1.1/24 dev "${p}sa"
   inns r ip addr add 10.61.3.1/24 dev "${p}rc"
   inns r ip addr add 10.61.2.1/24 dev "${p}rb"
   inns r sysctl -qw net.ipv4.ip_forward=1

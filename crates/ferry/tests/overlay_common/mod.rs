@@ -1,5 +1,6 @@
 //! What the overlay tests share (issue #14): scripts/netlab.sh's two sites (hosts `ha` in
-//! P-a and `hb` in P-b, across the delayed WAN link) and a client namespace P-c; etcd in the
+//! P-a — and `hd` in P-d on the same LAN, when asked — and `hb` in P-b, across the delayed
+//! WAN link) and a client namespace P-c; etcd in the
 //! router's namespace; a `ferry host` agent in each (the client's is a gateway: no CPUs or
 //! memory for VMs, it only joins the overlay); virtual network "blue" (VNI 42) and VM "v",
 //! the test guest's TCP workload at CA 10.99.0.5. The test thread itself moves into P-c, so
@@ -14,6 +15,8 @@ pub const CA: &str = "10.99.0.5";
 pub const CLIENT_CA: &str = "10.99.0.100";
 pub const VNI: u32 = 42;
 pub const PA_A: &str = "10.61.1.2";
+/// Site A's second host.
+pub const PA_D: &str = "10.61.1.3";
 pub const PA_B: &str = "10.61.2.2";
 pub const PA_C: &str = "10.61.3.2";
 
@@ -59,6 +62,16 @@ pub struct Overlay {
 impl Overlay {
     /// Brings it all up with `delay_ms` each way on the WAN link (and `rate`, a tc rate).
     pub fn up(tag: &str, delay_ms: u32, rate: Option<&str>) -> Overlay {
+        Self::up_with(tag, delay_ms, rate, false)
+    }
+
+    /// As [`Overlay::up`], with agent `hd` on site A's second host if asked.
+    pub fn up_with(
+        tag: &str,
+        delay_ms: u32,
+        rate: Option<&str>,
+        second_host_in_a: bool,
+    ) -> Overlay {
         let p = format!("{tag}{}", std::process::id() % 1000);
         let mut cmd = Command::new(script());
         cmd.args(["up", &p, "--delay-ms", &delay_ms.to_string()]);
@@ -84,6 +97,9 @@ impl Overlay {
         ferry_guest::tcp::enter_netns(&o.ns("c")).expect("into the client's namespace");
         for (id, ns, pa) in [("ha", "a", PA_A), ("hb", "b", PA_B), ("gw", "c", PA_C)] {
             o.start_agent(id, ns, pa);
+        }
+        if second_host_in_a {
+            o.start_agent("hd", "d", PA_D);
         }
         o.cli(&["net", "create", "blue", "--vni", &VNI.to_string()]);
         // The client: an address on the network's bridge in the gateway's namespace.
@@ -318,5 +334,75 @@ pub fn wait<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) ->
         }
         assert!(t0.elapsed() < limit, "no {what} within {limit:?}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The heartbeat lines (`H0 SEQ TSC`) of VM consoles, timestamped as they are written (the
+/// files polled every millisecond): the guest-observed downtime of a move is the largest
+/// gap between consecutive heartbeats, whichever host printed them.
+pub struct Beats {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<std::collections::BTreeMap<u64, Instant>>>,
+}
+
+impl Beats {
+    pub fn watch(files: Vec<std::path::PathBuf>) -> Beats {
+        use std::io::{Read, Seek, SeekFrom};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeMap::new();
+            let mut at = vec![(0u64, String::new()); files.len()];
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                for (f, (off, partial)) in files.iter().zip(at.iter_mut()) {
+                    let Ok(mut file) = std::fs::File::open(f) else {
+                        continue;
+                    };
+                    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+                    if len < *off {
+                        (*off, *partial) = (0, String::new()); // truncated: a new VMM
+                    }
+                    if file.seek(SeekFrom::Start(*off)).is_err() {
+                        continue;
+                    }
+                    let mut buf = String::new();
+                    if let Ok(n) = file.read_to_string(&mut buf) {
+                        *off += n as u64;
+                    }
+                    partial.push_str(&buf);
+                    let now = Instant::now();
+                    while let Some(i) = partial.find('\n') {
+                        let line: String = partial.drain(..=i).collect();
+                        let mut w = line.split_whitespace();
+                        if w.next() == Some("H0") {
+                            if let Some(seq) = w.next().and_then(|x| x.parse().ok()) {
+                                seen.entry(seq).or_insert(now);
+                            }
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            seen
+        });
+        Beats {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops; the largest gap between consecutive heartbeats after `from`, and whether
+    /// none was missing there.
+    pub fn stop(mut self, from: Instant) -> (Duration, bool) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let seen = self.thread.take().unwrap().join().unwrap();
+        let v: Vec<(u64, Instant)> = seen.into_iter().filter(|(_, t)| *t >= from).collect();
+        let gap = v
+            .windows(2)
+            .map(|w| w[1].1.saturating_duration_since(w[0].1))
+            .max()
+            .unwrap_or_default();
+        let whole = v.windows(2).all(|w| w[1].0 == w[0].0 + 1);
+        (gap, whole)
     }
 }
