@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --workspace --quiet
 cargo nextest run -p ferry --test overlay_bench --run-ignored only --no-capture \
-  --test-threads 1 "$@" 2>&1 | grep -E '^\|'
+  --test-threads 1 "$@" 2>&1 | grep -E '^\||panicked|FAIL'

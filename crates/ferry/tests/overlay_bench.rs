@@ -15,6 +15,15 @@ use std::time::{Duration, Instant};
 
 const MAC: &str = "52:54:00:99:00:05";
 
+/// A counter in an agent's `/metrics`.
+fn metric(agent: &str, name: &str) -> u64 {
+    let (_, body) = http(agent, "GET", "/metrics", "");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn env_list(name: &str, default: &str) -> Vec<u32> {
     std::env::var(name)
         .unwrap_or_else(|_| default.into())
@@ -37,12 +46,12 @@ fn paused_ms(out: &str) -> f64 {
 fn bench_connection_stall_across_moves() {
     let runs = env_list("FERRY_BENCH_RUNS", "3")[0];
     println!(
-        "| one-way delay ms | WAN RTT ms | move | stall ms | guest-observed downtime ms | VMM downtime ms | stall - guest downtime ms |"
+        "| one-way delay ms | WAN RTT ms | move | stall ms | guest-observed downtime ms | VMM downtime ms | stall - guest downtime ms | frames forwarded |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for delay in env_list("FERRY_BENCH_DELAYS", "0,10,25") {
         let o = Overlay::up_with("ob", delay, None, true);
-        let mut host = o.create_vm(&format!("tcp ip={CA} mtu=1450 hb=2000"), MAC, 1);
+        let mut host = o.create_vm(&format!("tcp ip={CA} mtu=1450 hb=1000"), MAC, 1);
         if host != "ha" {
             o.cli(&["migrate", "v", "--to", "ha"]);
             host = "ha".into();
@@ -65,6 +74,8 @@ fn bench_connection_stall_across_moves() {
                 .unwrap();
                 std::thread::sleep(Duration::from_millis(400));
                 let t0 = Instant::now();
+                let forwarded = |h: &str| metric(o.agent(h), "ferry_frames_forwarded_total");
+                let before = forwarded(&host);
                 let mut args = vec!["migrate", "v", "--to", to];
                 if postcopy {
                     args.push("--postcopy");
@@ -78,11 +89,12 @@ fn bench_connection_stall_across_moves() {
                 let ms = |d: Duration| d.as_secs_f64() * 1e3;
                 let rtt = if to == "hd" { 0 } else { 2 * delay };
                 println!(
-                    "| {delay} | {rtt} | {what} | {:.1} | {:.1} | {:.1} | {:+.1} |",
+                    "| {delay} | {rtt} | {what} | {:.1} | {:.1} | {:.1} | {:+.1} | {} |",
                     ms(st.max_gap),
                     ms(gap),
                     paused_ms(&out),
-                    ms(st.max_gap) - ms(gap)
+                    ms(st.max_gap) - ms(gap),
+                    forwarded(&host) - before
                 );
                 host = to.into();
             }

@@ -59,7 +59,7 @@ impl Leg {
 
     /// The next frame that arrived on the interface (not one sent out through it): its
     /// length; None when none came within the read timeout.
-    fn recv(&self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+    pub fn recv(&self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
         loop {
             // SAFETY: an all-zero sockaddr_ll is valid for recvfrom to fill.
             let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -92,7 +92,8 @@ impl Leg {
         }
     }
 
-    fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+    /// Sends `frame` out through the interface (on a tap: to its reader, the VM).
+    pub fn send(&self, frame: &[u8]) -> std::io::Result<()> {
         // SAFETY: `frame` is valid for reads of its length.
         let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
         if n < 0 {

@@ -7,7 +7,7 @@ use ferry_migration::engine::{CommitHold, DestinationVm, PageSet, SourceVm};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// A running (or paused) VM as a migration source.
@@ -20,9 +20,11 @@ pub struct LiveSource<'a> {
     /// The disks' mirrors of a shared-nothing migration.
     disks: crate::live_storage::SourceDisks,
     before_commit: Option<BeforeCommit<'a>>,
+    /// When the VM was paused for the switch-over.
+    paused_at: Mutex<Option<Instant>>,
 }
 
-type BeforeCommit<'a> = Box<dyn Fn() -> Result<(), CommitHold> + Sync + 'a>;
+type BeforeCommit<'a> = Box<dyn Fn(Instant) -> Result<(), CommitHold> + Sync + 'a>;
 
 impl<'a> LiveSource<'a> {
     pub fn new(vm: &'a Vm) -> Self {
@@ -33,12 +35,17 @@ impl<'a> LiveSource<'a> {
             releasing: Mutex::new(None),
             disks: Default::default(),
             before_commit: None,
+            paused_at: Mutex::new(None),
         }
     }
 
     /// Has `f` decide, at the switch-over right before Commit, whether the VM may go
-    /// ([`SourceVm::before_commit`]): a cluster hands its ownership over there.
-    pub fn before_commit(mut self, f: impl Fn() -> Result<(), CommitHold> + Sync + 'a) -> Self {
+    /// ([`SourceVm::before_commit`]): a cluster hands its ownership over there. `f` is told
+    /// when the VM was paused (what reached its NICs since then never got to the guest).
+    pub fn before_commit(
+        mut self,
+        f: impl Fn(Instant) -> Result<(), CommitHold> + Sync + 'a,
+    ) -> Self {
         self.before_commit = Some(Box::new(f));
         self
     }
@@ -123,7 +130,13 @@ impl SourceVm for LiveSource<'_> {
         self.vm.rearm_dirty(first, words).map_err(text)
     }
     fn before_commit(&self) -> Result<(), CommitHold> {
-        self.before_commit.as_ref().map_or(Ok(()), |f| f())
+        let at = self
+            .paused_at
+            .lock()
+            .ok()
+            .and_then(|p| *p)
+            .unwrap_or_else(Instant::now);
+        self.before_commit.as_ref().map_or(Ok(()), |f| f(at))
     }
     fn before_pause(&self) -> Result<(), String> {
         // Write the disks' dirty data back while the guest still runs: the flush at the
@@ -137,6 +150,9 @@ impl SourceVm for LiveSource<'_> {
         self.vm.flush_disks().map_err(text)
     }
     fn pause(&self) -> Result<(), String> {
+        if let Ok(mut p) = self.paused_at.lock() {
+            *p = Some(Instant::now());
+        }
         if self.vm.state() != RunState::Paused {
             self.vm.pause().map_err(text)?;
         }

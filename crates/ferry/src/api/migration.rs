@@ -222,10 +222,11 @@ fn live_migrate(vm: &Vm, req: MigrateRequest, mon: &Monitor) -> Result<Report, A
     };
     let to = req.to.clone();
     let handover = req.handover.clone();
-    let source = ferry_vmm::live::LiveSource::new(vm).before_commit(move || match &handover {
-        Some(h) => crate::cluster::hand_over(&h.agent, &h.vm, h.from, &h.to),
-        None => Ok(()),
-    });
+    let source =
+        ferry_vmm::live::LiveSource::new(vm).before_commit(move |paused| match &handover {
+            Some(h) => crate::cluster::hand_over(&h.agent, &h.vm, h.from, &h.to, paused),
+            None => Ok(()),
+        });
     // A post-copy that reconnects goes where `--resume-postcopy --to` last said, if it did.
     let connect_now = || connect(&mon.target().unwrap_or_else(|| to.clone()), tls.as_ref());
     match migrate(&source, ctl, &connect_now, &opts, mon) {

@@ -351,6 +351,9 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Result<String, ApiError> {
         g("ferry_migrations_in_flight", "VMMs of this host migrating in or out now.", "gauge", in_flight.to_string());
         let (done, last) = s.migrations.lock().unwrap_or_else(|e| e.into_inner()).clone();
         g("ferry_migrations_total", "Live migrations away from this host that completed.", "counter", done.to_string());
+        use std::sync::atomic::Ordering::Relaxed;
+        g("ferry_frames_forwarded_total", "Frames for a migrating VM that reached this host after its pause, sent to its new host.", "counter", s.forwarded.load(Relaxed).to_string());
+        g("ferry_frames_injected_total", "Frames forwarded from a VM's old host, written into its taps here.", "counter", s.injected.load(Relaxed).to_string());
         let num = |k: &str| last[k].as_f64().unwrap_or(0.0).to_string();
         g("ferry_migration_last_downtime_ms", "The last completed migration's pause, ms.", "gauge", num("downtime_ms"));
         g("ferry_migration_last_total_ms", "The last completed migration's duration, ms.", "gauge", num("total_ms"));
@@ -401,6 +404,7 @@ pub fn spawn(
         .route("/cluster/local/migrate", post(moves::local_migrate))
         .route("/cluster/local/quick", post(moves::local_quick))
         .route("/cluster/local/handed/{name}", put(moves::handed))
+        .route("/cluster/local/inject/{name}", post(moves::inject))
         .route("/cluster/local/migration/{name}", get(moves::progress))
         .route("/cluster/balance", get(balance))
         .route("/cluster/nets", get(nets).post(create_net))

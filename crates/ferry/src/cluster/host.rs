@@ -21,8 +21,15 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-/// A hand-over read ahead: from which epoch, to which host, the claim's map writes.
-pub type Prepared = (i64, String, Vec<ferry_cluster::Op>);
+/// A hand-over read ahead (when its live migration began).
+pub struct Prepared {
+    pub from: i64,
+    pub to: String,
+    /// The claim's map writes.
+    pub map: Vec<ferry_cluster::Op>,
+    /// What arrives for the VM's NICs here, and the new host's agent to forward it to.
+    pub capture: Option<(Arc<super::forward::Capture>, String)>,
+}
 
 /// What the API serves besides the store.
 pub struct Shared {
@@ -47,20 +54,34 @@ pub struct Shared {
     /// Hand-overs of live migrations under way from here: VM → (from epoch, to host, the
     /// claim's map writes), read when each began.
     pub prepared: Mutex<HashMap<String, Prepared>>,
+    /// Frames forwarded to a VM's new host after its switch-over, and frames injected
+    /// here for VMs that arrived.
+    pub forwarded: std::sync::atomic::AtomicU64,
+    pub injected: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
-    pub fn prepare(&self, vm: &str, from: i64, to: &str, map: Vec<ferry_cluster::Op>) {
-        let mut p = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
-        p.insert(vm.into(), (from, to.into(), map));
+    pub fn prepare(&self, vm: &str, p: Prepared) {
+        let mut all = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        all.insert(vm.into(), p);
     }
 
-    /// The map writes read ahead for VM `vm`'s hand-over from epoch `from` to host `to`.
-    pub fn prepared(&self, vm: &str, from: i64, to: &str) -> Option<Vec<ferry_cluster::Op>> {
+    /// The map writes read ahead for VM `vm`'s hand-over from epoch `from` to host `to`,
+    /// and its capture.
+    #[allow(clippy::type_complexity)]
+    pub fn prepared(
+        &self,
+        vm: &str,
+        from: i64,
+        to: &str,
+    ) -> Option<(
+        Vec<ferry_cluster::Op>,
+        Option<(Arc<super::forward::Capture>, String)>,
+    )> {
         let p = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
         p.get(vm)
-            .filter(|(f, t, _)| *f == from && t == to)
-            .map(|(_, _, m)| m.clone())
+            .filter(|p| p.from == from && p.to == to)
+            .map(|p| (p.map.clone(), p.capture.clone()))
     }
 
     pub fn prepared_done(&self, vm: &str) {
@@ -262,6 +283,8 @@ pub fn main(args: HostArgs) -> Result<i32> {
         refused: Mutex::default(),
         migrations: Mutex::new((0, serde_json::Value::Null)),
         prepared: Mutex::default(),
+        forwarded: Default::default(),
+        injected: Default::default(),
     });
     let _api = super::api::spawn(listener, api_tls, shared.clone())?;
     // SAFETY: installing a handler that only stores to an atomic.

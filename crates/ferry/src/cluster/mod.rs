@@ -4,6 +4,7 @@
 pub mod api;
 pub mod args;
 pub mod client;
+pub mod forward;
 pub mod host;
 pub mod moves;
 pub mod overlay;
@@ -72,9 +73,18 @@ pub fn handed_over(
 /// What the source's switch-over asks its agent (`Handover` of a migrate request): move
 /// the VM's ownership from `from` to `to`. Refused (the VM stays here, running) when the
 /// agent says no; in doubt (the VM stays paused) when no answer settles it within 10 s.
-pub fn hand_over(agent: &str, vm: &str, from: i64, to: &str) -> Result<(), CommitHold> {
+/// `paused`: when the VM stopped taking frames from its NICs (the agent forwards those
+/// that came since to the target, docs/network.md).
+pub fn hand_over(
+    agent: &str,
+    vm: &str,
+    from: i64,
+    to: &str,
+    paused: Instant,
+) -> Result<(), CommitHold> {
     let uri = format!("/cluster/vms/{vm}/handover");
-    let body = serde_json::json!({"from": from, "to": to}).to_string();
+    let paused_ns = runner::monotonic_ns(paused);
+    let body = serde_json::json!({"from": from, "to": to, "paused_ns": paused_ns}).to_string();
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         let r = client::call_status(

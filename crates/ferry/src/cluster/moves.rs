@@ -34,6 +34,9 @@ fn gateway(e: anyhow::Error) -> ApiError {
 pub struct HandoverReq {
     from: i64,
     to: String,
+    /// When the VM was paused (CLOCK_MONOTONIC ns): frames for it since then are forwarded.
+    #[serde(default)]
+    paused_ns: Option<u64>,
 }
 
 /// `PUT /cluster/vms/NAME/handover`: the source's switch-over moves the ownership. An
@@ -48,7 +51,10 @@ pub async fn handover(
         let until = Instant::now() + Duration::from_secs(5);
         // The map writes read when the migration began (`local_migrate`): none of the
         // switch-over's time goes to reading them now.
-        let prepared = s.prepared(&name, h.from, &h.to);
+        let (prepared, capture) = match s.prepared(&name, h.from, &h.to) {
+            Some((m, c)) => (Some(m), c),
+            None => (None, None),
+        };
         loop {
             let map = match &prepared {
                 Some(m) => m.clone(),
@@ -62,7 +68,13 @@ pub async fn handover(
                 },
             };
             match records::claim_prepared(&*s.store, &name, &h.to, Some(h.from), map) {
-                Ok(o) => return Ok(Json(json!({"epoch": o.epoch}))),
+                Ok(o) => {
+                    if let (Some((cap, to_agent)), Some(ns)) = (&capture, h.paused_ns) {
+                        let (to, vm) = (to_agent.clone(), name.clone());
+                        super::forward::forward(cap.clone(), ns, to, vm, s.clone());
+                    }
+                    return Ok(Json(json!({"epoch": o.epoch})));
+                }
                 Err(RecordError::Conflict { now: Some(o), .. })
                     if o.host == h.to && o.epoch > h.from =>
                 {
@@ -175,7 +187,16 @@ pub async fn local_migrate(
             "handover": {"agent": s.addr, "vm": r.vm, "from": r.epoch, "to": r.to_host},
         });
         match records::prepare_claim(&*s.store, &r.vm, &r.to_host) {
-            Ok(map) => s.prepare(&r.vm, r.epoch, &r.to_host, map),
+            Ok(map) => {
+                let capture = capture_for(&s, &r.vm, &r.to_host);
+                let p = super::host::Prepared {
+                    from: r.epoch,
+                    to: r.to_host.clone(),
+                    map,
+                    capture,
+                };
+                s.prepare(&r.vm, p);
+            }
             Err(e) => tracing::warn!("VM {}: reading its hand-over ahead: {e}", r.vm),
         }
         match tls {
@@ -210,6 +231,67 @@ pub async fn local_migrate(
                 ))
             }
         }
+    })
+    .await
+}
+
+/// Watches the VXLAN devices of VM `vm`'s networks for frames to its NICs (to forward what
+/// arrives after the pause to host `to`'s agent); None when it has no NICs on networks.
+fn capture_for(s: &Shared, vm: &str, to: &str) -> Option<(Arc<super::forward::Capture>, String)> {
+    let overlay = s.runner.lock().overlay.clone()?;
+    let nics = overlay.nics_of_vm(vm).ok()?;
+    if nics.is_empty() {
+        return None;
+    }
+    let nets = ferry_cluster::net::networks(&*s.store).ok()?;
+    let to_agent = agent::hosts(&*s.store)
+        .ok()?
+        .into_iter()
+        .find(|h| h.id == to)?
+        .addr;
+    let devs: Vec<(String, [u8; 6])> = nics
+        .iter()
+        .filter_map(|n| {
+            let vni = nets.iter().find(|x| x.name == n.network)?.vni;
+            let mac: ferry_net::overlay::Mac = n.mac.parse().ok()?;
+            Some((format!("fvx{vni}"), mac.0))
+        })
+        .collect();
+    match super::forward::Capture::start(&devs) {
+        Ok(c) => Some((Arc::new(c), to_agent)),
+        Err(e) => {
+            tracing::warn!("VM {vm}: no capture of its frames for the switch-over: {e}");
+            None
+        }
+    }
+}
+
+/// `POST /cluster/local/inject/NAME {"frames": [[nic, "hex"], ...]}`: frames that reached
+/// VM NAME's old host during its switch-over, written into its taps here.
+pub async fn inject(
+    State(s): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    ApiJson(v): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    blocking(move || {
+        if s.runner.lock().overlay.is_none() {
+            return Err(conflict(
+                "this host carries no virtual networks (no --provider-addr)".into(),
+            ));
+        }
+        if s.runner.lock().socket(&name).is_none() {
+            return Err(conflict(format!("VM {name} has no VMM on this host")));
+        }
+        // No store read: the taps' names follow from the VM's name (the same on every host).
+        let frames = super::forward::parse(&v);
+        let nics = frames.iter().map(|(i, _)| i + 1).max().unwrap_or(0).min(64);
+        let taps: Vec<String> = (0..nics)
+            .map(|i| super::overlay::tap_name(&name, i))
+            .collect();
+        let n = super::forward::inject(&taps, &frames);
+        s.injected
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(Json(json!({ "injected": n, "of": frames.len() })))
     })
     .await
 }

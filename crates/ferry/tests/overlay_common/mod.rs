@@ -50,6 +50,17 @@ pub fn run(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The network namespace the test started in (taken at the first topology's start).
+static HOST_NS: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// Moves the calling thread back into the namespace the test started in.
+fn root_netns() {
+    use std::os::fd::AsRawFd;
+    let f = HOST_NS.get_or_init(|| std::fs::File::open("/proc/thread-self/ns/net").unwrap());
+    // SAFETY: setns on a namespace file we opened; only this thread's namespace changes.
+    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+}
+
 /// The topology, etcd and the three agents; all torn down when dropped.
 pub struct Overlay {
     pub p: String,
@@ -73,6 +84,9 @@ impl Overlay {
         second_host_in_a: bool,
     ) -> Overlay {
         let p = format!("{tag}{}", std::process::id() % 1000);
+        // An earlier topology of this process left this thread in its (deleted) client
+        // namespace: back to the host's, where the new one is built.
+        root_netns();
         let mut cmd = Command::new(script());
         cmd.args(["up", &p, "--delay-ms", &delay_ms.to_string()]);
         if let Some(r) = rate {
