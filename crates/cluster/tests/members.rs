@@ -78,6 +78,14 @@ impl Store for Freezable {
     fn wait(&self, prefix: &str, after: i64, limit: Duration) -> Result<bool, StoreError> {
         self.inner.wait(prefix, after, limit)
     }
+    fn wait_key(
+        &self,
+        key: &str,
+        after: i64,
+        limit: Duration,
+    ) -> Result<Option<Option<ferry_cluster::KeyValue>>, StoreError> {
+        self.inner.wait_key(key, after, limit)
+    }
 }
 
 fn membership(store: Arc<dyn Store>) {

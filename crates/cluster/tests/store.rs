@@ -11,6 +11,39 @@ fn contract(s: &dyn Store) {
     compare_and_swap_loses_no_update(s);
     leases_keep_keys_only_while_kept_alive(s);
     waits_see_every_change_under_their_prefix(s);
+    a_key_watch_gives_what_the_change_left(s);
+}
+
+/// `wait_key` gives the write or delete of that key after the revision, not of others.
+fn a_key_watch_gives_what_the_change_left(s: &dyn Store) {
+    let rev = s.revision().unwrap();
+    assert_eq!(
+        s.wait_key("/k/a", rev, Duration::from_millis(300)).unwrap(),
+        None
+    );
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            std::thread::sleep(Duration::from_millis(150));
+            s.put("/k/ab", b"other").unwrap();
+            s.put("/k/a", b"mine").unwrap();
+        });
+        let got = s.wait_key("/k/a", rev, Duration::from_secs(5)).unwrap();
+        let kv = got.expect("a change").expect("a write");
+        assert_eq!(
+            (kv.key.as_str(), kv.value.as_slice()),
+            ("/k/a", &b"mine"[..])
+        );
+        assert_eq!(kv, s.get("/k/a").unwrap().unwrap());
+    });
+    // Already made: returned at once.
+    let kv = s.wait_key("/k/a", rev, Duration::from_secs(5)).unwrap();
+    assert!(matches!(kv, Some(Some(_))));
+    let rev = s.revision().unwrap();
+    s.txn(&[], &[Op::delete("/k/a")]).unwrap();
+    assert_eq!(
+        s.wait_key("/k/a", rev, Duration::from_secs(5)).unwrap(),
+        Some(None)
+    );
 }
 
 /// `wait` returns at once for a change already made after the revision given, wakes for one

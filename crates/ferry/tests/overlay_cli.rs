@@ -201,3 +201,27 @@ fn a_vm_restarted_by_failover_is_reachable_at_its_ca_on_the_new_host() {
     });
     eprintln!("reachable at {CA} on {to} again; echo {rtt:?}");
 }
+
+/// `ferry cluster drain` of the VM's host: the drain's live move takes the map entry with
+/// it (the same claim), and the open connection carries on.
+#[test]
+fn a_drain_moves_the_vm_and_its_open_connection_carries_on() {
+    let o = Overlay::up("od", 5, None);
+    let first = o.create_vm(&format!("tcp ip={CA} mtu=1450"), MAC, 1);
+    let probe = TcpProbe::start(
+        format!("{CA}:8").parse().unwrap(),
+        None,
+        Duration::from_millis(5),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = o.cli(&["drain", &first]);
+    eprintln!("{out}");
+    let to = other(&first);
+    assert_eq!(o.owner("v").unwrap().0, to, "{out}");
+    check_located(&o, to);
+    std::thread::sleep(Duration::from_millis(500));
+    let st = probe.stop(Duration::from_secs(3));
+    st.check().expect("the connection carried on");
+    eprintln!("largest reply gap across the drain {:?}", st.max_gap);
+}

@@ -232,6 +232,44 @@ impl Store for EtcdStore {
             .ok_or_else(|| self.unavailable("an answer without a header".into()))
     }
 
+    fn wait_key(
+        &self,
+        key: &str,
+        after: i64,
+        limit: Duration,
+    ) -> Result<Option<Option<KeyValue>>, StoreError> {
+        let key = key.to_owned();
+        let r = self.rt.block_on(async {
+            tokio::time::timeout(limit, async {
+                let opts = WatchOptions::new().with_start_revision(after + 1);
+                let (_watcher, mut stream) =
+                    self.client.clone().watch(key.clone(), Some(opts)).await?;
+                loop {
+                    match stream.message().await? {
+                        Some(m) => {
+                            if let Some(e) = m.events().first() {
+                                return Ok::<_, etcd_client::Error>(match e.event_type() {
+                                    etcd_client::EventType::Delete => Some(None),
+                                    etcd_client::EventType::Put => e.kv().map(kv).map(Some),
+                                });
+                            }
+                            if m.canceled() || m.compact_revision() > 0 {
+                                return Ok(None);
+                            }
+                        }
+                        None => return Ok(None),
+                    }
+                }
+            })
+            .await
+        });
+        match r {
+            Err(_) => Ok(None),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.unavailable(e.to_string())),
+        }
+    }
+
     fn wait(&self, prefix: &str, after: i64, limit: Duration) -> Result<bool, StoreError> {
         let prefix = prefix.to_owned();
         let r = self.rt.block_on(async {

@@ -337,6 +337,38 @@ impl Store for MemStore {
         Ok(self.lock().revision)
     }
 
+    fn wait_key(
+        &self,
+        key: &str,
+        after: i64,
+        limit: Duration,
+    ) -> Result<Option<Option<KeyValue>>, StoreError> {
+        let until = Instant::now() + limit;
+        let mut g = self.lock();
+        loop {
+            let changed = g
+                .changes
+                .iter()
+                .rev()
+                .take_while(|(rev, _)| *rev > after)
+                .any(|(_, k)| k == key);
+            if changed || after < g.changes_floor {
+                return Ok(Some(g.keys.get(key).map(|e| kv(key, e))));
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Ok(None);
+            }
+            let step = (until - now).min(Duration::from_millis(100));
+            g = self
+                .changed
+                .wait_timeout(g, step)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            g.expire(Instant::now());
+        }
+    }
+
     fn wait(&self, prefix: &str, after: i64, limit: Duration) -> Result<bool, StoreError> {
         let until = Instant::now() + limit;
         let mut g = self.lock();

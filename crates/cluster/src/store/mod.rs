@@ -115,6 +115,16 @@ pub trait Store: Send + Sync {
     /// `after`, or `limit` has passed; true when something changed. (A watch: read the
     /// revision, read what you need, then wait from that revision, and no change is missed.)
     fn wait(&self, prefix: &str, after: i64, limit: Duration) -> Result<bool, StoreError>;
+    /// Waits for a write or delete of `key` itself after revision `after`, at most `limit`:
+    /// None when none came; `Some(None)` when it was deleted; `Some(Some(kv))` what a write
+    /// left (etcd: as of that event; the embedded store: as it is now). A committed change
+    /// learnt as soon as the store announces it, without a read's round trip.
+    fn wait_key(
+        &self,
+        key: &str,
+        after: i64,
+        limit: Duration,
+    ) -> Result<Option<Option<KeyValue>>, StoreError>;
 
     /// Writes `key` unconditionally.
     fn put(&self, key: &str, value: &[u8]) -> Result<i64, StoreError> {

@@ -10,17 +10,26 @@ use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
 
-async fn request(
+type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
+
+async fn handshake(addr: &str) -> Result<Sender> {
+    let stream = super::secure::connect(addr).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("cluster API handshake")?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn send(
+    sender: &mut Sender,
     addr: &str,
     method: Method,
     uri: &str,
     body: Option<String>,
 ) -> Result<(u16, String)> {
-    let stream = super::secure::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("cluster API handshake")?;
-    tokio::spawn(conn);
+    sender.ready().await.context("cluster API connection")?;
     let req = Request::builder()
         .method(method)
         .uri(uri)
@@ -44,6 +53,58 @@ async fn request(
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+async fn request(
+    addr: &str,
+    method: Method,
+    uri: &str,
+    body: Option<String>,
+) -> Result<(u16, String)> {
+    let mut sender = handshake(addr).await?;
+    send(&mut sender, addr, method, uri, body).await
+}
+
+/// A connection to an agent's API kept open for several calls: what must go quickly later
+/// (a switch-over's forwarded frames) pays for the TCP and TLS handshakes ahead of time.
+pub struct Conn {
+    rt: tokio::runtime::Runtime,
+    sender: Sender,
+    addr: String,
+}
+
+impl Conn {
+    pub fn open(addr: &str, limit: Duration) -> Result<Conn> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let sender = rt
+            .block_on(async { tokio::time::timeout(limit, handshake(addr)).await })
+            .map_err(|_| {
+                anyhow::anyhow!("the agent at {addr} did not answer within {limit:?}")
+            })??;
+        Ok(Conn {
+            rt,
+            sender,
+            addr: addr.to_string(),
+        })
+    }
+
+    /// One call on the connection, bounded by `limit`: (status, body).
+    pub fn call(
+        &mut self,
+        method: Method,
+        uri: &str,
+        body: Option<String>,
+        limit: Duration,
+    ) -> Result<(u16, String)> {
+        let (sender, addr) = (&mut self.sender, self.addr.as_str());
+        self.rt
+            .block_on(async {
+                tokio::time::timeout(limit, send(sender, addr, method, uri, body)).await
+            })
+            .map_err(|_| anyhow::anyhow!("the agent at {addr} did not answer within {limit:?}"))?
+    }
 }
 
 /// One call bounded by `limit`: (status, body); Err when the agent cannot be reached or

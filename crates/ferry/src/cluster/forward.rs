@@ -148,44 +148,80 @@ pub fn inject(taps: &[String], frames: &[(usize, Vec<u8>)]) -> usize {
         .count()
 }
 
-/// After the hand-over moved the VM: sends what `cap` caught since the pause (`paused_ns`),
-/// then what it catches for [`AFTER`] more, to the new host's agent at `to_agent`.
-pub fn forward(
-    cap: Arc<Capture>,
-    paused_ns: u64,
-    to_agent: String,
-    vm: String,
-    count: Arc<super::host::Shared>,
-) {
+/// A capture and where it goes: the new host's agent, on a connection opened when the
+/// migration began.
+pub struct Forwarder {
+    pub capture: Capture,
+    pub to_agent: String,
+    conn: Mutex<Option<super::client::Conn>>,
+}
+
+impl Forwarder {
+    pub fn new(capture: Capture, to_agent: String) -> Forwarder {
+        let conn = match super::client::Conn::open(&to_agent, Duration::from_secs(5)) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!("no connection to {to_agent} for forwarded frames yet: {e:#}");
+                None
+            }
+        };
+        Forwarder {
+            capture,
+            to_agent,
+            conn: Mutex::new(conn),
+        }
+    }
+
+    /// Sends frames for VM `vm` to the new host: on the open connection, or on a new one
+    /// if that has failed (an idle connection the agent closed).
+    fn send(&self, vm: &str, frames: &[(usize, Vec<u8>)]) -> anyhow::Result<()> {
+        let uri = format!("/cluster/local/inject/{vm}");
+        let limit = Duration::from_secs(5);
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = conn.as_mut() {
+            if let Ok((200, _)) = c.call(hyper::Method::POST, &uri, Some(body(frames)), limit) {
+                return Ok(());
+            }
+        }
+        *conn = None;
+        super::client::call(
+            &self.to_agent,
+            hyper::Method::POST,
+            &uri,
+            Some(body(frames)),
+        )?;
+        Ok(())
+    }
+}
+
+/// After the hand-over moved the VM: sends what `fw` caught since the pause (`paused_ns`),
+/// then what it catches for [`AFTER`] more, to the new host's agent.
+pub fn forward(fw: Arc<Forwarder>, paused_ns: u64, vm: String, count: Arc<super::host::Shared>) {
     let r = std::thread::Builder::new()
         .name("ferry-forward".into())
         .spawn(move || {
             let until = Instant::now() + AFTER;
             let (mut since, mut sent) = (paused_ns, 0usize);
             loop {
-                let (frames, last) = cap.take_after(since);
+                let (frames, last) = fw.capture.take_after(since);
                 since = last;
                 if !frames.is_empty() {
-                    let uri = format!("/cluster/local/inject/{vm}");
-                    match super::client::call(
-                        &to_agent,
-                        hyper::Method::POST,
-                        &uri,
-                        Some(body(&frames)),
-                    ) {
-                        Ok(_) => {
+                    match fw.send(&vm, &frames) {
+                        Ok(()) => {
                             sent += frames.len();
                             count
                                 .forwarded
                                 .fetch_add(frames.len() as u64, Ordering::Relaxed);
                         }
-                        Err(e) => tracing::warn!("VM {vm}: forwarding frames to {to_agent}: {e:#}"),
+                        Err(e) => {
+                            tracing::warn!("VM {vm}: forwarding frames to {}: {e:#}", fw.to_agent)
+                        }
                     }
                 }
                 if Instant::now() >= until {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(Duration::from_millis(1));
             }
             tracing::info!("VM {vm}: {sent} frames that reached the old host forwarded");
         });

@@ -28,7 +28,7 @@ pub struct Prepared {
     /// The claim's map writes.
     pub map: Vec<ferry_cluster::Op>,
     /// What arrives for the VM's NICs here, and the new host's agent to forward it to.
-    pub capture: Option<(Arc<super::forward::Capture>, String)>,
+    pub capture: Option<Arc<super::forward::Forwarder>>,
 }
 
 /// What the API serves besides the store.
@@ -58,7 +58,16 @@ pub struct Shared {
     /// here for VMs that arrived.
     pub forwarded: std::sync::atomic::AtomicU64,
     pub injected: std::sync::atomic::AtomicU64,
+    /// VMs arriving here by live migration: their owner record as a watch (or a read)
+    /// first reported it after the hand-over (`moves::handed`).
+    pub arrivals: Mutex<HashMap<String, Arrival>>,
 }
+
+/// The owner of an arriving VM once known, and who waits for it.
+pub type Arrival = Arc<(
+    Mutex<Option<ferry_cluster::records::Owner>>,
+    std::sync::Condvar,
+)>;
 
 impl Shared {
     pub fn prepare(&self, vm: &str, p: Prepared) {
@@ -68,16 +77,12 @@ impl Shared {
 
     /// The map writes read ahead for VM `vm`'s hand-over from epoch `from` to host `to`,
     /// and its capture.
-    #[allow(clippy::type_complexity)]
-    pub fn prepared(
+        pub fn prepared(
         &self,
         vm: &str,
         from: i64,
         to: &str,
-    ) -> Option<(
-        Vec<ferry_cluster::Op>,
-        Option<(Arc<super::forward::Capture>, String)>,
-    )> {
+    ) -> Option<(Vec<ferry_cluster::Op>, Option<Arc<super::forward::Forwarder>>)> {
         let p = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
         p.get(vm)
             .filter(|p| p.from == from && p.to == to)
@@ -285,6 +290,7 @@ pub fn main(args: HostArgs) -> Result<i32> {
         prepared: Mutex::default(),
         forwarded: Default::default(),
         injected: Default::default(),
+        arrivals: Mutex::default(),
     });
     let _api = super::api::spawn(listener, api_tls, shared.clone())?;
     // SAFETY: installing a handler that only stores to an atomic.

@@ -69,9 +69,8 @@ pub async fn handover(
             };
             match records::claim_prepared(&*s.store, &name, &h.to, Some(h.from), map) {
                 Ok(o) => {
-                    if let (Some((cap, to_agent)), Some(ns)) = (&capture, h.paused_ns) {
-                        let (to, vm) = (to_agent.clone(), name.clone());
-                        super::forward::forward(cap.clone(), ns, to, vm, s.clone());
+                    if let (Some(fw), Some(ns)) = (&capture, h.paused_ns) {
+                        super::forward::forward(fw.clone(), ns, name.clone(), s.clone());
                     }
                     return Ok(Json(json!({"epoch": o.epoch})));
                 }
@@ -104,7 +103,15 @@ pub async fn handed(
     _: NoBody,
 ) -> Result<Json<Value>, ApiError> {
     blocking(move || {
-        let o = records::owner(&*s.store, &name)?;
+        let slot = s
+            .arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&name);
+        let o = match slot {
+            Some(slot) => owner_of_arrival(&s, &name, slot)?,
+            None => records::owner(&*s.store, &name)?,
+        };
         match o {
             Some(o) if o.host == s.id && q.host == s.id => {
                 if !s.runner.lock().handed(&name, o.epoch) {
@@ -147,6 +154,7 @@ pub async fn receive(
             .lock()
             .receive(&r.vm, r.epoch, ip, &s.addr, &s.id)
             .map_err(conflict)?;
+        watch_arrival(&s, &r.vm, r.epoch);
         Ok(Json(json!({ "addr": addr })))
     })
     .await
@@ -235,9 +243,89 @@ pub async fn local_migrate(
     .await
 }
 
+/// Watches VM `vm`'s owner record from revision `epoch` on (the owner when its migration
+/// here began): the hand-over's claim, once etcd announces it, answers `handed` without a
+/// read across the network in the switch-over.
+fn watch_arrival(s: &Arc<Shared>, vm: &str, epoch: i64) {
+    let slot: super::host::Arrival = Arc::default();
+    let mut all = s.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+    all.insert(vm.to_string(), slot.clone());
+    drop(all);
+    let (s, vm) = (s.clone(), vm.to_string());
+    let key = format!("{}{vm}", records::OWNERS);
+    let r = std::thread::Builder::new()
+        .name("ferry-arrival".into())
+        .spawn(move || {
+            let until = Instant::now() + Duration::from_secs(3600);
+            while Instant::now() < until {
+                match s.store.wait_key(&key, epoch, Duration::from_secs(5)) {
+                    Ok(Some(Some(kv))) => {
+                        let o = records::Owner {
+                            host: String::from_utf8_lossy(&kv.value).into_owned(),
+                            epoch: kv.mod_revision,
+                        };
+                        let mut got = slot.0.lock().unwrap_or_else(|e| e.into_inner());
+                        got.get_or_insert(o);
+                        slot.1.notify_all();
+                        return;
+                    }
+                    Ok(Some(None)) => return,
+                    Ok(None) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(500)),
+                }
+                let waiting = s.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+                if !waiting.get(&vm).is_some_and(|a| Arc::ptr_eq(a, &slot)) {
+                    return; // handed, or another arrival of it began
+                }
+            }
+        });
+    if let Err(e) = r {
+        tracing::warn!("no thread to watch an arrival's owner record: {e}");
+    }
+}
+
+/// The owner of arriving VM `vm` after its hand-over: the watch's report or a linearizable
+/// read, whichever comes first (both are committed facts; the read starts after Commit,
+/// which follows the claim).
+fn owner_of_arrival(
+    s: &Arc<Shared>,
+    vm: &str,
+    slot: super::host::Arrival,
+) -> Result<Option<records::Owner>, ApiError> {
+    let (store, name, s2) = (s.store.clone(), vm.to_string(), slot.clone());
+    let reader = std::thread::Builder::new()
+        .name("ferry-owner-read".into())
+        .spawn(move || {
+            let r = records::owner(&*store, &name);
+            let mut got = s2.0.lock().unwrap_or_else(|e| e.into_inner());
+            if let Ok(Some(o)) = &r {
+                got.get_or_insert(o.clone());
+            }
+            s2.1.notify_all();
+            r
+        });
+    let got = slot.0.lock().unwrap_or_else(|e| e.into_inner());
+    let (got, _) = slot
+        .1
+        .wait_timeout_while(got, Duration::from_secs(10), |g| g.is_none())
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(o) = got.clone() {
+        return Ok(Some(o));
+    }
+    drop(got);
+    // Neither said anything in time: what the read says, if it ended.
+    match reader.map(|t| t.join()) {
+        Ok(Ok(r)) => Ok(r?),
+        _ => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the owner of {vm} could not be read"),
+        )),
+    }
+}
+
 /// Watches the VXLAN devices of VM `vm`'s networks for frames to its NICs (to forward what
 /// arrives after the pause to host `to`'s agent); None when it has no NICs on networks.
-fn capture_for(s: &Shared, vm: &str, to: &str) -> Option<(Arc<super::forward::Capture>, String)> {
+fn capture_for(s: &Shared, vm: &str, to: &str) -> Option<Arc<super::forward::Forwarder>> {
     let overlay = s.runner.lock().overlay.clone()?;
     let nics = overlay.nics_of_vm(vm).ok()?;
     if nics.is_empty() {
@@ -258,7 +346,7 @@ fn capture_for(s: &Shared, vm: &str, to: &str) -> Option<(Arc<super::forward::Ca
         })
         .collect();
     match super::forward::Capture::start(&devs) {
-        Ok(c) => Some((Arc::new(c), to_agent)),
+        Ok(c) => Some(Arc::new(super::forward::Forwarder::new(c, to_agent))),
         Err(e) => {
             tracing::warn!("VM {vm}: no capture of its frames for the switch-over: {e}");
             None
