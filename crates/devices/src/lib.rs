@@ -96,6 +96,11 @@ pub trait VirtioDevice<M>: Send {
     fn reacquire(&mut self) -> Result<(), String> {
         Ok(())
     }
+    /// Data for the guest is held in the device itself (a NIC's frames carried over from
+    /// another host): the poll queue has work though its descriptor may stay quiet.
+    fn holds_data(&self) -> bool {
+        false
+    }
     /// A descriptor whose readability means queue `.1` has work without a notification
     /// (a NIC's receive side); the VMM's receive thread polls it.
     fn poll_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {

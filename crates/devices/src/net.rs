@@ -43,14 +43,19 @@ pub fn rarp(mac: [u8; 6]) -> [u8; 60] {
 }
 
 /// Version of [`NetState`].
-pub const NET_STATE_VERSION: u32 = 1;
+pub const NET_STATE_VERSION: u32 = 2;
 
-/// A NIC's saved identity (version 1); queue positions are in the transport's state.
+/// A NIC's saved identity and the frames it holds for the guest (version 2; version 1 had
+/// no frames); queue positions are in the transport's state.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetState {
     pub version: u32,
     pub tap: String,
     pub mac: [u8; 6],
+    /// Frames that reached the NIC and not yet the guest (read from the tap while it waited
+    /// for receive buffers, or drained from the tap when it was released for a move): the
+    /// guest gets them first wherever it resumes, instead of losing them.
+    pub pending: Vec<Vec<u8>>,
 }
 
 pub struct Net {
@@ -77,14 +82,27 @@ impl Net {
     }
 
     pub fn from_state(s: &NetState) -> Result<Self, String> {
-        let NetState { version, tap, mac } = s;
+        let NetState {
+            version,
+            tap,
+            mac,
+            pending,
+        } = s;
         if *version != NET_STATE_VERSION {
             return Err(format!(
                 "virtio-net state version {version} (this Ferry reads {NET_STATE_VERSION})"
             ));
         }
+        if pending.len() > MAX_PENDING || pending.iter().any(|f| f.len() > MAX_FRAME) {
+            return Err(format!(
+                "virtio-net state holds {} frames (at most {MAX_PENDING} of at most {MAX_FRAME} bytes)",
+                pending.len()
+            ));
+        }
         let t = Tap::open(tap).map_err(|e| e.to_string())?;
-        Ok(Net::new(t, *mac))
+        let mut n = Net::new(t, *mac);
+        n.pending = pending.iter().cloned().collect();
+        Ok(n)
     }
 
     pub fn save(&self) -> NetState {
@@ -92,6 +110,7 @@ impl Net {
             version: NET_STATE_VERSION,
             tap: self.name.clone(),
             mac: self.mac,
+            pending: self.pending.iter().cloned().collect(),
         }
     }
 
@@ -226,15 +245,31 @@ where
         self.fd().map(|fd| (fd, RX))
     }
 
+    fn holds_data(&self) -> bool {
+        self.tap.is_some() && !self.pending.is_empty()
+    }
+
     fn announce(&mut self) -> bool {
         self.tap
             .as_ref()
             .is_some_and(|t| t.send(&rarp(self.mac)).is_ok())
     }
 
+    /// Lets go of the tap for a move (the VM is paused): what the tap still holds for the
+    /// guest is read out first and kept with the frames already waiting, so the state carries
+    /// them to wherever the guest resumes (or they are delivered here if the move fails).
     fn release(&mut self) -> Result<(), String> {
-        self.tap = None;
-        self.pending.clear();
+        if let Some(tap) = self.tap.take() {
+            self.buf.resize(65536, 0);
+            while let Ok(Some(n)) = tap.recv(&mut self.buf) {
+                if n <= MAX_FRAME {
+                    self.pending.push_back(self.buf[..n].to_vec());
+                }
+            }
+            while self.pending.len() > MAX_PENDING {
+                self.pending.pop_front();
+            }
+        }
         Ok(())
     }
 

@@ -195,3 +195,54 @@ fn malformed_chains_are_dropped_or_reset_the_device_and_never_crash_it() {
     drv.notify(&mem);
     assert_ne!(drv.reg(0x70) & NEEDS_RESET, 0, "NEEDS_RESET set");
 }
+
+/// Frames that reach the tap while the NIC is paused for a move are not lost: releasing the
+/// tap reads them out, the state carries them, and the NIC built from that state hands
+/// them to the guest first, before anything new arrives on its tap.
+#[test]
+fn frames_waiting_at_a_release_travel_in_the_state_to_the_guest() {
+    use ferry_devices::VirtioDevice;
+    let tap = HostTap::new(2);
+    let mut dev = Net::new(Tap::open(&tap.0).unwrap(), MAC);
+    // The host kernel asks for 10.214.n.2 by ARP: broadcasts into the tap nobody reads.
+    let _ = Command::new("ping")
+        .args([
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            &format!("10.214.{}.2", tap.1),
+        ])
+        .output();
+    VirtioDevice::<Mem>::release(&mut dev).unwrap();
+    let state = dev.save();
+    assert_eq!(state.version, 2);
+    let arps = |f: &Vec<u8>| f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[..6] == [0xff; 6];
+    assert!(
+        state.pending.iter().any(arps),
+        "the ARP requests waiting in the tap are in the state: {} frames",
+        state.pending.len()
+    );
+    drop(dev);
+    let mem = memory();
+    let mut drv = Driver::new(Box::new(Net::from_state(&state).unwrap()));
+    let f = drv.features();
+    assert_eq!(drv.setup_with(f, &[TX_RING], &mem) & 0xf, 0xf, "driver OK");
+    drv.select(0);
+    drv.post(&mem, &[(RX_BUF, 2048, F_WRITE)]);
+    drv.notify(&mem);
+    let (_, len) = drv.next_used(&mem).expect("a carried frame, at once");
+    let mut got = vec![0u8; len as usize];
+    mem.read_slice(&mut got, GuestAddress(RX_BUF)).unwrap();
+    assert_eq!(
+        got[HDR..].to_vec(),
+        state.pending[0],
+        "the first carried frame"
+    );
+    // A state with too many frames is refused, not trusted.
+    let mut bad = state.clone();
+    bad.pending = vec![vec![0u8; 60]; 10_000];
+    assert!(Net::from_state(&bad).is_err());
+}

@@ -66,6 +66,7 @@ fn bench_connection_stall_across_moves() {
                     o.scratch.path(&host).join("v.console"),
                     o.scratch.path(to).join("v.console"),
                 ]);
+                let probe_t0 = Instant::now();
                 let probe = TcpProbe::start(
                     format!("{CA}:8").parse().unwrap(),
                     None,
@@ -84,7 +85,17 @@ fn bench_connection_stall_across_moves() {
                 std::thread::sleep(Duration::from_millis(600));
                 let st = probe.stop(Duration::from_secs(3));
                 st.check().expect("the connection carried on");
-                let (gap, whole) = beats.stop(t0);
+                let (gap, beat_end, whole) = beats.stop_at(t0);
+                // Where the two gaps lie (ms from the migrate command), for the record.
+                let reply_end = probe_t0 + st.max_gap_at;
+                let rel = |t: Instant| t.saturating_duration_since(t0).as_secs_f64() * 1e3;
+                eprintln!(
+                    "gaps: replies {:.1}..{:.1} ms, heartbeats {:.1}..{:.1} ms",
+                    rel(reply_end) - st.max_gap.as_secs_f64() * 1e3,
+                    rel(reply_end),
+                    rel(beat_end) - gap.as_secs_f64() * 1e3,
+                    rel(beat_end)
+                );
                 assert!(whole, "a heartbeat went missing");
                 let ms = |d: Duration| d.as_secs_f64() * 1e3;
                 let rtt = if to == "hd" { 0 } else { 2 * delay };

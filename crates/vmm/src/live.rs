@@ -20,7 +20,8 @@ pub struct LiveSource<'a> {
     /// The disks' mirrors of a shared-nothing migration.
     disks: crate::live_storage::SourceDisks,
     before_commit: Option<BeforeCommit<'a>>,
-    /// When the VM was paused for the switch-over.
+    /// When the VM's devices let go of their backends for the switch-over (the taps read
+    /// out: what reaches them after this never got into the VM's state).
     paused_at: Mutex<Option<Instant>>,
 }
 
@@ -41,7 +42,8 @@ impl<'a> LiveSource<'a> {
 
     /// Has `f` decide, at the switch-over right before Commit, whether the VM may go
     /// ([`SourceVm::before_commit`]): a cluster hands its ownership over there. `f` is told
-    /// when the VM was paused (what reached its NICs since then never got to the guest).
+    /// when the devices let go of their backends (what reached the NICs' taps before is in
+    /// the VM's state; what reached them since never got to the guest).
     pub fn before_commit(
         mut self,
         f: impl Fn(Instant) -> Result<(), CommitHold> + Sync + 'a,
@@ -53,7 +55,12 @@ impl<'a> LiveSource<'a> {
     /// Waits for the backends' release begun at the pause, if one was.
     fn released(&self) -> Result<(), String> {
         let r = self.releasing.lock().map_err(|_| "lock poisoned")?.take();
-        r.map_or(Ok(()), |r| r.wait())
+        let Some(r) = r else { return Ok(()) };
+        let at = r.wait()?;
+        if let Ok(mut p) = self.paused_at.lock() {
+            *p = Some(at);
+        }
+        Ok(())
     }
 }
 
@@ -150,9 +157,6 @@ impl SourceVm for LiveSource<'_> {
         self.vm.flush_disks().map_err(text)
     }
     fn pause(&self) -> Result<(), String> {
-        if let Ok(mut p) = self.paused_at.lock() {
-            *p = Some(Instant::now());
-        }
         if self.vm.state() != RunState::Paused {
             self.vm.pause().map_err(text)?;
         }

@@ -77,12 +77,15 @@ impl Shared {
 
     /// The map writes read ahead for VM `vm`'s hand-over from epoch `from` to host `to`,
     /// and its capture.
-        pub fn prepared(
+    pub fn prepared(
         &self,
         vm: &str,
         from: i64,
         to: &str,
-    ) -> Option<(Vec<ferry_cluster::Op>, Option<Arc<super::forward::Forwarder>>)> {
+    ) -> Option<(
+        Vec<ferry_cluster::Op>,
+        Option<Arc<super::forward::Forwarder>>,
+    )> {
         let p = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
         p.get(vm)
             .filter(|p| p.from == from && p.to == to)

@@ -407,16 +407,22 @@ impl Beats {
 
     /// Stops; the largest gap between consecutive heartbeats after `from`, and whether
     /// none was missing there.
-    pub fn stop(mut self, from: Instant) -> (Duration, bool) {
+    pub fn stop(self, from: Instant) -> (Duration, bool) {
+        let (gap, _, whole) = self.stop_at(from);
+        (gap, whole)
+    }
+
+    /// As [`Beats::stop`], with when the largest gap ended.
+    pub fn stop_at(mut self, from: Instant) -> (Duration, Instant, bool) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let seen = self.thread.take().unwrap().join().unwrap();
         let v: Vec<(u64, Instant)> = seen.into_iter().filter(|(_, t)| *t >= from).collect();
-        let gap = v
+        let (gap, end) = v
             .windows(2)
-            .map(|w| w[1].1.saturating_duration_since(w[0].1))
+            .map(|w| (w[1].1.saturating_duration_since(w[0].1), w[1].1))
             .max()
-            .unwrap_or_default();
+            .unwrap_or((Duration::ZERO, from));
         let whole = v.windows(2).all(|w| w[1].0 == w[0].0 + 1);
-        (gap, whole)
+        (gap, end, whole)
     }
 }

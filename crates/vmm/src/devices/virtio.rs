@@ -335,6 +335,11 @@ impl VirtioSlot {
     }
 
     /// The descriptor the receive thread polls and the queue it serves then, if any.
+    /// The device holds data for the guest itself (see `VirtioDevice::holds_data`).
+    pub fn holds_data(&self) -> bool {
+        self.lock().device_mut().holds_data()
+    }
+
     pub fn poll_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
         let fd = self.poll_fd.load(Ordering::SeqCst);
         (fd >= 0).then_some((fd, self.poll_queue))
