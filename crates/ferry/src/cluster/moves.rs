@@ -264,6 +264,9 @@ fn watch_arrival(s: &Arc<Shared>, vm: &str, epoch: i64) {
                             host: String::from_utf8_lossy(&kv.value).into_owned(),
                             epoch: kv.mod_revision,
                         };
+                        if o.host == s.id {
+                            s.runner.lock().pin(&vm); // before its frames come here
+                        }
                         let mut got = slot.0.lock().unwrap_or_else(|e| e.into_inner());
                         got.get_or_insert(o);
                         slot.1.notify_all();

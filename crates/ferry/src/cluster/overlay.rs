@@ -12,6 +12,9 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// A NIC's tap and its MAC.
+pub type TapMac = (String, String);
+
 /// This host's part of the overlay.
 #[derive(Clone)]
 pub struct Overlay {
@@ -80,9 +83,25 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Makes each tap the bridge's port for its NIC's MAC, learning or not (`bridge fdb replace
+/// MAC dev TAP master static`): a VM that arrives, or boots after a failover, on a host
+/// whose bridge learned its MAC on the VXLAN port while it ran elsewhere gets its frames
+/// from the first one on — those arriving while it is still paused wait in the tap —
+/// instead of after its first frame taught the bridge. The entry goes with the tap.
+pub fn pin(nics: &[TapMac]) {
+    for (tap, mac) in nics {
+        let out = std::process::Command::new("bridge")
+            .args(["fdb", "replace", mac, "dev", tap, "master", "static"])
+            .output();
+        if !out.is_ok_and(|o| o.status.success()) {
+            tracing::warn!("bridge fdb replace {mac} dev {tap} master static failed");
+        }
+    }
+}
+
 /// Deletes the taps (those already gone are no error).
-pub fn remove_taps(taps: &[String]) {
-    for t in taps {
+pub fn remove_taps(taps: &[TapMac]) {
+    for (t, _) in taps {
         let _ = ip(&["link", "del", t]);
     }
 }
@@ -97,7 +116,7 @@ impl Overlay {
 
     /// Makes a tap for each NIC of VM `vm` on its network's bridge (replacing a leftover of
     /// the same name); returns the taps and the `ferry run --net` spec of each.
-    pub fn taps(&self, vm: &str, nics: &[Nic]) -> Result<(Vec<String>, Vec<String>), String> {
+    pub fn taps(&self, vm: &str, nics: &[Nic]) -> Result<(Vec<TapMac>, Vec<String>), String> {
         let nets = net::networks(&*self.store).map_err(|e| e.to_string())?;
         let (mut taps, mut specs) = (Vec::new(), Vec::new());
         for (i, nic) in nics.iter().enumerate() {
@@ -112,7 +131,7 @@ impl Overlay {
                 .and_then(|_| ip(&["link", "set", &tap, "mtu", &n.mtu.to_string()]))
                 .and_then(|_| ip(&["link", "set", &tap, "master", &host.bridge()]))
                 .and_then(|_| ip(&["link", "set", &tap, "up"]));
-            taps.push(tap.clone());
+            taps.push((tap.clone(), nic.mac.clone()));
             if let Err(e) = made {
                 remove_taps(&taps);
                 return Err(format!("NIC {i} of {vm}: {e}"));

@@ -77,8 +77,10 @@ struct Vmm {
     socket: PathBuf,
     /// The fence deadline last handed to it (monotonic ns).
     renewed: u64,
-    /// Its NICs' taps (deleted when it ends).
-    taps: Vec<String>,
+    /// Its NICs' taps and MACs (deleted when it ends).
+    taps: Vec<super::overlay::TapMac>,
+    /// Its taps are the bridge's ports for its MACs (`overlay::pin`).
+    pinned: bool,
 }
 
 pub struct Processes {
@@ -271,6 +273,7 @@ impl Processes {
                             socket: sock,
                             renewed: 0,
                             taps: Vec::new(),
+                            pinned: true,
                         },
                     );
                     n += 1;
@@ -414,6 +417,7 @@ impl Processes {
                 socket,
                 renewed: 0,
                 taps,
+                pinned: false,
             },
         );
         Ok(listen)
@@ -421,6 +425,7 @@ impl Processes {
 
     /// The hand-over to this host settled: the arriving VMM of `name` owns it at `epoch`.
     pub fn handed(&mut self, name: &str, epoch: i64) -> bool {
+        self.pin(name);
         match self.vmms.get_mut(name) {
             Some(v) if v.arriving => {
                 v.epoch = epoch;
@@ -429,6 +434,15 @@ impl Processes {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Makes the taps of VM `name`'s VMM its MACs' bridge ports (once): done as soon as
+    /// the VM is known to be this host's.
+    pub fn pin(&mut self, name: &str) {
+        if let Some(v) = self.vmms.get_mut(name).filter(|v| !v.pinned) {
+            super::overlay::pin(&v.taps);
+            v.pinned = true;
         }
     }
 
@@ -534,6 +548,7 @@ impl Runner for Processes {
             }
         }
         let (taps, nets) = self.taps_for(name, Some(&spec.nics))?;
+        super::overlay::pin(&taps); // it runs here from the start
         if spec.restore_from.is_none() {
             for n in &nets {
                 cmd.args(["--net", n]);
@@ -560,6 +575,7 @@ impl Runner for Processes {
                 socket,
                 renewed: ns,
                 taps,
+                pinned: true,
             },
         );
         Ok(())
@@ -634,7 +650,7 @@ impl Processes {
         &self,
         name: &str,
         nics: Option<&[ferry_cluster::net::Nic]>,
-    ) -> Result<(Vec<String>, Vec<String>), String> {
+    ) -> Result<(Vec<super::overlay::TapMac>, Vec<String>), String> {
         let Some(o) = &self.overlay else {
             let has = match nics {
                 Some(n) => !n.is_empty(),
