@@ -473,4 +473,9 @@ pub struct DemoArgs {
     /// killed and its VM restarted on the other; needs etcd).
     #[arg(long)]
     pub no_cluster: bool,
+    /// Skip the overlay act (two sites on different subnets and a client, as network
+    /// namespaces: a VM keeps its address and one open TCP connection across a live and a
+    /// post-copy move between the sites; needs root and etcd).
+    #[arg(long)]
+    pub no_overlay: bool,
 }

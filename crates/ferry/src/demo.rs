@@ -351,6 +351,9 @@ fn run(args: &DemoArgs, dir: &Path) -> Result<()> {
         gap1.as_secs_f64() * 1e3,
         gap2.as_secs_f64() * 1e3
     );
+    if !args.no_overlay {
+        crate::demo_overlay::act(dir)?;
+    }
     if !args.no_cluster {
         crate::demo_cluster::act(dir)?;
     }

@@ -4,6 +4,7 @@ mod cli;
 mod cluster;
 mod demo;
 mod demo_cluster;
+mod demo_overlay;
 mod run;
 
 use clap::{CommandFactory, Parser};

@@ -353,6 +353,13 @@ fn check_demo(args: &[&str]) -> String {
         "{text}"
     );
     assert!(text.contains("none lost or repeated"), "{text}");
+    // The overlay act: one TCP connection to the VM's CA across a move to the other site
+    // and back by post-copy.
+    assert!(text.contains("the map now says PA 10.63.2.2"), "{text}");
+    assert!(
+        text.contains("one TCP connection across both moves"),
+        "{text}"
+    );
     // The cluster act: agents over mutual TLS, a live move and a failover.
     assert!(text.contains("over mutual TLS"), "{text}");
     assert!(text.contains("ferry cluster migrate web:"), "{text}");
