@@ -116,4 +116,10 @@ pub trait VirtioDevice<M>: Send {
     fn announce(&mut self) -> bool {
         false
     }
+    /// Asks the guest to announce itself (virtio-net's `GUEST_ANNOUNCE`): true when the
+    /// device's configuration changed for it, and the transport raises a configuration
+    /// interrupt. `features` are the ones the driver accepted.
+    fn guest_announce(&mut self, _features: u64) -> bool {
+        false
+    }
 }

@@ -388,6 +388,28 @@ impl<M: GuestMemory> MmioTransport<M> {
         self.interrupt_status = 0;
     }
 
+    /// Tells the driver its device's configuration (or status) changed: a new configuration
+    /// generation and a configuration interrupt.
+    fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+        self.irq.trigger();
+    }
+
+    /// Announces where the VM is now: the device's own announcement (a NIC's RARP) and, for
+    /// a driver that negotiated it, a request to the guest to announce itself (virtio-net's
+    /// `GUEST_ANNOUNCE`: a status bit and a configuration interrupt). False: the device
+    /// had nothing to announce.
+    pub fn announce(&mut self) -> bool {
+        let sent = self.device.announce();
+        let live = self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0;
+        if live && self.device.guest_announce(self.driver_features) {
+            self.config_changed();
+        }
+        sent
+    }
+
     /// Serves queue `index`: on the driver's notification, or without one when the device's
     /// backend has data (the VMM's receive thread).
     pub fn notify(&mut self, index: usize, mem: &M) -> crate::Served {
@@ -406,9 +428,7 @@ impl<M: GuestMemory> MmioTransport<M> {
         let served = self.device.process(index, q, mem, self.driver_features);
         if served.broken {
             self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-            self.config_generation = self.config_generation.wrapping_add(1);
-            self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
-            self.irq.trigger();
+            self.config_changed();
             return served;
         }
         if served.completed > 0 && q.needs_notification(mem).unwrap_or(true) {

@@ -1,17 +1,31 @@
 //! virtio-net (virtio 1.2 §5.1) on a tap: one receive and one transmit queue, the MAC in the
-//! configuration space, no offloads. Transmit is served on the notifying vCPU; receive is
-//! driven by the VMM's receive thread calling [`crate::MmioTransport::poll`] when the tap is
-//! readable (and never while the VM is paused), and by the driver adding receive buffers.
+//! configuration space, no offloads, and a control queue for one command class: the guest's
+//! acknowledgement of an announcement (`VIRTIO_NET_F_GUEST_ANNOUNCE`, §5.1.6.5.4). Transmit
+//! and control are served on the notifying vCPU; receive is driven by the VMM's receive
+//! thread calling [`crate::MmioTransport::notify`] when the tap is readable (and never while
+//! the VM is paused), and by the driver adding receive buffers.
+//!
+//! After a move the VMM announces the VM ([`crate::MmioTransport::announce`]): the NIC sends
+//! a RARP from its MAC itself, as QEMU's `announce-self` does, and, when the driver
+//! negotiated `GUEST_ANNOUNCE`, sets `VIRTIO_NET_S_ANNOUNCE` in its status and raises a
+//! configuration interrupt, so the guest sends its own gratuitous ARPs (which carry its IP
+//! addresses, which a RARP cannot) and acknowledges with `VIRTIO_NET_CTRL_ANNOUNCE_ACK`.
 use crate::tap::{Tap, TapError};
 use crate::{Served, VirtioDevice};
 use std::io::{Read, Write};
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_ERR, VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_OK,
+    VIRTIO_NET_S_ANNOUNCE, VIRTIO_NET_S_LINK_UP,
+};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::bitmap::WithBitmapSlice;
 use vm_memory::GuestMemory;
 
-/// Descriptors per queue.
+/// Descriptors per data queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// Descriptors of the control queue (one command at a time is what drivers do).
+pub const CTRL_QUEUE_SIZE: u16 = 64;
 /// Bytes of `virtio_net_hdr_v1` before every frame.
 pub const HDR: usize = 12;
 /// Largest frame (no offloads: a full Ethernet frame without FCS, plus VLAN tag).
@@ -20,6 +34,9 @@ const MAX_FRAME: usize = 1518;
 const MAX_PENDING: usize = 64;
 const RX: usize = 0;
 const TX: usize = 1;
+const CTRL: usize = 2;
+/// Bytes of a control command's header (class, command) a device reads before its data.
+const CTRL_HDR: usize = 2;
 
 /// Ethertype of RARP.
 pub const ETH_P_RARP: u16 = 0x8035;
@@ -43,10 +60,11 @@ pub fn rarp(mac: [u8; 6]) -> [u8; 60] {
 }
 
 /// Version of [`NetState`].
-pub const NET_STATE_VERSION: u32 = 2;
+pub const NET_STATE_VERSION: u32 = 3;
 
-/// A NIC's saved identity and the frames it holds for the guest (version 2; version 1 had
-/// no frames); queue positions are in the transport's state.
+/// A NIC's saved identity, the frames it holds for the guest and whether it waits for the
+/// guest to acknowledge an announcement (version 3; version 2 had no control queue and no
+/// announcement, version 1 no frames); queue positions are in the transport's state.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetState {
     pub version: u32,
@@ -56,6 +74,9 @@ pub struct NetState {
     /// for receive buffers, or drained from the tap when it was released for a move): the
     /// guest gets them first wherever it resumes, instead of losing them.
     pub pending: Vec<Vec<u8>>,
+    /// `VIRTIO_NET_S_ANNOUNCE` is set: the guest was asked to announce itself and has not
+    /// acknowledged yet (a move in between carries the request on).
+    pub announcing: bool,
 }
 
 pub struct Net {
@@ -63,10 +84,11 @@ pub struct Net {
     tap: Option<Tap>,
     name: String,
     mac: [u8; 6],
-    sizes: [u16; 2],
+    sizes: [u16; 3],
     /// Frames read from the tap that wait for a receive buffer.
     pending: std::collections::VecDeque<Vec<u8>>,
     buf: Vec<u8>,
+    announcing: bool,
 }
 
 impl Net {
@@ -75,9 +97,10 @@ impl Net {
             name: tap.name().to_string(),
             tap: Some(tap),
             mac,
-            sizes: [QUEUE_SIZE, QUEUE_SIZE],
+            sizes: [QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE],
             pending: Default::default(),
             buf: vec![0; 65536],
+            announcing: false,
         }
     }
 
@@ -87,6 +110,7 @@ impl Net {
             tap,
             mac,
             pending,
+            announcing,
         } = s;
         if *version != NET_STATE_VERSION {
             return Err(format!(
@@ -102,6 +126,7 @@ impl Net {
         let t = Tap::open(tap).map_err(|e| e.to_string())?;
         let mut n = Net::new(t, *mac);
         n.pending = pending.iter().cloned().collect();
+        n.announcing = *announcing;
         Ok(n)
     }
 
@@ -111,6 +136,7 @@ impl Net {
             tap: self.name.clone(),
             mac: self.mac,
             pending: self.pending.iter().cloned().collect(),
+            announcing: self.announcing,
         }
     }
 
@@ -139,6 +165,45 @@ impl Net {
                 }
             }
             if q.add_used(mem, head, 0).is_err() {
+                served.broken = true;
+                return served;
+            }
+            served.completed += 1;
+        }
+        served
+    }
+
+    /// Serves the control queue: a command is a device-readable class and command byte (and
+    /// data), then a device-writable ack byte. The one class this device offers is
+    /// `VIRTIO_NET_CTRL_ANNOUNCE` (its `ACK` clears `VIRTIO_NET_S_ANNOUNCE`); anything else
+    /// gets `VIRTIO_NET_ERR`, as the specification asks of a command a device does not know.
+    fn control<M>(&mut self, q: &mut Queue, mem: &M, features: u64) -> Served
+    where
+        M: GuestMemory,
+        for<'a> <M as GuestMemory>::Bitmap: WithBitmapSlice<'a>,
+    {
+        let mut served = Served::default();
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let mut hdr = [0u8; CTRL_HDR];
+            let read =
+                Reader::new(mem, chain.clone()).is_ok_and(|mut r| r.read_exact(&mut hdr).is_ok());
+            let ack = hdr
+                == [
+                    VIRTIO_NET_CTRL_ANNOUNCE as u8,
+                    VIRTIO_NET_CTRL_ANNOUNCE_ACK as u8,
+                ];
+            let ok = read && ack && features & (1 << VIRTIO_NET_F_GUEST_ANNOUNCE) != 0;
+            if ok {
+                self.announcing = false;
+            }
+            let status = if ok { VIRTIO_NET_OK } else { VIRTIO_NET_ERR } as u8;
+            // No writable byte: nowhere to answer (the chain is returned, nothing written).
+            let written = match Writer::new(mem, chain) {
+                Ok(mut w) if w.available_bytes() >= 1 => w.write_all(&[status]).is_ok() as u32,
+                _ => 0,
+            };
+            if q.add_used(mem, head, written).is_err() {
                 served.broken = true;
                 return served;
             }
@@ -210,7 +275,10 @@ where
     }
 
     fn features(&self) -> u64 {
-        (1u64 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS)
+        (1u64 << VIRTIO_NET_F_MAC)
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_NET_F_CTRL_VQ)
+            | (1 << VIRTIO_NET_F_GUEST_ANNOUNCE)
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -220,14 +288,18 @@ where
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut c = [0u8; 8];
         c[..6].copy_from_slice(&self.mac);
-        c[6] = 1; // VIRTIO_NET_S_LINK_UP
+        let mut status = VIRTIO_NET_S_LINK_UP as u16;
+        if self.announcing {
+            status |= VIRTIO_NET_S_ANNOUNCE as u16;
+        }
+        c[6..8].copy_from_slice(&status.to_le_bytes());
         let at = offset as usize;
         if let Some(src) = c.get(at..at.saturating_add(data.len())) {
             data.copy_from_slice(src);
         }
     }
 
-    fn process(&mut self, index: usize, queue: &mut Queue, mem: &M, _features: u64) -> Served {
+    fn process(&mut self, index: usize, queue: &mut Queue, mem: &M, features: u64) -> Served {
         if !queue.is_valid(mem) {
             return Served {
                 broken: true,
@@ -237,6 +309,7 @@ where
         match index {
             TX => self.transmit(queue, mem),
             RX => self.receive(queue, mem),
+            CTRL => self.control(queue, mem, features),
             _ => Served::default(),
         }
     }
@@ -253,6 +326,17 @@ where
         self.tap
             .as_ref()
             .is_some_and(|t| t.send(&rarp(self.mac)).is_ok())
+    }
+
+    /// Asks the guest to announce itself, if its driver negotiated `GUEST_ANNOUNCE` (which
+    /// needs the control queue) and is not still busy with the last request.
+    fn guest_announce(&mut self, features: u64) -> bool {
+        let want = (1 << VIRTIO_NET_F_GUEST_ANNOUNCE) | (1 << VIRTIO_NET_F_CTRL_VQ);
+        if features & want != want || self.announcing || self.tap.is_none() {
+            return false;
+        }
+        self.announcing = true;
+        true
     }
 
     /// Lets go of the tap for a move (the VM is paused): what the tap still holds for the

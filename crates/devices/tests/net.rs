@@ -8,6 +8,7 @@ use driver::*;
 use ferry_devices::net::{Net, HDR};
 use ferry_devices::tap::Tap;
 use std::process::Command;
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -16,6 +17,11 @@ const TX_RING: u64 = 0x5000;
 const TX_BUF: u64 = 0x20000;
 const RX_BUF: u64 = 0x30000;
 const NEEDS_RESET: u32 = 64;
+/// Queue 2 (control) rings and the command's page (class, command at 0; ack byte at 16).
+const CTRL_RING: u64 = 0x8000;
+const CMD: u64 = 0x40000;
+const GUEST_ANNOUNCE: u64 = 1 << 21;
+const CTRL_VQ: u64 = 1 << 17;
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
 /// A tap with 10.214.N.1/24 on it, up; deleted on drop.
@@ -218,7 +224,7 @@ fn frames_waiting_at_a_release_travel_in_the_state_to_the_guest() {
         .output();
     VirtioDevice::<Mem>::release(&mut dev).unwrap();
     let state = dev.save();
-    assert_eq!(state.version, 2);
+    assert_eq!(state.version, ferry_devices::net::NET_STATE_VERSION);
     let arps = |f: &Vec<u8>| f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[..6] == [0xff; 6];
     assert!(
         state.pending.iter().any(arps),
@@ -245,4 +251,100 @@ fn frames_waiting_at_a_release_travel_in_the_state_to_the_guest() {
     let mut bad = state.clone();
     bad.pending = vec![vec![0u8; 60]; 10_000];
     assert!(Net::from_state(&bad).is_err());
+}
+
+/// The NIC's status (`VIRTIO_NET_S_*`): the u16 at byte 6 of its configuration.
+fn net_status(drv: &Driver) -> u32 {
+    drv.reg(0x104) >> 16
+}
+
+/// Posts the control command `class, command` (ack byte after it, `writable` of them) on
+/// queue 2: the used length and the ack byte.
+fn control(drv: &mut Driver, mem: &Mem, class: u8, cmd: u8, writable: u32) -> (u32, u8) {
+    mem.write_slice(&[class, cmd], GuestAddress(CMD)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(CMD + 16)).unwrap();
+    drv.select(2);
+    if writable > 0 {
+        drv.post(mem, &[(CMD, 2, 0), (CMD + 16, writable, F_WRITE)]);
+    } else {
+        drv.post(mem, &[(CMD, 2, 0)]);
+    }
+    drv.notify(mem);
+    let (_, len) = drv.next_used(mem).expect("the command is answered");
+    (len, mem.read_obj(GuestAddress(CMD + 16)).unwrap())
+}
+
+/// `GUEST_ANNOUNCE`: an announcement sends the VMM's RARP and, for a driver that took the
+/// feature, sets `VIRTIO_NET_S_ANNOUNCE` with a configuration interrupt (once until the guest
+/// answers); the guest's `ANNOUNCE_ACK` on the control queue clears it (ack OK, dirty-tracked);
+/// an unknown command gets `VIRTIO_NET_ERR`; a request outstanding at a save survives in the
+/// state; a driver without the feature is never asked.
+#[test]
+fn an_announcement_asks_a_guest_that_took_guest_announce_and_its_ack_clears_it() {
+    let tap = HostTap::new(3);
+    let mem = memory();
+    let mut drv = Driver::new(Box::new(Net::new(Tap::open(&tap.0).unwrap(), MAC)));
+    let f = drv.features();
+    assert_eq!(
+        f & (GUEST_ANNOUNCE | CTRL_VQ),
+        GUEST_ANNOUNCE | CTRL_VQ,
+        "offered"
+    );
+    assert_eq!(drv.setup_with(f, &[TX_RING, CTRL_RING], &mem) & 0xf, 0xf);
+    assert_eq!(net_status(&drv), 1, "link up, nothing to announce");
+    let (irqs, gen) = (drv.irq.0.load(SeqCst), drv.reg(0xfc));
+    assert!(drv.t.announce(), "the RARP went out on the tap");
+    assert_eq!(net_status(&drv), 1 | 2, "VIRTIO_NET_S_ANNOUNCE");
+    assert_eq!(drv.reg(0x60) & 2, 2, "a configuration interrupt");
+    assert_eq!(drv.irq.0.load(SeqCst), irqs + 1);
+    assert_ne!(drv.reg(0xfc), gen, "a new configuration generation");
+    // Asked again before the guest answered: the RARP, no second interrupt.
+    assert!(drv.t.announce());
+    assert_eq!(drv.irq.0.load(SeqCst), irqs + 1);
+    clear_dirty(&mem);
+    assert_eq!(control(&mut drv, &mem, 3, 0, 1), (1, 0), "ACK answered OK");
+    assert!(dirty(&mem, CMD + 16), "the ack byte is dirty-tracked");
+    assert_eq!(net_status(&drv), 1, "the request is cleared");
+    // Commands this device does not offer, and one with nowhere to answer.
+    assert_eq!(control(&mut drv, &mem, 0, 0, 1), (1, 1), "RX class: ERR");
+    assert_eq!(
+        control(&mut drv, &mem, 3, 7, 1).1,
+        1,
+        "unknown ANNOUNCE command: ERR"
+    );
+    assert_eq!(
+        control(&mut drv, &mem, 3, 0, 0).0,
+        0,
+        "no ack byte: nothing written"
+    );
+    assert_eq!(drv.reg(0x70) & NEEDS_RESET, 0);
+    // A request outstanding at a save is in the state and in the device built from it.
+    assert!(drv.t.announce());
+    let state = match drv.t.device().save() {
+        ferry_devices::DeviceState::Net(n) => n,
+        other => panic!("{other:?}"),
+    };
+    assert!(state.announcing);
+    let mmio = drv.t.save();
+    let irq = drv.irq.clone();
+    let drv = drv.rebuild(|t| {
+        drop(t);
+        let dev = Net::from_state(&state).unwrap();
+        ferry_devices::MmioTransport::from_state(&mmio, Box::new(dev), irq).unwrap()
+    });
+    assert_eq!(net_status(&drv), 1 | 2, "the restored NIC still asks");
+    drop(drv);
+    // A driver that did not take GUEST_ANNOUNCE: the RARP only.
+    let mut drv = Driver::new(Box::new(Net::new(Tap::open(&tap.0).unwrap(), MAC)));
+    let f = drv.features() & !GUEST_ANNOUNCE;
+    assert_eq!(drv.setup_with(f, &[TX_RING, CTRL_RING], &mem) & 0xf, 0xf);
+    let irqs = drv.irq.0.load(SeqCst);
+    assert!(drv.t.announce());
+    assert_eq!(net_status(&drv), 1);
+    assert_eq!(drv.irq.0.load(SeqCst), irqs);
+    assert_eq!(
+        control(&mut drv, &mem, 3, 0, 1).1,
+        1,
+        "ACK without the feature: ERR"
+    );
 }

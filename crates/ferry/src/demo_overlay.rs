@@ -210,6 +210,17 @@ pub fn act(dir: &Path) -> Result<()> {
     r
 }
 
+/// How many times the guest whose console is at `path` has announced itself (its last
+/// `A0 <n> ok` line); 0 when none or no console.
+fn announcements(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("A0 ")?.strip_suffix(" ok")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
 fn client(dir: &Path) -> Result<()> {
     ferry_guest::tcp::enter_netns(&format!("{P}-c")).context("the client's namespace")?;
     let gw = "10.63.3.2:7000";
@@ -275,10 +286,17 @@ fn client(dir: &Path) -> Result<()> {
             bail!("overlay demo: the connection broke: {e}");
         }
         let (now, pa) = located(gw).context("no map entry")?;
+        // The guest's own announcements (the test guest's `A0 <n> ok` lines, on
+        // GUEST_ANNOUNCE): up to five per move, the last round 800 ms after the VM resumed.
+        std::thread::sleep(Duration::from_millis(500));
+        let announced = announcements(&dir.join(&now).join("web.console"))
+            .saturating_sub(announcements(&dir.join(&host).join("web.console")));
         println!(
             "ferry cluster migrate web --to {to}{}: {host} -> {now} in {:.2} s, paused {:.1} ms; \
              the map now says PA {pa}, CA {CA} unchanged; the connection carried on \
-             (largest reply gap so far {:.1} ms)",
+             (largest reply gap so far {:.1} ms); the guest announced its address with \
+             {announced} gratuitous ARPs after the move (virtio-net GUEST_ANNOUNCE, beside \
+             Ferry's RARPs)",
             if postcopy { " --postcopy" } else { "" },
             m["took_ms"].as_f64().unwrap_or(0.0) / 1e3,
             m["downtime_ms"].as_f64().unwrap_or(0.0),

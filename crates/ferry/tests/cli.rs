@@ -356,6 +356,21 @@ fn check_demo(args: &[&str]) -> String {
     // The overlay act: one TCP connection to the VM's CA across a move to the other site
     // and back by post-copy.
     assert!(text.contains("the map now says PA 10.63.2.2"), "{text}");
+    let garps: Vec<u64> = text
+        .lines()
+        .filter_map(|l| {
+            l.split("announced its address with ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        garps.len() == 2 && garps.iter().all(|n| (1..=5).contains(n)),
+        "the guest announced itself after each move (at most five rounds): {garps:?} {text}"
+    );
     assert!(
         text.contains("one TCP connection across both moves"),
         "{text}"

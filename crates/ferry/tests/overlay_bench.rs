@@ -16,14 +16,6 @@ use std::time::{Duration, Instant};
 const MAC: &str = "52:54:00:99:00:05";
 
 /// A counter in an agent's `/metrics`.
-fn metric(agent: &str, name: &str) -> u64 {
-    let (_, body) = http(agent, "GET", "/metrics", "");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn env_list(name: &str, default: &str) -> Vec<u32> {
     std::env::var(name)
         .unwrap_or_else(|_| default.into())
@@ -75,7 +67,8 @@ fn bench_connection_stall_across_moves() {
                 .unwrap();
                 std::thread::sleep(Duration::from_millis(400));
                 let t0 = Instant::now();
-                let forwarded = |h: &str| metric(o.agent(h), "ferry_frames_forwarded_total");
+                let forwarded =
+                    |h: &str| metric_at(o.agent(h), "ferry_frames_forwarded_total").unwrap_or(0);
                 let before = forwarded(&host);
                 let mut args = vec!["migrate", "v", "--to", to];
                 if postcopy {

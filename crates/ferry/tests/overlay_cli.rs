@@ -6,7 +6,7 @@
 //! holds one TCP connection and sends a request every 5 ms while the VM moves.
 mod common;
 mod overlay_common;
-use common::{ferry, http};
+use common::{ferry, http, metric_at};
 use ferry_guest::tcp::TcpProbe;
 use overlay_common::*;
 use std::time::Duration;
@@ -32,6 +32,32 @@ fn pa_of(h: &str) -> &'static str {
 /// After VM "v" moved to `host`: the map says so (the CA unchanged), and every other host's
 /// VXLAN device sends the NIC's frames to that host's PA (the kernel never moves a static
 /// entry by itself: this is the agents' rewrite).
+/// How many times the guest has announced itself since it booted, by its console on `host`
+/// (the test guest's `A0 <n> ok` lines).
+fn announcements(o: &Overlay, host: &str) -> u64 {
+    let console = o.console(host, "v");
+    assert!(
+        !console
+            .lines()
+            .any(|l| l.starts_with("A0 ") && !l.ends_with(" ok")),
+        "an acknowledgement refused: {console}"
+    );
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("A0 ")?.strip_suffix(" ok")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The guest, now on `host`, announced itself by gratuitous ARP (GUEST_ANNOUNCE) after the
+/// move: more often than the `before` it had when the move began; at most five rounds.
+fn check_announced(o: &Overlay, host: &str, before: u64) {
+    std::thread::sleep(Duration::from_millis(900)); // the five rounds: 800 ms
+    let n = announcements(o, host) - before;
+    assert!((1..=5).contains(&n), "{n} announcements after the move");
+    eprintln!("the guest announced itself {n} times after the move to {host}");
+}
+
 fn check_located(o: &Overlay, host: &str) {
     let (h, pa, ca) = o.map_entry(MAC).expect("a map entry");
     assert_eq!(
@@ -71,10 +97,12 @@ fn an_open_tcp_connection_survives_live_and_post_copy_moves_across_sites() {
         if postcopy {
             args.push("--postcopy");
         }
+        let before = announcements(&o, &host);
         let out = o.cli(&args);
         eprintln!("{out}");
         assert_eq!(o.owner("v").unwrap().0, to);
         check_located(&o, to);
+        check_announced(&o, to, before);
         std::thread::sleep(Duration::from_millis(700));
         let st = probe.stats();
         assert!(st.error.is_none(), "after the move to {to}: {st:?}");
@@ -215,13 +243,50 @@ fn a_drain_moves_the_vm_and_its_open_connection_carries_on() {
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(300));
+    let before = announcements(&o, &first);
     let out = o.cli(&["drain", &first]);
     eprintln!("{out}");
     let to = other(&first);
     assert_eq!(o.owner("v").unwrap().0, to, "{out}");
     check_located(&o, to);
+    check_announced(&o, to, before);
     std::thread::sleep(Duration::from_millis(500));
     let st = probe.stop(Duration::from_secs(3));
     st.check().expect("the connection carried on");
     eprintln!("largest reply gap across the drain {:?}", st.max_gap);
+}
+
+/// The balancer's move: the VM (whose TCP loop keeps a vCPU busy) is alone on `ha`, a host
+/// of one CPU, over the 50 % threshold; the leader moves it live to `hb` (two CPUs, 45 %
+/// after), the map entry with it, and the open connection carries on.
+#[test]
+fn a_balancing_move_takes_the_vm_and_its_open_connection_along() {
+    let o = Overlay::up_balancing("ob", 5);
+    let first = o.create_vm(&format!("tcp ip={CA} mtu=1450"), MAC, 1);
+    assert_eq!(first, "ha", "placed on the first host of the lowest share");
+    let probe = TcpProbe::start(
+        format!("{CA}:8").parse().unwrap(),
+        None,
+        Duration::from_millis(5),
+    )
+    .unwrap();
+    let before = announcements(&o, "ha");
+    let moved = wait("the balancer's move", Duration::from_secs(60), || {
+        o.owner("v").filter(|(h, _)| h == "hb")
+    });
+    eprintln!("moved by the balancer: {moved:?}");
+    check_located(&o, "hb");
+    check_announced(&o, "hb", before);
+    std::thread::sleep(Duration::from_millis(500));
+    let st = probe.stop(Duration::from_secs(3));
+    st.check().expect("the connection carried on");
+    eprintln!(
+        "largest reply gap across the balancing move {:?}",
+        st.max_gap
+    );
+    let moves: u64 = ["ha", "hb", "gw"]
+        .iter()
+        .filter_map(|h| metric_at(o.agent(h), "ferry_agent_balance_moves_total"))
+        .sum();
+    assert_eq!(moves, 1, "one move, by the balancer");
 }

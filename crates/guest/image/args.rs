@@ -235,8 +235,9 @@ pub fn region_size(spec: &Spec) -> u64 {
         Kind::Disk | Kind::DiskVerify => 3 * page + spec.bs.div_ceil(page) * page,
         // The same with a data buffer per request in flight.
         Kind::DiskBench => 3 * page + spec.qd * spec.bs.div_ceil(page) * page,
-        // Status page, RX ring, TX ring, 4 RX buffers of 2 KiB, TX buffer.
-        Kind::Net | Kind::Tcp => 6 * page,
+        // Status page, RX ring, TX ring, 4 RX buffers of 2 KiB, TX buffer, control ring,
+        // control command.
+        Kind::Net | Kind::Tcp => 8 * page,
         Kind::Idle | Kind::Heartbeat => 0,
     }
 }

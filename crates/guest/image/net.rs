@@ -2,8 +2,15 @@
 //! ARP requests for it, ICMP echo, and UDP echo on port 7, where every reply carries the
 //! guest's own reply counter (8 bytes, little-endian, appended), so the host sees whether any
 //! reply went missing across a migration.
+//!
+//! Where the device offers `GUEST_ANNOUNCE` (with the control queue) the driver takes it:
+//! every millisecond or so it reads the device's status, and when `VIRTIO_NET_S_ANNOUNCE`
+//! is set (the VMM asks after a move) it sends a gratuitous ARP for its address, then
+//! acknowledges on the control queue (`VIRTIO_NET_CTRL_ANNOUNCE_ACK`), as Linux's
+//! virtio_net does, and prints `A<c> <n> ok` (n-th announcement; `err` if the device
+//! refused the acknowledgement).
 use crate::args::Spec;
-use crate::io::Line;
+use crate::io::{rdtsc, Line};
 use crate::pattern::PAGE_SIZE;
 use crate::virtio::{self, get16, put16, put32, put64, rd, wr};
 use crate::work::Beat;
@@ -12,6 +19,10 @@ use core::sync::atomic::{fence, Ordering};
 
 const ID_NET: u32 = 1;
 const F_MAC: u32 = 1 << 5;
+const F_STATUS: u32 = 1 << 16;
+const F_CTRL_VQ: u32 = 1 << 17;
+const F_GUEST_ANNOUNCE: u32 = 1 << 21;
+const S_ANNOUNCE: u32 = 2;
 const QSIZE: u16 = 4;
 /// Bytes per buffer: the header and a frame of up to 2036 bytes.
 pub const BUF: u64 = 2048;
@@ -73,11 +84,90 @@ pub struct Nic {
     tx_avail: u16,
     tx_used_seen: u16,
     mac: [u8; 6],
+    /// The control queue, when `GUEST_ANNOUNCE` was negotiated.
+    ctrl: Option<Ctrl>,
+}
+
+/// The control queue's ring page, its command page (class and command at 0, the device's
+/// ack byte at 16), and when the status is read next.
+struct Ctrl {
+    ring: u64,
+    cmd: u64,
+    avail: u16,
+    used_seen: u16,
+    next_check: u64,
+    every: u64,
+    announced: u64,
 }
 
 impl Nic {
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// Announces the guest if the device asks (see the module's header): reads the status at
+    /// most once a millisecond; true when it announced.
+    pub fn announce_if_asked(&mut self, cpu: u64, ip: u32) -> bool {
+        let Some(c) = self.ctrl.as_mut() else { return false };
+        let now = rdtsc();
+        if now < c.next_check {
+            return false;
+        }
+        c.next_check = now + c.every;
+        // The status is the u16 at byte 6 of the configuration space.
+        if (rd(self.base, 0x104) >> 16) & S_ANNOUNCE == 0 {
+            return false;
+        }
+        let out = self.tx_frame();
+        for i in 0..6 {
+            setb(out + i, 0xff);
+            setb(out + 6 + i, self.mac[i as usize]);
+            setb(out + 22 + i, self.mac[i as usize]); // sender hardware address
+            setb(out + 32 + i, 0); // target hardware address: unknown
+        }
+        for (at, v) in [(12, 0x0806), (14, 1), (16, 0x0800), (18, 0x0604), (20, 1)] {
+            setbe16(out + at, v); // ARP for IPv4 over Ethernet, a request
+        }
+        for (i, o) in ip.to_be_bytes().iter().enumerate() {
+            setb(out + 28 + i as u64, *o); // sender and target protocol address: ours
+            setb(out + 38 + i as u64, *o);
+        }
+        self.send(42);
+        let ok = self.ack_announce();
+        let Some(c) = self.ctrl.as_mut() else { return false };
+        c.announced += 1;
+        let mut l = Line::new();
+        l.s("A").u(cpu).s(" ").u(c.announced).s(if ok { " ok" } else { " err" });
+        l.send();
+        true
+    }
+
+    /// Sends `VIRTIO_NET_CTRL_ANNOUNCE_ACK` and waits for the device's answer: true for OK.
+    fn ack_announce(&mut self) -> bool {
+        let Some(c) = self.ctrl.as_mut() else { return false };
+        setb(c.cmd, 3); // VIRTIO_NET_CTRL_ANNOUNCE
+        setb(c.cmd + 1, 0); // VIRTIO_NET_CTRL_ANNOUNCE_ACK
+        setb(c.cmd + 16, 0xff);
+        for (i, (addr, len, flags, next)) in [(c.cmd, 2, 1, 1), (c.cmd + 16, 1, 2, 0)].into_iter().enumerate() {
+            let d = c.ring + i as u64 * 16;
+            put64(d, addr);
+            put32(d + 8, len);
+            put16(d + 12, flags); // NEXT, then device-writable
+            put16(d + 14, next);
+        }
+        let avail = c.ring + 0x400;
+        put16(avail + 4 + (c.avail % QSIZE) as u64 * 2, 0);
+        fence(Ordering::SeqCst);
+        c.avail = c.avail.wrapping_add(1);
+        put16(avail + 2, c.avail);
+        fence(Ordering::SeqCst);
+        wr(self.base, 0x50, 2);
+        while get16(c.ring + 0x802) == c.used_seen {
+            core::hint::spin_loop();
+        }
+        c.used_seen = c.used_seen.wrapping_add(1);
+        fence(Ordering::SeqCst);
+        b(c.cmd + 16) == 0
     }
 
     /// The next frame the device has written: its buffer's id and length (with the header).
@@ -149,12 +239,16 @@ impl Nic {
     }
 }
 
-/// Finds and starts virtio-net device `dev`: its rings and buffers in the 6 pages from
-/// `base` (status, RX ring, TX ring, 4 RX buffers of 2 KiB, TX buffer), every RX buffer
-/// posted. Prints `M<c> <mac>`.
-pub fn open(cpu: u64, dev: u64, base: u64) -> Result<Nic, &'static str> {
+/// Finds and starts virtio-net device `dev`: its rings and buffers in the 8 pages from
+/// `base` (status, RX ring, TX ring, 4 RX buffers of 2 KiB, TX buffer, control ring,
+/// control command), every RX buffer posted. Prints `M<c> <mac>` (and ` announce` when
+/// `GUEST_ANNOUNCE` was negotiated). `khz`: the TSC's rate.
+pub fn open(cpu: u64, dev: u64, base: u64, khz: u64) -> Result<Nic, &'static str> {
     let dev = virtio::find(ID_NET, dev as usize).ok_or("no virtio-net device")?;
-    virtio::negotiate(dev, F_MAC)?;
+    let announce = F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE;
+    let offered = virtio::offered(dev);
+    let take = if offered & announce == announce { announce } else { 0 };
+    virtio::negotiate(dev, F_MAC | take)?;
     let mut nic = Nic {
         base: dev,
         rx_ring: base + PAGE_SIZE,
@@ -166,12 +260,24 @@ pub fn open(cpu: u64, dev: u64, base: u64) -> Result<Nic, &'static str> {
         tx_avail: 0,
         tx_used_seen: 0,
         mac: [0; 6],
+        ctrl: (take != 0).then(|| Ctrl {
+            ring: base + 6 * PAGE_SIZE,
+            cmd: base + 7 * PAGE_SIZE,
+            avail: 0,
+            used_seen: 0,
+            next_check: 0,
+            every: khz.max(1),
+            announced: 0,
+        }),
     };
     for (i, m) in nic.mac.iter_mut().enumerate() {
         *m = (rd(dev, 0x100 + (i as u64 & !3)) >> ((i as u64 & 3) * 8)) as u8;
     }
     for (q, ring) in [(0, nic.rx_ring), (1, nic.tx_ring)] {
         virtio::setup_queue(dev, q, QSIZE, ring)?;
+    }
+    if let Some(c) = &nic.ctrl {
+        virtio::setup_queue(dev, 2, QSIZE, c.ring)?;
     }
     wr(dev, 0x70, 1 | 2 | 8 | 4); // DRIVER_OK
     for id in 0..QSIZE {
@@ -186,12 +292,15 @@ pub fn open(cpu: u64, dev: u64, base: u64) -> Result<Nic, &'static str> {
         }
         l.x2(*m);
     }
+    if nic.ctrl.is_some() {
+        l.s(" announce");
+    }
     l.send();
     Ok(nic)
 }
 
-pub fn run(cpu: u64, spec: &Spec, base: u64, beat: &mut Beat) -> u8 {
-    let mut nic = match open(cpu, spec.dev, base) {
+pub fn run(cpu: u64, spec: &Spec, base: u64, khz: u64, beat: &mut Beat) -> u8 {
+    let mut nic = match open(cpu, spec.dev, base, khz) {
         Ok(nic) => nic,
         Err(e) => return say(cpu, e),
     };
@@ -199,6 +308,7 @@ pub fn run(cpu: u64, spec: &Spec, base: u64, beat: &mut Beat) -> u8 {
     let mut replies = 0u64;
     loop {
         beat.poll();
+        nic.announce_if_asked(cpu, ip);
         let Some((id, len)) = nic.next_rx() else {
             core::hint::spin_loop();
             continue;

@@ -5,7 +5,8 @@
 //!   port 8  request/response: each request line `N` is answered `N R`, where R counts the
 //!           guest's replies since boot (all connections), so a client sees a reply lost,
 //!           repeated or out of order.
-//! Lines: `T<c> up A.B.C.D/P mtu=M`, `T<c> open <port>`, `T<c> closed <port>`.
+//! Lines: `T<c> up A.B.C.D/P mtu=M`, `T<c> open <port>`, `T<c> closed <port>` (and net.rs's
+//! `A<c> <n> ok` when the guest announced itself after a move).
 use crate::args::Spec;
 use crate::io::{rdtsc, Line};
 use crate::net::{self, Nic, BUF, HDR};
@@ -202,7 +203,7 @@ pub fn run(cpu: u64, spec: &Spec, base: u64, khz: u64, beat: &mut Beat) -> u8 {
     if TAKEN.swap(true, Ordering::SeqCst) {
         return net::say(cpu, "tcp runs on one vCPU only");
     }
-    let nic = match net::open(cpu, spec.dev, base) {
+    let nic = match net::open(cpu, spec.dev, base, khz) {
         Ok(nic) => nic,
         Err(e) => return net::say(cpu, e),
     };
@@ -212,8 +213,8 @@ pub fn run(cpu: u64, spec: &Spec, base: u64, khz: u64, beat: &mut Beat) -> u8 {
         mtu: spec.mtu as usize,
         pending: None,
     };
-    let khz = khz.max(1) as u128;
-    let now = || Instant::from_micros((rdtsc() as u128 * 1000 / khz) as i64);
+    let khz128 = khz.max(1) as u128;
+    let now = || Instant::from_micros((rdtsc() as u128 * 1000 / khz128) as i64);
     let mut cfg = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
     cfg.random_seed = rdtsc();
     let mut iface = Interface::new(cfg, &mut phy, now());
@@ -255,6 +256,7 @@ pub fn run(cpu: u64, spec: &Spec, base: u64, khz: u64, beat: &mut Beat) -> u8 {
     let mut replies = 0u64;
     loop {
         beat.poll();
+        phy.nic.announce_if_asked(cpu, spec.ip);
         iface.poll(now(), &mut phy, &mut set);
         for (i, &(h, port)) in socks.iter().enumerate() {
             let s = set.get_mut::<tcp::Socket>(h);

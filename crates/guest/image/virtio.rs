@@ -88,6 +88,12 @@ pub fn setup_queue(base: u64, q: u32, size: u16, ring: u64) -> Result<(), &'stat
     Ok(())
 }
 
+/// Feature bits 0..31 the device at `base` offers.
+pub fn offered(base: u64) -> u32 {
+    wr(base, 0x14, 0);
+    rd(base, 0x10)
+}
+
 /// Resets the device and negotiates `VERSION_1` plus `extra` (feature bits 0..31).
 pub fn negotiate(base: u64, extra: u32) -> Result<(), &'static str> {
     wr(base, 0x70, 0);

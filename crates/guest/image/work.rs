@@ -85,7 +85,7 @@ pub fn run(cpu: u64, spec: &Spec, base: u64, _map: &MemoryMap, khz: u64) -> u8 {
         Kind::Verify => verify(cpu, spec, base, pages, khz, &mut beat),
         Kind::Disk | Kind::DiskVerify => crate::disk::run(cpu, spec, base, khz, &mut beat),
         Kind::DiskBench => crate::disk::bench(cpu, spec, base, khz, &mut beat),
-        Kind::Net => crate::net::run(cpu, spec, base, &mut beat),
+        Kind::Net => crate::net::run(cpu, spec, base, khz, &mut beat),
         Kind::Tcp => crate::tcp::run(cpu, spec, base, khz, &mut beat),
     }
 }

@@ -157,51 +157,98 @@ impl Drop for HostTap {
     }
 }
 
-/// Watches a host interface (a VM's tap) for RARP frames, the announcements a VMM sends for
-/// a VM after a move: each one's arrival time and source MAC. Root needed (AF_PACKET).
-pub struct RarpWatch {
+/// Watches a host interface (a VM's tap) for frames of one ethertype: each one's arrival
+/// time and what `parse` makes of its payload (after the Ethernet header; frames it
+/// returns None for are skipped). Root needed (AF_PACKET).
+pub struct FrameWatch<T> {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Vec<Rarp>>>,
+    thread: Option<std::thread::JoinHandle<Vec<(Instant, T)>>>,
 }
 
-/// When a RARP arrived, and its sender's MAC.
-pub type Rarp = (Instant, [u8; 6]);
-
-impl RarpWatch {
-    pub fn start(iface: &str) -> Result<RarpWatch, String> {
+impl<T: Send + 'static> FrameWatch<T> {
+    pub fn start(
+        iface: &str,
+        ethertype: u16,
+        parse: fn(&[u8]) -> Option<T>,
+    ) -> Result<FrameWatch<T>, String> {
         use std::os::fd::AsRawFd;
-        let (fd, _) = ferry_net::wire::packet_socket(iface, libc::SOCK_DGRAM, 0x8035)
+        let (fd, _) = ferry_net::wire::packet_socket(iface, libc::SOCK_DGRAM, ethertype)
             .map_err(|e| e.to_string())?;
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut seen = Vec::new();
-            let mut buf = [0u8; 64];
+            let mut buf = [0u8; 2048];
             while !s2.load(Ordering::SeqCst) {
                 // SAFETY: `buf` is valid for writes of its length.
                 let n =
                     unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-                // A RARP payload: htype, ptype, hlen, plen, op, then the sender's MAC.
-                if n >= 14 {
-                    let mut mac = [0u8; 6];
-                    mac.copy_from_slice(&buf[8..14]);
-                    seen.push((Instant::now(), mac));
+                if let Some(t) = usize::try_from(n).ok().and_then(|n| parse(&buf[..n])) {
+                    seen.push((Instant::now(), t));
                 }
             }
             seen
         });
-        Ok(RarpWatch {
+        Ok(FrameWatch {
             stop,
             thread: Some(thread),
         })
     }
 
     /// Stops watching: what was seen.
-    pub fn stop(mut self) -> Vec<Rarp> {
+    pub fn stop(mut self) -> Vec<(Instant, T)> {
         self.stop.store(true, Ordering::SeqCst);
         self.thread
             .take()
             .and_then(|t| t.join().ok())
             .unwrap_or_default()
+    }
+}
+
+/// When a RARP arrived, and its sender's MAC.
+pub type Rarp = (Instant, [u8; 6]);
+
+/// Watches a host interface for RARP frames, the announcements a VMM sends for a VM after a
+/// move (see [`FrameWatch`]).
+pub struct RarpWatch(FrameWatch<[u8; 6]>);
+
+impl RarpWatch {
+    pub fn start(iface: &str) -> Result<RarpWatch, String> {
+        // A RARP payload: htype, ptype, hlen, plen, op, then the sender's MAC.
+        FrameWatch::start(iface, 0x8035, |p| p.get(8..14)?.try_into().ok()).map(RarpWatch)
+    }
+
+    /// Stops watching: what was seen.
+    pub fn stop(self) -> Vec<Rarp> {
+        self.0.stop()
+    }
+}
+
+/// A gratuitous ARP: when it arrived, its sender's MAC and the address it announces.
+pub type Garp = (Instant, [u8; 6], [u8; 4]);
+
+/// Watches a host interface for gratuitous ARP requests (sender and target address the
+/// same), the announcements a guest sends for itself (see [`FrameWatch`]).
+pub struct GarpWatch(FrameWatch<([u8; 6], [u8; 4])>);
+
+impl GarpWatch {
+    pub fn start(iface: &str) -> Result<GarpWatch, String> {
+        FrameWatch::start(iface, 0x0806, |p| {
+            let (op, sha, spa, tpa) = (p.get(6..8)?, p.get(8..14)?, p.get(14..18)?, p.get(24..28)?);
+            if op != [0, 1] || spa != tpa {
+                return None;
+            }
+            Some((sha.try_into().ok()?, spa.try_into().ok()?))
+        })
+        .map(GarpWatch)
+    }
+
+    /// Stops watching: what was seen.
+    pub fn stop(self) -> Vec<Garp> {
+        self.0
+            .stop()
+            .into_iter()
+            .map(|(t, (m, a))| (t, m, a))
+            .collect()
     }
 }

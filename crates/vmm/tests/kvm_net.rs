@@ -105,6 +105,7 @@ fn move_busy(tag: u8, opts: Options) -> Duration {
     .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let rarps = ferry_guest::net::RarpWatch::start(&tap.name).unwrap();
+    let garps = ferry_guest::net::GarpWatch::start(&tap.name).unwrap();
     let (addr, dest) = destination(None);
     send_vm(&src, addr, &opts).expect("migration");
     let (vm, rx2) = hand_over(&src, &rx, &mut seen, dest);
@@ -118,7 +119,31 @@ fn move_busy(tag: u8, opts: Options) -> Duration {
     // then QEMU's announce-self gaps (50, 150, 250, 350 ms).
     std::thread::sleep(Duration::from_millis(1200).saturating_sub(moved.elapsed()));
     let seen_rarps = rarps.stop();
+    let seen_garps = garps.stop();
     let nic = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    // The guest took GUEST_ANNOUNCE: asked at each of those rounds, it sent a gratuitous ARP
+    // for its own address from its MAC and acknowledged on the control queue.
+    assert!(
+        seen.iter()
+            .any(|(_, l)| l.starts_with("M1 52:54:00:12:34:56 announce")),
+        "the driver negotiated GUEST_ANNOUNCE"
+    );
+    // One per round, unless the guest had not acknowledged the last request by the next
+    // round (then that round asks nothing new, as QEMU's does).
+    let ip = tap.guest().parse::<std::net::Ipv4Addr>().unwrap().octets();
+    assert!((1..=5).contains(&seen_garps.len()), "{seen_garps:?}");
+    assert!(
+        seen_garps.iter().all(|(_, m, a)| *m == nic && *a == ip),
+        "{seen_garps:?}"
+    );
+    let last = format!("A1 {} ok", seen_garps.len());
+    wait_for(&rx2, &mut after, T, |l| l == last).unwrap();
+    assert!(
+        !after
+            .iter()
+            .any(|(_, l)| l.starts_with("A1 ") && !l.ends_with(" ok")),
+        "{after:?}"
+    );
     assert_eq!(seen_rarps.len(), 5, "{seen_rarps:?}");
     assert!(seen_rarps.iter().all(|(_, m)| *m == nic), "{seen_rarps:?}");
     let gaps: Vec<u128> = seen_rarps

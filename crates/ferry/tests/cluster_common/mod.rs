@@ -111,10 +111,7 @@ impl Agent {
     }
 
     pub fn metric(&self, name: &str) -> Option<u64> {
-        let (_, body) = http(&self.addr, "GET", "/metrics", "");
-        body.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
+        metric_at(&self.addr, name)
     }
 }
 

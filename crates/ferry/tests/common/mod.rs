@@ -305,6 +305,14 @@ pub fn http_tls(cert: &str, key: &str, ca: &str) {
 
 /// One request to a cluster agent's API over TCP (TLS after [`http_tls`]); (0, "") when it
 /// cannot be reached.
+/// Counter or gauge `name` from the agent (or VMM API) at `addr`'s `/metrics`.
+pub fn metric_at(addr: &str, name: &str) -> Option<u64> {
+    let (_, body) = http(addr, "GET", "/metrics", "");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 pub fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     let Ok(s) = std::net::TcpStream::connect(addr) else {
         return (0, String::new());

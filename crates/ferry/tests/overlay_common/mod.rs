@@ -68,6 +68,9 @@ pub struct Overlay {
     etcd: Option<Child>,
     pub etcd_url: String,
     pub agents: Vec<(String, String, Option<Child>)>,
+    /// The agents balance: `ha` has one CPU, the others two, and a host over 50 % of its
+    /// CPUs for 3 s sheds a VM to one that stays at or under 49 % (else `--no-balance`).
+    balance: bool,
 }
 
 impl Overlay {
@@ -82,6 +85,22 @@ impl Overlay {
         delay_ms: u32,
         rate: Option<&str>,
         second_host_in_a: bool,
+    ) -> Overlay {
+        Self::build(tag, delay_ms, rate, second_host_in_a, false)
+    }
+
+    /// As [`Overlay::up`], the agents balancing (see [`Overlay::balance`]): a VM that keeps
+    /// a CPU busy on `ha` is moved to `hb` by the balancer.
+    pub fn up_balancing(tag: &str, delay_ms: u32) -> Overlay {
+        Self::build(tag, delay_ms, None, false, true)
+    }
+
+    fn build(
+        tag: &str,
+        delay_ms: u32,
+        rate: Option<&str>,
+        second_host_in_a: bool,
+        balance: bool,
     ) -> Overlay {
         let p = format!("{tag}{}", std::process::id() % 1000);
         // An earlier topology of this process left this thread in its (deleted) client
@@ -106,6 +125,7 @@ impl Overlay {
             etcd: None,
             etcd_url: String::new(),
             agents: Vec::new(),
+            balance,
         };
         o.start_etcd();
         ferry_guest::tcp::enter_netns(&o.ns("c")).expect("into the client's namespace");
@@ -193,16 +213,22 @@ impl Overlay {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns(ns), FERRY, "host", "--id", id])
             .args(["--listen", &addr, "--store", &self.etcd_url, "--insecure"])
-            .args([
-                "--provider-addr",
-                pa,
-                "--ttl",
-                "4",
-                "--grace",
-                "2",
-                "--no-balance",
+            .args(["--provider-addr", pa, "--ttl", "4", "--grace", "2"]);
+        if !self.balance {
+            cmd.arg("--no-balance");
+        } else if id != "gw" {
+            let cpus = if id == "ha" { "1" } else { "2" };
+            cmd.args([
+                "--cpus",
+                cpus,
+                "--balance-high",
+                "0.5",
+                "--balance-low",
+                "0.49",
             ])
-            .arg("--storage")
+            .args(["--balance-sustain", "3"]);
+        }
+        cmd.arg("--storage")
             .arg(self.scratch.path("storage"))
             .arg("--run-dir")
             .arg(&run);
@@ -308,6 +334,9 @@ impl Overlay {
         wait("the guest's TCP stack", Duration::from_secs(30), || {
             self.console(&h, "v").contains("T0 up ").then_some(())
         });
+        // Past the booted VM's announcement rounds (800 ms from its start), so that what a
+        // test sees announced after a move is that move's.
+        std::thread::sleep(Duration::from_millis(800));
         h
     }
 

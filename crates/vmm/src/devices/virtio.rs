@@ -405,10 +405,11 @@ impl VirtioSlot {
         r
     }
 
-    /// The device announces where the VM is now (a NIC: a RARP on its tap); false when it
-    /// has nothing to announce.
+    /// The device announces where the VM is now (a NIC: a RARP on its tap, and a request to
+    /// a guest that negotiated `GUEST_ANNOUNCE` to announce itself); false when it has
+    /// nothing to announce.
     pub fn announce(&self) -> bool {
-        self.lock().device_mut().announce()
+        self.lock().announce()
     }
 
     /// Takes the backend back (the hand-over failed before commit).
