@@ -242,6 +242,12 @@ pub struct MigrateArgs {
     /// deletes what it made.
     #[arg(long, conflicts_with_all = ["quick", "resume_postcopy"])]
     pub copy_storage: bool,
+    /// Seeded migration: the destination (`ferry receive --seed DIR`) holds a copy of this
+    /// VM from earlier (a snapshot of it); it sends the content hashes of the pages it holds
+    /// and the first pass sends only the pages that differ, then the migration goes on as
+    /// any other. Refused when the destination holds no seed, or one of another VM.
+    #[arg(long, conflicts_with_all = ["quick", "resume_postcopy"])]
+    pub seeded: bool,
     /// With --copy-storage: where the destination puts disk ID (a relative path is inside its
     /// --storage-dir), and in which format: ID=PATH[,format=raw|qcow2|vhdx] (repeatable).
     #[arg(
@@ -346,6 +352,12 @@ pub struct ReceiveArgs {
     /// created, unless the source maps them elsewhere (an existing file is never replaced).
     #[arg(long)]
     pub storage_dir: Option<PathBuf>,
+    /// A seed of the VM that will arrive: a snapshot directory of it (`ferry snapshot`; a
+    /// diff's whole chain is read), e.g. shipped here ahead on removable media. Used when
+    /// the source runs `ferry migrate --seeded`: its memory is loaded, and only the pages
+    /// that differ cross the network. Checked before listening.
+    #[arg(long, value_name = "DIR")]
+    pub seed: Option<PathBuf>,
     #[command(flatten)]
     pub tls: TlsArgs,
     /// For cluster agents: the VM arrives owned at this epoch (its source's) and is fenced

@@ -247,6 +247,20 @@ pub fn receive(args: ReceiveArgs) -> Result<i32> {
         }
         None => None,
     };
+    let seed = match &args.seed {
+        Some(dir) => {
+            let s = ferry_vmm::seed::Seed::open(dir)
+                .with_context(|| format!("--seed {}", dir.display()))?;
+            eprintln!(
+                "ferry: holding a seed of a VM with {} vCPUs and {} MiB from {}",
+                s.config().cpus,
+                s.config().memory >> 20,
+                dir.display()
+            );
+            Some(s)
+        }
+        None => None,
+    };
     let listener = bind(&args.api_socket)?;
     let l = std::net::TcpListener::bind(&args.listen)
         .with_context(|| format!("--listen {}", args.listen))?;
@@ -269,6 +283,9 @@ pub fn receive(args: ReceiveArgs) -> Result<i32> {
         .context("waiting for the migration connection")?;
     let peer = first.peer;
     let mut dest = LiveDestination::new(console(&args.console_log)?);
+    if let Some(s) = seed {
+        dest = dest.seed(s);
+    }
     if let Some(dir) = &args.storage_dir {
         if !dir.is_dir() {
             anyhow::bail!("--storage-dir {}: not a directory", dir.display());
@@ -325,6 +342,12 @@ pub fn receive(args: ReceiveArgs) -> Result<i32> {
                 "ferry: migration from {peer} complete ({} pages in {} passes over {} connections)",
                 got.pages, got.passes, got.connections
             );
+            if got.seed_pages > 0 {
+                eprintln!(
+                    "ferry: the seed gave {} pages; only those that differed came over the network",
+                    got.seed_pages
+                );
+            }
             if let Some(f) = &got.postcopy {
                 eprintln!(
                     "ferry: post-copy: {} demand faults (p50 {:.2} ms, p99 {:.2} ms), {} pages \

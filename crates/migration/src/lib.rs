@@ -9,5 +9,6 @@ pub mod engine;
 pub mod fuzz;
 pub mod pages;
 pub mod protocol;
+pub mod seed;
 pub mod tls;
 pub mod transport;

@@ -16,6 +16,9 @@ pub const CAP_RESUME: u64 = 1;
 /// `Hello.caps`: the VM's disks come too (shared-nothing migration): `Disks` follows
 /// `Welcome`, and one more connection (`Join` index = `connections`) carries their data.
 pub const CAP_STORAGE: u64 = 2;
+/// `Hello.caps`: a seeded migration: the destination answers `Welcome` with the pages its
+/// seed gave it (`Held` frames, the last one empty), and pass 1 skips those that match.
+pub const CAP_SEEDED: u64 = 4;
 /// Highest guest page address (exclusive) a page list may name: 1 TiB.
 pub const MAX_GUEST_ADDR: u64 = 1 << 40;
 /// Most data connections one migration may use.
@@ -158,6 +161,9 @@ pub enum Message {
     Disks(Vec<crate::disk_wire::DiskSpec>),
     /// The destination has created every disk (empty) and takes their data.
     DisksReady,
+    /// Seeded migration, destination to source after `Welcome`: pages the seed gave the
+    /// destination and their content hashes; an empty one ends the list.
+    Held(Vec<(u64, crate::seed::PageHash)>),
 }
 
 /// What the destination measured during post-copy, sent with [`Message::PostCopyDone`].
@@ -195,6 +201,7 @@ const K_DISCARD: u8 = 15;
 const K_DISCARDED: u8 = 16;
 const K_DISKS: u8 = 17;
 const K_DISKS_READY: u8 = 18;
+const K_HELD: u8 = 22;
 pub(crate) use crate::disk_wire::{K_DISK_DATA, K_DISK_SYNC, K_DISK_ZERO};
 /// Most runs in one `Populated` frame.
 pub const MAX_RANGES: usize = (MAX_FRAME as usize - 4) / 16;
@@ -223,6 +230,7 @@ pub fn kind_name(k: u8) -> &'static str {
         K_DISCARDED => "Discarded",
         K_DISKS => "Disks",
         K_DISKS_READY => "DisksReady",
+        K_HELD => "Held",
         K_DISK_DATA => "DiskData",
         K_DISK_ZERO => "DiskZero",
         K_DISK_SYNC => "DiskSync",
@@ -263,6 +271,7 @@ impl Message {
             Message::Discarded => K_DISCARDED,
             Message::Disks(_) => K_DISKS,
             Message::DisksReady => K_DISKS_READY,
+            Message::Held(_) => K_HELD,
         }
     }
 }
@@ -323,6 +332,10 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
         }
         Message::Disks(d) => {
             owned = postcard::to_stdvec(d).map_err(enc)?;
+            &owned
+        }
+        Message::Held(h) => {
+            owned = crate::seed::encode_held(h);
             &owned
         }
         Message::State(s) => s,
@@ -551,6 +564,7 @@ pub fn parse(kind: u8, p: Vec<u8>) -> Result<Message, ProtocolError> {
             Ok(Message::Disks(d))
         }
         K_DISKS_READY => empty(Message::DisksReady),
+        K_HELD => Ok(Message::Held(crate::seed::parse_held(&p)?)),
         K_DISK_DATA | K_DISK_ZERO | K_DISK_SYNC => {
             Err(malformed(name, "belongs on the storage connection only"))
         }

@@ -9,6 +9,7 @@ mod lazy;
 pub mod live;
 mod live_storage;
 pub mod memory;
+pub mod seed;
 pub mod snapshot;
 pub mod uffd;
 pub mod vcpu;

@@ -223,6 +223,12 @@ pub struct LiveDestination {
     postcopy: AtomicBool,
     /// Disks made here for a shared-nothing migration.
     disks: crate::live_storage::DestDisks,
+    /// A seed of the VM held here (`ferry receive --seed`), loaded when the source asks.
+    seed: Option<crate::seed::Seed>,
+    /// The arriving VM's configuration (what a seed must match).
+    config: Option<VmConfig>,
+    /// Runs of the seed that failed their CRC and were not loaded.
+    pub seed_bad_runs: std::sync::atomic::AtomicU64,
 }
 
 type OnRunning = Box<dyn FnOnce(Arc<Vm>) + Send>;
@@ -240,7 +246,16 @@ impl LiveDestination {
             before_resume: Mutex::new(None),
             postcopy: AtomicBool::new(false),
             disks: Default::default(),
+            seed: None,
+            config: None,
+            seed_bad_runs: Default::default(),
         }
+    }
+
+    /// Holds `seed` for a seeded migration (used only when the source asks for one).
+    pub fn seed(mut self, seed: crate::seed::Seed) -> Self {
+        self.seed = Some(seed);
+        self
     }
 
     /// Where disks that come with the VM (shared-nothing migration) go unless the source
@@ -323,8 +338,20 @@ impl DestinationVm for LiveDestination {
             postcard::from_bytes(config).map_err(|e| format!("VM configuration: {e}"))?;
         let inc = Vm::incoming(&config).map_err(text)?;
         self.mem = Some(inc.memory().clone());
+        self.config = Some(config);
         *self.incoming.get_mut().map_err(|_| "lock poisoned")? = Some(inc);
         Ok(())
+    }
+    fn load_seed(&mut self) -> Result<Vec<(u64, ferry_migration::seed::PageHash)>, String> {
+        let seed = self.seed.as_ref().ok_or(
+            "the source asked for a seeded migration, but this destination holds no seed \
+             (ferry receive --seed DIR)",
+        )?;
+        let config = self.config.as_ref().ok_or("the VM was not built yet")?;
+        let got = seed.load(self.mem()?, config)?;
+        self.seed_bad_runs
+            .store(got.bad_runs, std::sync::atomic::Ordering::Relaxed);
+        Ok(got.pages)
     }
     fn write_page(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
         self.mem()?

@@ -180,6 +180,7 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
         },
         "postcopy_after": if args.postcopy { Some(1) } else { args.postcopy_after },
         "auto_postcopy": args.auto_postcopy,
+        "seeded": args.seeded,
         "copy_priority": match args.copy_priority {
             Priority::Low => "low",
             Priority::Normal => "normal",
@@ -275,6 +276,13 @@ pub fn print_report(to: &str, v: &serde_json::Value) {
         v["connections"],
         v["switch_reason"].as_str().unwrap_or("?"),
     );
+    if v["seed_offered_pages"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "seeded: the destination's seed held {} pages, {} of them as they are here (not \
+             sent)",
+            v["seed_offered_pages"], v["seeded_pages"]
+        );
+    }
     let pc = &v["postcopy"];
     if pc.is_object() {
         let d = &pc["destination"];

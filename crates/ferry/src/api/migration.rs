@@ -53,6 +53,9 @@ pub struct MigrateRequest {
     /// The disks come too (shared-nothing migration).
     #[serde(default)]
     copy_storage: bool,
+    /// The destination holds a seed of this VM: pass 1 sends only what differs from it.
+    #[serde(default)]
+    seeded: bool,
     /// Where the destination puts each disk: `[{"disk": ID, "path": P, "format": F}]`.
     #[serde(default)]
     disk_map: Vec<DiskMapEntry>,
@@ -208,6 +211,7 @@ fn live_migrate(vm: &Vm, req: MigrateRequest, mon: &Monitor) -> Result<Report, A
         copy_priority: req.copy_priority,
         io_timeout: crate::run::MIGRATION_IO_TIMEOUT,
         copy_storage: req.copy_storage,
+        seeded: req.seeded,
         disk_map: req
             .disk_map
             .iter()

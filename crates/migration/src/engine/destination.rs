@@ -26,6 +26,8 @@ pub struct Received {
     pub state_bytes: u64,
     /// Present when the VM came by post-copy: what the destination measured.
     pub postcopy: Option<PostCopyFigures>,
+    /// Pages a seed gave this host before the migration (seeded migration).
+    pub seed_pages: u64,
 }
 
 /// Receives a VM into `vm`: `first` is the control connection with the source's Hello (from
@@ -83,7 +85,18 @@ fn run_destination<V: DestinationVm>(
         .into());
     }
     ok(vm.prepare(&hello.config))?;
+    // A seeded migration: the seed is loaded (or refused) before Welcome, and what it gave
+    // follows Welcome. Without the capability the seed stays unused: a source that does
+    // not compare would leave its stale pages in place.
+    let held = if hello.caps & crate::protocol::CAP_SEEDED != 0 {
+        Some(ok(vm.load_seed())?)
+    } else {
+        None
+    };
     send(ctl, &Message::Welcome)?;
+    if let Some(h) = &held {
+        super::seeded::send_held(ctl, h)?;
+    }
     let disks = if hello.caps & crate::protocol::CAP_STORAGE != 0 {
         Some(super::storage::create(vm, ctl)?)
     } else {
@@ -215,6 +228,7 @@ fn run_destination<V: DestinationVm>(
     });
     let mut got = Received {
         connections: n,
+        seed_pages: held.as_ref().map_or(0, |h| h.len() as u64),
         ..Received::default()
     };
     // What a receiver found wrong in its stream is the cause; a connection that merely ended

@@ -25,6 +25,8 @@ mod monitor;
 mod pageset;
 mod postcopy_dst;
 mod postcopy_src;
+mod seeded;
+mod sender;
 mod source;
 mod storage;
 
@@ -149,6 +151,13 @@ pub trait DestinationVm: Sync {
     }
     /// The migration failed before commit: deletes the disks created for it.
     fn remove_disks(&self) {}
+    /// Seeded migration (the source asked for it; after `prepare`): loads this host's seed
+    /// of the VM into its memory and returns every page it loaded (not zero) with its
+    /// content hash ([`crate::seed::page_hash`]). An error (no seed here, a seed of another
+    /// VM, one that cannot be read) refuses the migration before anything is loaded.
+    fn load_seed(&mut self) -> Result<Vec<(u64, crate::seed::PageHash)>, String> {
+        Err("this destination holds no seed (ferry receive --seed DIR)".into())
+    }
 }
 
 /// Why [`SourceVm::before_commit`] holds the VM back.
@@ -245,6 +254,10 @@ pub struct Options {
     /// storage directory.
     #[serde(default)]
     pub disk_map: Vec<(String, String, Option<String>)>,
+    /// The destination holds a seed of this VM: pass 1 sends only the pages whose content
+    /// differs from the seed's (docs/seeding.md).
+    #[serde(default)]
+    pub seeded: bool,
 }
 
 /// Default of [`Options::io_timeout`] and [`Limits::io_timeout`].
@@ -296,6 +309,7 @@ impl Default for Options {
             io_timeout: IO_TIMEOUT,
             copy_storage: false,
             disk_map: Vec::new(),
+            seeded: false,
         }
     }
 }
@@ -317,6 +331,10 @@ pub struct Pass {
     pub dirty_pages_per_s: f64,
     /// vCPU throttle in force during the pass (percent).
     pub throttle_percent: u8,
+    /// Pages not sent because the destination's seed holds them as they are (pass 1 of a
+    /// seeded migration).
+    #[serde(default)]
+    pub seeded_pages: u64,
 }
 
 /// What a migration did, source side.
@@ -343,6 +361,11 @@ pub struct Report {
     /// Present when the disks came too.
     #[serde(default)]
     pub storage: Option<StorageReport>,
+    /// Pages the destination's seed offered, and those of them that matched (not sent).
+    #[serde(default)]
+    pub seed_offered_pages: u64,
+    #[serde(default)]
+    pub seeded_pages: u64,
 }
 
 /// The post-copy phase of a migration.

@@ -7,8 +7,8 @@ use super::{
     TimeoutPolicy,
 };
 use crate::protocol::{
-    expect, recv, send, Hello, Message, PagesBuf, ProtocolError, CAP_STORAGE, KIND_ABORT, MAGIC,
-    MAX_BATCH, MAX_CONNECTIONS, MAX_RANGES, PAGE, PAGE_HEADER_LEN, VERSION,
+    expect, recv, send, Hello, Message, ProtocolError, CAP_SEEDED, CAP_STORAGE, KIND_ABORT, MAGIC,
+    MAX_CONNECTIONS, MAX_RANGES, VERSION,
 };
 use crate::transport::{Conn, Peek};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,9 +18,6 @@ use std::time::{Duration, Instant};
 
 /// A predicted downtime so short that another pass is not worth it.
 const GOOD_ENOUGH: Duration = Duration::from_millis(1);
-/// Words (of 64 pages) re-armed for dirty tracking at once, right before they are read: the
-/// guest's writes to at most 2 MiB wait on one re-protection.
-const REARM_WORDS: usize = 8;
 /// What the switch-over costs besides the pages, the last harvest and one round trip (vCPU and
 /// device state saved, sent and loaded, Commit and Resumed exchanged): a flat figure from this
 /// host's switch-over timelines with the test guest; the prediction adds it.
@@ -29,18 +26,6 @@ const SWITCH_FIXED: Duration = Duration::from_micros(600);
 const THROTTLE_START: u8 = 20;
 const THROTTLE_STEP: u8 = 10;
 const THROTTLE_MAX: u8 = 99;
-
-/// One pass, shared by the senders.
-struct Job<'s> {
-    pass: u32,
-    /// What the pass sends; senders claim it 4096 pages (one summary word) at a time.
-    set: &'s PageSet,
-    /// Next group of `set` to claim.
-    next: AtomicUsize,
-    /// Set to stop the pass early (timeout, or another sender failed).
-    cut: AtomicBool,
-    last: bool,
-}
 
 pub(super) struct Shared<'a> {
     pub(super) opts: &'a Options,
@@ -63,7 +48,7 @@ impl<'a> Shared<'a> {
     }
 
     /// Books `n` bytes against the cap; returns how long the sender should wait.
-    fn pace(&self, n: u64, cap: u64) -> Option<Duration> {
+    pub(super) fn pace(&self, n: u64, cap: u64) -> Option<Duration> {
         let now = Instant::now();
         let mut due = self.due.lock().unwrap_or_else(|e| e.into_inner());
         let from = now
@@ -74,7 +59,8 @@ impl<'a> Shared<'a> {
     }
 }
 
-type Done = Result<Pass, EngineError>;
+pub(super) use super::sender::flush;
+use super::sender::{sender, Done, Job};
 
 /// Opens one more connection to the destination (a data connection, or a post-copy
 /// reconnect).
@@ -200,12 +186,23 @@ fn run_source<V: SourceVm>(
     let n = opts.connections.clamp(1, MAX_CONNECTIONS);
     let session = session_id();
     let specs = super::storage::offer(vm, opts)?;
+    if opts.seeded && opts.postcopy_after == Some(0) {
+        return Err(EngineError::Vm(
+            "a seeded migration compares pages in a first pass: post-copy after 0 passes \
+             sends none (use --postcopy-after 1 or more)"
+                .into(),
+        ));
+    }
+    let mut caps = if specs.is_some() { CAP_STORAGE } else { 0 };
+    if opts.seeded {
+        caps |= CAP_SEEDED;
+    }
     send(
         ctl,
         &Message::Hello(Hello {
             magic: MAGIC,
             version: VERSION,
-            caps: if specs.is_some() { CAP_STORAGE } else { 0 },
+            caps,
             session,
             connections: n,
             config: vm.config(),
@@ -219,6 +216,11 @@ fn run_source<V: SourceVm>(
         ProtocolError::Io(e) => EngineError::Refused(e.to_string()),
         e => e.into(),
     })?;
+    let held = if opts.seeded {
+        super::seeded::recv_held(ctl, vm.memory_end())?
+    } else {
+        super::seeded::Held::new()
+    };
     let streams = join_data(connect, session, n, opts.io_timeout)?;
     let disks = match specs {
         Some(s) => Some(StorageSource::start(
@@ -241,6 +243,7 @@ fn run_source<V: SourceVm>(
         undo,
         (t0, session, n),
         disks.as_ref(),
+        &held,
     );
     if r.is_err() {
         if let Some(d) = &disks {
@@ -266,6 +269,7 @@ fn run_passes<V: SourceVm>(
     undo: &mut Undo,
     (t0, session, n): (Instant, u64, u32),
     disks: Option<&StorageSource>,
+    held: &super::seeded::Held,
 ) -> Result<Report, EngineError> {
     if let Some(d) = disks {
         d.bulk(vm, ctl, mon)?;
@@ -302,6 +306,7 @@ fn run_passes<V: SourceVm>(
             set: &set,
             none: &none,
             disks,
+            held,
         };
         let r = coord.run(ctl, t0, &mut undo.paused);
         if let Err(e) = &r {
@@ -351,6 +356,8 @@ struct Coordinator<'a, 's, V> {
     none: &'s PageSet,
     /// The disks' link, when they come too: their last sync is part of the switch-over.
     disks: Option<&'a StorageSource>,
+    /// The destination's seeded pages (empty unless seeded).
+    held: &'s super::seeded::Held,
 }
 
 impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
@@ -366,9 +373,14 @@ impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
         let deadline = opts.timeout.map(|t| t0 + t);
         let mut report = Report {
             connections: self.jobs.len() as u32,
+            seed_offered_pages: self.held.len() as u64,
             ..Report::default()
         };
         ok(vm.populated(set))?;
+        // A page the seed holds that the guest never wrote here is zero now: it goes too.
+        for &gpa in self.held.keys() {
+            ok(set.insert(gpa))?;
+        }
         if opts.postcopy_after != Some(0) {
             // Not worth it when no page will be sent before the switch. A hint: one frame.
             let mut first = Vec::new();
@@ -415,6 +427,7 @@ impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
                 live_secs += secs;
             }
             let sent = pass.pages;
+            report.seeded_pages += pass.seeded_pages;
             report.passes.push(pass.clone());
             // The pause sends what is dirty now, after one more harvest like this one, then
             // the state, and waits for the destination's answers (one acknowledgement's
@@ -584,6 +597,7 @@ impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
             next: AtomicUsize::new(0),
             cut: AtomicBool::new(false),
             last,
+            held: (number == 1 && !self.held.is_empty()).then_some(self.held),
         });
         for tx in &self.jobs {
             tx.send(job.clone())
@@ -601,6 +615,7 @@ impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
                     total.zero_pages += p.zero_pages;
                     total.wire_bytes += p.wire_bytes;
                     total.saved_bytes += p.saved_bytes;
+                    total.seeded_pages += p.seeded_pages;
                 }
                 Ok(Err(e)) => {
                     got += 1;
@@ -672,106 +687,6 @@ fn expect_ack(ctl: &mut Conn, number: u32) -> Result<(), EngineError> {
         Message::Abort(why) => Err(ProtocolError::Peer(why).into()),
         m => Err(m.unexpected("EndOfPass").into()),
     }
-}
-
-/// One data connection's thread: takes each pass's pages group by group until none are left.
-/// Gives its connection back (post-copy goes on with it).
-fn sender<'s, V: SourceVm>(
-    vm: &V,
-    mut s: Conn,
-    sh: &Shared,
-    jobs: mpsc::Receiver<Arc<Job<'s>>>,
-    done: mpsc::Sender<Done>,
-) -> Conn {
-    sh.opts.copy_priority.apply();
-    let mut frame = PagesBuf::default();
-    while let Ok(job) = jobs.recv() {
-        let r = send_share(vm, &mut s, sh, &job, &mut frame);
-        let stop = r.is_err() || job.last;
-        if done.send(r).is_err() || stop {
-            break;
-        }
-    }
-    s
-}
-
-fn send_share<V: SourceVm>(
-    vm: &V,
-    s: &mut Conn,
-    sh: &Shared,
-    job: &Job,
-    frame: &mut PagesBuf,
-) -> Result<Pass, EngineError> {
-    let mut pass = Pass::default();
-    let mut claimed: Vec<(usize, u64)> = Vec::with_capacity(64);
-    let mut bits: Vec<u64> = Vec::with_capacity(REARM_WORDS);
-    loop {
-        if sh.mon.cancelled() {
-            return Err(EngineError::Cancelled);
-        }
-        if job.cut.load(Ordering::SeqCst) {
-            break;
-        }
-        let g = job.next.fetch_add(1, Ordering::SeqCst);
-        if g >= job.set.groups() {
-            break;
-        }
-        claimed.clear();
-        job.set.take_group(g, |w, b| claimed.push((w, b)));
-        // What this sender claimed it sends whole, even when the pass is cut meanwhile.
-        let mut i = 0;
-        while i < claimed.len() {
-            // Up to REARM_WORDS consecutive words: re-armed together, then read.
-            let first = claimed[i].0;
-            bits.clear();
-            while i < claimed.len()
-                && bits.len() < REARM_WORDS
-                && claimed[i].0 == first + bits.len()
-            {
-                bits.push(claimed[i].1);
-                i += 1;
-            }
-            vm.rearm(first, &bits).map_err(EngineError::Vm)?;
-            let mut n = 0u64;
-            for (k, &word) in bits.iter().enumerate() {
-                for gpa in PageSet::pages_of(first + k, word) {
-                    let (len, zero) = frame
-                        .push_with(gpa, sh.opts.compression, |b| vm.read_page(gpa, b))
-                        .map_err(EngineError::Vm)?;
-                    pass.pages += 1;
-                    pass.zero_pages += zero as u64;
-                    pass.wire_bytes += len as u64;
-                    pass.saved_bytes += (PAGE + PAGE_HEADER_LEN - len) as u64;
-                    if frame.pages() >= MAX_BATCH {
-                        flush(s, frame, sh)?;
-                    }
-                }
-                n += word.count_ones() as u64;
-            }
-            sh.mon.pass_sent.fetch_add(n, Ordering::Relaxed);
-        }
-    }
-    flush(s, frame, sh)?;
-    send(
-        s,
-        &Message::EndOfPass {
-            pass: job.pass,
-            last: job.last,
-        },
-    )?;
-    Ok(pass)
-}
-
-/// Sends the frame, then sleeps as long as the bandwidth cap asks.
-pub(super) fn flush(s: &mut Conn, frame: &mut PagesBuf, sh: &Shared) -> Result<(), EngineError> {
-    let n = frame.send(s)? as u64;
-    sh.mon.wire_bytes.fetch_add(n, Ordering::Relaxed);
-    if let Some(cap) = sh.opts.max_bandwidth.filter(|&c| c > 0) {
-        if let Some(wait) = sh.pace(n, cap) {
-            std::thread::sleep(wait);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

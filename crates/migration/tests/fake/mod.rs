@@ -42,6 +42,9 @@ pub struct FakeSource {
     pub reader_nice: std::sync::atomic::AtomicI32,
     /// A disk that comes with the VM (`copy_storage`), mirrored as Ferry's mirror does.
     pub disk: Option<FakeDisk>,
+    /// `populated` names only the pages that are not zero (as a VMM that knows which pages
+    /// its guest wrote), not all of memory.
+    pub only_written: bool,
 }
 
 /// The source's disk: its bytes, the bulk copy's cursor, the link of a running mirror. A
@@ -116,6 +119,7 @@ impl FakeSource {
             rearmed: AtomicU64::new(0),
             reader_nice: Default::default(),
             disk: None,
+            only_written: false,
         }
     }
 
@@ -165,7 +169,16 @@ impl SourceVm for FakeSource {
         self.pages() * PAGE as u64
     }
     fn populated(&self, into: &PageSet) -> Result<(), String> {
-        into.insert_run(0, self.pages())
+        if !self.only_written {
+            return into.insert_run(0, self.pages());
+        }
+        let mem = self.mem.lock().unwrap();
+        for (i, p) in mem.chunks(PAGE).enumerate() {
+            if p.iter().any(|&b| b != 0) {
+                into.insert((i * PAGE) as u64)?;
+            }
+        }
+        Ok(())
     }
     fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
         self.reader_nice.store(nice(), Ordering::SeqCst);
@@ -296,6 +309,8 @@ pub struct FakeDest {
     pub disk: Mutex<Option<Vec<u8>>>,
     pub disk_synced_last: AtomicBool,
     pub disk_removed: AtomicBool,
+    /// A seed of the VM (its memory image) this destination holds (`load_seed`).
+    pub seed: Option<Vec<u8>>,
 }
 
 /// The destination's missing pages in post-copy, and a "vCPU" that touches pages: a touch of
@@ -365,6 +380,24 @@ impl DestinationVm for FakeDest {
     fn load_state(&self, state: &[u8]) -> Result<(), String> {
         *self.state.lock().unwrap() = state.to_vec();
         Ok(())
+    }
+    fn load_seed(&mut self) -> Result<Vec<(u64, ferry_migration::seed::PageHash)>, String> {
+        let seed = self.seed.as_ref().ok_or("no seed here")?;
+        let mut mem = self.mem.lock().unwrap();
+        if seed.len() != mem.len() {
+            return Err(format!(
+                "the seed is of a VM with {} pages, this one has {}",
+                seed.len() / PAGE,
+                mem.len() / PAGE
+            ));
+        }
+        mem.copy_from_slice(seed);
+        Ok(mem
+            .chunks(PAGE)
+            .enumerate()
+            .filter(|(_, p)| p.iter().any(|&b| b != 0))
+            .map(|(i, p)| ((i * PAGE) as u64, ferry_migration::seed::page_hash(p)))
+            .collect())
     }
     fn resume(&self) -> Result<(), String> {
         self.resumed.store(true, Ordering::SeqCst);
@@ -586,6 +619,21 @@ pub fn pair_full(
     limits: Limits,
     tls: Option<(std::sync::Arc<TlsServer>, std::sync::Arc<TlsClient>)>,
 ) -> Pair {
+    pair_seeded(tamper, pc, limits, tls, None)
+}
+
+/// As [`pair`], the destination holding `seed` (a memory image of the VM).
+pub fn pair_seed(seed: Option<Vec<u8>>) -> Pair {
+    pair_seeded(None, Default::default(), Limits::default(), None, seed)
+}
+
+fn pair_seeded(
+    tamper: Option<Tamper>,
+    pc: std::sync::Arc<Faults>,
+    limits: Limits,
+    tls: Option<(std::sync::Arc<TlsServer>, std::sync::Arc<TlsClient>)>,
+    seed: Option<Vec<u8>>,
+) -> Pair {
     log_if_asked();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -600,6 +648,7 @@ pub fn pair_full(
     let dest = thread::spawn(move || {
         let mut d = FakeDest {
             pc,
+            seed,
             ..FakeDest::default()
         };
         let Some(first) = acc.next_hello(Some(hello_wait)) else {

@@ -1,0 +1,169 @@
+//! Seeded migration on real KVM with the test guest (docs/seeding.md): a snapshot of the VM
+//! taken earlier is the destination's seed; the guest writes on; the migration's first pass
+//! sends only what differs from the seed, and the destination's memory is exact against the
+//! guest's pattern. A corrupted seed's bad runs are sent again; a seed of another VM, or none,
+//! is refused and the source runs on.
+mod common;
+use common::live::*;
+use common::*;
+use ferry_guest::console::{wait_for, LineSink, TimedLine};
+use ferry_guest::verify::verify_dirty_region;
+use ferry_migration::engine::{receive, Acceptor, EngineError, Limits, Options, Report};
+use ferry_vmm::live::LiveDestination;
+use ferry_vmm::seed::Seed;
+use ferry_vmm::{RunState, Vm};
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+const REGION_PAGES: u64 = (64 << 20) / 4096;
+
+type SeededDest = std::thread::JoinHandle<(
+    Result<u64, EngineError>,
+    Option<Vm>,
+    Receiver<TimedLine>,
+    u64,
+)>;
+
+/// A destination on a thread holding `seed` (if any): the receive's outcome (the pages its
+/// seed gave), the VM, its console, and the seed's runs that failed their CRC.
+fn seeded_destination(seed: Option<Seed>) -> (std::net::SocketAddr, SeededDest) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let acc = Acceptor::new(l, None, Limits::default()).unwrap();
+    let h = std::thread::spawn(move || {
+        let first = acc.next_hello(None).unwrap();
+        let (sink, rx) = LineSink::new();
+        let mut d = LiveDestination::new(Box::new(sink));
+        if let Some(s) = seed {
+            d = d.seed(s);
+        }
+        let r = receive(&mut d, first, &acc).map(|g| g.seed_pages);
+        let bad = d.seed_bad_runs.load(std::sync::atomic::Ordering::Relaxed);
+        (r, d.into_vm(), rx, bad)
+    });
+    (addr, h)
+}
+
+fn seeded() -> Options {
+    Options {
+        downtime_limit: Duration::from_millis(20),
+        seeded: true,
+        ..Options::default()
+    }
+}
+
+/// Pauses `vm`, snapshots it into `dir` (the seed), resumes it.
+fn take_seed(vm: &Vm, dir: &std::path::Path) {
+    vm.pause().unwrap();
+    vm.snapshot(dir, false).unwrap();
+    vm.resume().unwrap();
+}
+
+/// The migrated VM's dirty region is exact; the guest moved on past where the source left it.
+fn check_arrived(
+    src: &Vm,
+    rx: &Receiver<TimedLine>,
+    seen: &mut Vec<TimedLine>,
+    dest: SeededDest,
+    base: u64,
+) -> u64 {
+    src.shutdown_after_handoff().unwrap();
+    src.wait();
+    seen.extend(rx.try_iter());
+    let (r, vm, rx2, bad) = dest.join().unwrap();
+    let seed_pages = r.expect("destination");
+    let vm = vm.expect("destination VM");
+    assert_eq!(vm.state(), RunState::Running);
+    let mut after = Vec::new();
+    wait_for(&rx2, &mut after, T, |l| l.starts_with("H0 ")).unwrap();
+    vm.pause().unwrap();
+    verify_dirty_region(&reader(&vm), base).expect("destination memory exact");
+    vm.shutdown().unwrap();
+    vm.wait();
+    eprintln!("the seed gave {seed_pages} pages; {bad} of its runs failed their CRC");
+    bad
+}
+
+fn summary(r: &Report) -> String {
+    let p1 = &r.passes[0];
+    format!(
+        "seed offered {} pages, {} matched; pass 1 sent {} pages ({} zero, {:.1} MiB); total {:.1} MiB in {} passes",
+        r.seed_offered_pages,
+        r.seeded_pages,
+        p1.pages,
+        p1.zero_pages,
+        p1.wire_bytes as f64 / 1048576.0,
+        r.wire_bytes as f64 / 1048576.0,
+        r.passes.len()
+    )
+}
+
+#[test]
+fn a_seeded_migration_sends_what_changed_since_the_seed_and_arrives_exact() {
+    let d = scratch("seed-exact");
+    let (src, rx, mut seen, base) = boot_dirtying(1, 512 << 20, "dirty size=64M rate=16M hb=2000");
+    take_seed(&src, &d.0);
+    // The guest writes on: ~8 MiB (2048 pages) of its 64 MiB region in 0.5 s.
+    std::thread::sleep(Duration::from_millis(500));
+    let (addr, dest) = seeded_destination(Some(Seed::open(&d.0).unwrap()));
+    let r = send_vm(&src, addr, &seeded()).expect("seeded migration");
+    eprintln!("{}", summary(&r));
+    let bad = check_arrived(&src, &rx, &mut seen, dest, base);
+    assert_eq!(bad, 0);
+    let p1 = &r.passes[0];
+    assert!(
+        r.seeded_pages > REGION_PAGES / 2,
+        "most of the region was in the seed as it is: {}",
+        summary(&r)
+    );
+    assert!(
+        p1.pages - p1.zero_pages < REGION_PAGES / 2,
+        "pass 1 sent what changed, not the region: {}",
+        summary(&r)
+    );
+}
+
+#[test]
+fn a_corrupted_seed_is_sent_again_and_a_seed_of_another_vm_or_none_is_refused() {
+    let d = scratch("seed-faults");
+    let (other, _orx) = boot(1, 256 << 20, "dirty size=16M rate=16M");
+    std::thread::sleep(Duration::from_millis(300));
+    let other_seed = d.0.join("other");
+    take_seed(&other, &other_seed);
+    other.shutdown().unwrap();
+    other.wait();
+    let (src, rx, mut seen, base) = boot_dirtying(1, 512 << 20, "dirty size=64M rate=16M hb=2000");
+    let mine = d.0.join("mine");
+    take_seed(&src, &mine);
+    // No seed at the destination, then another VM's: refused, the source runs on.
+    for (seed, why) in [
+        (None, "holds no seed"),
+        (Some(Seed::open(&other_seed).unwrap()), "is of another VM"),
+    ] {
+        let (addr, dest) = seeded_destination(seed);
+        let e = send_vm(&src, addr, &seeded()).expect_err("refused");
+        assert!(e.to_string().contains(why), "{e}");
+        let (r, vm, _, _) = dest.join().unwrap();
+        assert!(r.is_err() && vm.is_none());
+        assert_eq!(src.state(), RunState::Running, "the source runs on");
+    }
+    // Flipped bytes in the middle of the seed's memory file: those runs fail their CRC, are
+    // not loaded, and their pages come over the network.
+    let mem = mine.join("memory.bin");
+    let mut bytes = std::fs::read(&mem).unwrap();
+    let n = bytes.len();
+    for at in [n / 3, n / 2, 2 * n / 3] {
+        bytes[at] ^= 0x5a;
+    }
+    std::fs::write(&mem, &bytes).unwrap();
+    // A seed missing its memory file is refused when opened.
+    let gone = d.0.join("gone");
+    std::fs::create_dir_all(&gone).unwrap();
+    std::fs::copy(mine.join("snapshot.fsnap"), gone.join("snapshot.fsnap")).unwrap();
+    assert!(Seed::open(&gone).is_err(), "a seed without memory.bin");
+    let (addr, dest) = seeded_destination(Some(Seed::open(&mine).unwrap()));
+    let r = send_vm(&src, addr, &seeded()).expect("seeded migration from a damaged seed");
+    eprintln!("{}", summary(&r));
+    let bad = check_arrived(&src, &rx, &mut seen, dest, base);
+    assert_eq!(bad, 3, "three runs failed their CRC");
+}
