@@ -33,6 +33,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Save a VM (state and memory) to a directory through its API socket.
     Snapshot(SnapshotArgs),
+    /// Seeds for seeded migration (docs/seeding.md).
+    Seed(SeedArgs),
     /// Run a VM from a snapshot directory (follows the chain of --diff snapshots).
     ///
     /// Exit status as for `ferry run`.
@@ -143,6 +145,29 @@ pub struct SnapshotArgs {
     /// What the VM does afterwards.
     #[arg(long, value_enum, default_value_t = Then::Resume)]
     pub then: Then,
+}
+
+#[derive(Args, Debug)]
+pub struct SeedArgs {
+    #[command(subcommand)]
+    pub action: SeedAction,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SeedAction {
+    /// Write a seed of a running VM to DIR while it keeps running: its memory is copied in
+    /// rounds as the guest runs (DIR/base, DIR/r1, ...), then the guest pauses only for what
+    /// it wrote during the last round and its state (DIR). DIR is a point-in-time snapshot
+    /// of that pause: ship it to the destination for `ferry receive --seed DIR`, or `ferry
+    /// restore --from DIR`. Memory only for now: the VM's disks are not in the seed.
+    Create {
+        /// API socket of the VM.
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// Directory to write (created if missing).
+        #[arg(long)]
+        to: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -43,6 +43,7 @@ fn main() {
         cli.command,
         cli::Command::Vm(_)
             | cli::Command::Snapshot(_)
+            | cli::Command::Seed(_)
             | cli::Command::Migrate(_)
             | cli::Command::Disk(_)
             | cli::Command::Cluster(_)
@@ -58,6 +59,7 @@ fn main() {
         cli::Command::Vm(args) => api::client::main(args).map(|()| 0),
         cli::Command::Demo(args) => demo::main(args).map(|()| 0),
         cli::Command::Snapshot(args) => api::client::snapshot(args).map(|()| 0),
+        cli::Command::Seed(args) => api::client::seed(args).map(|()| 0),
         cli::Command::Migrate(args) => api::client::migrate(args).map(|()| 0),
         cli::Command::Disk(args) => api::disk_client::main(args).map(|()| 0),
         cli::Command::Restore(args) => run::restore(args),

@@ -262,8 +262,8 @@ fn a_killed_receiver_leaves_the_source_running_and_exact() {
     assert!(!lines.iter().any(|l| l.1.contains("BAD")));
 }
 
-/// `ferry receive --seed DIR` + `ferry migrate --seeded`: a snapshot taken earlier is the
-/// destination's seed; the first pass sends only what changed since, the guest's own memory
+/// `ferry seed create` (the VM runs on), `ferry receive --seed DIR` + `ferry migrate
+/// --seeded`: the seed taken earlier is the destination's; the first pass sends only what changed since, the guest's own memory
 /// check passes on the destination. A seed that cannot be read is refused before listening.
 #[test]
 fn a_seeded_migration_through_the_cli() {
@@ -286,13 +286,16 @@ fn a_seeded_migration_through_the_cli() {
     assert_eq!(bad.status.code(), Some(1), "{err}");
     assert!(err.contains("--seed"), "{err}");
     let src = source_vm(&a, "dirty size=16M rate=8M hb=5000 ; verify size=64M");
-    ferry_ok(&[
-        "snapshot",
+    let out = ferry_ok(&[
+        "seed",
+        "create",
         "--api-socket",
         a.to_str().unwrap(),
         "--to",
         seed.to_str().unwrap(),
     ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("while the guest ran"), "{text}");
     std::thread::sleep(std::time::Duration::from_millis(300));
     let (mut dst, addr) = receiver_with(&b, &["--seed", seed.to_str().unwrap()]);
     let out = migrate_ok(&addr, a.to_str().unwrap(), &["--seeded", "--quiet"]);

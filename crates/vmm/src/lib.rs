@@ -7,6 +7,7 @@ pub mod dirty;
 pub mod disk_move;
 mod lazy;
 pub mod live;
+pub mod live_snapshot;
 mod live_storage;
 pub mod memory;
 pub mod seed;

@@ -36,6 +36,8 @@ pub enum SnapshotError {
     Io(#[from] std::io::Error),
     #[error("the VM's memory is still being loaded and checked from its snapshot (--lazy-check): try again in a moment")]
     Loading,
+    #[error("a live snapshot copies a running VM; this one is {0} (take a plain snapshot)")]
+    NotRunning(RunState),
 }
 
 /// What a snapshot wrote.
@@ -78,14 +80,23 @@ pub struct SnapshotTrack {
     pub loading: Option<Arc<AtomicBool>>,
 }
 
-fn absolute(p: &Path) -> PathBuf {
+pub(crate) fn absolute(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// The parent reference as stored: relative ("../name") when parent and child are siblings,
-/// so a directory of snapshots can move between hosts as a whole.
-fn parent_ref(child: &Path, parent: &Path, id: u64) -> ParentRef {
+/// and ("name") when the parent lies inside the child's directory (a live snapshot's
+/// rounds), so a directory of snapshots can move between hosts as a whole.
+pub(crate) fn parent_ref(child: &Path, parent: &Path, id: u64) -> ParentRef {
     let (c, p) = (absolute(child), absolute(parent));
+    if let Ok(inside) = p.strip_prefix(&c) {
+        if !inside.as_os_str().is_empty() {
+            return ParentRef {
+                dir: inside.to_path_buf(),
+                id,
+            };
+        }
+    }
     let dir = match (c.parent(), p.parent(), p.file_name()) {
         (Some(a), Some(b), Some(name)) if a == b => Path::new("..").join(name),
         _ => p,

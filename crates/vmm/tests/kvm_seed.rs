@@ -98,11 +98,49 @@ fn summary(r: &Report) -> String {
     )
 }
 
+/// A seed taken while the guest runs (`Vm::snapshot_live`) is a point-in-time copy: restored,
+/// its dirty region is exact against its own status page; the guest paused only for the last
+/// round.
+#[test]
+fn a_live_seed_is_a_point_in_time_copy_taken_while_the_guest_runs() {
+    let d = scratch("seed-live");
+    let (src, rx, mut seen, base) = boot_dirtying(1, 512 << 20, "dirty size=64M rate=32M hb=2000");
+    let before = last_beat(&seen, 0);
+    let r = src.snapshot_live(&d.0).expect("live snapshot");
+    eprintln!(
+        "live seed: {} rounds {:?}, paused {:.1} ms for {} pages, {:.0} ms in all",
+        r.rounds.len(),
+        r.rounds.iter().map(|x| x.pages_stored).collect::<Vec<_>>(),
+        r.paused_ms,
+        r.paused_pages,
+        r.elapsed_ms
+    );
+    assert!(r.rounds[0].pages_stored >= REGION_PAGES, "{r:?}");
+    assert!(r.paused_pages < r.rounds[0].pages_stored / 4, "{r:?}");
+    // The guest ran on during the copy.
+    wait_for(&rx, &mut seen, T, |l| l.starts_with("H0 ")).unwrap();
+    assert!(last_beat(&seen, 0) > before);
+    assert_eq!(src.state(), RunState::Running);
+    let (sink, _rx2) = LineSink::new();
+    let (copy, _) = ferry_vmm::snapshot::restore(
+        &d.0,
+        Box::new(sink),
+        ferry_vmm::snapshot::MemoryCheck::BeforeStart,
+    )
+    .expect("the seed restores");
+    let p = verify_dirty_region(&reader(&copy), base).expect("the seed's memory is one instant's");
+    eprintln!("restored seed at pass {} page {}", p.pass, p.next);
+    drop(copy);
+    src.shutdown().unwrap();
+    src.wait();
+}
+
 #[test]
 fn a_seeded_migration_sends_what_changed_since_the_seed_and_arrives_exact() {
     let d = scratch("seed-exact");
     let (src, rx, mut seen, base) = boot_dirtying(1, 512 << 20, "dirty size=64M rate=16M hb=2000");
-    take_seed(&src, &d.0);
+    src.snapshot_live(&d.0)
+        .expect("a seed while the guest runs");
     // The guest writes on: ~8 MiB (2048 pages) of its 64 MiB region in 0.5 s.
     std::thread::sleep(Duration::from_millis(500));
     let (addr, dest) = seeded_destination(Some(Seed::open(&d.0).unwrap()));

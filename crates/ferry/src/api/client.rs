@@ -138,6 +138,31 @@ pub fn snapshot(args: SnapshotArgs) -> Result<()> {
     Ok(())
 }
 
+/// `ferry seed create`.
+pub fn seed(args: crate::cli::SeedArgs) -> Result<()> {
+    let crate::cli::SeedAction::Create { api_socket, to } = args.action;
+    let dir = std::path::absolute(&to).with_context(|| format!("{}", to.display()))?;
+    let body = serde_json::json!({ "to": dir }).to_string();
+    let v = call(&api_socket, Method::PUT, "/vm/seed", Some(body))?.context("empty answer")?;
+    let rounds = v["rounds"].as_array().cloned().unwrap_or_default();
+    let copied: u64 = rounds
+        .iter()
+        .map(|r| r["pages_stored"].as_u64().unwrap_or(0))
+        .sum();
+    println!(
+        "seed {:#x} of the VM in {}: {} round(s) copied {copied} pages ({:.1} MiB) while the \
+         guest ran, then it paused {:.1} ms for {} pages and its state; {:.1} ms in all",
+        v["id"].as_u64().unwrap_or(0),
+        to.display(),
+        rounds.len(),
+        copied as f64 * 4096.0 / 1048576.0,
+        v["paused_ms"].as_f64().unwrap_or(0.0),
+        v["paused_pages"],
+        v["elapsed_ms"].as_f64().unwrap_or(0.0),
+    );
+    Ok(())
+}
+
 /// `ferry migrate`: live (`--to`) or quick (`--quick --via`).
 pub fn migrate(args: MigrateArgs) -> Result<()> {
     if args.resume_postcopy {

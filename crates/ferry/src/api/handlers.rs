@@ -186,6 +186,33 @@ pub async fn snapshot(
     Ok(Json(blocking(move || take_snapshot(&vm, req)).await?))
 }
 
+/// `PUT /vm/seed` body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedRequest {
+    to: PathBuf,
+}
+
+/// Writes a seed of the running VM (a live snapshot; the VM keeps running).
+pub async fn seed(
+    State(host): State<Arc<Host>>,
+    ApiJson(req): ApiJson<SeedRequest>,
+) -> Result<Json<ferry_vmm::live_snapshot::LiveSnapshotReport>, ApiError> {
+    not_migrating(&host)?;
+    not_arriving(&host)?;
+    let vm = the_vm(&host)?;
+    let r = blocking(move || {
+        vm.snapshot_live(&req.to).map_err(|e| match e {
+            SnapshotError::NotRunning(_) | SnapshotError::Loading => {
+                ApiError(StatusCode::CONFLICT, e.to_string())
+            }
+            e => snapshot_error(e),
+        })
+    })
+    .await?;
+    Ok(Json(r))
+}
+
 /// `PUT /vm/restore` body.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]

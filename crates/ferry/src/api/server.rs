@@ -85,6 +85,7 @@ pub fn spawn(bound: Bound, host: Arc<Host>) -> Result<Server> {
         .route("/vm/resume", put(resume))
         .route("/vm/shutdown", put(shutdown))
         .route("/vm/snapshot", put(snapshot))
+        .route("/vm/seed", put(seed))
         .route("/vm/restore", put(restore))
         .route("/vm/migrate", put(super::migration::start))
         .route("/vm/migration", get(super::migration::status))
