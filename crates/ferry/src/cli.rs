@@ -168,6 +168,19 @@ pub enum SeedAction {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Write what the running VM changed since its last seed (or snapshot) to DIR, the same
+    /// way (the guest pauses only for the last round): a diff whose parent is that seed, named
+    /// relative to it. Ship DIR beside the seed (both in one directory) and give the
+    /// destination `ferry receive --seed DIR`; update again as often as wanted. Needs a seed
+    /// taken (or restored) by this VMM.
+    Update {
+        /// API socket of the VM.
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// Directory to write: beside the seed it updates, or inside it.
+        #[arg(long)]
+        to: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]

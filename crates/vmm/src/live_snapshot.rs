@@ -114,8 +114,14 @@ fn write_pages(
 
 impl Vm {
     /// Writes a snapshot of this running VM to `dir` while it runs, pausing it only for the
-    /// last diff (see the module's header). Any failure leaves the VM running.
-    pub fn snapshot_live(&self, dir: &Path) -> Result<LiveSnapshotReport, SnapshotError> {
+    /// last diff (see the module's header). With `update`, only what the guest wrote since
+    /// this VM's last snapshot or seed (taken or restored here) is copied, the chain going on
+    /// from it (a seed update). Any failure leaves the VM running.
+    pub fn snapshot_live(
+        &self,
+        dir: &Path,
+        update: bool,
+    ) -> Result<LiveSnapshotReport, SnapshotError> {
         let t0 = Instant::now();
         let st = self.state();
         if st != RunState::Running {
@@ -124,16 +130,27 @@ impl Vm {
         if self.memory_loading() {
             return Err(SnapshotError::Loading);
         }
+        let last = self.snapshot_track().last.clone();
+        let mut parent: Option<(u64, PathBuf)> = match (update, last) {
+            (false, _) => None,
+            (true, Some((id, p))) if self.dirty_logging() => {
+                if absolute(dir) == absolute(&p) {
+                    return Err(SnapshotError::SameDir(dir.to_path_buf()));
+                }
+                Some((id, p))
+            }
+            (true, _) => return Err(SnapshotError::NoParent),
+        };
         if !self.dirty_logging() {
             self.start_dirty_log()?;
         }
-        // From here every write shows in the next fetch. What the log held belonged to the
-        // last snapshot's diff baseline, which is therefore gone until this one is done.
-        self.fetch_dirty()?;
+        // From here every write shows in the next fetch. What the log held is what changed
+        // since the last snapshot: an update's first round; otherwise dropped, and with it
+        // that snapshot's diff baseline, gone until this one is done.
+        let since_last = self.fetch_dirty()?;
         self.snapshot_track().last = None;
-        let mut pages = populated(self)?;
+        let mut pages = if update { since_last } else { populated(self)? };
         let mut rounds = Vec::new();
-        let mut parent: Option<(u64, PathBuf)> = None;
         for round in 0..MAX_ROUNDS {
             let t = Instant::now();
             let sub = dir.join(if round == 0 {

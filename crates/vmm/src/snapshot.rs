@@ -89,19 +89,27 @@ pub(crate) fn absolute(p: &Path) -> PathBuf {
 /// rounds), so a directory of snapshots can move between hosts as a whole.
 pub(crate) fn parent_ref(child: &Path, parent: &Path, id: u64) -> ParentRef {
     let (c, p) = (absolute(child), absolute(parent));
-    if let Ok(inside) = p.strip_prefix(&c) {
-        if !inside.as_os_str().is_empty() {
-            return ParentRef {
-                dir: inside.to_path_buf(),
-                id,
-            };
+    // Relative when they meet at most two levels above the child: inside it ("name"),
+    // beside it ("../name"), or beside its directory ("../../name": a seed update's rounds
+    // and the seed it updates).
+    let mut up = PathBuf::new();
+    let mut at = c.as_path();
+    for _ in 0..=2 {
+        if let Ok(rest) = p.strip_prefix(at) {
+            if !rest.as_os_str().is_empty() && at.parent().is_some() {
+                return ParentRef {
+                    dir: up.join(rest),
+                    id,
+                };
+            }
         }
+        match at.parent() {
+            Some(a) => at = a,
+            None => break,
+        }
+        up.push("..");
     }
-    let dir = match (c.parent(), p.parent(), p.file_name()) {
-        (Some(a), Some(b), Some(name)) if a == b => Path::new("..").join(name),
-        _ => p,
-    };
-    ParentRef { dir, id }
+    ParentRef { dir: p, id }
 }
 
 /// Pages resident in the VM's anonymous memory (mincore), plus file-backed ranges.

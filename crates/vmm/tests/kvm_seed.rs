@@ -11,6 +11,7 @@ use ferry_guest::verify::verify_dirty_region;
 use ferry_migration::engine::{receive, Acceptor, EngineError, Limits, Options, Report};
 use ferry_vmm::live::LiveDestination;
 use ferry_vmm::seed::Seed;
+use ferry_vmm::snapshot::SnapshotError;
 use ferry_vmm::{RunState, Vm};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
@@ -106,7 +107,7 @@ fn a_live_seed_is_a_point_in_time_copy_taken_while_the_guest_runs() {
     let d = scratch("seed-live");
     let (src, rx, mut seen, base) = boot_dirtying(1, 512 << 20, "dirty size=64M rate=32M hb=2000");
     let before = last_beat(&seen, 0);
-    let r = src.snapshot_live(&d.0).expect("live snapshot");
+    let r = src.snapshot_live(&d.0, false).expect("live snapshot");
     eprintln!(
         "live seed: {} rounds {:?}, paused {:.1} ms for {} pages, {:.0} ms in all",
         r.rounds.len(),
@@ -139,7 +140,7 @@ fn a_live_seed_is_a_point_in_time_copy_taken_while_the_guest_runs() {
 fn a_seeded_migration_sends_what_changed_since_the_seed_and_arrives_exact() {
     let d = scratch("seed-exact");
     let (src, rx, mut seen, base) = boot_dirtying(1, 512 << 20, "dirty size=64M rate=16M hb=2000");
-    src.snapshot_live(&d.0)
+    src.snapshot_live(&d.0, false)
         .expect("a seed while the guest runs");
     // The guest writes on: ~8 MiB (2048 pages) of its 64 MiB region in 0.5 s.
     std::thread::sleep(Duration::from_millis(500));
@@ -204,4 +205,47 @@ fn a_corrupted_seed_is_sent_again_and_a_seed_of_another_vm_or_none_is_refused() 
     eprintln!("{}", summary(&r));
     let bad = check_arrived(&src, &rx, &mut seen, dest, base);
     assert_eq!(bad, 3, "three runs failed their CRC");
+}
+
+/// Progressive updates: a seed, then three updates while the guest writes on (each a diff of
+/// what changed since the one before, taken as the guest runs); the directory holding them
+/// moves as a whole (parents are relative), and a seeded migration from the last update's
+/// chain sends only what changed since it. An update without a seed before it is refused.
+#[test]
+fn three_seed_updates_then_a_seeded_migration() {
+    let d = scratch("seed-updates");
+    let (src, rx, mut seen, base) = boot_dirtying(1, 512 << 20, "dirty size=64M rate=16M hb=2000");
+    let e = src.snapshot_live(&d.0.join("u0"), true).unwrap_err();
+    assert!(matches!(e, SnapshotError::NoParent), "{e}");
+    let full = src.snapshot_live(&d.0.join("seed"), false).unwrap();
+    for k in 1..=3 {
+        std::thread::sleep(Duration::from_millis(300));
+        let r = src.snapshot_live(&d.0.join(format!("u{k}")), true).unwrap();
+        eprintln!(
+            "update {k}: rounds {:?}, paused {:.1} ms for {} pages",
+            r.rounds.iter().map(|x| x.pages_stored).collect::<Vec<_>>(),
+            r.paused_ms,
+            r.paused_pages
+        );
+        assert!(
+            r.rounds[0].pages_stored < full.rounds[0].pages_stored / 2,
+            "an update copies what changed: {r:?}"
+        );
+    }
+    // "Shipped": the directory of seed and updates moves elsewhere as a whole.
+    let shipped = scratch("seed-updates-shipped");
+    std::fs::remove_dir(&shipped.0).unwrap();
+    std::fs::rename(&d.0, &shipped.0).unwrap();
+    let seed = Seed::open(&shipped.0.join("u3")).expect("the chain, from its new place");
+    std::thread::sleep(Duration::from_millis(200));
+    let (addr, dest) = seeded_destination(Some(seed));
+    let r = send_vm(&src, addr, &seeded()).expect("seeded migration");
+    eprintln!("{}", summary(&r));
+    assert_eq!(check_arrived(&src, &rx, &mut seen, dest, base), 0);
+    let p1 = &r.passes[0];
+    assert!(
+        p1.pages - p1.zero_pages < REGION_PAGES / 4,
+        "pass 1 sent what changed since the last update: {}",
+        summary(&r)
+    );
 }

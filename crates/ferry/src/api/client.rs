@@ -140,9 +140,12 @@ pub fn snapshot(args: SnapshotArgs) -> Result<()> {
 
 /// `ferry seed create`.
 pub fn seed(args: crate::cli::SeedArgs) -> Result<()> {
-    let crate::cli::SeedAction::Create { api_socket, to } = args.action;
+    let (api_socket, to, update) = match args.action {
+        crate::cli::SeedAction::Create { api_socket, to } => (api_socket, to, false),
+        crate::cli::SeedAction::Update { api_socket, to } => (api_socket, to, true),
+    };
     let dir = std::path::absolute(&to).with_context(|| format!("{}", to.display()))?;
-    let body = serde_json::json!({ "to": dir }).to_string();
+    let body = serde_json::json!({ "to": dir, "update": update }).to_string();
     let v = call(&api_socket, Method::PUT, "/vm/seed", Some(body))?.context("empty answer")?;
     let rounds = v["rounds"].as_array().cloned().unwrap_or_default();
     let copied: u64 = rounds
@@ -150,8 +153,9 @@ pub fn seed(args: crate::cli::SeedArgs) -> Result<()> {
         .map(|r| r["pages_stored"].as_u64().unwrap_or(0))
         .sum();
     println!(
-        "seed {:#x} of the VM in {}: {} round(s) copied {copied} pages ({:.1} MiB) while the \
+        "{} {:#x} of the VM in {}: {} round(s) copied {copied} pages ({:.1} MiB) while the \
          guest ran, then it paused {:.1} ms for {} pages and its state; {:.1} ms in all",
+        if update { "seed update" } else { "seed" },
         v["id"].as_u64().unwrap_or(0),
         to.display(),
         rounds.len(),

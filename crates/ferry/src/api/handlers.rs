@@ -191,6 +191,9 @@ pub async fn snapshot(
 #[serde(deny_unknown_fields)]
 pub struct SeedRequest {
     to: PathBuf,
+    /// Only what changed since the VM's last seed or snapshot (a seed update).
+    #[serde(default)]
+    update: bool,
 }
 
 /// Writes a seed of the running VM (a live snapshot; the VM keeps running).
@@ -202,8 +205,8 @@ pub async fn seed(
     not_arriving(&host)?;
     let vm = the_vm(&host)?;
     let r = blocking(move || {
-        vm.snapshot_live(&req.to).map_err(|e| match e {
-            SnapshotError::NotRunning(_) | SnapshotError::Loading => {
+        vm.snapshot_live(&req.to, req.update).map_err(|e| match e {
+            SnapshotError::NotRunning(_) | SnapshotError::Loading | SnapshotError::NoParent => {
                 ApiError(StatusCode::CONFLICT, e.to_string())
             }
             e => snapshot_error(e),

@@ -6,7 +6,7 @@
 //! | PUT    | /vm/pause     | | 204; 409 when not running, or while a live migration runs |
 //! | PUT    | /vm/resume    | | 204; 409 when not paused, while a live migration runs, or once a fence deadline has passed |
 //! | PUT    | /vm/shutdown  | | 204; 409 when already shut down, or while a live migration runs |
-//! | PUT    | /vm/seed      | `{"to": DIR}` | 200 report (`rounds` copied while the VM ran, `paused_ms`, `paused_pages`): a seed, the VM running on (docs/seeding.md); 409 while a migration runs or the VM is not running |
+//! | PUT    | /vm/seed      | `{"to": DIR, "update": bool}` | 200 report (`rounds` copied while the VM ran, `paused_ms`, `paused_pages`): a seed, the VM running on (docs/seeding.md); 409 while a migration runs or the VM is not running |
 //! | PUT    | /vm/snapshot  | `{"to": DIR, "diff": bool, "then": "resume"\|"pause"\|"stop"}` | 200 report; 409 while a live migration runs or the VM still arrives by post-copy |
 //! | PUT    | /vm/migrate   | `{"to": "HOST:PORT", "downtime_limit_ms", "max_passes", "compress": "none"\|"lz4"\|"zstd", "max_bandwidth", "connections", "auto_converge", "timeout_ms", "on_timeout": "cancel"\|"switch_over", "postcopy_after": PASSES, "auto_postcopy": bool, "copy_priority": "low"\|"normal", "seeded": bool}` | 200 report (with `postcopy` figures when it went by post-copy); the VM then stops here; 409 when cancelled, another migration runs, or the VM still arrives by post-copy |
 //! | GET    | /vm/migration | | 200 progress of the running or last migration (phase incl. `post_copy` / `post_copy_paused`, pass, pages, rate, ETA, throttle, report or error); 404 when none ran |
