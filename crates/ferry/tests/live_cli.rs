@@ -286,6 +286,19 @@ fn a_seeded_migration_through_the_cli() {
     assert_eq!(bad.status.code(), Some(1), "{err}");
     assert!(err.contains("--seed"), "{err}");
     let src = source_vm(&a, "dirty size=16M rate=8M hb=5000 ; verify size=64M");
+    let upd = s.path("seed-u1");
+    let sock = a.to_str().unwrap();
+    let early = ferry(&[
+        "seed",
+        "update",
+        "--api-socket",
+        sock,
+        "--to",
+        upd.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&early.stderr);
+    assert_eq!(early.status.code(), Some(1), "{err}");
+    assert!(err.contains("needs a seed"), "{err}");
     let out = ferry_ok(&[
         "seed",
         "create",
@@ -297,7 +310,17 @@ fn a_seeded_migration_through_the_cli() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("while the guest ran"), "{text}");
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let (mut dst, addr) = receiver_with(&b, &["--seed", seed.to_str().unwrap()]);
+    let out = ferry_ok(&[
+        "seed",
+        "update",
+        "--api-socket",
+        sock,
+        "--to",
+        upd.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("seed update"));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (mut dst, addr) = receiver_with(&b, &["--seed", upd.to_str().unwrap()]);
     let out = migrate_ok(&addr, a.to_str().unwrap(), &["--seeded", "--quiet"]);
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text

@@ -206,7 +206,13 @@ pub async fn seed(
     let vm = the_vm(&host)?;
     let r = blocking(move || {
         vm.snapshot_live(&req.to, req.update).map_err(|e| match e {
-            SnapshotError::NotRunning(_) | SnapshotError::Loading | SnapshotError::NoParent => {
+            SnapshotError::NoParent => ApiError(
+                StatusCode::CONFLICT,
+                "a seed update needs a seed (or snapshot) of this VM taken or restored by this \
+                 VMM first, and no failed one since: ferry seed create"
+                    .into(),
+            ),
+            SnapshotError::NotRunning(_) | SnapshotError::Loading => {
                 ApiError(StatusCode::CONFLICT, e.to_string())
             }
             e => snapshot_error(e),
