@@ -164,6 +164,12 @@ pub enum Message {
     /// Seeded migration, destination to source after `Welcome`: pages the seed gave the
     /// destination and their content hashes; an empty one ends the list.
     Held(Vec<(u64, crate::seed::PageHash)>),
+    /// Seeded migration, destination to source right after `Welcome`: the snapshot id of the
+    /// seed it loaded whole (0: none, or one with parts left out).
+    SeedId(u64),
+    /// The source's answer: true, it knows what changed since that seed from its own dirty
+    /// log (no hashes needed); false, send `Held`.
+    SeedUse(bool),
 }
 
 /// What the destination measured during post-copy, sent with [`Message::PostCopyDone`].
@@ -202,6 +208,8 @@ const K_DISCARDED: u8 = 16;
 const K_DISKS: u8 = 17;
 const K_DISKS_READY: u8 = 18;
 const K_HELD: u8 = 22;
+const K_SEED_ID: u8 = 23;
+const K_SEED_USE: u8 = 24;
 pub(crate) use crate::disk_wire::{K_DISK_DATA, K_DISK_SYNC, K_DISK_ZERO};
 /// Most runs in one `Populated` frame.
 pub const MAX_RANGES: usize = (MAX_FRAME as usize - 4) / 16;
@@ -231,6 +239,8 @@ pub fn kind_name(k: u8) -> &'static str {
         K_DISKS => "Disks",
         K_DISKS_READY => "DisksReady",
         K_HELD => "Held",
+        K_SEED_ID => "SeedId",
+        K_SEED_USE => "SeedUse",
         K_DISK_DATA => "DiskData",
         K_DISK_ZERO => "DiskZero",
         K_DISK_SYNC => "DiskSync",
@@ -272,6 +282,8 @@ impl Message {
             Message::Disks(_) => K_DISKS,
             Message::DisksReady => K_DISKS_READY,
             Message::Held(_) => K_HELD,
+            Message::SeedId(_) => K_SEED_ID,
+            Message::SeedUse(_) => K_SEED_USE,
         }
     }
 }
@@ -336,6 +348,14 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
         }
         Message::Held(h) => {
             owned = crate::seed::encode_held(h);
+            &owned
+        }
+        Message::SeedId(id) => {
+            owned = id.to_le_bytes().to_vec();
+            &owned
+        }
+        Message::SeedUse(d) => {
+            owned = vec![*d as u8];
             &owned
         }
         Message::State(s) => s,
@@ -565,6 +585,20 @@ pub fn parse(kind: u8, p: Vec<u8>) -> Result<Message, ProtocolError> {
         }
         K_DISKS_READY => empty(Message::DisksReady),
         K_HELD => Ok(Message::Held(crate::seed::parse_held(&p)?)),
+        K_SEED_ID => {
+            fixed(8)?;
+            Ok(Message::SeedId(u64::from_le_bytes(
+                p[..8].try_into().unwrap_or_default(),
+            )))
+        }
+        K_SEED_USE => {
+            fixed(1)?;
+            match p[0] {
+                0 => Ok(Message::SeedUse(false)),
+                1 => Ok(Message::SeedUse(true)),
+                b => Err(malformed(name, format!("flag {b}"))),
+            }
+        }
         K_DISK_DATA | K_DISK_ZERO | K_DISK_SYNC => {
             Err(malformed(name, "belongs on the storage connection only"))
         }

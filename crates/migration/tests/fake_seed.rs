@@ -160,3 +160,32 @@ fn a_seeded_migration_needs_a_first_pass() {
     let e = p.migrate(&src, &opts).unwrap_err();
     assert!(e.to_string().contains("post-copy after 0 passes"), "{e}");
 }
+
+/// The source made the seed and its dirty log names every page written since (`seed_baseline`
+/// matches the destination's seed id): pass 1 sends those pages and no hashes cross; a seed
+/// id it does not know takes the hash path.
+#[test]
+fn a_seed_this_source_made_goes_by_its_dirty_log_without_hashes() {
+    for (dest_id, by_log) in [(7u64, true), (8, false)] {
+        let src = FakeSource::new(8192, 16);
+        let seed = src.mem.lock().unwrap().clone();
+        let n = change(&src, 300);
+        let changed: std::collections::BTreeSet<u64> =
+            (0..n).map(|k| ((1 + 7 * k) % 8192) * PAGE as u64).collect();
+        *src.seed_mark.lock().unwrap() = Some((7, changed));
+        let p = pair_seed_id(seed, dest_id);
+        let rep = p.migrate(&src, &seeded()).unwrap();
+        let (dst, r) = p.join();
+        r.unwrap();
+        assert_exact(&src, &dst);
+        assert_eq!(rep.seed_by_dirty_log, by_log, "{rep:?}");
+        let p1 = &rep.passes[0];
+        if by_log {
+            assert_eq!(rep.seed_offered_pages, 0, "no hashes came");
+            assert_eq!(p1.pages, n, "pass 1 sent exactly what changed: {p1:?}");
+        } else {
+            assert!(rep.seed_offered_pages > 0);
+            assert!(p1.pages - p1.zero_pages <= n, "{p1:?}");
+        }
+    }
+}

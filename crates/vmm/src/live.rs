@@ -122,6 +122,17 @@ impl SourceVm for LiveSource<'_> {
         }
         Ok(())
     }
+    fn seed_baseline(&self) -> Option<u64> {
+        self.vm.seed_baseline()
+    }
+    fn changed_since_seed(&self, into: &PageSet) -> Result<(), String> {
+        if self.vm.seed_baseline().is_none() {
+            return Err("the dirty log no longer runs from the seed".into());
+        }
+        // Manual protection: the log holds every page written since the seed's last harvest
+        // cleared it; harvesting leaves it so, and the senders re-arm as they read.
+        self.fetch_dirty(into)
+    }
     fn fetch_dirty(&self, into: &PageSet) -> Result<(), String> {
         let mut bad = Ok(());
         self.vm
@@ -227,6 +238,8 @@ pub struct LiveDestination {
     seed: Option<crate::seed::Seed>,
     /// The arriving VM's configuration (what a seed must match).
     config: Option<VmConfig>,
+    /// The seed's snapshot id, once loaded whole.
+    seed_id: Option<u64>,
     /// Runs of the seed that failed their CRC and were not loaded.
     pub seed_bad_runs: std::sync::atomic::AtomicU64,
 }
@@ -248,6 +261,7 @@ impl LiveDestination {
             disks: Default::default(),
             seed: None,
             config: None,
+            seed_id: None,
             seed_bad_runs: Default::default(),
         }
     }
@@ -351,7 +365,11 @@ impl DestinationVm for LiveDestination {
         let got = seed.load(self.mem()?, config)?;
         self.seed_bad_runs
             .store(got.bad_runs, std::sync::atomic::Ordering::Relaxed);
+        self.seed_id = (got.bad_runs == 0).then_some(seed.id());
         Ok(got.pages)
+    }
+    fn seed_id(&self) -> Option<u64> {
+        self.seed_id
     }
     fn write_page(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
         self.mem()?

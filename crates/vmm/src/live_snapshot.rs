@@ -113,6 +113,16 @@ fn write_pages(
 }
 
 impl Vm {
+    /// The id of this VM's last snapshot or seed when every page written since it is in the
+    /// dirty log: KVM's manual protection (which keeps the log until pages are re-armed)
+    /// with a baseline unbroken since (a migration, or a failed seed, breaks it).
+    pub fn seed_baseline(&self) -> Option<u64> {
+        if !self.manual_dirty_log() || !self.dirty_logging() {
+            return None;
+        }
+        self.snapshot_track().last.as_ref().map(|(id, _)| *id)
+    }
+
     /// Writes a snapshot of this running VM to `dir` while it runs, pausing it only for the
     /// last diff (see the module's header). With `update`, only what the guest wrote since
     /// this VM's last snapshot or seed (taken or restored here) is copied, the chain going on

@@ -55,6 +55,11 @@ impl Seed {
         })
     }
 
+    /// The seed's snapshot id (its leaf's).
+    pub fn id(&self) -> u64 {
+        self.chain.last().map_or(0, |s| s.meta.id)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -305,7 +305,12 @@ pub fn print_report(to: &str, v: &serde_json::Value) {
         v["connections"],
         v["switch_reason"].as_str().unwrap_or("?"),
     );
-    if v["seed_offered_pages"].as_u64().unwrap_or(0) > 0 {
+    if v["seed_by_dirty_log"].as_bool() == Some(true) {
+        println!(
+            "seeded: the destination holds this VM's last seed, and this host's dirty log named \
+             what changed since: pass 1 sent only that (no hashes)"
+        );
+    } else if v["seed_offered_pages"].as_u64().unwrap_or(0) > 0 {
         println!(
             "seeded: the destination's seed held {} pages, {} of them as they are here (not \
              sent)",

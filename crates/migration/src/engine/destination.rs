@@ -95,7 +95,7 @@ fn run_destination<V: DestinationVm>(
     };
     send(ctl, &Message::Welcome)?;
     if let Some(h) = &held {
-        super::seeded::send_held(ctl, h)?;
+        super::seeded::offer(&*vm, ctl, h)?;
     }
     let disks = if hello.caps & crate::protocol::CAP_STORAGE != 0 {
         Some(super::storage::create(vm, ctl)?)

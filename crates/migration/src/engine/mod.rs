@@ -95,6 +95,17 @@ pub trait SourceVm: Sync {
     }
     /// Ends the mirrors (a migration that failed): the disks are the VM's own images again.
     fn unmirror_disks(&self) {}
+    /// The snapshot id of this VM's last seed, when every page written since it is in the
+    /// dirty log (taken here, logging without a break since): a seeded migration to a
+    /// destination holding that seed then sends what changed, with no hashes.
+    fn seed_baseline(&self) -> Option<u64> {
+        None
+    }
+    /// Adds the pages written since the seed of [`SourceVm::seed_baseline`] to `into` (pass
+    /// 1 of such a migration sends these).
+    fn changed_since_seed(&self, _into: &PageSet) -> Result<(), String> {
+        Err("this VM keeps no record of what changed since a seed".into())
+    }
 }
 
 /// What the engine needs from the VM being received. Pages arrive on several connections at
@@ -157,6 +168,11 @@ pub trait DestinationVm: Sync {
     /// VM, one that cannot be read) refuses the migration before anything is loaded.
     fn load_seed(&mut self) -> Result<Vec<(u64, crate::seed::PageHash)>, String> {
         Err("this destination holds no seed (ferry receive --seed DIR)".into())
+    }
+    /// After [`DestinationVm::load_seed`]: the seed's snapshot id, if it was loaded whole
+    /// (every run); None when parts were left out.
+    fn seed_id(&self) -> Option<u64> {
+        None
     }
 }
 
@@ -366,6 +382,9 @@ pub struct Report {
     pub seed_offered_pages: u64,
     #[serde(default)]
     pub seeded_pages: u64,
+    /// What changed since the seed came from this host's dirty log (no hashes were sent).
+    #[serde(default)]
+    pub seed_by_dirty_log: bool,
 }
 
 /// The post-copy phase of a migration.

@@ -216,10 +216,10 @@ fn run_source<V: SourceVm>(
         ProtocolError::Io(e) => EngineError::Refused(e.to_string()),
         e => e.into(),
     })?;
-    let held = if opts.seeded {
-        super::seeded::recv_held(ctl, vm.memory_end())?
+    let plan = if opts.seeded {
+        Some(super::seeded::choose(vm, ctl)?)
     } else {
-        super::seeded::Held::new()
+        None
     };
     let streams = join_data(connect, session, n, opts.io_timeout)?;
     let disks = match specs {
@@ -243,7 +243,7 @@ fn run_source<V: SourceVm>(
         undo,
         (t0, session, n),
         disks.as_ref(),
-        &held,
+        plan.as_ref(),
     );
     if r.is_err() {
         if let Some(d) = &disks {
@@ -269,8 +269,14 @@ fn run_passes<V: SourceVm>(
     undo: &mut Undo,
     (t0, session, n): (Instant, u64, u32),
     disks: Option<&StorageSource>,
-    held: &super::seeded::Held,
+    plan: Option<&super::seeded::Plan>,
 ) -> Result<Report, EngineError> {
+    let no_held = super::seeded::Held::new();
+    let (held, by_log) = match plan {
+        Some(super::seeded::Plan::Hashes(h)) => (h, false),
+        Some(super::seeded::Plan::DirtyLog) => (&no_held, true),
+        None => (&no_held, false),
+    };
     if let Some(d) = disks {
         d.bulk(vm, ctl, mon)?;
     }
@@ -307,6 +313,7 @@ fn run_passes<V: SourceVm>(
             none: &none,
             disks,
             held,
+            by_log,
         };
         let r = coord.run(ctl, t0, &mut undo.paused);
         if let Err(e) = &r {
@@ -358,6 +365,8 @@ struct Coordinator<'a, 's, V> {
     disks: Option<&'a StorageSource>,
     /// The destination's seeded pages (empty unless seeded).
     held: &'s super::seeded::Held,
+    /// Seeded by the dirty log: pass 1 sends what changed since the seed.
+    by_log: bool,
 }
 
 impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
@@ -374,9 +383,14 @@ impl<'s, V: SourceVm> Coordinator<'_, 's, V> {
         let mut report = Report {
             connections: self.jobs.len() as u32,
             seed_offered_pages: self.held.len() as u64,
+            seed_by_dirty_log: self.by_log,
             ..Report::default()
         };
-        ok(vm.populated(set))?;
+        if self.by_log {
+            ok(vm.changed_since_seed(set))?;
+        } else {
+            ok(vm.populated(set))?;
+        }
         // A page the seed holds that the guest never wrote here is zero now: it goes too.
         for &gpa in self.held.keys() {
             ok(set.insert(gpa))?;

@@ -45,6 +45,9 @@ pub struct FakeSource {
     /// `populated` names only the pages that are not zero (as a VMM that knows which pages
     /// its guest wrote), not all of memory.
     pub only_written: bool,
+    /// A seed this source made (its id) and the pages written since, as a VMM's dirty log
+    /// since its seed would name them.
+    pub seed_mark: Mutex<Option<(u64, BTreeSet<u64>)>>,
 }
 
 /// The source's disk: its bytes, the bulk copy's cursor, the link of a running mirror. A
@@ -120,6 +123,7 @@ impl FakeSource {
             reader_nice: Default::default(),
             disk: None,
             only_written: false,
+            seed_mark: Mutex::new(None),
         }
     }
 
@@ -177,6 +181,16 @@ impl SourceVm for FakeSource {
             if p.iter().any(|&b| b != 0) {
                 into.insert((i * PAGE) as u64)?;
             }
+        }
+        Ok(())
+    }
+    fn seed_baseline(&self) -> Option<u64> {
+        self.seed_mark.lock().unwrap().as_ref().map(|m| m.0)
+    }
+    fn changed_since_seed(&self, into: &PageSet) -> Result<(), String> {
+        let m = self.seed_mark.lock().unwrap();
+        for &gpa in &m.as_ref().ok_or("no seed")?.1 {
+            into.insert(gpa)?;
         }
         Ok(())
     }
@@ -309,8 +323,10 @@ pub struct FakeDest {
     pub disk: Mutex<Option<Vec<u8>>>,
     pub disk_synced_last: AtomicBool,
     pub disk_removed: AtomicBool,
-    /// A seed of the VM (its memory image) this destination holds (`load_seed`).
+    /// A seed of the VM (its memory image) this destination holds (`load_seed`), and its
+    /// snapshot id (`seed_id`; None: not loaded whole).
     pub seed: Option<Vec<u8>>,
+    pub seed_id: Option<u64>,
 }
 
 /// The destination's missing pages in post-copy, and a "vCPU" that touches pages: a touch of
@@ -398,6 +414,9 @@ impl DestinationVm for FakeDest {
             .filter(|(_, p)| p.iter().any(|&b| b != 0))
             .map(|(i, p)| ((i * PAGE) as u64, ferry_migration::seed::page_hash(p)))
             .collect())
+    }
+    fn seed_id(&self) -> Option<u64> {
+        self.seed_id
     }
     fn resume(&self) -> Result<(), String> {
         self.resumed.store(true, Ordering::SeqCst);
@@ -624,7 +643,24 @@ pub fn pair_full(
 
 /// As [`pair`], the destination holding `seed` (a memory image of the VM).
 pub fn pair_seed(seed: Option<Vec<u8>>) -> Pair {
-    pair_seeded(None, Default::default(), Limits::default(), None, seed)
+    pair_seeded(
+        None,
+        Default::default(),
+        Limits::default(),
+        None,
+        seed.map(|s| (s, None)),
+    )
+}
+
+/// As [`pair_seed`], the seed with its snapshot id.
+pub fn pair_seed_id(seed: Vec<u8>, id: u64) -> Pair {
+    pair_seeded(
+        None,
+        Default::default(),
+        Limits::default(),
+        None,
+        Some((seed, Some(id))),
+    )
 }
 
 fn pair_seeded(
@@ -632,9 +668,13 @@ fn pair_seeded(
     pc: std::sync::Arc<Faults>,
     limits: Limits,
     tls: Option<(std::sync::Arc<TlsServer>, std::sync::Arc<TlsClient>)>,
-    seed: Option<Vec<u8>>,
+    seed: Option<(Vec<u8>, Option<u64>)>,
 ) -> Pair {
     log_if_asked();
+    let (seed, seed_id) = match seed {
+        Some((s, id)) => (Some(s), id),
+        None => (None, None),
+    };
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let (server, client) = match tls {
@@ -649,6 +689,7 @@ fn pair_seeded(
         let mut d = FakeDest {
             pc,
             seed,
+            seed_id,
             ..FakeDest::default()
         };
         let Some(first) = acc.next_hello(Some(hello_wait)) else {
