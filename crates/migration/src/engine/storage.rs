@@ -181,7 +181,7 @@ impl StorageSource {
 
     /// Mirrors every disk onto the link and runs the bulk copy to its end, then makes it
     /// durable on the destination. Watches `ctl` for the destination's Abort, and `mon` for
-    /// a cancel.
+    /// a cancel, throughout (copy and sync).
     pub fn bulk<V: SourceVm>(&self, vm: &V, ctl: &Conn, mon: &Monitor) -> Result<(), EngineError> {
         let t = Instant::now();
         ok(vm.mirror_disks(self.link.clone()))?;
@@ -206,7 +206,10 @@ impl StorageSource {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             });
-            let r = self.copy_all(vm, mon);
+            // The sync too: it waits for the destination's answer on the storage connection,
+            // which a destination that refused a frame near the end never sends (found: the
+            // source then waited out the I/O timeout, 1 run in 5).
+            let r = self.copy_all(vm, mon).and_then(|()| self.link.sync(false));
             done.store(true, Ordering::SeqCst);
             r
         });
@@ -227,7 +230,6 @@ impl StorageSource {
             }
             return Err(e);
         }
-        self.link.sync(false)?;
         self.report().bulk_ms = t.elapsed().as_secs_f64() * 1e3;
         Ok(())
     }
