@@ -169,7 +169,12 @@ fn leases_keep_keys_only_while_kept_alive(s: &dyn Store) {
     // Kept alive past several TTLs: still there.
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(5) {
-        assert!(s.keep_alive(l).unwrap() > Duration::ZERO);
+        // One renewal try is bounded (500 ms for etcd) and the keeper tries again; so does
+        // this loop (under a loaded CI run one try did not answer in time).
+        let renewed = (0..3)
+            .find_map(|_| s.keep_alive(l).ok())
+            .expect("a renewal within three tries");
+        assert!(renewed > Duration::ZERO);
         assert!(s.get("/t/host").unwrap().is_some(), "kept alive, yet gone");
         std::thread::sleep(Duration::from_millis(500));
     }
